@@ -1,1 +1,632 @@
-//! placeholder: filled in by the store work.
+//! The embedded store: one node, no extra process, crash-safe on disk.
+//!
+//! The whole state (every key with its revisions, and the store revision) lives in memory
+//! and is written to `<dir>/state.json` after every write transaction that changes
+//! something: the new state goes to `state.json.tmp`, which is fsynced, renamed over
+//! `state.json`, and the directory is fsynced. A crash leaves either the old or the new
+//! state, never a mix. A transaction is visible to readers only once it is on disk.
+//!
+//! Writers are serialised by a mutex and run on tokio's blocking pool (they fsync).
+//! Readers take a short lock and clone an `Arc` of the current map.
+//!
+//! Watches: the store keeps the most recent events in memory (a ring of
+//! [`EmbeddedOptions::watch_history`] events, always whole transactions) and publishes
+//! every transaction on a broadcast channel. A watch replays the retained events after its
+//! revision and then follows the channel; the replay is read and the channel subscribed
+//! under the same lock that publishes, so there is no gap and no duplicate. Events are not
+//! persisted: after a reopen a watch can resume only from the current revision on; older
+//! revisions give [`StoreError::Compacted`], like a compacted etcd. A watcher that falls
+//! more than [`EmbeddedOptions::watch_channel`] transactions behind gets an
+//! [`StoreError::Unavailable`] item and its stream ends: re-watch from the last revision
+//! seen (the ring usually still has it) or resync with `list`.
+//!
+//! A data directory is locked (`flock` on `<dir>/LOCK`) while a store has it open.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::{Compare, Event, KeyValue, Op, Result, Snapshot, Store, StoreError, TxnResult};
+
+/// Name of the state file inside the data directory.
+pub const STATE_FILE: &str = "state.json";
+const TMP_FILE: &str = "state.json.tmp";
+const LOCK_FILE: &str = "LOCK";
+const FORMAT_VERSION: u32 = 1;
+
+/// Tuning of an [`EmbeddedStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// How many recent events are kept for watches resuming from an older revision.
+    pub watch_history: usize,
+    /// How many transactions a live watcher may fall behind before its stream fails.
+    pub watch_channel: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        Self {
+            watch_history: 10_000,
+            watch_channel: 4096,
+        }
+    }
+}
+
+/// Single-node store persisted in a data directory. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    disk: Option<Disk>,
+    /// Serialises writers; holds the reason the store refuses writes after a failed
+    /// persist whose outcome on disk is unknown.
+    writer: Mutex<Option<String>>,
+    shared: Mutex<Shared>,
+    opts: EmbeddedOptions,
+}
+
+struct Shared {
+    kvs: Arc<BTreeMap<String, KeyValue>>,
+    revision: i64,
+    /// Events of whole transactions with revision > `floor`, oldest first.
+    ring: VecDeque<Event>,
+    /// Every event with a revision > floor is in `ring`.
+    floor: i64,
+    tx: broadcast::Sender<Arc<Vec<Event>>>,
+}
+
+struct Disk {
+    dir: PathBuf,
+    path: PathBuf,
+    tmp: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let revision = lock(&self.inner.shared).revision;
+        f.debug_struct("EmbeddedStore")
+            .field("dir", &self.inner.disk.as_ref().map(|d| &d.dir))
+            .field("revision", &revision)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the state half-updated (every update
+    // is a few assignments after the fallible work), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the data directory `dir` and loads its state.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, EmbeddedOptions::default())
+    }
+
+    /// [`EmbeddedStore::open`] with explicit options.
+    pub fn open_with(dir: &Path, opts: EmbeddedOptions) -> Result<Self> {
+        fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("create data dir {}: {e}", dir.display())))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Io(format!("open {}: {e}", lock_path.display())))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            StoreError::Unavailable(format!(
+                "data dir {} is in use by another store ({e})",
+                dir.display()
+            ))
+        })?;
+        let disk = Disk {
+            dir: dir.to_path_buf(),
+            path: dir.join(STATE_FILE),
+            tmp: dir.join(TMP_FILE),
+            _lock: lock,
+        };
+        // A leftover temp file is an unfinished write from a crash: the state file is
+        // still the last complete state.
+        match fs::remove_file(&disk.tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "remove {}: {e}",
+                    disk.tmp.display()
+                )));
+            }
+        }
+        let (kvs, revision) = match fs::read(&disk.path) {
+            Ok(bytes) => decode_state(&bytes).map_err(|e| {
+                StoreError::Corrupt(format!("{}: {e}", disk.path.display()))
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (BTreeMap::new(), 0),
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "read {}: {e}",
+                    disk.path.display()
+                )));
+            }
+        };
+        tracing::debug!(dir = %dir.display(), revision, keys = kvs.len(), "embedded store opened");
+        Ok(Self::build(Some(disk), kvs, revision, opts))
+    }
+
+    /// A store that keeps nothing on disk (tests, throwaway use).
+    pub fn in_memory() -> Self {
+        Self::in_memory_with(EmbeddedOptions::default())
+    }
+
+    /// [`EmbeddedStore::in_memory`] with explicit options.
+    pub fn in_memory_with(opts: EmbeddedOptions) -> Self {
+        Self::build(None, BTreeMap::new(), 0, opts)
+    }
+
+    /// The data directory, or None for an in-memory store.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.disk.as_ref().map(|d| d.dir.as_path())
+    }
+
+    fn build(
+        disk: Option<Disk>,
+        kvs: BTreeMap<String, KeyValue>,
+        revision: i64,
+        opts: EmbeddedOptions,
+    ) -> Self {
+        let (tx, _) = broadcast::channel(opts.watch_channel.max(1));
+        Self {
+            inner: Arc::new(Inner {
+                disk,
+                writer: Mutex::new(None),
+                shared: Mutex::new(Shared {
+                    kvs: Arc::new(kvs),
+                    revision,
+                    ring: VecDeque::new(),
+                    floor: revision,
+                    tx,
+                }),
+                opts,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn txn_blocking(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
+        let mut failed = lock(&self.writer);
+        if let Some(reason) = failed.as_ref() {
+            return Err(StoreError::Io(format!(
+                "store refuses writes after an earlier failure ({reason}); reopen it"
+            )));
+        }
+        let (kvs, revision) = {
+            let s = lock(&self.shared);
+            (s.kvs.clone(), s.revision)
+        };
+        let holds = compares.iter().all(|c| match c {
+            Compare::Absent(k) => !kvs.contains_key(k),
+            Compare::ModRevision(k, r) => kvs.get(k).is_some_and(|kv| kv.mod_revision == *r),
+        });
+        let unchanged = TxnResult {
+            succeeded: holds,
+            revision,
+        };
+        if !holds || ops.is_empty() {
+            return Ok(unchanged);
+        }
+        let new_rev = revision + 1;
+        let mut next = (*kvs).clone();
+        let mut events = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put(key, value) => {
+                    let create_revision = next.get(&key).map_or(new_rev, |kv| kv.create_revision);
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value,
+                        create_revision,
+                        mod_revision: new_rev,
+                    };
+                    next.insert(key, kv.clone());
+                    events.push(Event::Put(kv));
+                }
+                Op::Delete(key) => {
+                    if next.remove(&key).is_some() {
+                        events.push(Event::Delete {
+                            key,
+                            mod_revision: new_rev,
+                        });
+                    }
+                }
+                Op::DeletePrefix(prefix) => {
+                    let keys: Vec<String> = next
+                        .range(prefix.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in keys {
+                        next.remove(&key);
+                        events.push(Event::Delete {
+                            key,
+                            mod_revision: new_rev,
+                        });
+                    }
+                }
+            }
+        }
+        // Like etcd: a transaction that changes nothing (deleting absent keys) does not
+        // create a revision.
+        if events.is_empty() {
+            return Ok(unchanged);
+        }
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.persist(&next, new_rev) {
+                if e.outcome_unknown {
+                    *failed = Some(e.msg.clone());
+                }
+                tracing::error!(error = %e.msg, "embedded store write failed");
+                return Err(StoreError::Io(e.msg));
+            }
+        }
+        let mut s = lock(&self.shared);
+        s.kvs = Arc::new(next);
+        s.revision = new_rev;
+        s.ring.extend(events.iter().cloned());
+        let cap = self.opts.watch_history;
+        while s.ring.len() > cap {
+            // Drop whole transactions so that `floor` stays exact.
+            let Some(ev) = s.ring.pop_front() else { break };
+            let rev = ev.revision();
+            while s.ring.front().is_some_and(|e| e.revision() == rev) {
+                s.ring.pop_front();
+            }
+            s.floor = rev;
+        }
+        // No receivers is fine.
+        let _ = s.tx.send(Arc::new(events));
+        Ok(TxnResult {
+            succeeded: true,
+            revision: new_rev,
+        })
+    }
+}
+
+struct PersistError {
+    msg: String,
+    /// True when the failure came after the rename: the disk may hold the new state.
+    outcome_unknown: bool,
+}
+
+impl Disk {
+    fn persist(
+        &self,
+        kvs: &BTreeMap<String, KeyValue>,
+        revision: i64,
+    ) -> std::result::Result<(), PersistError> {
+        let before = |what: &str, path: &Path, e: io::Error| PersistError {
+            msg: format!("{what} {}: {e}", path.display()),
+            outcome_unknown: false,
+        };
+        let bytes = encode_state(kvs, revision);
+        let mut f = File::create(&self.tmp).map_err(|e| before("create", &self.tmp, e))?;
+        f.write_all(&bytes)
+            .map_err(|e| before("write", &self.tmp, e))?;
+        f.sync_all().map_err(|e| before("fsync", &self.tmp, e))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.path).map_err(|e| PersistError {
+            msg: format!(
+                "rename {} to {}: {e}",
+                self.tmp.display(),
+                self.path.display()
+            ),
+            outcome_unknown: true,
+        })?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| PersistError {
+                msg: format!("fsync dir {}: {e}", self.dir.display()),
+                outcome_unknown: true,
+            })?;
+        Ok(())
+    }
+}
+
+// ---- on-disk format -------------------------------------------------------------------
+//
+// {"format":1,"revision":N,"kvs":[{"key":..,"create_revision":..,"mod_revision":..,
+//   "value":"utf-8 text"} | {..,"value_hex":"00ff.."}]}
+// Values that are valid UTF-8 are stored as text, others as hex, so the file stays
+// readable with a text editor.
+
+#[derive(Serialize)]
+struct FileStateOut<'a> {
+    format: u32,
+    revision: i64,
+    kvs: Vec<FileKvOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct FileKvOut<'a> {
+    key: &'a str,
+    create_revision: i64,
+    mod_revision: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStateIn {
+    format: u32,
+    revision: i64,
+    kvs: Vec<FileKvIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKvIn {
+    key: String,
+    create_revision: i64,
+    mod_revision: i64,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    value_hex: Option<String>,
+}
+
+fn encode_state(kvs: &BTreeMap<String, KeyValue>, revision: i64) -> Vec<u8> {
+    let out = FileStateOut {
+        format: FORMAT_VERSION,
+        revision,
+        kvs: kvs
+            .values()
+            .map(|kv| {
+                let text = std::str::from_utf8(&kv.value).ok();
+                FileKvOut {
+                    key: &kv.key,
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                    value: text,
+                    value_hex: text.is_none().then(|| hex_encode(&kv.value)),
+                }
+            })
+            .collect(),
+    };
+    // Serialising plain strings and integers cannot fail.
+    serde_json::to_vec(&out).expect("state serialises")
+}
+
+fn decode_state(bytes: &[u8]) -> std::result::Result<(BTreeMap<String, KeyValue>, i64), String> {
+    let st: FileStateIn = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if st.format != FORMAT_VERSION {
+        return Err(format!(
+            "unknown format {} (expected {FORMAT_VERSION})",
+            st.format
+        ));
+    }
+    if st.revision < 0 {
+        return Err(format!("negative revision {}", st.revision));
+    }
+    let mut kvs = BTreeMap::new();
+    for kv in st.kvs {
+        if !(1 <= kv.create_revision
+            && kv.create_revision <= kv.mod_revision
+            && kv.mod_revision <= st.revision)
+        {
+            return Err(format!(
+                "key {:?}: revisions create={} mod={} do not fit store revision {}",
+                kv.key, kv.create_revision, kv.mod_revision, st.revision
+            ));
+        }
+        let value = match (kv.value, kv.value_hex) {
+            (Some(v), None) => v.into_bytes(),
+            (None, Some(h)) => hex_decode(&h).ok_or_else(|| format!("key {:?}: bad hex", kv.key))?,
+            _ => {
+                return Err(format!(
+                    "key {:?}: needs exactly one of value, value_hex",
+                    kv.key
+                ));
+            }
+        };
+        let key = kv.key;
+        let entry = KeyValue {
+            key: key.clone(),
+            value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+        };
+        if kvs.insert(key.clone(), entry).is_some() {
+            return Err(format!("key {key:?} appears twice"));
+        }
+    }
+    Ok((kvs, st.revision))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| {
+            let hi = (p[0] as char).to_digit(16)?;
+            let lo = (p[1] as char).to_digit(16)?;
+            Some((hi * 16 + lo) as u8)
+        })
+        .collect()
+}
+
+// ---- the Store impl -------------------------------------------------------------------
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        Ok(lock(&self.inner.shared).kvs.get(key).cloned())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Snapshot> {
+        let (kvs, revision) = {
+            let s = lock(&self.inner.shared);
+            (s.kvs.clone(), s.revision)
+        };
+        let kvs = kvs
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, kv)| kv.clone())
+            .collect();
+        Ok(Snapshot { kvs, revision })
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.txn_blocking(compares, ops))
+            .await
+            .map_err(|e| StoreError::Io(format!("store write task failed: {e}")))?
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+        after_revision: i64,
+    ) -> Result<BoxStream<'static, Result<Event>>> {
+        let (replay, rx) = {
+            let s = lock(&self.inner.shared);
+            if after_revision < s.floor {
+                return Err(StoreError::Compacted(after_revision));
+            }
+            let replay: Vec<Result<Event>> = s
+                .ring
+                .iter()
+                .filter(|e| e.revision() > after_revision && e.key().starts_with(prefix))
+                .cloned()
+                .map(Ok)
+                .collect();
+            // Subscribed under the lock that publishes: the first live transaction is
+            // the one right after the replayed ring.
+            (replay, s.tx.subscribe())
+        };
+        let last = match replay.last() {
+            Some(Ok(e)) => e.revision(),
+            _ => after_revision,
+        };
+        let live = Live {
+            rx,
+            pending: VecDeque::new(),
+            prefix: prefix.to_string(),
+            after: after_revision,
+            last,
+            done: false,
+        };
+        let live = stream::unfold(live, |mut st| async move {
+            let item = st.next().await?;
+            Some((item, st))
+        });
+        Ok(stream::iter(replay).chain(live).boxed())
+    }
+}
+
+struct Live {
+    rx: broadcast::Receiver<Arc<Vec<Event>>>,
+    pending: VecDeque<Event>,
+    prefix: String,
+    after: i64,
+    /// Revision of the last event delivered (or the watch's start).
+    last: i64,
+    done: bool,
+}
+
+impl Live {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                self.last = e.revision();
+                return Some(Ok(e));
+            }
+            if self.done {
+                return None;
+            }
+            match self.rx.recv().await {
+                Ok(batch) => self.pending.extend(
+                    batch
+                        .iter()
+                        .filter(|e| e.revision() > self.after && e.key().starts_with(&self.prefix))
+                        .cloned(),
+                ),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    self.done = true;
+                    return Some(Err(StoreError::Unavailable(format!(
+                        "watch on {:?} fell {n} transactions behind; re-watch after revision {}",
+                        self.prefix, self.last
+                    ))));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_roundtrip() {
+        let b = [0u8, 1, 0x7f, 0x80, 0xff];
+        assert_eq!(hex_decode(&hex_encode(&b)).unwrap(), b);
+        assert!(hex_decode("0").is_none());
+        assert!(hex_decode("zz").is_none());
+    }
+
+    #[test]
+    fn state_roundtrip_text_and_binary() {
+        let mut kvs = BTreeMap::new();
+        for (k, v) in [("/a", b"text".to_vec()), ("/b", vec![0xff, 0, 1])] {
+            kvs.insert(
+                k.to_string(),
+                KeyValue {
+                    key: k.to_string(),
+                    value: v,
+                    create_revision: 1,
+                    mod_revision: 2,
+                },
+            );
+        }
+        let bytes = encode_state(&kvs, 3);
+        let (back, rev) = decode_state(&bytes).unwrap();
+        assert_eq!(rev, 3);
+        assert_eq!(back, kvs);
+    }
+
+    #[test]
+    fn decode_rejects_inconsistent_revisions() {
+        let bad = br#"{"format":1,"revision":1,"kvs":[{"key":"/a","create_revision":1,"mod_revision":5,"value":"x"}]}"#;
+        assert!(decode_state(bad).unwrap_err().contains("/a"));
+    }
+}
