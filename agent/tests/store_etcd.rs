@@ -1,0 +1,320 @@
+//! The store conformance suite against a REAL etcd (Debian's etcd-server at /usr/bin/etcd),
+//! started per test on loopback with free ports and a temporary data dir, and killed when
+//! the test ends (also on panic). Without /usr/bin/etcd these tests FAIL on purpose.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use shoal::store::conformance;
+use shoal::store::etcd::{EtcdOptions, EtcdStore};
+use shoal::store::{Store, StoreError};
+use tempfile::TempDir;
+
+const ETCD_BIN: &str = "/usr/bin/etcd";
+const P: &str = "/conformance/";
+
+fn opts() -> EtcdOptions {
+    EtcdOptions {
+        request_timeout: Duration::from_secs(3),
+        connect_timeout: Duration::from_secs(1),
+        keep_alive_interval: Duration::from_secs(2),
+        keep_alive_timeout: Duration::from_secs(2),
+    }
+}
+
+/// A throwaway single-member etcd. Dropping it kills the process.
+struct Etcd {
+    child: Option<Child>,
+    endpoint: String,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+fn free_ports() -> (u16, u16) {
+    // Both bound at once so they differ; released just before etcd binds them.
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Etcd {
+    async fn start() -> Etcd {
+        assert!(
+            Path::new(ETCD_BIN).exists(),
+            "{ETCD_BIN} is missing: the etcd tests need a real etcd. Run the project's install \
+             step (it installs Debian's etcd-server: apt-get install -y etcd-server)"
+        );
+        let mut last_log = String::new();
+        // A port taken between probing and etcd's bind makes etcd exit: try again.
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (client_port, peer_port) = free_ports();
+            let client = format!("http://127.0.0.1:{client_port}");
+            let peer = format!("http://127.0.0.1:{peer_port}");
+            let log = dir.path().join("etcd.log");
+            let out = File::create(&log).expect("create etcd log");
+            let mut cmd = Command::new(ETCD_BIN);
+            cmd.arg("--name")
+                .arg("shoal-test")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .arg("--listen-client-urls")
+                .arg(&client)
+                .arg("--advertise-client-urls")
+                .arg(&client)
+                .arg("--listen-peer-urls")
+                .arg(&peer)
+                .arg("--initial-advertise-peer-urls")
+                .arg(&peer)
+                .arg("--initial-cluster")
+                .arg(format!("shoal-test={peer}"))
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--logger")
+                .arg("zap")
+                .arg("--log-outputs")
+                .arg("stderr")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().expect("dup log"))
+                .stderr(out);
+            // Belt and braces for a test process killed from outside (no Drop runs then):
+            // etcd gets SIGKILL when the thread that started it ends.
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().expect("spawn etcd");
+            let mut etcd = Etcd {
+                child: Some(child),
+                endpoint: client,
+                log,
+                _dir: dir,
+            };
+            if etcd.wait_ready().await {
+                return etcd;
+            }
+            last_log = tail(&etcd.log);
+            etcd.stop();
+        }
+        panic!("etcd did not become ready; last log lines:\n{last_log}");
+    }
+
+    /// True once etcd answers; false if it exited or did not answer within 20 s.
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    eprintln!("etcd exited early ({status})");
+                    return false;
+                }
+            }
+            if EtcdStore::connect(&[self.endpoint.clone()], opts()).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    async fn store(&self) -> EtcdStore {
+        EtcdStore::connect(&[self.endpoint.clone()], opts())
+            .await
+            .expect("connect to the test etcd")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("etcd log (last lines):\n{}", tail(&self.log));
+        }
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn kv_basics() {
+    let etcd = Etcd::start().await;
+    conformance::kv_basics(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn revisions() {
+    let etcd = Etcd::start().await;
+    conformance::revisions(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn list_prefix() {
+    let etcd = Etcd::start().await;
+    conformance::list_prefix(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn txn_semantics() {
+    let etcd = Etcd::start().await;
+    conformance::txn_semantics(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn delete_prefix() {
+    let etcd = Etcd::start().await;
+    conformance::delete_prefix(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn watch_events() {
+    let etcd = Etcd::start().await;
+    conformance::watch_events(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn watch_resume() {
+    let etcd = Etcd::start().await;
+    conformance::watch_resume(&etcd.store().await, P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cas_race() {
+    let etcd = Etcd::start().await;
+    conformance::cas_race(Arc::new(etcd.store().await), P).await;
+}
+
+/// The two groups use two separate connections, like two agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allocation_race_two_clients() {
+    let etcd = Etcd::start().await;
+    let a: Arc<dyn Store> = Arc::new(etcd.store().await);
+    let b: Arc<dyn Store> = Arc::new(etcd.store().await);
+    conformance::allocation_race(a, b, P).await;
+}
+
+/// All checks at once against one etcd, twice over under different prefixes: the suite
+/// does not depend on owning the etcd's revision counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_all_twice_in_parallel_on_one_etcd() {
+    let etcd = Etcd::start().await;
+    let a: Arc<dyn Store> = Arc::new(etcd.store().await);
+    let b: Arc<dyn Store> = Arc::new(etcd.store().await);
+    futures::join!(
+        conformance::run_all(a, "/suite-a/"),
+        conformance::run_all(b, "/suite-b/")
+    );
+}
+
+#[tokio::test]
+async fn watch_from_compacted_revision_is_compacted() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let mut revs = Vec::new();
+    for i in 0..5 {
+        revs.push(store.put(&format!("/c/{i}"), b"v".to_vec()).await.unwrap());
+    }
+    let mut client = store.client().clone();
+    client.compact(revs[3], None).await.expect("compact");
+    conformance::expect_compacted(&store, "/c/", revs[1]).await;
+    // From the compaction point on, history is still there.
+    let mut w = store.watch("/c/", revs[3]).await.unwrap();
+    let e = conformance::next_event(&mut w, "after compaction point").await;
+    assert_eq!(e.revision(), revs[4]);
+}
+
+#[tokio::test]
+async fn unreachable_etcd_fails_fast_with_unavailable() {
+    let mut etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    store.put("/u/k", b"v".to_vec()).await.unwrap();
+    let mut watch = store.watch("/u/", 0).await.unwrap();
+    let first = conformance::next_event(&mut watch, "before stop").await;
+    assert_eq!(first.key(), "/u/k");
+    etcd.stop();
+
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(15), store.get("/u/k"))
+        .await
+        .expect("get hung although etcd is down");
+    let took = started.elapsed();
+    match got {
+        Err(StoreError::Unavailable(msg)) => eprintln!("get after stop ({took:?}): {msg}"),
+        other => panic!("get with etcd down: expected Unavailable, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(6), "get took {took:?} to fail");
+
+    let started = Instant::now();
+    match store.txn(vec![], vec![]).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("txn with etcd down: expected Unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "txn took {:?}", started.elapsed());
+
+    // The open watch ends with an error instead of waiting forever.
+    match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+        Ok(Some(Err(StoreError::Unavailable(msg)))) => eprintln!("watch after stop: {msg}"),
+        other => panic!("watch with etcd down: expected an Unavailable item, got {other:?}"),
+    }
+
+    // Connecting to a dead endpoint fails too, within the request timeout.
+    let started = Instant::now();
+    match EtcdStore::connect(&[etcd.endpoint.clone()], opts()).await {
+        Err(StoreError::Unavailable(msg)) => assert!(!msg.is_empty()),
+        other => panic!("connect to a stopped etcd: expected Unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "connect took {:?}", started.elapsed());
+}
+
+/// A frozen etcd (SIGSTOP: connections stay open, nothing answers) must not hang
+/// requests: they fail with Unavailable within the request timeout, and work again once
+/// etcd resumes.
+#[tokio::test]
+async fn frozen_etcd_times_out_then_recovers() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    store.put("/f/k", b"v".to_vec()).await.unwrap();
+    let pid = Pid::from_raw(etcd.child.as_ref().unwrap().id() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP etcd");
+    // The stop takes effect asynchronously: wait until /proc says "T (stopped)".
+    let stat = format!("/proc/{pid}/stat");
+    for _ in 0..100 {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        if s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(15), store.get("/f/k")).await;
+    let took = started.elapsed();
+    kill(pid, Signal::SIGCONT).expect("SIGCONT etcd");
+    match got {
+        Ok(Err(StoreError::Unavailable(msg))) => eprintln!("get on frozen etcd ({took:?}): {msg}"),
+        other => panic!("get on a frozen etcd: expected Unavailable, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(6), "get on a frozen etcd took {took:?}");
+    let kv = store.get("/f/k").await.expect("get after etcd resumed");
+    assert_eq!(kv.map(|kv| kv.value), Some(b"v".to_vec()));
+}
