@@ -137,15 +137,18 @@ async fn corrupt_state_file_is_reported() {
     let path = dir.path().join(STATE_FILE);
     let good = std::fs::read(&path).unwrap();
     let bad_contents: [&[u8]; 3] = [
-        &good[..good.len() / 2],                        // truncated
-        b"\x00\x01garbage",                             // not JSON
-        br#"{"format":99,"revision":0,"kvs":[]}"#,       // unknown format
+        &good[..good.len() / 2],                   // truncated
+        b"\x00\x01garbage",                        // not JSON
+        br#"{"format":99,"revision":0,"kvs":[]}"#, // unknown format
     ];
     for bad in bad_contents {
         std::fs::write(&path, bad).unwrap();
         match EmbeddedStore::open(dir.path()) {
             Err(StoreError::Corrupt(msg)) => {
-                assert!(msg.contains(STATE_FILE), "message must name the file: {msg}")
+                assert!(
+                    msg.contains(STATE_FILE),
+                    "message must name the file: {msg}"
+                )
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
@@ -184,7 +187,9 @@ async fn watch_older_than_history_is_compacted() {
         assert_eq!(e.revision(), rev);
     }
     // A txn with more events than the ring holds is dropped whole.
-    let ops = (0..8).map(|i| Op::Put(format!("/h/big{i}"), b"v".to_vec())).collect();
+    let ops = (0..8)
+        .map(|i| Op::Put(format!("/h/big{i}"), b"v".to_vec()))
+        .collect();
     let r = s.txn(vec![], ops).await.unwrap().revision;
     assert_eq!(r, 11);
     conformance::expect_compacted(&s, "/h/", 10).await;

@@ -40,7 +40,10 @@ fn free_ports() -> (u16, u16) {
     // Both bound at once so they differ; released just before etcd binds them.
     let a = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     let b = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 fn tail(path: &Path) -> String {
@@ -118,13 +121,16 @@ impl Etcd {
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    eprintln!("etcd exited early ({status})");
-                    return false;
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!("etcd exited early ({status})");
+                return false;
             }
-            if EtcdStore::connect(&[self.endpoint.clone()], opts()).await.is_ok() {
+            if EtcdStore::connect(std::slice::from_ref(&self.endpoint), opts())
+                .await
+                .is_ok()
+            {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -133,7 +139,7 @@ impl Etcd {
     }
 
     async fn store(&self) -> EtcdStore {
-        EtcdStore::connect(&[self.endpoint.clone()], opts())
+        EtcdStore::connect(std::slice::from_ref(&self.endpoint), opts())
             .await
             .expect("connect to the test etcd")
     }
@@ -268,7 +274,11 @@ async fn unreachable_etcd_fails_fast_with_unavailable() {
         Err(StoreError::Unavailable(_)) => {}
         other => panic!("txn with etcd down: expected Unavailable, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(6), "txn took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "txn took {:?}",
+        started.elapsed()
+    );
 
     // The open watch ends with an error instead of waiting forever.
     match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
@@ -278,11 +288,15 @@ async fn unreachable_etcd_fails_fast_with_unavailable() {
 
     // Connecting to a dead endpoint fails too, within the request timeout.
     let started = Instant::now();
-    match EtcdStore::connect(&[etcd.endpoint.clone()], opts()).await {
+    match EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), opts()).await {
         Err(StoreError::Unavailable(msg)) => assert!(!msg.is_empty()),
         other => panic!("connect to a stopped etcd: expected Unavailable, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(6), "connect took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "connect took {:?}",
+        started.elapsed()
+    );
 }
 
 /// A frozen etcd (SIGSTOP: connections stay open, nothing answers) must not hang
@@ -301,7 +315,10 @@ async fn frozen_etcd_times_out_then_recovers() {
     let stat = format!("/proc/{pid}/stat");
     for _ in 0..100 {
         let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        if s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')) {
+        if s.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('T'))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -314,7 +331,10 @@ async fn frozen_etcd_times_out_then_recovers() {
         Ok(Err(StoreError::Unavailable(msg))) => eprintln!("get on frozen etcd ({took:?}): {msg}"),
         other => panic!("get on a frozen etcd: expected Unavailable, got {other:?}"),
     }
-    assert!(took < Duration::from_secs(6), "get on a frozen etcd took {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "get on a frozen etcd took {took:?}"
+    );
     let kv = store.get("/f/k").await.expect("get after etcd resumed");
     assert_eq!(kv.map(|kv| kv.value), Some(b"v".to_vec()));
 }

@@ -67,11 +67,20 @@ pub async fn expect_quiet(events: &mut Events, what: &str) {
 pub async fn kv_basics(store: &dyn Store, prefix: &str) {
     let p = format!("{prefix}kv_basics/");
     let k = format!("{p}key");
-    assert_eq!(get(store, &k).await, None, "kv_basics: fresh key must be absent");
+    assert_eq!(
+        get(store, &k).await,
+        None,
+        "kv_basics: fresh key must be absent"
+    );
 
     let r1 = put(store, &k, b"one").await;
-    assert!(r1 > 0, "kv_basics: put returned revision {r1}, expected > 0");
-    let kv = get(store, &k).await.expect("kv_basics: key absent after put");
+    assert!(
+        r1 > 0,
+        "kv_basics: put returned revision {r1}, expected > 0"
+    );
+    let kv = get(store, &k)
+        .await
+        .expect("kv_basics: key absent after put");
     assert_eq!(
         kv,
         KeyValue {
@@ -85,14 +94,24 @@ pub async fn kv_basics(store: &dyn Store, prefix: &str) {
 
     let r2 = put(store, &k, b"two").await;
     assert!(r2 > r1, "kv_basics: second put revision {r2} not > {r1}");
-    let kv = get(store, &k).await.expect("kv_basics: key absent after 2nd put");
+    let kv = get(store, &k)
+        .await
+        .expect("kv_basics: key absent after 2nd put");
     assert_eq!(kv.value, b"two", "kv_basics: value after overwrite");
-    assert_eq!(kv.create_revision, r1, "kv_basics: create_revision must not move on overwrite");
-    assert_eq!(kv.mod_revision, r2, "kv_basics: mod_revision after overwrite");
+    assert_eq!(
+        kv.create_revision, r1,
+        "kv_basics: create_revision must not move on overwrite"
+    );
+    assert_eq!(
+        kv.mod_revision, r2,
+        "kv_basics: mod_revision after overwrite"
+    );
 
     let created = ok("create existing", store.create(&k, b"three".to_vec()).await);
     assert!(!created, "kv_basics: create of an existing key must fail");
-    let kv = get(store, &k).await.expect("kv_basics: key vanished after failed create");
+    let kv = get(store, &k)
+        .await
+        .expect("kv_basics: key vanished after failed create");
     assert_eq!(
         (kv.value.as_slice(), kv.mod_revision),
         (&b"two"[..], r2),
@@ -103,7 +122,11 @@ pub async fn kv_basics(store: &dyn Store, prefix: &str) {
     let bin = format!("{p}binary");
     let bytes = vec![0u8, 0xff, 0x80, b'\n', 0];
     ok("put binary", store.put(&bin, bytes.clone()).await);
-    assert_eq!(get(store, &bin).await.map(|kv| kv.value), Some(bytes), "kv_basics: binary value");
+    assert_eq!(
+        get(store, &bin).await.map(|kv| kv.value),
+        Some(bytes),
+        "kv_basics: binary value"
+    );
     // Empty values are values, not absence.
     let empty = format!("{p}empty");
     ok("put empty", store.put(&empty, Vec::new()).await);
@@ -115,15 +138,28 @@ pub async fn kv_basics(store: &dyn Store, prefix: &str) {
 
     let r3 = ok("delete", store.delete(&k).await);
     assert!(r3 > r2, "kv_basics: delete revision {r3} not > {r2}");
-    assert_eq!(get(store, &k).await, None, "kv_basics: key present after delete");
+    assert_eq!(
+        get(store, &k).await,
+        None,
+        "kv_basics: key present after delete"
+    );
 
     let r4 = ok("delete absent", store.delete(&k).await);
     assert!(r4 >= r3, "kv_basics: revision went back from {r3} to {r4}");
-    assert_eq!(get(store, &k).await, None, "kv_basics: deleting an absent key");
+    assert_eq!(
+        get(store, &k).await,
+        None,
+        "kv_basics: deleting an absent key"
+    );
 
-    let created = ok("create after delete", store.create(&k, b"again".to_vec()).await);
+    let created = ok(
+        "create after delete",
+        store.create(&k, b"again".to_vec()).await,
+    );
     assert!(created, "kv_basics: create of a deleted key must succeed");
-    let kv = get(store, &k).await.expect("kv_basics: key absent after re-create");
+    let kv = get(store, &k)
+        .await
+        .expect("kv_basics: key absent after re-create");
     assert!(
         kv.create_revision > r3 && kv.create_revision == kv.mod_revision,
         "kv_basics: a re-created key starts a new life: create={} mod={} (deleted at {r3})",
@@ -139,7 +175,10 @@ pub async fn revisions(store: &dyn Store, prefix: &str) {
     let mut last = 0;
     for i in 0..10 {
         let r = put(store, &format!("{p}k{}", i % 3), format!("v{i}").as_bytes()).await;
-        assert!(r > last, "revisions: write {i} got revision {r}, not > {last}");
+        assert!(
+            r > last,
+            "revisions: write {i} got revision {r}, not > {last}"
+        );
         last = r;
     }
     let snap = ok("list", store.list(&p).await);
@@ -164,7 +203,10 @@ pub async fn revisions(store: &dyn Store, prefix: &str) {
             )
             .await,
     );
-    assert!(!failed.succeeded, "revisions: txn on a failing compare succeeded");
+    assert!(
+        !failed.succeeded,
+        "revisions: txn on a failing compare succeeded"
+    );
     assert!(
         failed.revision >= last,
         "revisions: failed txn reported revision {} older than {last}",
@@ -198,16 +240,38 @@ pub async fn list_prefix(store: &dyn Store, prefix: &str) {
     let mut want: Vec<String> = inside.to_vec();
     want.sort();
     let got: Vec<String> = snap.kvs.iter().map(|kv| kv.key.clone()).collect();
-    assert_eq!(got, want, "list_prefix: keys of {p}a/b/ (sorted, no siblings)");
+    assert_eq!(
+        got, want,
+        "list_prefix: keys of {p}a/b/ (sorted, no siblings)"
+    );
     for kv in &snap.kvs {
-        assert_eq!(kv.value, kv.key.as_bytes(), "list_prefix: value of {}", kv.key);
+        assert_eq!(
+            kv.value,
+            kv.key.as_bytes(),
+            "list_prefix: value of {}",
+            kv.key
+        );
     }
     let all = keys(store, &p).await;
-    assert_eq!(all.len(), inside.len() + outside.len(), "list_prefix: all keys");
-    assert!(all.windows(2).all(|w| w[0] < w[1]), "list_prefix: not sorted: {all:?}");
+    assert_eq!(
+        all.len(),
+        inside.len() + outside.len(),
+        "list_prefix: all keys"
+    );
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "list_prefix: not sorted: {all:?}"
+    );
     let none = ok("list empty", store.list(&format!("{p}nothing/")).await);
-    assert!(none.kvs.is_empty(), "list_prefix: empty prefix listed {:?}", none.kvs);
-    assert!(none.revision > 0, "list_prefix: empty list must still carry the revision");
+    assert!(
+        none.kvs.is_empty(),
+        "list_prefix: empty prefix listed {:?}",
+        none.kvs
+    );
+    assert!(
+        none.revision > 0,
+        "list_prefix: empty list must still carry the revision"
+    );
 }
 
 /// Transactions are all-or-nothing; `Absent` and `ModRevision` compares; one revision
@@ -234,10 +298,16 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
             )
             .await,
     );
-    assert!(!res.succeeded, "txn: succeeded although ModRevision was wrong");
+    assert!(
+        !res.succeeded,
+        "txn: succeeded although ModRevision was wrong"
+    );
     assert_eq!(get(store, &a).await, None, "txn: failed txn wrote {a}");
     assert_eq!(get(store, &c).await, None, "txn: failed txn wrote {c}");
-    assert!(get(store, &b).await.is_some(), "txn: failed txn deleted {b}");
+    assert!(
+        get(store, &b).await.is_some(),
+        "txn: failed txn deleted {b}"
+    );
 
     // ModRevision of an absent key never holds, not even against 0.
     for r in [0, rb] {
@@ -250,13 +320,19 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
                 )
                 .await,
         );
-        assert!(!res.succeeded, "txn: ModRevision({a}, {r}) held for an absent key");
+        assert!(
+            !res.succeeded,
+            "txn: ModRevision({a}, {r}) held for an absent key"
+        );
     }
     // Absent of an existing key does not hold.
     let res = ok(
         "txn Absent existing",
         store
-            .txn(vec![Compare::Absent(b.clone())], vec![Op::Put(b.clone(), b"x".to_vec())])
+            .txn(
+                vec![Compare::Absent(b.clone())],
+                vec![Op::Put(b.clone(), b"x".to_vec())],
+            )
             .await,
     );
     assert!(!res.succeeded, "txn: Absent({b}) held for an existing key");
@@ -266,7 +342,10 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
         "txn all hold",
         store
             .txn(
-                vec![Compare::Absent(a.clone()), Compare::ModRevision(b.clone(), rb)],
+                vec![
+                    Compare::Absent(a.clone()),
+                    Compare::ModRevision(b.clone(), rb),
+                ],
                 vec![
                     Op::Put(a.clone(), b"a".to_vec()),
                     Op::Put(c.clone(), b"c".to_vec()),
@@ -276,7 +355,11 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
             .await,
     );
     assert!(res.succeeded, "txn: compares all held but txn failed");
-    assert!(res.revision > rb, "txn: revision {} not > {rb}", res.revision);
+    assert!(
+        res.revision > rb,
+        "txn: revision {} not > {rb}",
+        res.revision
+    );
     let ka = get(store, &a).await.expect("txn: a missing");
     let kc = get(store, &c).await.expect("txn: c missing");
     assert_eq!(get(store, &b).await, None, "txn: b not deleted");
@@ -294,9 +377,15 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
         )
     };
     let first = ok("cas 1", cas(ka.mod_revision, b"a2").await);
-    assert!(first.succeeded, "txn: CAS on the current mod_revision failed");
+    assert!(
+        first.succeeded,
+        "txn: CAS on the current mod_revision failed"
+    );
     let second = ok("cas 2", cas(ka.mod_revision, b"a3").await);
-    assert!(!second.succeeded, "txn: CAS on a stale mod_revision succeeded");
+    assert!(
+        !second.succeeded,
+        "txn: CAS on a stale mod_revision succeeded"
+    );
     let now = get(store, &a).await.expect("txn: a missing after CAS");
     assert_eq!(
         (now.value.as_slice(), now.mod_revision, now.create_revision),
@@ -305,7 +394,10 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
     );
 
     // No compares: unconditional.
-    let res = ok("txn unconditional", store.txn(vec![], vec![Op::Delete(a.clone())]).await);
+    let res = ok(
+        "txn unconditional",
+        store.txn(vec![], vec![Op::Delete(a.clone())]).await,
+    );
     assert!(res.succeeded, "txn: a txn without compares must succeed");
     assert_eq!(get(store, &a).await, None, "txn: unconditional delete");
 }
@@ -313,15 +405,27 @@ pub async fn txn_semantics(store: &dyn Store, prefix: &str) {
 /// `DeletePrefix` removes exactly the keys under the prefix, in one revision.
 pub async fn delete_prefix(store: &dyn Store, prefix: &str) {
     let p = format!("{prefix}delete_prefix/");
-    let gone = [format!("{p}x/1"), format!("{p}x/2"), format!("{p}x/sub/3"), format!("{p}x/")];
-    let kept = [format!("{p}x"), format!("{p}xy"), format!("{p}xy/1"), format!("{p}w")];
+    let gone = [
+        format!("{p}x/1"),
+        format!("{p}x/2"),
+        format!("{p}x/sub/3"),
+        format!("{p}x/"),
+    ];
+    let kept = [
+        format!("{p}x"),
+        format!("{p}xy"),
+        format!("{p}xy/1"),
+        format!("{p}w"),
+    ];
     for k in gone.iter().chain(kept.iter()) {
         put(store, k, b"v").await;
     }
     let before = ok("list", store.list(&p).await);
     let res = ok(
         "txn DeletePrefix",
-        store.txn(vec![], vec![Op::DeletePrefix(format!("{p}x/"))]).await,
+        store
+            .txn(vec![], vec![Op::DeletePrefix(format!("{p}x/"))])
+            .await,
     );
     assert!(res.succeeded, "delete_prefix: unconditional txn failed");
     assert!(
@@ -336,10 +440,16 @@ pub async fn delete_prefix(store: &dyn Store, prefix: &str) {
     // Deleting an empty prefix range is fine and changes nothing.
     let res = ok(
         "txn DeletePrefix empty",
-        store.txn(vec![], vec![Op::DeletePrefix(format!("{p}x/"))]).await,
+        store
+            .txn(vec![], vec![Op::DeletePrefix(format!("{p}x/"))])
+            .await,
     );
     assert!(res.succeeded, "delete_prefix: deleting nothing failed");
-    assert_eq!(keys(store, &p).await, want, "delete_prefix: second delete changed data");
+    assert_eq!(
+        keys(store, &p).await,
+        want,
+        "delete_prefix: second delete changed data"
+    );
 }
 
 /// A watch sees puts and deletes under its prefix, in order, with the revisions the
@@ -360,7 +470,10 @@ pub async fn watch_events(store: &dyn Store, prefix: &str) {
     let r5 = ok(
         "txn",
         store
-            .txn(vec![], vec![Op::Put(c.clone(), b"c1".to_vec()), Op::Delete(b.clone())])
+            .txn(
+                vec![],
+                vec![Op::Put(c.clone(), b"c1".to_vec()), Op::Delete(b.clone())],
+            )
             .await,
     )
     .revision;
@@ -406,7 +519,10 @@ pub async fn watch_events(store: &dyn Store, prefix: &str) {
     ]
     .into_iter()
     .collect();
-    assert_eq!(last_two, want_two, "watch_events: events of the multi-op txn");
+    assert_eq!(
+        last_two, want_two,
+        "watch_events: events of the multi-op txn"
+    );
     expect_quiet(&mut events, "watch_events: after the last write").await;
 }
 
@@ -436,7 +552,10 @@ pub async fn watch_resume(store: &dyn Store, prefix: &str) {
         let e = next_event(&mut events, &format!("watch_resume: event {i}")).await;
         got.push((e.key().to_string(), e.revision()));
     }
-    assert_eq!(got, want, "watch_resume: replay then live, no gap, no duplicate");
+    assert_eq!(
+        got, want,
+        "watch_resume: replay then live, no gap, no duplicate"
+    );
     expect_quiet(&mut events, "watch_resume: after the last write").await;
 
     let mut got = Vec::new();
@@ -444,7 +563,11 @@ pub async fn watch_resume(store: &dyn Store, prefix: &str) {
         let e = next_event(&mut tail, &format!("watch_resume: tail event {i}")).await;
         got.push((e.key().to_string(), e.revision()));
     }
-    assert_eq!(got, want[3..], "watch_resume: watch from the newest revision");
+    assert_eq!(
+        got,
+        want[3..],
+        "watch_resume: watch from the newest revision"
+    );
     expect_quiet(&mut tail, "watch_resume: tail after the last write").await;
 
     // A deletion is replayed too.
@@ -471,7 +594,10 @@ pub async fn cas_race(store: Arc<dyn Store>, prefix: &str) {
         let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            let won = ok("create", store.create(&key, format!("task{i}").into_bytes()).await);
+            let won = ok(
+                "create",
+                store.create(&key, format!("task{i}").into_bytes()).await,
+            );
             (i, won)
         }));
     }
@@ -482,7 +608,11 @@ pub async fn cas_race(store: Arc<dyn Store>, prefix: &str) {
             winners.push(i);
         }
     }
-    assert_eq!(winners.len(), 1, "cas_race: winners {winners:?}, expected exactly one");
+    assert_eq!(
+        winners.len(),
+        1,
+        "cas_race: winners {winners:?}, expected exactly one"
+    );
     let kv = store.get(&key).await;
     let kv = ok("get", kv).expect("cas_race: key missing");
     assert_eq!(
@@ -490,7 +620,10 @@ pub async fn cas_race(store: Arc<dyn Store>, prefix: &str) {
         format!("task{}", winners[0]).into_bytes(),
         "cas_race: value is not the winner's"
     );
-    assert_eq!(kv.create_revision, kv.mod_revision, "cas_race: key was written more than once");
+    assert_eq!(
+        kv.create_revision, kv.mod_revision,
+        "cas_race: key was written more than once"
+    );
 }
 
 /// Two groups of 50 tasks (think: two agents, possibly two store handles) allocate
@@ -529,7 +662,11 @@ pub async fn allocation_race(a: Arc<dyn Store>, b: Arc<dyn Store>, prefix: &str)
     }
     assert_eq!(given.len(), 2 * PER_GROUP, "allocation_race: allocations");
     let snap = ok("list", a.list(&p).await);
-    assert_eq!(snap.kvs.len(), 2 * PER_GROUP, "allocation_race: stored allocations");
+    assert_eq!(
+        snap.kvs.len(),
+        2 * PER_GROUP,
+        "allocation_race: stored allocations"
+    );
     for kv in snap.kvs {
         let addr: usize = kv.key[p.len() + "10.0.0.".len()..]
             .parse()

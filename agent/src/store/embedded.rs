@@ -152,15 +152,11 @@ impl EmbeddedStore {
             }
         }
         let (kvs, revision) = match fs::read(&disk.path) {
-            Ok(bytes) => decode_state(&bytes).map_err(|e| {
-                StoreError::Corrupt(format!("{}: {e}", disk.path.display()))
-            })?,
+            Ok(bytes) => decode_state(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", disk.path.display())))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => (BTreeMap::new(), 0),
             Err(e) => {
-                return Err(StoreError::Io(format!(
-                    "read {}: {e}",
-                    disk.path.display()
-                )));
+                return Err(StoreError::Io(format!("read {}: {e}", disk.path.display())));
             }
         };
         tracing::debug!(dir = %dir.display(), revision, keys = kvs.len(), "embedded store opened");
@@ -274,14 +270,14 @@ impl Inner {
         if events.is_empty() {
             return Ok(unchanged);
         }
-        if let Some(disk) = &self.disk {
-            if let Err(e) = disk.persist(&next, new_rev) {
-                if e.outcome_unknown {
-                    *failed = Some(e.msg.clone());
-                }
-                tracing::error!(error = %e.msg, "embedded store write failed");
-                return Err(StoreError::Io(e.msg));
+        if let Some(disk) = &self.disk
+            && let Err(e) = disk.persist(&next, new_rev)
+        {
+            if e.outcome_unknown {
+                *failed = Some(e.msg.clone());
             }
+            tracing::error!(error = %e.msg, "embedded store write failed");
+            return Err(StoreError::Io(e.msg));
         }
         let mut s = lock(&self.shared);
         s.kvs = Arc::new(next);
@@ -437,7 +433,9 @@ fn decode_state(bytes: &[u8]) -> std::result::Result<(BTreeMap<String, KeyValue>
         }
         let value = match (kv.value, kv.value_hex) {
             (Some(v), None) => v.into_bytes(),
-            (None, Some(h)) => hex_decode(&h).ok_or_else(|| format!("key {:?}: bad hex", kv.key))?,
+            (None, Some(h)) => {
+                hex_decode(&h).ok_or_else(|| format!("key {:?}: bad hex", kv.key))?
+            }
             _ => {
                 return Err(format!(
                     "key {:?}: needs exactly one of value, value_hex",
@@ -470,7 +468,7 @@ fn hex_encode(bytes: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()

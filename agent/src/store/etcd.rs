@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, SortOrder,
-    SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
+    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, SortOrder, SortTarget,
+    Txn, TxnOp, WatchOptions, WatchStream,
 };
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
@@ -281,9 +281,7 @@ impl Store for EtcdStore {
         let cmps: Vec<_> = compares.into_iter().flat_map(to_etcd_compare).collect();
         let ops: Vec<_> = ops.into_iter().map(to_etcd_op).collect();
         let txn = Txn::new().when(cmps).and_then(ops);
-        let resp = self
-            .call("txn", self.client.kv_client().txn(txn))
-            .await?;
+        let resp = self.call("txn", self.client.kv_client().txn(txn)).await?;
         Ok(TxnResult {
             succeeded: resp.succeeded(),
             revision: header_revision(resp.header())?,
@@ -396,8 +394,14 @@ mod tests {
 
     #[test]
     fn mod_revision_zero_requires_existence() {
-        assert_eq!(to_etcd_compare(Compare::ModRevision("k".into(), 0)).len(), 2);
-        assert_eq!(to_etcd_compare(Compare::ModRevision("k".into(), 7)).len(), 1);
+        assert_eq!(
+            to_etcd_compare(Compare::ModRevision("k".into(), 0)).len(),
+            2
+        );
+        assert_eq!(
+            to_etcd_compare(Compare::ModRevision("k".into(), 7)).len(),
+            1
+        );
         assert_eq!(to_etcd_compare(Compare::Absent("k".into())).len(), 1);
     }
 }
