@@ -42,7 +42,7 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn os(name: &str, what: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
+fn os<'a>(name: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| Error::Os {
         name: name.to_string(),
         what,
@@ -352,14 +352,21 @@ mod tests {
             eprintln!("SKIP create_enter_delete: needs root (CAP_SYS_ADMIN) to create namespaces");
             return;
         }
+        struct Guard(String);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = delete(&self.0);
+            }
+        }
         let name = unique("ns");
+        let _guard = Guard(name.clone());
         create(&name).unwrap();
         assert!(exists(&name));
         assert!(list().unwrap().contains(&name));
         assert!(matches!(create(&name), Err(Error::Exists(_))));
         assert!(!ensure(&name).unwrap());
         // A fresh namespace has only lo.
-        let dev = run_in(&name, || fs::read_to_string("/proc/self/net/dev"))
+        let dev = run_in(&name, || fs::read_to_string("/proc/thread-self/net/dev"))
             .unwrap()
             .unwrap();
         assert_eq!(dev.lines().skip(2).count(), 1, "only lo expected: {dev}");
