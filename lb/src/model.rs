@@ -199,9 +199,20 @@ impl Model {
 }
 
 fn write_elements(o: &mut String, elems: impl Iterator<Item = String>) {
+    // One element per line once there are several: readable diffs of big maps.
     let elems: Vec<String> = elems.collect();
-    if !elems.is_empty() {
-        let _ = writeln!(o, "\t\telements = {{ {} }}", elems.join(", "));
+    match elems.as_slice() {
+        [] => {}
+        [one] => {
+            let _ = writeln!(o, "\t\telements = {{ {one} }}");
+        }
+        many => {
+            let _ = writeln!(
+                o,
+                "\t\telements = {{\n\t\t\t{}\n\t\t}}",
+                many.join(",\n\t\t\t")
+            );
+        }
     }
 }
 
