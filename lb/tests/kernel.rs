@@ -250,12 +250,12 @@ fn invalid_ruleset_fails_with_nft_message_and_keeps_previous_table() {
     );
     assert_eq!(block_on(list_table(&ns, TABLE)).unwrap().unwrap(), before);
 
-    // The rendered script is one transaction: a failure in its last line (after the delete
-    // and most of the new definition) still leaves the old table as it was.
-    let mut script = render(&fixtures::several());
-    script = script.replace(
-        "reject with icmp type port-unreachable",
-        "reject with icmp type no-such-type",
+    // The rendered script is one transaction: a failure in its last rule (after the delete
+    // and most of the new definition), refused by the kernel itself (dnat in a filter
+    // chain), still leaves the old table as it was.
+    let script = render(&fixtures::several()).replace(
+        "ip daddr @vips reject with icmp type port-unreachable",
+        "ip daddr @vips dnat ip to 10.0.0.1",
     );
     let mut cmd = Command::new("nft");
     cmd.args(["-f", "-"]).in_netns(&ns).unwrap();
@@ -266,7 +266,9 @@ fn invalid_ruleset_fails_with_nft_message_and_keeps_previous_table() {
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the broken script must fail");
+    assert!(stderr.contains("Could not process rule"), "{stderr}");
     assert_eq!(block_on(list_table(&ns, TABLE)).unwrap().unwrap(), before);
 
     // Our own validation refuses what could escape the script.
