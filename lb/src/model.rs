@@ -12,6 +12,34 @@ pub const TABLE_COMMENT: &str = "managed by shoal-lb";
 /// Comment on the chain of a service without backends.
 pub const NO_BACKENDS_COMMENT: &str = "no backends: rejected in chain input";
 
+/// The base chains: the same for every table, they only refer to its sets and map.
+const BASE_CHAINS: &str = "\
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip daddr . meta l4proto . th dport vmap @services
+\t}
+\tchain output {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tip daddr . meta l4proto . th dport vmap @services
+\t}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tct status dnat ip saddr . ip daddr @hairpin masquerade
+\t}
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tip daddr @vips ct status dnat accept
+\t\tip daddr @vips meta l4proto tcp reject with tcp reset
+\t\tip daddr @vips reject with icmp type port-unreachable
+\t}
+";
+// Notes on BASE_CHAINS:
+// - nft 1.0.6 accepts the `dstnat` priority keyword only on prerouting: -100 is its value.
+// - input: what still targets a VIP was not DNATed (not a service port, or no backends) and
+//   is rejected at once. The namespace's own connections to a VIP take the VIP as source
+//   address (local route), so their replies arrive addressed to it: `ct status dnat` lets
+//   them (and their related ICMP) pass.
+
 /// Key of the `services` verdict map: `ip daddr . meta l4proto . th dport`.
 pub type ServiceKey = (Ipv4Addr, Protocol, u16);
 
@@ -127,47 +155,8 @@ impl Model {
             let _ = writeln!(o, "\t}}");
         }
 
-        for (name, hook, prio) in [
-            ("prerouting", "prerouting", "dstnat"),
-            ("output", "output", "-100"),
-        ] {
-            // nft 1.0.6 accepts the `dstnat` keyword only on prerouting: -100 is its value.
-            let _ = writeln!(o, "\tchain {name} {{");
-            let _ = writeln!(
-                o,
-                "\t\ttype nat hook {hook} priority {prio}; policy accept;"
-            );
-            let _ = writeln!(o, "\t\tip daddr . meta l4proto . th dport vmap @services");
-            let _ = writeln!(o, "\t}}");
-        }
-
-        let _ = writeln!(o, "\tchain postrouting {{");
-        let _ = writeln!(
-            o,
-            "\t\ttype nat hook postrouting priority srcnat; policy accept;"
-        );
-        let _ = writeln!(
-            o,
-            "\t\tct status dnat ip saddr . ip daddr @hairpin masquerade"
-        );
-        let _ = writeln!(o, "\t}}");
-
-        let _ = writeln!(o, "\tchain input {{");
-        let _ = writeln!(
-            o,
-            "\t\ttype filter hook input priority filter; policy accept;"
-        );
-        let _ = writeln!(
-            o,
-            "\t\tip daddr @vips meta l4proto tcp reject with tcp reset"
-        );
-        let _ = writeln!(
-            o,
-            "\t\tip daddr @vips reject with icmp type port-unreachable"
-        );
-        let _ = writeln!(o, "\t}}");
-
-        let _ = writeln!(o, "}}");
+        o.push_str(BASE_CHAINS);
+        o.push_str("}\n");
         o
     }
 

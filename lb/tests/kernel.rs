@@ -7,15 +7,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind;
+use std::io::{BufRead as _, BufReader, ErrorKind, Write as _};
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixtures::{self, TABLE};
 use common::netlab::{
-    CLIENT, Lab, NsGuard, TARGET_PORT, VIP, add_local_vip, block_on, require_root_and_nft, tcp_get,
-    udp_get,
+    CLIENT, Lab, NsGuard, TARGET_PORT, VIP, add_local_vip, block_on, require_root_and_nft,
+    tcp_connect, tcp_get, udp_get,
 };
 use shoal_lb::{
     LbError, Protocol, Ruleset, VirtualService, apply, check, delete_table, list_table, render,
@@ -110,6 +110,52 @@ fn tcp_is_spread_over_three_backends() {
     let counts = spread(&lab, tcp_get);
     eprintln!("tcp: {counts:?}");
     assert_balanced(&counts);
+
+    // The namespace holding the table reaches the VIP too (nat output hook). Its source
+    // address is the VIP itself (the kernel picks the destination of a local route), so the
+    // reply comes back addressed to the VIP and must pass filter input.
+    let answer = shoal_netns::run_in(&lab.router, || tcp_get(VIP, 80, TIMEOUT))
+        .unwrap()
+        .unwrap();
+    let (name, peer) = answer.split_once(' ').unwrap();
+    assert!(lab.backends.iter().any(|b| b.name == name), "{answer}");
+    assert_eq!(peer, VIP.to_string());
+}
+
+#[test]
+fn reapply_keeps_established_connections() {
+    let lab = Lab::new(2);
+    let rs = ruleset(vec![web(Protocol::Tcp, lab.backend_addrs())], vec![]);
+    block_on(apply(&lab.router, &rs)).unwrap();
+    let conn = shoal_netns::run_in(&lab.client, || tcp_connect(VIP, 80, TIMEOUT))
+        .unwrap()
+        .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    let (name, _) = greeting.split_once(' ').unwrap();
+
+    // Replace the table with a different one (the chosen backend removed, another service
+    // added): the established flow keeps its conntrack NAT binding.
+    let other = lab.backends.iter().find(|b| b.name != name).unwrap().addr;
+    let mut changed = ruleset(vec![web(Protocol::Tcp, vec![other])], vec![]);
+    changed.services.push(VirtualService {
+        id: "more".into(),
+        port: 81,
+        ..web(Protocol::Tcp, vec![other])
+    });
+    block_on(apply(&lab.router, &changed)).unwrap();
+
+    let mut w = conn;
+    w.write_all(b"still there?\n").unwrap();
+    let mut echo = String::new();
+    reader.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "still there?\n");
+    // New connections follow the new table.
+    let answer = shoal_netns::run_in(&lab.client, || tcp_get(VIP, 80, TIMEOUT))
+        .unwrap()
+        .unwrap();
+    assert!(!answer.starts_with(&format!("{name} ")), "{answer}");
 }
 
 #[test]
@@ -264,7 +310,12 @@ fn invalid_ruleset_fails_with_nft_message_and_keeps_previous_table() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the broken script must fail");

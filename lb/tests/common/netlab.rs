@@ -151,7 +151,8 @@ fn attach(guard: &mut NsGuard, router: &str, net: u8) -> (String, Ipv4Addr, Ipv4
 
 impl Lab {
     /// Router, client and `n` backends, each backend serving TCP and UDP on
-    /// [`TARGET_PORT`] and answering `"<name> <peer address>"`.
+    /// [`TARGET_PORT`] and answering `"<name> <peer address>"` (TCP: that line, then an echo of
+    /// whatever the client sends).
     pub fn new(n: u8) -> Lab {
         require_root_and_nft();
         let mut guard = NsGuard::default();
@@ -221,9 +222,9 @@ fn serve(guard: &mut NsGuard, ns: &str, name: &str) {
     guard.threads.push(std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             match tcp.accept() {
-                Ok((mut s, peer)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.write_all(format!("{me} {}", peer.ip()).as_bytes());
+                Ok((s, peer)) => {
+                    let greeting = format!("{me} {}\n", peer.ip());
+                    std::thread::spawn(move || echo(s, &greeting));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(2));
@@ -253,13 +254,35 @@ fn serve(guard: &mut NsGuard, ns: &str, name: &str) {
     }));
 }
 
-/// One TCP request: connect, read the answer until EOF.
+/// One TCP connection on the server side: greet with a line, then echo until EOF.
+fn echo(mut s: TcpStream, greeting: &str) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if s.write_all(greeting.as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 512];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+/// One TCP request: connect, half-close, read the greeting until EOF.
 pub fn tcp_get(dst: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), timeout)?;
-    s.set_read_timeout(Some(timeout))?;
+    let mut s = tcp_connect(dst, port, timeout)?;
+    s.shutdown(std::net::Shutdown::Write)?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out)
+    Ok(out.trim_end().to_string())
+}
+
+/// A TCP connection with read timeouts set.
+pub fn tcp_connect(dst: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
 }
 
 /// One UDP request from a new socket (so a new conntrack entry): send, await the answer.
