@@ -94,16 +94,18 @@ async fn run(
         source,
     };
     let mut child = cmd.spawn().map_err(spawn_err)?;
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin is piped");
-        let written = pipe.write_all(text.as_bytes()).await;
-        drop(pipe);
-        // A write error (nft exited early) is reported through its status and stderr below.
-        if let Err(e) = written {
-            debug!(error = %e, "writing the script to nft");
+    let pipe = child.stdin.take();
+    // Feed stdin while collecting stdout/stderr, so that neither side can block the other.
+    let feed = async move {
+        if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
+            // A write error (nft exited early) shows in its status and stderr.
+            if let Err(e) = pipe.write_all(text.as_bytes()).await {
+                debug!(error = %e, "writing the script to nft");
+            }
         }
-    }
-    let out = child.wait_with_output().await.map_err(spawn_err)?;
+    };
+    let ((), out) = tokio::join!(feed, child.wait_with_output());
+    let out = out.map_err(spawn_err)?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
