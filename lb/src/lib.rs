@@ -27,7 +27,7 @@ mod nft;
 
 use std::net::Ipv4Addr;
 
-pub use model::{Model, ServiceChain, ServiceKey};
+pub use model::{Model, ServiceChain, ServiceKey, chain_name};
 pub use nft::{apply, check, delete_table, list_table};
 
 /// Transport protocol of a service port.
