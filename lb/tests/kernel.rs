@@ -369,3 +369,13 @@ fn hairpin_backend_reaches_itself_through_the_vip() {
         .unwrap();
     assert_eq!(answer, format!("b1 {CLIENT}"));
 }
+
+#[test]
+fn missing_namespace_is_a_netns_error() {
+    let rs = fixtures::one_service();
+    let err = block_on(apply("shoal-t-lb-no-such-namespace", &rs)).unwrap_err();
+    assert!(
+        matches!(err, LbError::Netns(shoal_netns::Error::NotFound(_))),
+        "{err:?}"
+    );
+}
