@@ -141,6 +141,47 @@ pub enum MeshError {
     },
     #[error("namespace {ns:?}: {what}")]
     Missing { ns: String, what: String },
+    /// One endpoint failed; the others were still converged.
+    #[error("endpoint {host_ifname}: {source}")]
+    Endpoint {
+        host_ifname: String,
+        #[source]
+        source: Box<MeshError>,
+    },
+    /// Several endpoints failed; the others were still converged.
+    #[error("network {netns}: {} endpoints failed: {}", errors.len(), join_errors(errors))]
+    Several {
+        netns: String,
+        errors: Vec<MeshError>,
+    },
+}
+
+fn endpoint_err(host_ifname: &str, e: MeshError) -> MeshError {
+    MeshError::Endpoint {
+        host_ifname: host_ifname.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// Each error with its whole cause chain, separated by "; ".
+fn join_errors(errors: &[MeshError]) -> String {
+    errors
+        .iter()
+        .map(|e| {
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(e);
+            while let Some(c) = cur {
+                let cs = c.to_string();
+                if !s.contains(&cs) {
+                    s.push_str(": ");
+                    s.push_str(&cs);
+                }
+                cur = c.source();
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn netns_err(what: impl Into<String>) -> impl FnOnce(shoal_netns::Error) -> MeshError {
@@ -189,36 +230,63 @@ pub async fn apply_network(spec: &NetworkSpec) -> Result<Applied, MeshError> {
             .find(|e| e.host_ifname == name)
             .expect("planned endpoints come from the spec")
     };
+    // One failing endpoint must not keep the others from converging: collect the errors
+    // and report them after the whole pass.
+    let mut failures = Vec::new();
     for name in &plan.delete {
         if let Some(l) = find_link(name) {
-            nl.del_link(l.index, name).await?;
-            tracing::info!(endpoint = %name, "removed endpoint");
-            ap.removed.push(format!("endpoint {name}"));
+            match nl.del_link(l.index, name).await {
+                Ok(()) => {
+                    tracing::info!(endpoint = %name, "removed endpoint");
+                    ap.removed.push(format!("endpoint {name}"));
+                }
+                Err(e) => failures.push(endpoint_err(name, e)),
+            }
         }
     }
     for name in &plan.recreate {
-        if let Some(l) = find_link(name) {
-            nl.del_link(l.index, name).await?;
-            ap.removed
-                .push(format!("endpoint {name} (attached elsewhere)"));
+        let res = async {
+            if let Some(l) = find_link(name) {
+                nl.del_link(l.index, name).await?;
+                ap.removed
+                    .push(format!("endpoint {name} (attached elsewhere)"));
+            }
+            create_endpoint(&nl, spec, find_spec(name)).await?;
+            ap.created.push(format!("endpoint {name}"));
+            Ok::<(), MeshError>(())
         }
-        create_endpoint(&nl, spec, find_spec(name)).await?;
-        ap.created.push(format!("endpoint {name}"));
+        .await;
+        if let Err(e) = res {
+            failures.push(endpoint_err(name, e));
+        }
     }
     for name in &plan.create {
-        create_endpoint(&nl, spec, find_spec(name)).await?;
-        tracing::info!(endpoint = %name, "created endpoint");
-        ap.created.push(format!("endpoint {name}"));
+        match create_endpoint(&nl, spec, find_spec(name)).await {
+            Ok(()) => {
+                tracing::info!(endpoint = %name, "created endpoint");
+                ap.created.push(format!("endpoint {name}"));
+            }
+            Err(e) => failures.push(endpoint_err(name, e)),
+        }
     }
     for name in &plan.check {
         let host = find_link(name).expect("checked endpoints come from the dump");
-        check_endpoint(&nl, spec, find_spec(name), host, &mut ap).await?;
+        if let Err(e) = check_endpoint(&nl, spec, find_spec(name), host, &mut ap).await {
+            failures.push(endpoint_err(name, e));
+        }
     }
     sweep_host_routes(&nl, spec, &mut ap).await?;
     if !ap.is_empty() {
         tracing::info!(created = ?ap.created, removed = ?ap.removed, "network applied");
     }
-    Ok(ap)
+    match failures.len() {
+        0 => Ok(ap),
+        1 => Err(failures.remove(0)),
+        _ => Err(MeshError::Several {
+            netns: spec.netns.clone(),
+            errors: failures,
+        }),
+    }
 }
 
 /// Deletes the network namespace and every endpoint in it (so the containers lose their

@@ -206,6 +206,7 @@ async fn two_tasks_reach_each_other_the_gateway_and_a_vip() {
         ],
     );
     let applied = apply_network(&spec).await.unwrap();
+    eprintln!("first apply: {applied:#?}");
     assert!(
         applied.created.contains(&format!("namespace {net}")),
         "{applied:?}"
@@ -451,13 +452,22 @@ async fn task_on_two_networks_has_eth0_eth1_and_one_default_route() {
     ))
     .await
     .unwrap_err();
-    let chain = format!("{err}: {:?}", std::error::Error::source(&err));
+    let chain = format!("{err}");
+    eprintln!("expected error: {chain}");
+    assert!(chain.contains("endpoint sv0000000000b7"), "{chain}");
     assert!(chain.contains("default via 10.77.7.1 dev eth1"), "{chain}");
     assert!(chain.contains(&t), "{chain}");
-    assert!(
-        matches!(err, shoal_mesh::MeshError::Netlink { .. }),
-        "{chain}"
-    );
+    let shoal_mesh::MeshError::Endpoint { source, .. } = &err else {
+        panic!("expected an endpoint error: {err:?}");
+    };
+    let shoal_mesh::MeshError::Netlink { source: cause, .. } = source.as_ref() else {
+        panic!("expected the netlink cause: {source:?}");
+    };
+    // EEXIST from the kernel, kept as is.
+    assert!(cause.to_string().contains("File exists"), "{cause}");
+    // The network's own state is still converged; the existing default is untouched.
+    let defaults = ip(&t, &["-4", "route", "show", "default"]);
+    assert_eq!(defaults.lines().count(), 1, "{defaults}");
 }
 
 #[tokio::test]
@@ -475,6 +485,7 @@ async fn changed_address_and_mac_are_fixed_in_place() {
     let applied = apply_network(&network(&net, 8, &[], vec![ea.clone(), eb.clone()]))
         .await
         .unwrap();
+    eprintln!("fix apply: {applied:#?}");
     assert!(!applied.is_empty());
     assert!(
         !applied
@@ -535,31 +546,63 @@ async fn endpoint_moved_to_another_task_is_recreated() {
 }
 
 #[tokio::test]
-async fn missing_task_namespace_is_reported_with_the_endpoint() {
+async fn missing_task_namespaces_are_reported_and_the_others_still_converge() {
     let mut ns = Namespaces::new();
     let net = ns.name();
-    let ghost = ns.name(); // never created
-    let err = apply_network(&network(
+    let good = ns.task();
+    let (ghost1, ghost2) = (ns.name(), ns.name()); // never created
+    let spec = network(
+        &net,
+        10,
+        &[],
+        vec![
+            endpoint(&ghost1, "sv0000000000aa", "eth0", "10.77.10.2", true),
+            endpoint(&good, "sv0000000000ab", "eth0", "10.77.10.3", true),
+            endpoint(&ghost2, "sv0000000000ac", "eth0", "10.77.10.4", true),
+        ],
+    );
+    let err = apply_network(&spec).await.unwrap_err();
+    let msg = err.to_string();
+    eprintln!("expected error: {msg}");
+    assert!(
+        matches!(err, shoal_mesh::MeshError::Several { ref errors, .. } if errors.len() == 2),
+        "{err:?}"
+    );
+    for part in [
+        "sv0000000000aa",
+        &ghost1,
+        "sv0000000000ac",
+        &ghost2,
+        "does not exist",
+    ] {
+        assert!(msg.contains(part), "{part} missing from {msg}");
+    }
+    assert_reaches(&good, &net, ip4("10.77.10.1"), 9008);
+
+    // A single failure comes back as that endpoint's error, cause kept.
+    let spec = network(
         &net,
         10,
         &[],
         vec![endpoint(
-            &ghost,
+            &ghost1,
             "sv0000000000aa",
             "eth0",
             "10.77.10.2",
             true,
         )],
-    ))
-    .await
-    .unwrap_err();
-    let msg = err.to_string();
+    );
+    let err = apply_network(&spec).await.unwrap_err();
     assert!(
-        msg.contains("sv0000000000aa") && msg.contains(&ghost),
-        "{msg}"
+        matches!(err, shoal_mesh::MeshError::Endpoint { ref host_ifname, .. } if host_ifname == "sv0000000000aa"),
+        "{err:?}"
     );
     assert!(
         std::error::Error::source(&err).is_some(),
         "cause kept: {err:?}"
     );
+    assert!(err.to_string().contains(&ghost1), "{err}");
+    // ... and the endpoint that left the spec was removed all the same.
+    assert!(!has_link(&net, "sv0000000000ab"));
+    assert!(!has_link(&good, "eth0"));
 }
