@@ -269,9 +269,10 @@ pub async fn apply_network(spec: &NetworkSpec) -> Result<Applied, MeshError> {
             Err(e) => failures.push(endpoint_err(name, e)),
         }
     }
+    let routes = nl.routes().await?;
     for name in &plan.check {
         let host = find_link(name).expect("checked endpoints come from the dump");
-        if let Err(e) = check_endpoint(&nl, spec, find_spec(name), host, &mut ap).await {
+        if let Err(e) = check_endpoint(&nl, spec, find_spec(name), host, &routes, &mut ap).await {
             failures.push(endpoint_err(name, e));
         }
     }
@@ -552,7 +553,7 @@ async fn create_endpoint(nl: &Nl, spec: &NetworkSpec, ep: &EndpointSpec) -> Resu
             what: format!("veth {} vanished right after creation", ep.host_ifname),
         })?;
     let mut details = Vec::new();
-    configure_host(nl, spec, ep, &host, &mut details).await?;
+    configure_host(nl, spec, ep, &host, &[], &mut details).await?;
     let task = Nl::open(&ep.task_netns)?;
     configure_task(&task, spec, ep, &mut details).await?;
     Ok(())
@@ -565,6 +566,7 @@ async fn check_endpoint(
     spec: &NetworkSpec,
     ep: &EndpointSpec,
     host: &Link,
+    routes: &[Route],
     ap: &mut Applied,
 ) -> Result<(), MeshError> {
     let task = Nl::open(&ep.task_netns)?;
@@ -582,7 +584,7 @@ async fn check_endpoint(
         return Ok(());
     }
     let mut details = Vec::new();
-    configure_host(nl, spec, ep, host, &mut details).await?;
+    configure_host(nl, spec, ep, host, routes, &mut details).await?;
     configure_task(&task, spec, ep, &mut details).await?;
     for d in details {
         let (kind, rest) = d.split_once(' ').unwrap_or(("", &d));
@@ -604,6 +606,7 @@ async fn configure_host(
     spec: &NetworkSpec,
     ep: &EndpointSpec,
     host: &Link,
+    routes: &[Route],
     changes: &mut Vec<String>,
 ) -> Result<(), MeshError> {
     let name = &ep.host_ifname;
@@ -646,7 +649,6 @@ async fn configure_host(
         .await?;
         changes.push(format!("+ {name} up"));
     }
-    let routes = nl.routes().await?;
     let present = routes
         .iter()
         .any(|r| is_host_route(r) && r.dst == ep.ip && r.oif == Some(host.index));
@@ -657,7 +659,15 @@ async fn configure_host(
             .destination_prefix(ep.ip, 32)
             .output_interface(host.index)
             .build();
-        add_route(nl, msg, format!("adding route {}/32 dev {name}", ep.ip)).await?;
+        // Replace: the address may still be routed to another endpoint that gives it up in
+        // this same pass (its stale route is swept at the end); the namespace is ours.
+        nl.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl.err(format!("adding route {}/32 dev {name}", ep.ip)))?;
         changes.push(format!("+ route {}/32 dev {name}", ep.ip));
     }
     Ok(())

@@ -606,3 +606,76 @@ async fn missing_task_namespaces_are_reported_and_the_others_still_converge() {
     assert!(!has_link(&net, "sv0000000000ab"));
     assert!(!has_link(&good, "eth0"));
 }
+
+#[tokio::test]
+async fn gateway_and_mtu_changes_are_fixed_in_place() {
+    let mut ns = Namespaces::new();
+    let net = ns.name();
+    let a = ns.task();
+    let mut spec = network(
+        &net,
+        11,
+        &[],
+        vec![endpoint(&a, "sv0000000000ad", "eth0", "10.77.11.2", true)],
+    );
+    apply_network(&spec).await.unwrap();
+    spec.gateway = ip4("10.77.11.254");
+    spec.mtu = 1400;
+    let applied = apply_network(&spec).await.unwrap();
+    eprintln!("gateway/mtu apply: {applied:#?}");
+    assert!(
+        applied
+            .removed
+            .contains(&"address 10.77.11.1/32 on lo".to_string()),
+        "{applied:?}"
+    );
+    assert!(
+        applied
+            .created
+            .contains(&"address 10.77.11.254/32 on lo".to_string()),
+        "{applied:?}"
+    );
+    assert!(
+        !applied
+            .created
+            .contains(&"endpoint sv0000000000ad".to_string()),
+        "{applied:?}"
+    );
+    let lo = ip(&net, &["-4", "addr", "show", "lo"]);
+    assert!(
+        lo.contains("10.77.11.254/32") && !lo.contains("10.77.11.1/"),
+        "{lo}"
+    );
+    assert!(ip(&net, &["link", "show", "sv0000000000ad"]).contains("mtu 1400"));
+    assert!(ip(&a, &["link", "show", "eth0"]).contains("mtu 1400"));
+    let defaults = ip(&a, &["-4", "route", "show", "default"]);
+    assert_eq!(
+        defaults.trim(),
+        "default via 10.77.11.254 dev eth0 proto 83",
+        "{defaults}"
+    );
+    assert_reaches(&a, &net, ip4("10.77.11.254"), 9009);
+    assert_eq!(apply_network(&spec).await.unwrap(), empty());
+}
+
+#[tokio::test]
+async fn addresses_swapped_between_endpoints_converge_in_one_pass() {
+    let mut ns = Namespaces::new();
+    let net = ns.name();
+    let (a, b) = (ns.task(), ns.task());
+    let mut ea = endpoint(&a, "sv0000000000ae", "eth0", "10.77.12.2", true);
+    let mut eb = endpoint(&b, "sv0000000000af", "eth0", "10.77.12.3", true);
+    apply_network(&network(&net, 12, &[], vec![ea.clone(), eb.clone()]))
+        .await
+        .unwrap();
+    std::mem::swap(&mut ea.ip, &mut eb.ip);
+    let spec = network(&net, 12, &[], vec![ea, eb]);
+    apply_network(&spec).await.unwrap();
+    let routes = ip(&net, &["-4", "route", "show"]);
+    assert!(routes.contains("10.77.12.3 dev sv0000000000ae"), "{routes}");
+    assert!(routes.contains("10.77.12.2 dev sv0000000000af"), "{routes}");
+    assert_eq!(routes.matches("dev sv").count(), 2, "{routes}");
+    assert_reaches(&a, &b, ip4("10.77.12.2"), 9010);
+    assert_reaches(&b, &a, ip4("10.77.12.3"), 9011);
+    assert_eq!(apply_network(&spec).await.unwrap(), empty());
+}
