@@ -679,3 +679,49 @@ async fn addresses_swapped_between_endpoints_converge_in_one_pass() {
     assert_reaches(&b, &a, ip4("10.77.12.3"), 9011);
     assert_eq!(apply_network(&spec).await.unwrap(), empty());
 }
+
+/// Kills and reaps a helper process on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn task_namespace_given_as_a_proc_path() {
+    use shoal_netns::CommandExt;
+    let mut ns = Namespaces::new();
+    let net = ns.name();
+    let named = ns.task();
+    // A "container" known only by its process: its namespace as /proc/PID/ns/net.
+    let child = Child(
+        Command::new("sleep")
+            .arg("30")
+            .in_netns(&named)
+            .unwrap()
+            .spawn()
+            .unwrap(),
+    );
+    let task = format!("/proc/{}/ns/net", child.0.id());
+    let spec = network(
+        &net,
+        13,
+        &[],
+        vec![endpoint(
+            &task,
+            "sv0000000000b0",
+            "eth0",
+            "10.77.13.2",
+            true,
+        )],
+    );
+    apply_network(&spec).await.unwrap();
+    assert!(has_link(&named, "eth0"));
+    assert_reaches(&task, &net, ip4("10.77.13.1"), 9012);
+    let seen = observe_network(&net).await.unwrap().unwrap();
+    assert_eq!(seen.endpoints[0].task_netns.as_deref(), Some(task.as_str()));
+    assert_eq!(apply_network(&spec).await.unwrap(), empty());
+}
