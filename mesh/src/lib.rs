@@ -681,7 +681,9 @@ async fn configure_task(
     changes: &mut Vec<String>,
 ) -> Result<(), MeshError> {
     let links = task.links().await?;
-    ensure_lo_up(task, &links, changes).await?;
+    let mut lo_changes = Vec::new();
+    ensure_lo_up(task, &links, &mut lo_changes).await?;
+    changes.extend(lo_changes.into_iter().map(|c| format!("+ {c}")));
     let ifname = &ep.ifname;
     let dev = links
         .iter()
