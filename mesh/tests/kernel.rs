@@ -725,3 +725,49 @@ async fn task_namespace_given_as_a_proc_path() {
     assert_eq!(seen.endpoints[0].task_netns.as_deref(), Some(task.as_str()));
     assert_eq!(apply_network(&spec).await.unwrap(), empty());
 }
+
+#[tokio::test]
+async fn drift_is_repaired() {
+    let mut ns = Namespaces::new();
+    let net = ns.name();
+    let (a, b) = (ns.task(), ns.task());
+    let spec = network(
+        &net,
+        14,
+        &["10.77.14.100"],
+        vec![
+            endpoint(&a, "sv0000000000c1", "eth0", "10.77.14.2", true),
+            endpoint(&b, "sv0000000000c2", "eth0", "10.77.14.3", true),
+        ],
+    );
+    apply_network(&spec).await.unwrap();
+    // Someone tampers with both sides.
+    shoal_netns::set_sysctl(&net, "net/ipv4/conf/sv0000000000c1/proxy_arp", "0").unwrap();
+    ip(&net, &["addr", "del", "10.77.14.1/32", "dev", "lo"]);
+    ip(&net, &["route", "del", "10.77.14.3/32"]);
+    ip(
+        &net,
+        &["route", "del", "local", "10.77.14.100/32", "table", "local"],
+    );
+    ip(&a, &["link", "set", "eth0", "down"]);
+    ip(&b, &["route", "del", "default"]);
+    let applied = apply_network(&spec).await.unwrap();
+    eprintln!("repair apply: {applied:#?}");
+    for want in [
+        "address 10.77.14.1/32 on lo",
+        "vip 10.77.14.100",
+        "endpoint sv0000000000c1: sysctl net.ipv4.conf.sv0000000000c1.proxy_arp=1",
+        "endpoint sv0000000000c1: eth0 up",
+        "endpoint sv0000000000c2: route 10.77.14.3/32 dev sv0000000000c2",
+        "endpoint sv0000000000c2: default via 10.77.14.1 dev eth0",
+    ] {
+        assert!(
+            applied.created.iter().any(|c| c == want),
+            "{want} not in {applied:#?}"
+        );
+    }
+    assert!(applied.removed.is_empty(), "{applied:?}");
+    assert_reaches(&a, &b, ip4("10.77.14.3"), 9013);
+    assert_reaches(&b, &net, ip4("10.77.14.100"), 9014);
+    assert_eq!(apply_network(&spec).await.unwrap(), empty());
+}
