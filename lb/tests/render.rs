@@ -1,0 +1,216 @@
+//! Golden-text tests of the rendered nft script and tests of the packet tracer.
+//!
+//! The expected scripts live in `tests/golden/<name>.nft`. After an intended change, rewrite
+//! them with `SHOAL_UPDATE_GOLDEN=1 cargo test -p shoal-lb --test render` and review the diff.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::fixtures::{self, ip};
+use shoal_lb::{LbError, Packet, Protocol, Ruleset, Trace, render, trace, validate};
+
+fn golden(name: &str, rs: &Ruleset) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.nft"));
+    let got = render(rs);
+    if std::env::var_os("SHOAL_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    assert_eq!(got, want, "render({name}) differs from {}", path.display());
+}
+
+#[test]
+fn golden_one_service_three_backends() {
+    golden("one_service", &fixtures::one_service());
+}
+
+#[test]
+fn golden_zero_backends() {
+    golden("zero_backends", &fixtures::zero_backends());
+}
+
+#[test]
+fn golden_several_services_sorted() {
+    golden("several", &fixtures::several());
+}
+
+#[test]
+fn golden_hairpin_set() {
+    golden("hairpin", &fixtures::hairpin());
+}
+
+#[test]
+fn render_is_independent_of_input_order() {
+    for (name, rs) in fixtures::all() {
+        let mut shuffled = rs.clone();
+        shuffled.vips.reverse();
+        shuffled.services.reverse();
+        shuffled.local_endpoints.reverse();
+        for s in &mut shuffled.services {
+            s.backends.reverse();
+        }
+        assert_eq!(render(&rs), render(&shuffled), "{name}");
+    }
+}
+
+#[test]
+fn render_is_one_replace_transaction() {
+    let text = render(&fixtures::one_service());
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("table ip shoal_lb {}"));
+    assert_eq!(lines.next(), Some("delete table ip shoal_lb"));
+    assert_eq!(lines.next(), Some("table ip shoal_lb {"));
+    // Exactly one table definition follows, nothing else at top level.
+    let top_level: Vec<_> = text.lines().filter(|l| !l.starts_with('\t')).collect();
+    assert_eq!(
+        top_level,
+        [
+            "table ip shoal_lb {}",
+            "delete table ip shoal_lb",
+            "table ip shoal_lb {",
+            "}"
+        ]
+    );
+}
+
+fn pkt(src: &str, dst: &str, protocol: Protocol, dport: u16) -> Packet {
+    Packet {
+        src: ip(src),
+        dst: ip(dst),
+        protocol,
+        dport,
+    }
+}
+
+#[test]
+fn trace_service_port_is_dnated_to_all_backends() {
+    let rs = fixtures::one_service();
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 80)),
+        Trace::Dnat {
+            candidates: vec![
+                (ip("10.0.1.1"), 8080),
+                (ip("10.0.1.2"), 8080),
+                (ip("10.0.1.3"), 8080)
+            ],
+            masquerade_if_hairpin: false,
+        }
+    );
+}
+
+#[test]
+fn trace_other_ports_and_protocols_of_a_vip_are_rejected() {
+    let rs = fixtures::one_service();
+    for p in [
+        pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 81),
+        pkt("10.0.9.9", "10.96.0.10", Protocol::Udp, 80),
+        pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 8080),
+    ] {
+        assert_eq!(trace(&rs, &p), Trace::Reject, "{p:?}");
+    }
+}
+
+#[test]
+fn trace_non_vip_traffic_is_untouched() {
+    let rs = fixtures::one_service();
+    // Straight to a backend, and to another address on the service port.
+    for p in [
+        pkt("10.0.9.9", "10.0.1.1", Protocol::Tcp, 8080),
+        pkt("10.0.9.9", "10.96.0.11", Protocol::Tcp, 80),
+    ] {
+        assert_eq!(trace(&rs, &p), Trace::NotVip, "{p:?}");
+    }
+}
+
+#[test]
+fn trace_zero_backends_rejects_and_portless_vip_rejects() {
+    let rs = fixtures::zero_backends();
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.11", Protocol::Tcp, 80)),
+        Trace::Reject
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.12", Protocol::Udp, 53)),
+        Trace::Reject
+    );
+}
+
+#[test]
+fn trace_several_services() {
+    let rs = fixtures::several();
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.20", Protocol::Udp, 53)),
+        Trace::Dnat {
+            candidates: vec![(ip("10.0.1.7"), 5353)],
+            masquerade_if_hairpin: false
+        }
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 80)),
+        Trace::Dnat {
+            candidates: vec![(ip("10.0.1.1"), 8080), (ip("10.0.1.2"), 8080)],
+            masquerade_if_hairpin: false
+        }
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.30", Protocol::Tcp, 80)),
+        Trace::Dnat {
+            candidates: vec![(ip("10.0.2.1"), 80)],
+            masquerade_if_hairpin: false
+        }
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.30", Protocol::Udp, 80)),
+        Trace::Reject
+    );
+}
+
+#[test]
+fn trace_hairpin_only_for_local_endpoints_that_are_backends() {
+    let rs = fixtures::hairpin();
+    let dnat = |src: &str| trace(&rs, &pkt(src, "10.96.0.10", Protocol::Tcp, 80));
+    let masq = |t: Trace| match t {
+        Trace::Dnat {
+            masquerade_if_hairpin,
+            ..
+        } => masquerade_if_hairpin,
+        other => panic!("expected dnat, got {other:?}"),
+    };
+    // Local task and backend: masqueraded when it picks itself.
+    assert!(masq(dnat("10.0.1.1")));
+    assert!(masq(dnat("10.0.1.2")));
+    // A backend on another node is not in this node's hairpin set; nor is a mere client.
+    assert!(!masq(dnat("10.0.2.9")));
+    assert!(!masq(dnat("10.0.9.9")));
+}
+
+#[test]
+fn validate_rejects_unsafe_names_and_duplicates() {
+    let mut rs = fixtures::one_service();
+    assert!(validate(&rs).is_ok());
+    rs.table = "lb; flush ruleset".into();
+    assert!(matches!(validate(&rs), Err(LbError::Invalid(_))));
+
+    let mut rs = fixtures::one_service();
+    rs.services[0].id = "Web-1".into();
+    assert!(matches!(validate(&rs), Err(LbError::Invalid(_))));
+
+    let mut rs = fixtures::one_service();
+    let mut dup = rs.services[0].clone();
+    dup.id = "other".into();
+    rs.services.push(dup);
+    let err = validate(&rs).unwrap_err().to_string();
+    assert!(err.contains("both claim 10.96.0.10:80/tcp"), "{err}");
+
+    let mut rs = fixtures::one_service();
+    let mut same_chain = rs.services[0].clone();
+    same_chain.vip = ip("10.96.0.99");
+    rs.services.push(same_chain);
+    let err = validate(&rs).unwrap_err().to_string();
+    assert!(err.contains("chain svc_web_tcp_80"), "{err}");
+}
