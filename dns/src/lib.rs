@@ -73,6 +73,16 @@ pub enum DnsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "127.0.0.11 is unreachable in network namespace {netns:?} for container {id:?} \
+         (bring `lo` up there first): {source}"
+    )]
+    LoopbackDown {
+        id: String,
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("registering sockets of container {id:?} with the runtime: {source}")]
     Runtime {
         id: String,

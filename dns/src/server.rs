@@ -89,12 +89,19 @@ impl Resolver {
                 netns: netns.to_string(),
                 source,
             })?;
-        let (udp, tcp) = bound.map_err(|(proto, source)| DnsError::Bind {
-            id: id.to_string(),
-            netns: netns.to_string(),
-            proto,
-            addr: LISTEN_ADDR,
-            source,
+        let (udp, tcp) = bound.map_err(|e| match e {
+            BindError::Socket(proto, source) => DnsError::Bind {
+                id: id.to_string(),
+                netns: netns.to_string(),
+                proto,
+                addr: LISTEN_ADDR,
+                source,
+            },
+            BindError::Unreachable(source) => DnsError::LoopbackDown {
+                id: id.to_string(),
+                netns: netns.to_string(),
+                source,
+            },
         })?;
         let runtime = |source| DnsError::Runtime {
             id: id.to_string(),
@@ -166,13 +173,26 @@ impl Resolver {
     }
 }
 
-/// Runs inside the namespace: both sockets, non-blocking.
-#[allow(clippy::type_complexity)]
-fn bind_pair() -> Result<(std::net::UdpSocket, std::net::TcpListener), (&'static str, io::Error)> {
-    let udp = std::net::UdpSocket::bind(LISTEN_ADDR).map_err(|e| ("UDP", e))?;
-    udp.set_nonblocking(true).map_err(|e| ("UDP", e))?;
-    let tcp = std::net::TcpListener::bind(LISTEN_ADDR).map_err(|e| ("TCP", e))?;
-    tcp.set_nonblocking(true).map_err(|e| ("TCP", e))?;
+/// Why binding inside the namespace failed.
+enum BindError {
+    Socket(&'static str, io::Error),
+    /// Bound, but 127.0.0.11 is not reachable (Linux lets 127/8 be bound with `lo` down).
+    Unreachable(io::Error),
+}
+
+/// Runs inside the namespace: both sockets, non-blocking, and a check that they can be
+/// reached at all.
+fn bind_pair() -> Result<(std::net::UdpSocket, std::net::TcpListener), BindError> {
+    let udp = std::net::UdpSocket::bind(LISTEN_ADDR).map_err(|e| BindError::Socket("UDP", e))?;
+    udp.set_nonblocking(true)
+        .map_err(|e| BindError::Socket("UDP", e))?;
+    let tcp = std::net::TcpListener::bind(LISTEN_ADDR).map_err(|e| BindError::Socket("TCP", e))?;
+    tcp.set_nonblocking(true)
+        .map_err(|e| BindError::Socket("TCP", e))?;
+    // A connected UDP socket needs a route: ENETUNREACH when `lo` is down.
+    std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|probe| probe.connect(LISTEN_ADDR))
+        .map_err(BindError::Unreachable)?;
     Ok((udp, tcp))
 }
 
