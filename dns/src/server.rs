@@ -26,6 +26,9 @@ pub const LISTEN_ADDR: SocketAddr =
 /// finished forwards).
 const UDP_BATCH: usize = 64;
 
+/// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
+const UDP_RECEIVE_BUFFER: usize = 1 << 20;
+
 /// The embedded resolver: serves any number of containers. Cheap to clone (an `Arc`
 /// inside); when the last clone is dropped every container is detached.
 #[derive(Clone)]
@@ -186,6 +189,7 @@ fn bind_pair() -> Result<(std::net::UdpSocket, std::net::TcpListener), BindError
     let udp = std::net::UdpSocket::bind(LISTEN_ADDR).map_err(|e| BindError::Socket("UDP", e))?;
     udp.set_nonblocking(true)
         .map_err(|e| BindError::Socket("UDP", e))?;
+    grow_receive_buffer(&udp);
     let tcp = std::net::TcpListener::bind(LISTEN_ADDR).map_err(|e| BindError::Socket("TCP", e))?;
     tcp.set_nonblocking(true)
         .map_err(|e| BindError::Socket("TCP", e))?;
@@ -194,6 +198,18 @@ fn bind_pair() -> Result<(std::net::UdpSocket, std::net::TcpListener), BindError
         .and_then(|probe| probe.connect(LISTEN_ADDR))
         .map_err(BindError::Unreachable)?;
     Ok((udp, tcp))
+}
+
+/// A bigger UDP receive queue than the default (about 200 small datagrams) so that bursts
+/// (a client starting many lookups at once) are not dropped. Best effort.
+fn grow_receive_buffer(udp: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let size = UDP_RECEIVE_BUFFER;
+    if let Err(e) = setsockopt(udp, sockopt::RcvBufForce, &size)
+        .or_else(|_| setsockopt(udp, sockopt::RcvBuf, &size))
+    {
+        debug!(error = %e, "could not grow the UDP receive buffer");
+    }
 }
 
 async fn serve_udp(
@@ -219,15 +235,18 @@ async fn serve_udp(
                     warn!(error = %e, "udp socket failed");
                     break;
                 }
-                for _ in 0..UDP_BATCH {
+                let mut handled = 0;
+                while handled < UDP_BATCH {
                     let (n, peer) = match sock.try_recv_from(&mut buf) {
                         Ok(r) => r,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             debug!(error = %e, "udp receive");
+                            handled += 1;
                             continue;
                         }
                     };
+                    handled += 1;
                     let query = &buf[..n];
                     let outcome = shared.handler.handle(query, &view.load(), Transport::Udp, &mut out);
                     match outcome {

@@ -552,3 +552,65 @@ async fn glibc_resolves_through_the_resolver() {
     assert!(!ok, "{text}");
     resolver.detach("c1").await;
 }
+
+/// CPU time (user + system) of this process so far.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Throughput and server CPU per query with dnsperf (run in release:
+/// `cargo test --release -p shoal-dns --test kernel dnsperf -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; needs dnsperf"]
+async fn dnsperf_local_names() {
+    require_root!("dnsperf_local_names");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let dir = tempfile_dir();
+    let file = dir.join("queries");
+    std::fs::write(
+        &file,
+        "web A\ntasks.web A\nweb AAAA\n3.0.0.10.in-addr.arpa PTR\n",
+    )
+    .unwrap();
+    let extra = std::env::var("SHOAL_DNSPERF_ARGS").unwrap_or_else(|_| "-l 5 -c 8 -q 200".into());
+    let mut args = vec!["-s", "127.0.0.11", "-d", file.to_str().unwrap()];
+    args.extend(extra.split_whitespace());
+    let cpu = process_cpu();
+    let (ok, text) = ns.exec("dnsperf", &args).await;
+    let used = process_cpu() - cpu;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{text}");
+    println!("{text}");
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]).await.1;
+    for l in snmp.lines().filter(|l| l.starts_with("Udp:")) {
+        println!("{l}");
+    }
+    let completed: u64 = text
+        .lines()
+        .find(|l| l.contains("Queries completed:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    println!(
+        "server CPU {used:?} for {completed} queries: {:?} per query",
+        used / completed.max(1) as u32
+    );
+    resolver.detach("c1").await;
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "shoal-dns-bench-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
