@@ -1,0 +1,460 @@
+//! Query handling as a pure function of (query bytes, view, settings): no I/O, no locks.
+//!
+//! Parsing uses hickory-proto (header, question, and every record of the other sections, so
+//! malformed messages are caught and EDNS is read). The answer is written straight into a
+//! caller-owned buffer in a fixed layout: the question is copied verbatim from the query
+//! (keeping the client's letter case), and owner names are compression pointers into it, so
+//! a local answer costs no allocation beyond what hickory's parser needs for the question.
+//! Every shape of answer is parsed back with hickory's `Message` in the tests.
+//!
+//! Negative answers (NXDOMAIN, and NODATA for names that exist without the asked type)
+//! carry a synthetic SOA in the authority section whose owner is the last label of the
+//! queried name (`web.` for `web`, `arpa.` for reverse names, the root for the root), with
+//! MNAME `ns.shoal.internal.`, RNAME `hostmaster.shoal.internal.`, serial 1, refresh 3600,
+//! retry 600, expire 86400, and MINIMUM and TTL both `negative_ttl` (RFC 2308).
+
+use std::cell::Cell;
+use std::net::Ipv4Addr;
+
+use hickory_proto::op::{Header, Message, MessageType, OpCode};
+use hickory_proto::rr::{DNSClass, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
+use crate::DnsConfig;
+use crate::records::Records;
+
+/// Largest UDP payload this server advertises and honours (loopback only, no fragmentation).
+pub const MAX_UDP_PAYLOAD: u16 = 4096;
+/// Classic DNS limit for UDP answers without EDNS.
+pub const MIN_UDP_PAYLOAD: u16 = 512;
+
+const HEADER_LEN: usize = 12;
+const OPT_LEN: usize = 11;
+const A_RR_LEN: usize = 16;
+const RCODE_FORMERR: u8 = 1;
+const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NXDOMAIN: u8 = 3;
+const RCODE_NOTIMP: u8 = 4;
+/// BADVERS (16): 0 in the header, 1 in the OPT extended rcode.
+const EXT_RCODE_BADVERS: u8 = 1;
+
+/// How the query arrived: decides the size limit of the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What the caller must do after [`Handler::handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send the bytes left in the output buffer.
+    Reply,
+    /// The name is outside the view and forwarding is allowed: forward the query as
+    /// received (and use [`Handler::servfail`] if every upstream fails).
+    Forward,
+    /// Stay silent (unparseable header, or a response rather than a query).
+    Ignore,
+}
+
+/// The per-resolver settings the query path needs, precomputed from [`DnsConfig`].
+#[derive(Debug, Clone)]
+pub struct Handler {
+    ttl: u32,
+    negative_ttl: u32,
+    has_upstreams: bool,
+    /// SOA RDATA in wire form (names uncompressed).
+    soa_rdata: Box<[u8]>,
+}
+
+/// What parsing a query found.
+struct Parsed {
+    id: u16,
+    rd: bool,
+    cd: bool,
+    /// End of the question section.
+    q_end: usize,
+    qtype: RecordType,
+    qclass: DNSClass,
+    /// Lowercase dotted name in `key_buf[..key_len]`; `None` when it cannot match any key
+    /// (root, or a label holding a '.').
+    key_len: Option<usize>,
+    key_buf: [u8; 256],
+    /// Offset in the message of the last label of the name (for the SOA owner), or `None`
+    /// for the root.
+    last_label: Option<u16>,
+    /// EDNS: (client payload size, version) when the query had an OPT record.
+    edns: Option<(u16, u8)>,
+}
+
+enum ParseError {
+    /// No usable header: stay silent.
+    Silent,
+    /// Header read: answer with this rcode, no question.
+    Reply {
+        id: u16,
+        op: u8,
+        rd: bool,
+        rcode: u8,
+    },
+}
+
+impl Handler {
+    pub fn new(config: &DnsConfig) -> Self {
+        let mut soa = Vec::with_capacity(64);
+        push_name(&mut soa, "ns.shoal.internal");
+        push_name(&mut soa, "hostmaster.shoal.internal");
+        for v in [1u32, 3600, 600, 86400, config.negative_ttl] {
+            soa.extend_from_slice(&v.to_be_bytes());
+        }
+        Handler {
+            ttl: config.ttl,
+            negative_ttl: config.negative_ttl,
+            has_upstreams: !config.upstreams.is_empty(),
+            soa_rdata: soa.into_boxed_slice(),
+        }
+    }
+
+    /// Answers `query` from `records` into `out` (cleared first). Never panics; the work
+    /// is bounded by the query length.
+    pub fn handle(
+        &self,
+        query: &[u8],
+        records: &Records,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        out.clear();
+        let p = match parse(query) {
+            Ok(p) => p,
+            Err(ParseError::Silent) => return Outcome::Ignore,
+            Err(ParseError::Reply { id, op, rd, rcode }) => {
+                write_error(out, id, op, rd, rcode);
+                return Outcome::Reply;
+            }
+        };
+        let may_forward = records.forward && self.has_upstreams;
+        let limit = limit(transport, p.edns);
+        if let Some((_, version)) = p.edns
+            && version > 0
+        {
+            self.begin(out, query, &p, 0, may_forward);
+            push_opt(out, EXT_RCODE_BADVERS);
+            set_counts(out, 0, 0, 1);
+            return Outcome::Reply;
+        }
+
+        let class_ok = matches!(p.qclass, DNSClass::IN | DNSClass::ANY);
+        let key = match (class_ok, p.key_len) {
+            (true, Some(len)) => Some(&p.key_buf[..len]),
+            _ => None,
+        };
+        let a = key.and_then(|k| records.a.get(k));
+        let ptr = match (a, key) {
+            (None, Some(k)) => reverse_v4(k).and_then(|ip| records.ptr.get(&ip)),
+            _ => None,
+        };
+        if a.is_none() && ptr.is_none() && may_forward {
+            return Outcome::Forward;
+        }
+
+        let exists = a.is_some() || ptr.is_some();
+        self.begin(
+            out,
+            query,
+            &p,
+            if exists { 0 } else { RCODE_NXDOMAIN },
+            may_forward,
+        );
+        let mut answers = 0usize;
+        let wants = |t: RecordType| p.qtype == t || p.qtype == RecordType::ANY;
+        if let Some(entry) = a.filter(|_| wants(RecordType::A)) {
+            let start = out.len();
+            for ip in &entry.ips {
+                out.extend_from_slice(&[0xC0, HEADER_LEN as u8, 0, 1, 0, 1]);
+                out.extend_from_slice(&self.ttl.to_be_bytes());
+                out.extend_from_slice(&[0, 4]);
+                out.extend_from_slice(&ip.octets());
+            }
+            answers = entry.ips.len();
+            if entry.shuffle {
+                shuffle_chunks(&mut out[start..], A_RR_LEN);
+            }
+        } else if let Some(names) = ptr.filter(|_| wants(RecordType::PTR)) {
+            for name in names {
+                out.extend_from_slice(&[0xC0, HEADER_LEN as u8, 0, 12, 0, 1]);
+                out.extend_from_slice(&self.ttl.to_be_bytes());
+                out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                out.extend_from_slice(name);
+            }
+            answers = names.len();
+        }
+        let mut authorities = 0;
+        if answers == 0 {
+            match p.last_label {
+                Some(off) => out.extend_from_slice(&(0xC000 | off).to_be_bytes()),
+                None => out.push(0),
+            }
+            out.extend_from_slice(&[0, 6, 0, 1]);
+            out.extend_from_slice(&self.negative_ttl.to_be_bytes());
+            out.extend_from_slice(&(self.soa_rdata.len() as u16).to_be_bytes());
+            out.extend_from_slice(&self.soa_rdata);
+            authorities = 1;
+        }
+        let opt = usize::from(p.edns.is_some());
+        if out.len() + opt * OPT_LEN > limit || answers > usize::from(u16::MAX) {
+            out.truncate(p.q_end);
+            out[2] |= 0x02; // TC
+            answers = 0;
+            authorities = 0;
+        }
+        if opt == 1 {
+            push_opt(out, 0);
+        }
+        set_counts(out, answers as u16, authorities, opt as u16);
+        Outcome::Reply
+    }
+
+    /// SERVFAIL for `query` (after every upstream failed); `false` when the query cannot be
+    /// answered at all.
+    pub fn servfail(&self, query: &[u8], out: &mut Vec<u8>) -> bool {
+        out.clear();
+        match parse(query) {
+            Ok(p) => {
+                self.begin(out, query, &p, RCODE_SERVFAIL, true);
+                out[2] &= !0x04; // not authoritative
+                let opt = p.edns.is_some();
+                if opt {
+                    push_opt(out, 0);
+                }
+                set_counts(out, 0, 0, u16::from(opt));
+                true
+            }
+            Err(ParseError::Reply { id, op, rd, rcode }) => {
+                write_error(out, id, op, rd, rcode);
+                true
+            }
+            Err(ParseError::Silent) => false,
+        }
+    }
+
+    /// Header (counts zero but QD=1) and the question copied from the query.
+    fn begin(&self, out: &mut Vec<u8>, query: &[u8], p: &Parsed, rcode: u8, ra: bool) {
+        out.extend_from_slice(&p.id.to_be_bytes());
+        // QR=1, opcode 0, AA=1, TC=0, RD echoed.
+        out.push(0x84 | u8::from(p.rd));
+        // RA, Z=0, AD=0, CD echoed, rcode.
+        out.push((u8::from(ra) << 7) | (u8::from(p.cd) << 4) | (rcode & 0x0F));
+        out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&query[HEADER_LEN..p.q_end]);
+    }
+}
+
+/// Convenience for tests and tools: the answer bytes, or `None` for silence / forward.
+pub fn handle_to_vec(
+    handler: &Handler,
+    query: &[u8],
+    records: &Records,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match handler.handle(query, records, transport, &mut out) {
+        Outcome::Reply => Some(out),
+        Outcome::Forward | Outcome::Ignore => None,
+    }
+}
+
+/// Size limit of the answer for this transport and client EDNS.
+fn limit(transport: Transport, edns: Option<(u16, u8)>) -> usize {
+    match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => match edns {
+            Some((size, _)) => size.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD).into(),
+            None => MIN_UDP_PAYLOAD.into(),
+        },
+    }
+}
+
+fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
+    if query.len() < HEADER_LEN {
+        return Err(ParseError::Silent);
+    }
+    let mut dec = BinDecoder::new(query);
+    let header = Header::read(&mut dec).map_err(|_| ParseError::Silent)?;
+    let md = header.metadata;
+    if md.message_type != MessageType::Query {
+        return Err(ParseError::Silent);
+    }
+    let op = u8::from(md.op_code);
+    let reply = |rcode| ParseError::Reply {
+        id: md.id,
+        op,
+        rd: md.recursion_desired,
+        rcode,
+    };
+    if md.op_code != OpCode::Query {
+        return Err(reply(RCODE_NOTIMP));
+    }
+    if header.counts.queries != 1 {
+        return Err(reply(RCODE_FORMERR));
+    }
+    let question = hickory_proto::op::Query::read(&mut dec).map_err(|_| reply(RCODE_FORMERR))?;
+    let q_end = dec.index();
+    for (count, additional) in [
+        (header.counts.answers, false),
+        (header.counts.authorities, false),
+    ] {
+        if count > 0 {
+            Message::read_records(&mut dec, count.into(), additional, md.op_code)
+                .map_err(|_| reply(RCODE_FORMERR))?;
+        }
+    }
+    let mut edns = None;
+    if header.counts.additionals > 0 {
+        let (_, e, _) =
+            Message::read_records(&mut dec, header.counts.additionals.into(), true, md.op_code)
+                .map_err(|_| reply(RCODE_FORMERR))?;
+        edns = e.map(|e| (e.max_payload(), e.version()));
+    }
+
+    let mut p = Parsed {
+        id: md.id,
+        rd: md.recursion_desired,
+        cd: md.checking_disabled,
+        q_end,
+        qtype: question.query_type(),
+        qclass: question.query_class(),
+        key_len: None,
+        key_buf: [0; 256],
+        last_label: None,
+        edns,
+    };
+    // Walk the raw question name: lowercase dotted key and the offset of its last label.
+    let mut i = HEADER_LEN;
+    let mut len = 0usize;
+    let mut matchable = true;
+    loop {
+        let Some(&l) = query.get(i) else {
+            return Err(reply(RCODE_FORMERR));
+        };
+        if l == 0 {
+            break;
+        }
+        if l & 0xC0 != 0 {
+            // A compression pointer in a question at offset 12 can only point backwards
+            // into the header: nonsense.
+            return Err(reply(RCODE_FORMERR));
+        }
+        let l = usize::from(l);
+        let Some(label) = query.get(i + 1..i + 1 + l) else {
+            return Err(reply(RCODE_FORMERR));
+        };
+        if len + l + 1 > p.key_buf.len() {
+            return Err(reply(RCODE_FORMERR));
+        }
+        if len > 0 {
+            p.key_buf[len] = b'.';
+            len += 1;
+        }
+        for (dst, &b) in p.key_buf[len..len + l].iter_mut().zip(label) {
+            matchable &= b != b'.';
+            *dst = b.to_ascii_lowercase();
+        }
+        len += l;
+        p.last_label = Some(i as u16);
+        i += 1 + l;
+    }
+    if matchable && len > 0 {
+        p.key_len = Some(len);
+    }
+    Ok(p)
+}
+
+/// `d.c.b.a.in-addr.arpa` (normalised) to `a.b.c.d`.
+fn reverse_v4(key: &[u8]) -> Option<Ipv4Addr> {
+    let rest = key.strip_suffix(b".in-addr.arpa")?;
+    let mut octets = [0u8; 4];
+    let mut parts = rest.split(|&b| b == b'.');
+    for slot in octets.iter_mut().rev() {
+        let part = parts.next()?;
+        if part.is_empty()
+            || part.len() > 3
+            || (part.len() > 1 && part[0] == b'0')
+            || !part.iter().all(u8::is_ascii_digit)
+        {
+            return None;
+        }
+        let v = part
+            .iter()
+            .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
+        *slot = u8::try_from(v).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Ipv4Addr::from(octets))
+}
+
+fn write_error(out: &mut Vec<u8>, id: u16, op: u8, rd: bool, rcode: u8) {
+    out.clear();
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(0x80 | ((op & 0x0F) << 3) | u8::from(rd));
+    out.push(rcode & 0x0F);
+    out.extend_from_slice(&[0; 8]);
+}
+
+/// An OPT record: our payload size, version 0, no flags, no options.
+fn push_opt(out: &mut Vec<u8>, ext_rcode: u8) {
+    out.push(0);
+    out.extend_from_slice(&41u16.to_be_bytes());
+    out.extend_from_slice(&MAX_UDP_PAYLOAD.to_be_bytes());
+    out.extend_from_slice(&[ext_rcode, 0, 0, 0, 0, 0]);
+}
+
+fn set_counts(out: &mut [u8], an: u16, ns: u16, ar: u16) {
+    out[6..8].copy_from_slice(&an.to_be_bytes());
+    out[8..10].copy_from_slice(&ns.to_be_bytes());
+    out[10..12].copy_from_slice(&ar.to_be_bytes());
+}
+
+fn push_name(out: &mut Vec<u8>, name: &str) {
+    for label in name.split('.') {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+}
+
+thread_local! {
+    static RNG: Cell<u64> = const { Cell::new(0) };
+}
+
+/// xorshift64*: cheap, per thread, seeded from the OS once. Only used to order answers.
+fn next_random() -> u64 {
+    RNG.with(|c| {
+        let mut x = c.get();
+        if x == 0 {
+            x = rand::random::<u64>() | 1;
+        }
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+/// Fisher-Yates over fixed-size chunks of `buf`, in place.
+fn shuffle_chunks(buf: &mut [u8], size: usize) {
+    let n = buf.len() / size;
+    for i in (1..n).rev() {
+        let j = (next_random() % (i as u64 + 1)) as usize;
+        if i != j {
+            let (lo, hi) = buf.split_at_mut(i * size);
+            lo[j * size..(j + 1) * size].swap_with_slice(&mut hi[..size]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,390 @@
+use std::net::SocketAddr;
+
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::*;
+
+fn ip(d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, d)
+}
+
+fn handler(upstreams: bool) -> Handler {
+    let mut config = DnsConfig {
+        negative_ttl: 7,
+        ..DnsConfig::default()
+    };
+    if upstreams {
+        config.upstreams = vec!["127.0.0.1:5353".parse::<SocketAddr>().unwrap()];
+    }
+    Handler::new(&config)
+}
+
+fn view() -> Records {
+    let many: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
+    Records::builder()
+        .a("web", &[ip(2)], false)
+        .a("tasks.web", &[ip(3), ip(4), ip(5), ip(6)], true)
+        .a("ordered", &[ip(3), ip(4), ip(5), ip(6)], false)
+        .a("many", &many, false)
+        .ptr(ip(3), "web.1.abc")
+        .build()
+}
+
+fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+fn ask(h: &Handler, r: &Records, q: &[u8], t: Transport) -> Message {
+    let bytes = handle_to_vec(h, q, r, t).expect("a reply");
+    let m = Message::from_vec(&bytes).expect("reply parses");
+    assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    m
+}
+
+fn a_answers(m: &Message) -> Vec<Ipv4Addr> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::A(a) => a.0,
+            other => panic!("not A: {other:?}"),
+        })
+        .collect()
+}
+
+fn soa_of(m: &Message) -> (String, u32, u32) {
+    assert_eq!(m.authorities.len(), 1, "{m:?}");
+    let rec = &m.authorities[0];
+    match &rec.data {
+        RData::SOA(soa) => (rec.name.to_ascii(), rec.ttl, soa.minimum),
+        other => panic!("not SOA: {other:?}"),
+    }
+}
+
+#[test]
+fn a_record_case_insensitive_question_echoed() {
+    let (h, r) = (handler(false), view());
+    let m = ask(&h, &r, &query("WeB.", RecordType::A, None), Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative && m.metadata.recursion_desired);
+    assert!(!m.metadata.recursion_available);
+    assert_eq!(a_answers(&m), vec![ip(2)]);
+    assert_eq!(m.answers[0].ttl, 5);
+    assert_eq!(m.queries[0].name().to_ascii(), "WeB.");
+    assert_eq!(m.answers[0].name.to_ascii(), "WeB.");
+    assert!(m.edns.is_none());
+    // Relative query names (no trailing dot on the wire never happens, but `web` == `web.`).
+    let m = ask(&h, &r, &query("web", RecordType::A, None), Transport::Tcp);
+    assert_eq!(a_answers(&m), vec![ip(2)]);
+}
+
+#[test]
+fn shuffle_only_when_flagged() {
+    let (h, r) = (handler(false), view());
+    let mut orders = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let m = ask(
+            &h,
+            &r,
+            &query("tasks.web", RecordType::A, None),
+            Transport::Udp,
+        );
+        let mut got = a_answers(&m);
+        orders.insert(got.clone());
+        got.sort();
+        assert_eq!(got, vec![ip(3), ip(4), ip(5), ip(6)]);
+    }
+    assert!(orders.len() > 5, "answers not shuffled: {orders:?}");
+    for _ in 0..20 {
+        let m = ask(
+            &h,
+            &r,
+            &query("ordered", RecordType::A, None),
+            Transport::Udp,
+        );
+        assert_eq!(a_answers(&m), vec![ip(3), ip(4), ip(5), ip(6)]);
+    }
+}
+
+#[test]
+fn nodata_for_other_types() {
+    let (h, r) = (handler(true), view());
+    for t in [
+        RecordType::AAAA,
+        RecordType::MX,
+        RecordType::TXT,
+        RecordType::SRV,
+    ] {
+        let m = ask(&h, &r, &query("tasks.web.", t, None), Transport::Udp);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert_eq!(soa_of(&m), ("web.".to_string(), 7, 7));
+        assert!(m.metadata.recursion_available);
+    }
+    // ANY returns the A records.
+    let m = ask(&h, &r, &query("web", RecordType::ANY, None), Transport::Udp);
+    assert_eq!(a_answers(&m), vec![ip(2)]);
+}
+
+#[test]
+fn ptr_records() {
+    let (h, r) = (handler(false), view());
+    let m = ask(
+        &h,
+        &r,
+        &query("3.0.0.10.IN-ADDR.ARPA.", RecordType::PTR, None),
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.answers.len(), 1);
+    match &m.answers[0].data {
+        RData::PTR(p) => assert_eq!(p.0.to_ascii(), "web.1.abc."),
+        other => panic!("{other:?}"),
+    }
+    // The reverse name exists: other types are NODATA.
+    let m = ask(
+        &h,
+        &r,
+        &query("3.0.0.10.in-addr.arpa.", RecordType::A, None),
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(soa_of(&m).0, "arpa.");
+    // Unknown address, and names that are not addresses.
+    for name in [
+        "9.0.0.10.in-addr.arpa.",
+        "03.0.0.10.in-addr.arpa.",
+        "0.0.10.in-addr.arpa.",
+    ] {
+        let m = ask(&h, &r, &query(name, RecordType::PTR, None), Transport::Udp);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+    }
+    assert_eq!(
+        reverse_v4(b"4.3.2.1.in-addr.arpa"),
+        Some(Ipv4Addr::new(1, 2, 3, 4))
+    );
+    assert_eq!(reverse_v4(b"256.3.2.1.in-addr.arpa"), None);
+    assert_eq!(reverse_v4(b"5.4.3.2.1.in-addr.arpa"), None);
+}
+
+#[test]
+fn unknown_names_forward_or_nxdomain() {
+    let r = view();
+    let q = query("example.com.", RecordType::A, None);
+    let mut out = Vec::new();
+    assert_eq!(
+        handler(true).handle(&q, &r, Transport::Udp, &mut out),
+        Outcome::Forward
+    );
+    // No upstreams: NXDOMAIN with the SOA of the last label.
+    let m = ask(&handler(false), &r, &q, Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(soa_of(&m), ("com.".to_string(), 7, 7));
+    // The view forbids forwarding.
+    let internal = Records::builder()
+        .a("web", &[ip(2)], false)
+        .forward(false)
+        .build();
+    let m = ask(&handler(true), &internal, &q, Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert!(!m.metadata.recursion_available);
+    // The root.
+    let m = ask(
+        &handler(false),
+        &r,
+        &query(".", RecordType::NS, None),
+        Transport::Udp,
+    );
+    assert_eq!(soa_of(&m).0, ".");
+    // Another class is never answered locally.
+    let mut q = Message::query();
+    let mut chaos = Query::query(Name::from_ascii("web.").unwrap(), RecordType::A);
+    chaos.set_query_class(DNSClass::CH);
+    q.add_query(chaos);
+    let m = ask(&handler(false), &r, &q.to_vec().unwrap(), Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn truncation_and_edns() {
+    let (h, r) = (handler(false), view());
+    // 100 A records: about 1.6 kB.
+    let m = ask(&h, &r, &query("many", RecordType::A, None), Transport::Udp);
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty());
+    assert_eq!(m.queries.len(), 1);
+    let m = ask(
+        &h,
+        &r,
+        &query("many", RecordType::A, Some(1232)),
+        Transport::Udp,
+    );
+    assert!(m.metadata.truncation);
+    assert_eq!(m.edns.as_ref().unwrap().max_payload(), MAX_UDP_PAYLOAD);
+    let m = ask(
+        &h,
+        &r,
+        &query("many", RecordType::A, Some(4096)),
+        Transport::Udp,
+    );
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 100);
+    assert!(m.edns.is_some());
+    let m = ask(&h, &r, &query("many", RecordType::A, None), Transport::Tcp);
+    assert!(!m.metadata.truncation);
+    assert_eq!(a_answers(&m).len(), 100);
+    // A tiny EDNS size counts as 512.
+    let m = ask(
+        &h,
+        &r,
+        &query("web", RecordType::A, Some(100)),
+        Transport::Udp,
+    );
+    assert_eq!(a_answers(&m), vec![ip(2)]);
+    // EDNS version 1: BADVERS.
+    let mut q = Message::query();
+    q.add_query(Query::query(
+        Name::from_ascii("web.").unwrap(),
+        RecordType::A,
+    ));
+    let mut e = Edns::new();
+    e.set_version(1);
+    q.set_edns(e);
+    let m = ask(&h, &r, &q.to_vec().unwrap(), Transport::Udp);
+    assert_eq!(u16::from(m.metadata.response_code), 16, "BADVERS");
+    assert_eq!(m.edns.as_ref().unwrap().version(), 0);
+}
+
+#[test]
+fn errors() {
+    let (h, r) = (handler(false), view());
+    let good = query("web", RecordType::A, None);
+    let reply = |q: &[u8]| handle_to_vec(&h, q, &r, Transport::Udp);
+    // Too short, or a response: silence.
+    assert_eq!(reply(&good[..11]), None);
+    let mut resp = good.clone();
+    resp[2] |= 0x80;
+    assert_eq!(reply(&resp), None);
+    let rcode = |q: &[u8]| {
+        Message::from_vec(&reply(q).unwrap())
+            .unwrap()
+            .metadata
+            .response_code
+    };
+    // Truncated question.
+    assert_eq!(rcode(&good[..good.len() - 1]), ResponseCode::FormErr);
+    assert_eq!(rcode(&good[..13]), ResponseCode::FormErr);
+    // No question, two questions.
+    let mut q = good.clone();
+    q[5] = 0;
+    assert_eq!(rcode(&q), ResponseCode::FormErr);
+    q[5] = 2;
+    assert_eq!(rcode(&q), ResponseCode::FormErr);
+    // An additional record announced but missing.
+    let mut q = good.clone();
+    q[11] = 1;
+    assert_eq!(rcode(&q), ResponseCode::FormErr);
+    // A compression pointer as question name.
+    let mut q = good[..12].to_vec();
+    q.extend_from_slice(&[0xC0, 0x00, 0, 1, 0, 1]);
+    assert_eq!(rcode(&q), ResponseCode::FormErr);
+    // Opcode STATUS: NOTIMP.
+    let mut q = good.clone();
+    q[2] = (q[2] & 0x87) | (2 << 3);
+    assert_eq!(rcode(&q), ResponseCode::NotImp);
+    // SERVFAIL for a forwarded query.
+    let mut out = Vec::new();
+    assert!(h.servfail(&query("x.org", RecordType::A, Some(1232)), &mut out));
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(m.queries[0].name().to_ascii(), "x.org.");
+    assert!(m.edns.is_some());
+    assert!(!h.servfail(&[1, 2, 3], &mut out));
+}
+
+/// Thousands of random and mutated packets: never a panic, every reply parses, keeps the
+/// query id and respects the UDP size limit.
+#[test]
+fn fuzz_random_and_mutated_packets() {
+    let mut rng = StdRng::seed_from_u64(0x5_0A1);
+    let (h1, h2, r) = (handler(false), handler(true), view());
+    let seeds: Vec<Vec<u8>> = vec![
+        query("web", RecordType::A, None),
+        query("tasks.web", RecordType::A, Some(1232)),
+        query("many", RecordType::A, Some(700)),
+        query("3.0.0.10.in-addr.arpa", RecordType::PTR, None),
+        query("nothing.here", RecordType::AAAA, Some(4096)),
+    ];
+    let mut out = Vec::new();
+    let mut replies = 0;
+    for i in 0..60_000u32 {
+        let packet: Vec<u8> = if i % 3 == 0 {
+            let len = rng.random_range(0..600);
+            (0..len).map(|_| rng.random::<u8>()).collect()
+        } else {
+            let mut p = seeds[i as usize % seeds.len()].clone();
+            for _ in 0..rng.random_range(1..6) {
+                match rng.random_range(0..4) {
+                    0 if !p.is_empty() => {
+                        let at = rng.random_range(0..p.len());
+                        p[at] ^= 1 << rng.random_range(0..8);
+                    }
+                    1 if !p.is_empty() => {
+                        let at = rng.random_range(0..p.len());
+                        p[at] = rng.random();
+                    }
+                    2 => {
+                        let at = rng.random_range(0..=p.len());
+                        p.truncate(at);
+                    }
+                    _ => {
+                        let at = rng.random_range(0..=p.len());
+                        p.insert(at, rng.random());
+                    }
+                }
+            }
+            p
+        };
+        for (h, t) in [(&h1, Transport::Udp), (&h2, Transport::Tcp)] {
+            if h.handle(&packet, &r, t, &mut out) == Outcome::Reply {
+                replies += 1;
+                assert!(out.len() >= 12);
+                assert_eq!(out[..2], packet[..2]);
+                if t == Transport::Udp {
+                    assert!(out.len() <= usize::from(MAX_UDP_PAYLOAD));
+                }
+                if let Err(e) = Message::from_vec(&out) {
+                    panic!("reply does not parse ({e}): query {packet:02x?} reply {out:02x?}");
+                }
+            }
+        }
+    }
+    assert!(replies > 10_000, "too few replies: {replies}");
+}
+
+/// Cost of the query path (run with `--release -- --ignored --nocapture`).
+#[test]
+#[ignore = "timing; run in release"]
+fn timing_local_answer() {
+    let (h, r) = (handler(true), view());
+    let q = query("tasks.web", RecordType::A, None);
+    let mut out = Vec::with_capacity(512);
+    let n = 1_000_000;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(h.handle(std::hint::black_box(&q), &r, Transport::Udp, &mut out));
+    }
+    let per = start.elapsed() / n;
+    println!("handle(): {per:?} per query");
+}

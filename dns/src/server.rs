@@ -1,0 +1,424 @@
+//! Serving loops: per attached container one UDP task and one TCP accept task (each TCP
+//! connection its own task), plus upstream forwarding from the agent's own namespace.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::timeout;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::handler::{Handler, Outcome, Transport};
+use crate::records::Records;
+use crate::{DnsConfig, DnsError};
+
+/// Where the resolver listens inside every container namespace.
+pub const LISTEN_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
+
+/// Packets handled back to back before the UDP task goes back to its select (shutdown,
+/// finished forwards).
+const UDP_BATCH: usize = 64;
+
+/// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
+const UDP_RECEIVE_BUFFER: usize = 1 << 20;
+
+/// The embedded resolver: serves any number of containers. Cheap to clone (an `Arc`
+/// inside); when the last clone is dropped every container is detached.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    attached: Mutex<HashMap<String, Attachment>>,
+}
+
+/// What the serving tasks need (not the attachment table, so dropping the last
+/// [`Resolver`] stops them).
+struct Shared {
+    handler: Handler,
+    config: DnsConfig,
+}
+
+struct Attachment {
+    view: Arc<ArcSwap<Records>>,
+    /// Dropping it tells the container's tasks to stop.
+    stop: watch::Sender<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Resolver {
+    pub fn new(config: DnsConfig) -> Self {
+        Resolver {
+            inner: Arc::new(Inner {
+                shared: Arc::new(Shared {
+                    handler: Handler::new(&config),
+                    config,
+                }),
+                attached: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Binds UDP and TCP 127.0.0.11:53 inside the network namespace `netns` (a name under
+    /// /run/netns, or a path like /proc/PID/ns/net) and serves `records` there. Fails if
+    /// `id` is already attached or binding fails. The namespace's `lo` must be up.
+    pub async fn attach(
+        &self,
+        id: &str,
+        netns: &str,
+        records: Arc<Records>,
+    ) -> Result<(), DnsError> {
+        if self.table().contains_key(id) {
+            return Err(DnsError::AlreadyAttached(id.to_string()));
+        }
+        let ns = netns.to_string();
+        let bound = tokio::task::spawn_blocking(move || shoal_netns::run_in(&ns, bind_pair))
+            .await
+            .map_err(|e| DnsError::Runtime {
+                id: id.to_string(),
+                source: io::Error::other(e),
+            })?
+            .map_err(|source| DnsError::Netns {
+                id: id.to_string(),
+                netns: netns.to_string(),
+                source,
+            })?;
+        let (udp, tcp) = bound.map_err(|e| match e {
+            BindError::Socket(proto, source) => DnsError::Bind {
+                id: id.to_string(),
+                netns: netns.to_string(),
+                proto,
+                addr: LISTEN_ADDR,
+                source,
+            },
+            BindError::Unreachable(source) => DnsError::LoopbackDown {
+                id: id.to_string(),
+                netns: netns.to_string(),
+                source,
+            },
+        })?;
+        let runtime = |source| DnsError::Runtime {
+            id: id.to_string(),
+            source,
+        };
+        let udp = UdpSocket::from_std(udp).map_err(runtime)?;
+        let tcp = TcpListener::from_std(tcp).map_err(runtime)?;
+
+        let mut table = self.table();
+        if table.contains_key(id) {
+            return Err(DnsError::AlreadyAttached(id.to_string()));
+        }
+        let view = Arc::new(ArcSwap::new(records));
+        let (stop, stop_rx) = watch::channel(());
+        let span = info_span!("dns", container = id, netns);
+        let shared = &self.inner.shared;
+        let tasks = vec![
+            tokio::spawn(
+                serve_udp(udp, view.clone(), shared.clone(), stop_rx.clone())
+                    .instrument(span.clone()),
+            ),
+            tokio::spawn(serve_tcp(tcp, view.clone(), shared.clone(), stop_rx).instrument(span)),
+        ];
+        table.insert(id.to_string(), Attachment { view, stop, tasks });
+        info!(container = id, netns, "dns attached");
+        Ok(())
+    }
+
+    /// Swaps the view atomically: each query is answered from either the old or the new
+    /// snapshot, never a mix.
+    pub fn update(&self, id: &str, records: Arc<Records>) -> Result<(), DnsError> {
+        match self.table().get(id) {
+            Some(a) => {
+                a.view.store(records);
+                Ok(())
+            }
+            None => Err(DnsError::NotAttached(id.to_string())),
+        }
+    }
+
+    /// Stops serving `id` and closes its sockets (returns once they are closed). Idempotent.
+    pub async fn detach(&self, id: &str) {
+        let Some(attachment) = self.table().remove(id) else {
+            return;
+        };
+        let Attachment { stop, tasks, .. } = attachment;
+        drop(stop);
+        for task in tasks {
+            if let Err(e) = task.await {
+                warn!(container = id, error = %e, "dns task ended abnormally");
+            }
+        }
+        info!(container = id, "dns detached");
+    }
+
+    /// Ids of the attached containers, sorted.
+    pub fn attached(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.table().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attachment>> {
+        // A panic while holding the lock cannot leave the map inconsistent: keep going.
+        self.inner
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why binding inside the namespace failed.
+enum BindError {
+    Socket(&'static str, io::Error),
+    /// Bound, but 127.0.0.11 is not reachable (Linux lets 127/8 be bound with `lo` down).
+    Unreachable(io::Error),
+}
+
+/// Runs inside the namespace: both sockets, non-blocking, and a check that they can be
+/// reached at all.
+fn bind_pair() -> Result<(std::net::UdpSocket, std::net::TcpListener), BindError> {
+    let udp = std::net::UdpSocket::bind(LISTEN_ADDR).map_err(|e| BindError::Socket("UDP", e))?;
+    udp.set_nonblocking(true)
+        .map_err(|e| BindError::Socket("UDP", e))?;
+    grow_receive_buffer(&udp);
+    let tcp = std::net::TcpListener::bind(LISTEN_ADDR).map_err(|e| BindError::Socket("TCP", e))?;
+    tcp.set_nonblocking(true)
+        .map_err(|e| BindError::Socket("TCP", e))?;
+    // A connected UDP socket needs a route: ENETUNREACH when `lo` is down.
+    std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|probe| probe.connect(LISTEN_ADDR))
+        .map_err(BindError::Unreachable)?;
+    Ok((udp, tcp))
+}
+
+/// A bigger UDP receive queue than the default (about 200 small datagrams) so that bursts
+/// (a client starting many lookups at once) are not dropped. Best effort.
+fn grow_receive_buffer(udp: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let size = UDP_RECEIVE_BUFFER;
+    if let Err(e) = setsockopt(udp, sockopt::RcvBufForce, &size)
+        .or_else(|_| setsockopt(udp, sockopt::RcvBuf, &size))
+    {
+        debug!(error = %e, "could not grow the UDP receive buffer");
+    }
+}
+
+async fn serve_udp(
+    sock: UdpSocket,
+    view: Arc<ArcSwap<Records>>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(4096);
+    let mut forwards: JoinSet<Option<(Vec<u8>, SocketAddr)>> = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            Some(done) = forwards.join_next(), if !forwards.is_empty() => {
+                if let Ok(Some((reply, peer))) = done {
+                    send_udp(&sock, &reply, peer).await;
+                }
+            }
+            ready = sock.readable() => {
+                if let Err(e) = ready {
+                    warn!(error = %e, "udp socket failed");
+                    break;
+                }
+                let mut handled = 0;
+                while handled < UDP_BATCH {
+                    let (n, peer) = match sock.try_recv_from(&mut buf) {
+                        Ok(r) => r,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            debug!(error = %e, "udp receive");
+                            handled += 1;
+                            continue;
+                        }
+                    };
+                    handled += 1;
+                    let query = &buf[..n];
+                    let outcome = shared.handler.handle(query, &view.load(), Transport::Udp, &mut out);
+                    match outcome {
+                        Outcome::Reply => send_udp(&sock, &out, peer).await,
+                        Outcome::Forward => {
+                            let shared = shared.clone();
+                            let query = query.to_vec();
+                            forwards.spawn(async move {
+                                let reply = forward(&shared, query, Transport::Udp).await?;
+                                Some((reply, peer))
+                            });
+                        }
+                        Outcome::Ignore => {}
+                    }
+                }
+            }
+        }
+    }
+    forwards.shutdown().await;
+}
+
+async fn send_udp(sock: &UdpSocket, data: &[u8], peer: SocketAddr) {
+    let res = match sock.try_send_to(data, peer) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send_to(data, peer).await,
+        r => r,
+    };
+    if let Err(e) = res {
+        debug!(%peer, error = %e, "udp send");
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    view: Arc<ArcSwap<Records>>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    conns.spawn(serve_conn(stream, view.clone(), shared.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off a little instead of spinning.
+                    warn!(error = %e, "tcp accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+    conns.shutdown().await;
+}
+
+/// One client TCP connection: length-prefixed queries answered in order until the client
+/// closes, sends garbage, or stays idle for `tcp_idle_timeout`.
+async fn serve_conn(mut stream: TcpStream, view: Arc<ArcSwap<Records>>, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let idle = shared.config.tcp_idle_timeout;
+    let mut len = [0u8; 2];
+    let mut query = Vec::new();
+    let mut out = Vec::with_capacity(4096);
+    let mut frame = Vec::with_capacity(4096);
+    loop {
+        if !matches!(timeout(idle, stream.read_exact(&mut len)).await, Ok(Ok(_))) {
+            return;
+        }
+        query.resize(usize::from(u16::from_be_bytes(len)), 0);
+        if !matches!(
+            timeout(idle, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let outcome = shared
+            .handler
+            .handle(&query, &view.load(), Transport::Tcp, &mut out);
+        let reply: &[u8] = match outcome {
+            Outcome::Reply => &out,
+            Outcome::Ignore => return,
+            Outcome::Forward => match forward(&shared, query.clone(), Transport::Tcp).await {
+                Some(r) => {
+                    out = r;
+                    &out
+                }
+                None => return,
+            },
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return;
+        };
+        frame.clear();
+        frame.extend_from_slice(&n.to_be_bytes());
+        frame.extend_from_slice(reply);
+        if !matches!(timeout(idle, stream.write_all(&frame)).await, Ok(Ok(_))) {
+            return;
+        }
+    }
+}
+
+/// Forwards `query` (as received, with a fresh random id) to the upstreams in order over
+/// the client's transport, each with `upstream_timeout`; relays the first answer with the
+/// client's id. All failed: SERVFAIL. `None`: nothing to send.
+async fn forward(shared: &Shared, mut query: Vec<u8>, transport: Transport) -> Option<Vec<u8>> {
+    let original = query.clone();
+    let client_id = [query[0], query[1]];
+    for upstream in &shared.config.upstreams {
+        let id: u16 = rand::random();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        let attempt = async {
+            match transport {
+                Transport::Udp => exchange_udp(*upstream, &query, id).await,
+                Transport::Tcp => exchange_tcp(*upstream, &query, id).await,
+            }
+        };
+        match timeout(shared.config.upstream_timeout, attempt).await {
+            Ok(Ok(mut reply)) => {
+                reply[..2].copy_from_slice(&client_id);
+                return Some(reply);
+            }
+            Ok(Err(e)) => debug!(%upstream, error = %e, "upstream failed"),
+            Err(_) => debug!(%upstream, "upstream timed out"),
+        }
+    }
+    let mut out = Vec::new();
+    shared.handler.servfail(&original, &mut out).then_some(out)
+}
+
+fn unspecified_for(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+fn is_reply_to(reply: &[u8], id: u16) -> bool {
+    reply.len() >= 12 && reply[..2] == id.to_be_bytes() && reply[2] & 0x80 != 0
+}
+
+async fn exchange_udp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result<Vec<u8>> {
+    let sock = UdpSocket::bind(unspecified_for(upstream)).await?;
+    sock.connect(upstream).await?;
+    sock.send(query).await?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = sock.recv(&mut buf).await?;
+        if is_reply_to(&buf[..n], id) {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
+async fn exchange_tcp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(upstream).await?;
+    stream.set_nodelay(true)?;
+    let len = u16::try_from(query.len()).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(query.len() + 2);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(query);
+    stream.write_all(&frame).await?;
+    loop {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut reply).await?;
+        if is_reply_to(&reply, id) {
+            return Ok(reply);
+        }
+    }
+}

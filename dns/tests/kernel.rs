@@ -1,0 +1,616 @@
+//! Kernel tests: real namespaces, the resolver bound inside them, and real clients (`dig`,
+//! glibc's `getent`) run there with `ip netns exec`. Upstreams are fake DNS servers on
+//! 127.0.0.1 in the test process's own namespace. Needs root; skips with a reason otherwise.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use shoal_dns::{DnsConfig, DnsError, Records, Resolver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+macro_rules! require_root {
+    ($name:literal) => {
+        if !is_root() {
+            eprintln!("SKIP {}: needs root to create network namespaces", $name);
+            return;
+        }
+    };
+}
+
+/// A test namespace with `lo` up; deleted (with /etc/netns/NAME) on drop, even on panic.
+struct Ns {
+    name: String,
+}
+
+impl Ns {
+    fn new() -> Ns {
+        let ns = Ns::without_lo();
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A fresh namespace whose `lo` stays down (127.0.0.11 cannot be bound there).
+    fn without_lo() -> Ns {
+        let name = format!(
+            "shoal-t-dns-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        shoal_netns::create(&name).expect("create namespace");
+        Ns { name }
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn etc_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new("/etc/netns").join(&self.name)
+    }
+
+    /// Runs `cmd args` inside the namespace (async, so the resolver keeps running).
+    async fn exec(&self, cmd: &str, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, cmd])
+            .args(args)
+            .output()
+            .await
+            .expect("ip netns exec");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    async fn dig(&self, args: &[&str]) -> String {
+        let mut all = vec!["@127.0.0.11", "+time=4", "+tries=1"];
+        all.extend_from_slice(args);
+        let (ok, text) = self.exec("dig", &all).await;
+        assert!(ok, "dig {args:?} failed: {text}");
+        text
+    }
+
+    async fn dig_short(&self, args: &[&str]) -> Vec<String> {
+        let mut all = vec!["+short"];
+        all.extend_from_slice(args);
+        let mut lines: Vec<String> = self.dig(&all).await.lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.etc_dir());
+        if let Err(e) = shoal_netns::delete(&self.name) {
+            eprintln!("cleanup of {}: {e}", self.name);
+        }
+    }
+}
+
+fn ip(d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, d)
+}
+
+fn view() -> Arc<Records> {
+    let many: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
+    Arc::new(
+        Records::builder()
+            .a("web", &[ip(2)], false)
+            .a("tasks.web", &[ip(3), ip(4)], true)
+            .a("many", &many, false)
+            .ptr(ip(3), "web.1.abc")
+            .build(),
+    )
+}
+
+fn status(text: &str) -> &str {
+    let at = text.find("status: ").expect("dig status line") + 8;
+    text[at..].split(',').next().unwrap()
+}
+
+fn answer_count(text: &str) -> usize {
+    let at = text.find("ANSWER: ").expect("dig counts line") + 8;
+    text[at..].split(',').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn local_names_over_udp_and_tcp() {
+    require_root!("local_names_over_udp_and_tcp");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    assert_eq!(resolver.attached(), vec!["c1".to_string()]);
+
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+    assert_eq!(ns.dig_short(&["WEB."]).await, vec!["10.0.0.2"]);
+    assert_eq!(ns.dig_short(&["+tcp", "web"]).await, vec!["10.0.0.2"]);
+    assert_eq!(
+        ns.dig_short(&["tasks.web"]).await,
+        vec!["10.0.0.3", "10.0.0.4"]
+    );
+    assert_eq!(ns.dig_short(&["-x", "10.0.0.3"]).await, vec!["web.1.abc."]);
+    assert_eq!(
+        ns.dig_short(&["+tcp", "-x", "10.0.0.3"]).await,
+        vec!["web.1.abc."]
+    );
+
+    // Answers carry the configured TTL.
+    let text = ns.dig(&["+noall", "+answer", "web"]).await;
+    assert!(text.contains("web.\t\t\t5\tIN\tA\t10.0.0.2"), "{text}");
+
+    // NODATA for AAAA: NOERROR, no answer, SOA in authority.
+    let text = ns.dig(&["web", "AAAA"]).await;
+    assert_eq!(status(&text), "NOERROR", "{text}");
+    assert_eq!(answer_count(&text), 0);
+    assert!(
+        text.contains("AUTHORITY SECTION:\nweb.\t\t\t5\tIN\tSOA\tns.shoal.internal."),
+        "{text}"
+    );
+
+    // NXDOMAIN (no upstreams) with SOA.
+    for extra in [&[][..], &["+tcp"][..]] {
+        let mut args = extra.to_vec();
+        args.push("nope.example");
+        let text = ns.dig(&args).await;
+        assert_eq!(status(&text), "NXDOMAIN", "{text}");
+        assert!(text.contains("example.\t\t5\tIN\tSOA"), "{text}");
+    }
+
+    // EDNS is echoed; without it there is no OPT.
+    let text = ns.dig(&["+bufsize=1232", "web"]).await;
+    assert!(
+        text.contains("OPT PSEUDOSECTION") && text.contains("udp: 4096"),
+        "{text}"
+    );
+    let text = ns.dig(&["+noedns", "web"]).await;
+    assert!(!text.contains("OPT PSEUDOSECTION"), "{text}");
+
+    resolver.detach("c1").await;
+    assert!(resolver.attached().is_empty());
+}
+
+#[tokio::test]
+async fn large_answer_truncates_over_udp_only() {
+    require_root!("large_answer_truncates_over_udp_only");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+
+    // 100 A records (about 1.6 kB): over UDP without EDNS, or with 1232, truncated.
+    for size in ["+noedns", "+bufsize=1232"] {
+        let text = ns.dig(&["+ignore", size, "many"]).await;
+        assert!(text.contains("flags: qr aa tc rd;"), "{size}: {text}");
+        assert_eq!(answer_count(&text), 0, "{text}");
+    }
+    // A large enough EDNS buffer gets everything over UDP.
+    let text = ns.dig(&["+ignore", "+bufsize=4096", "many"]).await;
+    assert!(!text.contains(" tc "), "{text}");
+    assert_eq!(answer_count(&text), 100, "{text}");
+    // TCP, and dig's own retry over TCP after TC, get everything.
+    assert_eq!(ns.dig_short(&["+tcp", "many"]).await.len(), 100);
+    assert_eq!(ns.dig_short(&["many"]).await.len(), 100);
+
+    resolver.detach("c1").await;
+}
+
+#[tokio::test]
+async fn update_detach_reattach_and_errors() {
+    require_root!("update_detach_reattach_and_errors");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+
+    // update() swaps the whole view.
+    let next = Records::builder()
+        .a("web", &[ip(9)], false)
+        .a("db", &[ip(8)], false)
+        .build();
+    resolver.update("c1", Arc::new(next)).unwrap();
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.9"]);
+    assert_eq!(ns.dig_short(&["+tcp", "db"]).await, vec!["10.0.0.8"]);
+    assert!(ns.dig_short(&["many"]).await.is_empty());
+
+    // The same id twice; another id on a taken port; unknown namespace; lo down.
+    let err = resolver.attach("c1", &ns.name, view()).await.unwrap_err();
+    assert!(matches!(err, DnsError::AlreadyAttached(_)), "{err}");
+    let err = resolver.attach("c2", &ns.name, view()).await.unwrap_err();
+    assert!(matches!(err, DnsError::Bind { .. }), "{err}");
+    assert!(err.to_string().contains(&ns.name), "{err}");
+    let err = resolver
+        .attach("c3", "shoal-t-dns-missing", view())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DnsError::Netns { .. }), "{err}");
+    let down = Ns::without_lo();
+    let err = resolver.attach("c4", &down.name, view()).await.unwrap_err();
+    assert!(matches!(err, DnsError::LoopbackDown { .. }), "{err}");
+    assert!(err.to_string().contains(&down.name), "{err}");
+    // The failed attempt left nothing bound: with lo up it attaches.
+    down.ip(&["link", "set", "lo", "up"]);
+    resolver.attach("c4", &down.name, view()).await.unwrap();
+    resolver.detach("c4").await;
+    assert_eq!(resolver.attached(), vec!["c1".to_string()]);
+
+    // detach() closes both sockets: the port is free for a new attachment at once.
+    resolver.detach("c1").await;
+    resolver.detach("c1").await;
+    assert!(matches!(
+        resolver.update("c1", view()),
+        Err(DnsError::NotAttached(_))
+    ));
+    let text = ns
+        .exec("dig", &["@127.0.0.11", "+time=1", "+tries=1", "web"])
+        .await
+        .1;
+    assert!(
+        !text.contains("status: NOERROR"),
+        "still answering after detach: {text}"
+    );
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    assert_eq!(ns.dig_short(&["+tcp", "web"]).await, vec!["10.0.0.2"]);
+    resolver.detach("c1").await;
+
+    // Dropping the last handle stops everything too.
+    let other = Resolver::new(DnsConfig::default());
+    other.attach("c5", &ns.name, view()).await.unwrap();
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = Resolver::new(DnsConfig::default());
+    again.attach("c6", &ns.name, view()).await.unwrap();
+    again.detach("c6").await;
+}
+
+#[tokio::test]
+async fn tcp_pipelining_and_idle_timeout() {
+    require_root!("tcp_pipelining_and_idle_timeout");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig {
+        tcp_idle_timeout: Duration::from_millis(300),
+        ..DnsConfig::default()
+    });
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let name = ns.name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut stream =
+            shoal_netns::run_in(&name, || std::net::TcpStream::connect(("127.0.0.11", 53)))
+                .unwrap()
+                .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        // Two queries written back to back, two answers read.
+        let mut frames = Vec::new();
+        for (id, qname) in [(1u16, "web."), (2, "tasks.web.")] {
+            let mut m = Message::query();
+            m.metadata.id = id;
+            m.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii(qname).unwrap(),
+                RecordType::A,
+            ));
+            let bytes = m.to_vec().unwrap();
+            frames.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            frames.extend_from_slice(&bytes);
+        }
+        stream.write_all(&frames).unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).unwrap();
+            let mut buf = vec![0u8; u16::from_be_bytes(len).into()];
+            stream.read_exact(&mut buf).unwrap();
+            let m = Message::from_vec(&buf).unwrap();
+            answers.push((m.metadata.id, m.answers.len()));
+        }
+        // Idle: the server closes the connection.
+        let start = Instant::now();
+        let mut rest = [0u8; 1];
+        let n = stream.read(&mut rest).unwrap_or(0);
+        (answers, n, start.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(result.0, vec![(1, 1), (2, 2)]);
+    assert_eq!(result.1, 0, "connection not closed");
+    assert!(
+        result.2 < Duration::from_secs(2),
+        "closed after {:?}",
+        result.2
+    );
+    resolver.detach("c1").await;
+}
+
+/// A fake upstream on 127.0.0.1 (UDP and TCP on one port): answers every query with `answer`
+/// (TTL 60), or never answers when `answer` is `None`. Counts the queries it saw.
+struct Upstream {
+    addr: SocketAddr,
+    seen: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn fake_reply(query: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+    m.metadata.recursion_desired = q.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.metadata.message_type = MessageType::Response;
+    for query in &q.queries {
+        m.add_query(query.clone());
+        if query.query_type() == RecordType::A {
+            m.add_answer(Record::from_rdata(
+                query.name().clone(),
+                60,
+                RData::A(A(answer)),
+            ));
+        }
+    }
+    m.to_vec().ok()
+}
+
+async fn upstream(answer: Option<Ipv4Addr>) -> Upstream {
+    let (udp, tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+            break (udp, tcp);
+        }
+    };
+    let addr = udp.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen_udp = seen.clone();
+    let udp_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            seen_udp.fetch_add(1, Ordering::SeqCst);
+            if let Some(reply) = answer.and_then(|a| fake_reply(&buf[..n], a)) {
+                let _ = udp.send_to(&reply, peer).await;
+            }
+        }
+    });
+    let seen_tcp = seen.clone();
+    let tcp_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            let seen = seen_tcp.clone();
+            held.push(tokio::spawn(async move {
+                let mut len = [0u8; 2];
+                while stream.read_exact(&mut len).await.is_ok() {
+                    let mut buf = vec![0u8; u16::from_be_bytes(len).into()];
+                    if stream.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let Some(reply) = answer.and_then(|a| fake_reply(&buf, a)) else {
+                        // Dead: hold the connection open, never answer.
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    };
+                    let mut frame = (reply.len() as u16).to_be_bytes().to_vec();
+                    frame.extend_from_slice(&reply);
+                    if stream.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+    });
+    Upstream {
+        addr,
+        seen,
+        tasks: vec![udp_task, tcp_task],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_failover_and_servfail() {
+    require_root!("forwarding_failover_and_servfail");
+    let good = upstream(Some(Ipv4Addr::new(192, 0, 2, 7))).await;
+    let dead = upstream(None).await;
+    let ns = Ns::new();
+    let config = |upstreams: Vec<SocketAddr>| DnsConfig {
+        upstreams,
+        upstream_timeout: Duration::from_millis(400),
+        ..DnsConfig::default()
+    };
+
+    // Dead first, then good: failover over UDP and TCP; local names stay local.
+    let resolver = Resolver::new(config(vec![dead.addr, good.addr]));
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    assert_eq!(ns.dig_short(&["example.com"]).await, vec!["192.0.2.7"]);
+    assert_eq!(dead.seen.load(Ordering::SeqCst), 1);
+    assert_eq!(good.seen.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        ns.dig_short(&["+tcp", "Example.COM"]).await,
+        vec!["192.0.2.7"]
+    );
+    assert_eq!(dead.seen.load(Ordering::SeqCst), 2);
+    assert_eq!(good.seen.load(Ordering::SeqCst), 2);
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+    assert_eq!(good.seen.load(Ordering::SeqCst), 2);
+    // The relayed answer keeps the upstream's records and the client's id (dig checks).
+    let text = ns.dig(&["example.com"]).await;
+    assert_eq!(status(&text), "NOERROR", "{text}");
+    assert!(text.contains("flags: qr rd ra;"), "{text}");
+    assert!(
+        text.contains("example.com.\t\t60\tIN\tA\t192.0.2.7"),
+        "{text}"
+    );
+    // A view that must not forward.
+    resolver
+        .update("c1", Arc::new(Records::builder().forward(false).build()))
+        .unwrap();
+    let text = ns.dig(&["example.com"]).await;
+    assert_eq!(status(&text), "NXDOMAIN", "{text}");
+    resolver.detach("c1").await;
+
+    // Only dead upstreams: SERVFAIL, and a pending forward does not stall local answers.
+    let resolver = Resolver::new(DnsConfig {
+        upstream_timeout: Duration::from_millis(1500),
+        ..config(vec![dead.addr])
+    });
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let slow = {
+        let ns_name = ns.name.clone();
+        tokio::spawn(async move {
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", &ns_name, "dig", "@127.0.0.11"])
+                .args(["+time=5", "+tries=1", "example.org"])
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        start.elapsed()
+    );
+    let text = slow.await.unwrap();
+    assert_eq!(status(&text), "SERVFAIL", "{text}");
+    let text = ns.dig(&["+tcp", "example.org"]).await;
+    assert_eq!(status(&text), "SERVFAIL", "{text}");
+    resolver.detach("c1").await;
+}
+
+#[tokio::test]
+async fn glibc_resolves_through_the_resolver() {
+    require_root!("glibc_resolves_through_the_resolver");
+    let ns = Ns::new();
+    // glibc skips A lookups in a namespace without a configured IPv4 address besides lo.
+    ns.ip(&["link", "add", "sd0", "type", "veth", "peer", "name", "sd1"]);
+    ns.ip(&["addr", "add", "10.0.0.100/24", "dev", "sd0"]);
+    ns.ip(&["link", "set", "sd0", "up"]);
+    ns.ip(&["link", "set", "sd1", "up"]);
+    std::fs::create_dir_all(ns.etc_dir()).unwrap();
+    std::fs::write(
+        ns.etc_dir().join("resolv.conf"),
+        "nameserver 127.0.0.11\noptions timeout:2 attempts:1\n",
+    )
+    .unwrap();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+
+    let (ok, text) = ns.exec("getent", &["hosts", "web"]).await;
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.split_whitespace().collect::<Vec<_>>(),
+        ["10.0.0.2", "web"]
+    );
+    let (ok, text) = ns.exec("getent", &["ahostsv4", "tasks.web"]).await;
+    assert!(
+        ok && text.contains("10.0.0.3") && text.contains("10.0.0.4"),
+        "{text}"
+    );
+    let (ok, text) = ns.exec("getent", &["hosts", "10.0.0.3"]).await;
+    assert!(ok && text.contains("web.1.abc"), "{text}");
+    let (ok, text) = ns.exec("getent", &["hosts", "nope-nothing"]).await;
+    assert!(!ok, "{text}");
+    resolver.detach("c1").await;
+}
+
+/// CPU time (user + system) of this process so far.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Throughput and server CPU per query with dnsperf (run in release:
+/// `cargo test --release -p shoal-dns --test kernel dnsperf -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; needs dnsperf"]
+async fn dnsperf_local_names() {
+    require_root!("dnsperf_local_names");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let dir = tempfile_dir();
+    let file = dir.join("queries");
+    std::fs::write(
+        &file,
+        "web A\ntasks.web A\nweb AAAA\n3.0.0.10.in-addr.arpa PTR\n",
+    )
+    .unwrap();
+    let extra = std::env::var("SHOAL_DNSPERF_ARGS").unwrap_or_else(|_| "-l 5 -c 8 -q 200".into());
+    let mut args = vec!["-s", "127.0.0.11", "-d", file.to_str().unwrap()];
+    args.extend(extra.split_whitespace());
+    let cpu = process_cpu();
+    let (ok, text) = ns.exec("dnsperf", &args).await;
+    let used = process_cpu() - cpu;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{text}");
+    println!("{text}");
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]).await.1;
+    for l in snmp.lines().filter(|l| l.starts_with("Udp:")) {
+        println!("{l}");
+    }
+    let completed: u64 = text
+        .lines()
+        .find(|l| l.contains("Queries completed:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    println!(
+        "server CPU {used:?} for {completed} queries: {:?} per query",
+        used / completed.max(1) as u32
+    );
+    resolver.detach("c1").await;
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "shoal-dns-bench-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
