@@ -1,3 +1,18 @@
-//! Shoal agent library: cluster model, store, API, reconciler, lab runtime.
+//! Shoal agent library: cluster model, store, API, orchestration, the node reconciler, the
+//! lab runtime and lab orchestration. Only this crate knows the cluster model; it
+//! translates it into the narrow inputs of the dns, lb and mesh crates.
 
+pub mod agent;
+pub mod alloc;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod desired;
+pub mod lab;
+pub mod model;
+pub mod runtime;
+pub mod state;
 pub mod store;
+pub mod whoami;

@@ -27,7 +27,7 @@ mod nft;
 
 use std::net::Ipv4Addr;
 
-pub use model::{Model, ServiceChain, ServiceKey, chain_name};
+pub use model::{ANY_PORT, Model, ServiceChain, ServiceKey, chain_name};
 pub use nft::{apply, check, delete_table, list_table};
 
 /// Transport protocol of a service port.
@@ -60,6 +60,8 @@ pub struct VirtualService {
     pub id: String,
     pub vip: Ipv4Addr,
     pub protocol: Protocol,
+    /// 0: every port of the protocol, each DNATed to the same port of a backend (Swarm's VIP
+    /// semantics); `target_port` must then be 0 too. A specific port entry wins over it.
     pub port: u16,
     pub target_port: u16,
     /// May be empty: then VIP:port rejects at once (TCP reset / ICMP port unreachable).

@@ -17,10 +17,12 @@ const BASE_CHAINS: &str = "\
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tip daddr . meta l4proto . th dport vmap @services
+\t\tip daddr . meta l4proto vmap @any_port
 \t}
 \tchain output {
 \t\ttype nat hook output priority -100; policy accept;
 \t\tip daddr . meta l4proto . th dport vmap @services
+\t\tip daddr . meta l4proto vmap @any_port
 \t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
@@ -39,6 +41,10 @@ const BASE_CHAINS: &str = "\
 //   is rejected at once. The namespace's own connections to a VIP take the VIP as source
 //   address (local route), so their replies arrive addressed to it: `ct status dnat` lets
 //   them (and their related ICMP) pass.
+
+/// `port` 0 in a [`crate::VirtualService`]: every port of that protocol, DNATed to the same
+/// port of a backend (Docker Swarm's VIP semantics). A specific port entry wins over it.
+pub const ANY_PORT: u16 = 0;
 
 /// Key of the `services` verdict map: `ip daddr . meta l4proto . th dport`.
 pub type ServiceKey = (Ipv4Addr, Protocol, u16);
@@ -64,9 +70,13 @@ pub struct Model {
     pub hairpin: BTreeSet<Ipv4Addr>,
 }
 
-/// Object name of a service port's chain.
+/// Object name of a service port's chain (`..._any` for every port).
 pub fn chain_name(id: &str, protocol: Protocol, port: u16) -> String {
-    format!("svc_{id}_{protocol}_{port}")
+    if port == ANY_PORT {
+        format!("svc_{id}_{protocol}_any")
+    } else {
+        format!("svc_{id}_{protocol}_{port}")
+    }
 }
 
 impl Model {
@@ -128,9 +138,23 @@ impl Model {
         );
         write_elements(
             &mut o,
-            self.services.iter().map(|((vip, proto, port), c)| {
-                format!("{vip} . {proto} . {port} : goto {}", c.name)
-            }),
+            self.services
+                .iter()
+                .filter(|((_, _, port), _)| *port != ANY_PORT)
+                .map(|((vip, proto, port), c)| {
+                    format!("{vip} . {proto} . {port} : goto {}", c.name)
+                }),
+        );
+        let _ = writeln!(o, "\t}}");
+
+        let _ = writeln!(o, "\tmap any_port {{");
+        let _ = writeln!(o, "\t\ttype ipv4_addr . inet_proto : verdict");
+        write_elements(
+            &mut o,
+            self.services
+                .iter()
+                .filter(|((_, _, port), _)| *port == ANY_PORT)
+                .map(|((vip, proto, _), c)| format!("{vip} . {proto} : goto {}", c.name)),
         );
         let _ = writeln!(o, "\t}}");
 
@@ -143,7 +167,14 @@ impl Model {
                     .backends
                     .iter()
                     .enumerate()
-                    .map(|(i, (a, p))| format!("{i} : {a} . {p}"))
+                    .map(|(i, (a, p))| {
+                        if *p == ANY_PORT {
+                            // The destination port is kept: only the address changes.
+                            format!("{i} : {a}")
+                        } else {
+                            format!("{i} : {a} . {p}")
+                        }
+                    })
                     .collect();
                 let _ = writeln!(
                     o,
@@ -164,7 +195,12 @@ impl Model {
     /// output (`vmap @services` -> service chain -> dnat), then filter input for what still
     /// targets a VIP, and nat postrouting's hairpin set for the chosen backend.
     pub fn trace(&self, p: &Packet) -> Trace {
-        if let Some(c) = self.services.get(&(p.dst, p.protocol, p.dport))
+        // The per-port map is consulted first, then the any-port map.
+        let chain = self
+            .services
+            .get(&(p.dst, p.protocol, p.dport))
+            .or_else(|| self.services.get(&(p.dst, p.protocol, ANY_PORT)));
+        if let Some(c) = chain
             && !c.backends.is_empty()
         {
             // postrouting: ct status dnat (true after the dnat) and saddr . daddr in @hairpin.
@@ -173,7 +209,11 @@ impl Model {
                 .iter()
                 .any(|(b, _)| *b == p.src && self.hairpin.contains(b));
             return Trace::Dnat {
-                candidates: c.backends.clone(),
+                candidates: c
+                    .backends
+                    .iter()
+                    .map(|(b, port)| (*b, if *port == ANY_PORT { p.dport } else { *port }))
+                    .collect(),
                 masquerade_if_hairpin,
             };
         }
@@ -240,6 +280,12 @@ pub(crate) fn validate(rs: &Ruleset) -> Result<(), LbError> {
                 "service id {:?} must be 1-{} characters of [a-z0-9_]",
                 s.id,
                 MAX_NAME - 20
+            )));
+        }
+        if (s.port == ANY_PORT) != (s.target_port == ANY_PORT) {
+            return Err(LbError::Invalid(format!(
+                "service {:?}: port {} with target port {}: 0 (every port) must be used for both or neither",
+                s.id, s.port, s.target_port
             )));
         }
         if let Some(other) = keys.insert((s.vip, s.protocol, s.port), &s.id) {

@@ -45,6 +45,50 @@ fn golden_hairpin_set() {
 }
 
 #[test]
+fn golden_any_port() {
+    golden("any_port", &fixtures::any_port());
+}
+
+#[test]
+fn any_port_keeps_the_destination_port_and_specific_ports_win() {
+    let rs = fixtures::any_port();
+    let pkt = |dst: &str, protocol, dport| Packet {
+        src: ip("10.0.9.9"),
+        dst: ip(dst),
+        protocol,
+        dport,
+    };
+    assert_eq!(
+        trace(&rs, &pkt("10.96.0.10", Protocol::Tcp, 5432)),
+        Trace::Dnat {
+            candidates: vec![(ip("10.0.1.1"), 5432), (ip("10.0.1.2"), 5432)],
+            masquerade_if_hairpin: false
+        }
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.96.0.10", Protocol::Udp, 53)),
+        Trace::Dnat {
+            candidates: vec![(ip("10.0.1.1"), 53), (ip("10.0.1.2"), 53)],
+            masquerade_if_hairpin: false
+        }
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.96.0.10", Protocol::Tcp, 443)),
+        Trace::Dnat {
+            candidates: vec![(ip("10.0.1.3"), 8443)],
+            masquerade_if_hairpin: false
+        }
+    );
+    assert_eq!(
+        trace(&rs, &pkt("10.96.0.11", Protocol::Tcp, 80)),
+        Trace::Reject
+    );
+    let mut bad = rs.clone();
+    bad.services[0].target_port = 80;
+    assert!(matches!(validate(&bad), Err(LbError::Invalid(m)) if m.contains("both or neither")));
+}
+
+#[test]
 fn render_is_independent_of_input_order() {
     for (name, rs) in fixtures::all() {
         let mut shuffled = rs.clone();

@@ -115,13 +115,13 @@ impl Nl {
             .map_err(self.err(what))
     }
 
+    /// Deletes a link; one that is already gone (a veth whose peer's namespace was just
+    /// removed takes its node side with it) is not an error.
     pub(crate) async fn del_link(&self, index: u32, name: &str) -> Result<(), MeshError> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(self.err(format!("deleting link {name}")))
+        match self.handle.link().del(index).execute().await {
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(()),
+            r => r.map_err(self.err(format!("deleting link {name}"))),
+        }
     }
 }
 

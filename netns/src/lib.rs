@@ -221,7 +221,11 @@ pub fn pids(name: &str) -> Result<Vec<i32>> {
     let mut out = Vec::new();
     let rd = fs::read_dir("/proc").map_err(os(name, "reading /proc"))?;
     for entry in rd.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Ok(pid_ns) = ns_id(&entry.path().join("ns/net"))
@@ -342,7 +346,10 @@ mod tests {
     fn names_are_checked() {
         assert!(validate_name("shoal-n-abc_1.2").is_ok());
         for bad in ["", ".", "..", "a/b", "a b", "x\0"] {
-            assert!(matches!(validate_name(bad), Err(Error::InvalidName(_))), "{bad:?}");
+            assert!(
+                matches!(validate_name(bad), Err(Error::InvalidName(_))),
+                "{bad:?}"
+            );
         }
     }
 

@@ -1,1 +1,231 @@
-//! End-to-end test helpers.
+//! End-to-end test helpers: run the real `shoal` binary, bring labs up and always down.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The `shoal` binary under test: `SHOAL_BIN`, else the one next to this test's target dir.
+pub fn shoal_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SHOAL_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>/shoal
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("shoal"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p shoal), or set SHOAL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Kernel tests need root, `ip` and `nft`. Without them they fail (the project's install
+/// step provides them), unless SHOAL_ALLOW_SKIP=1, in which case they print SKIP and why.
+pub fn require_kernel(test: &str) -> bool {
+    let mut missing = vec![];
+    if !nix_is_root() {
+        missing.push("root");
+    }
+    for tool in ["ip", "nft"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            missing.push(tool);
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("SHOAL_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIP {test}: needs {}", missing.join(", "));
+        return false;
+    }
+    panic!(
+        "{test} needs {} (run `make test` as root; it installs what is missing)",
+        missing.join(", ")
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Output of a finished command, with helpers for assertions.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).to_string(),
+            stderr: String::from_utf8_lossy(&o.stderr).to_string(),
+        }
+    }
+    pub fn from_command(c: &mut Command) -> Run {
+        Run::from(c.output().expect("run command"))
+    }
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "command failed: {self:?}");
+        self
+    }
+}
+
+/// A lab of the real binary, removed on drop (even when the test panics).
+pub struct Lab {
+    pub name: String,
+    pub host: String,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    pub fn up(nodes: u32, store: &str) -> Lab {
+        let name = format!(
+            "t{}{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new(shoal_bin())
+            .args([
+                "lab",
+                "up",
+                "--name",
+                &name,
+                "--nodes",
+                &nodes.to_string(),
+                "--store",
+                store,
+            ])
+            .output()
+            .expect("run shoal");
+        let r = Run::from(out);
+        // The guard exists before the assertions, so a failed `up` is still torn down.
+        let mut lab = Lab {
+            name,
+            host: String::new(),
+        };
+        assert_eq!(r.code, 0, "lab up failed: {r:?}");
+        lab.host = r
+            .stdout
+            .trim()
+            .strip_prefix("export SHOAL_HOST=")
+            .expect("lab up prints the export line")
+            .to_string();
+        lab
+    }
+
+    /// `shoal ARGS` against this lab's agent.
+    pub fn shoal(&self, args: &[&str]) -> Run {
+        Run::from(
+            Command::new(shoal_bin())
+                .args(args)
+                .env("SHOAL_HOST", &self.host)
+                .env("SHOAL_LAB", &self.name)
+                .output()
+                .expect("run shoal"),
+        )
+    }
+
+    /// `shoal lab exec TARGET -- CMD...`
+    pub fn exec(&self, target: &str, cmd: &[&str]) -> Run {
+        let mut args = vec!["lab", "exec", "--name", &self.name, target, "--"];
+        args.extend_from_slice(cmd);
+        self.shoal(&args)
+    }
+
+    /// Polls `f` until it returns Some or the timeout passes.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Tasks of a service that are running (from `service ps --format json`).
+    pub fn running_tasks(&self, service: &str) -> Vec<serde_json::Value> {
+        let r = self.shoal(&["service", "ps", service, "--format", "json"]);
+        if r.code != 0 {
+            return vec![];
+        }
+        let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap_or_default();
+        v.into_iter()
+            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Say what the agents saw before the evidence is removed.
+            if let Ok(rd) = std::fs::read_dir(format!("/run/shoal/lab/{}", self.name)) {
+                for e in rd.flatten() {
+                    let log = e.path().join("agent.log");
+                    if let Ok(text) = std::fs::read_to_string(&log) {
+                        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                        eprintln!("--- {} (last 40 lines)", log.display());
+                        for l in tail.into_iter().rev() {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
+            }
+        }
+        let out = Command::new(shoal_bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+        if let Ok(o) = out
+            && !o.status.success()
+        {
+            eprintln!(
+                "lab down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
+
+/// What the host looks like (namespaces and nft ruleset), to compare before and after.
+pub fn host_snapshot() -> (String, String) {
+    let ns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let nft = Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    (ns, nft)
+}

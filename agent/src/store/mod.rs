@@ -49,7 +49,10 @@ pub enum Op {
 pub enum Event {
     Put(KeyValue),
     /// The deleted key, with `mod_revision` = the revision of the deletion.
-    Delete { key: String, mod_revision: i64 },
+    Delete {
+        key: String,
+        mod_revision: i64,
+    },
 }
 
 impl Event {

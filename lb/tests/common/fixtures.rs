@@ -105,6 +105,36 @@ pub fn hairpin() -> Ruleset {
     }
 }
 
+/// Swarm-style VIP: every TCP and UDP port to the same port of a backend, plus one specific
+/// port (which wins over the any-port entry), and a VIP whose any-port service has no backends.
+pub fn any_port() -> Ruleset {
+    Ruleset {
+        table: TABLE.to_string(),
+        vips: vec![],
+        services: vec![
+            svc(
+                "web",
+                "10.96.0.10",
+                Protocol::Tcp,
+                0,
+                0,
+                &["10.0.1.1", "10.0.1.2"],
+            ),
+            svc(
+                "web",
+                "10.96.0.10",
+                Protocol::Udp,
+                0,
+                0,
+                &["10.0.1.1", "10.0.1.2"],
+            ),
+            svc("web", "10.96.0.10", Protocol::Tcp, 443, 8443, &["10.0.1.3"]),
+            svc("idle", "10.96.0.11", Protocol::Tcp, 0, 0, &[]),
+        ],
+        local_endpoints: vec![],
+    }
+}
+
 /// The named fixtures, for tests that run all of them.
 pub fn all() -> Vec<(&'static str, Ruleset)> {
     vec![
@@ -112,5 +142,6 @@ pub fn all() -> Vec<(&'static str, Ruleset)> {
         ("zero_backends", zero_backends()),
         ("several", several()),
         ("hairpin", hairpin()),
+        ("any_port", any_port()),
     ]
 }

@@ -1,0 +1,486 @@
+//! `shoal agent`: registers the node, serves the API, orchestrates services into tasks (on
+//! the leader) and reconciles this node's kernel state with the cluster model.
+//!
+//! The reconciler is level-triggered: every pass compares the whole desired state with what
+//! it has applied, so a failed step is simply retried on the next pass (a change in the
+//! store, a task exit, or the periodic tick).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::cluster::{Cluster, NODES, encode};
+use crate::config::{AgentConfig, StoreKind};
+use crate::desired::{self, View};
+use crate::model::{Node, NodeStatus, Service, Task, TaskState};
+use crate::runtime::{Exited, ProcessRuntime, Runtime, TaskSpec};
+use crate::state::{ClusterState, spawn_cache};
+use crate::store::Store;
+
+/// Period of the full resync when nothing else happens.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// What the agent last did, for `node inspect` and the API.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct NodeReport {
+    pub last_error: Option<String>,
+    pub networks: Vec<String>,
+    pub dns_attached: usize,
+    pub passes: u64,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    pub node_id: String,
+    pub cluster: Cluster,
+    runtime: Arc<ProcessRuntime>,
+    resolver: shoal_dns::Resolver,
+    /// task id -> the view it is served
+    dns_views: HashMap<String, View>,
+    /// network id -> the ruleset applied in its namespace
+    lb_applied: HashMap<String, shoal_lb::Ruleset>,
+    started: HashSet<String>,
+    stopping: Arc<Mutex<HashSet<String>>>,
+    search: Vec<String>,
+    pub report: Arc<Mutex<NodeReport>>,
+}
+
+pub async fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.store.kind {
+        StoreKind::Embedded => {
+            let dir = cfg.state_dir.join("store");
+            Arc::new(
+                crate::store::embedded::EmbeddedStore::open(&dir)
+                    .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
+            )
+        }
+        StoreKind::Etcd => Arc::new(
+            crate::store::etcd::EtcdStore::connect(&cfg.store.endpoints, Default::default())
+                .await
+                .context("connecting to etcd")?,
+        ),
+    })
+}
+
+fn node_id(state_dir: &Path) -> anyhow::Result<String> {
+    let p = state_dir.join("node_id");
+    if let Ok(id) = std::fs::read_to_string(&p) {
+        return Ok(id.trim().to_string());
+    }
+    let id = crate::model::new_id();
+    std::fs::write(&p, &id).with_context(|| format!("writing {}", p.display()))?;
+    Ok(id)
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let node_id = node_id(&cfg.state_dir)?;
+    let store = open_store(&cfg).await?;
+    let cluster = Cluster::new(store.clone());
+    let node = Node {
+        id: node_id.clone(),
+        name: cfg.node_name.clone(),
+        addr: cfg.advertise_addr,
+        status: NodeStatus::Ready,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    store
+        .put(&format!("{NODES}{node_id}"), encode(&node))
+        .await
+        .context("registering the node")?;
+
+    let upstreams = match &cfg.dns.upstreams {
+        Some(u) => u.clone(),
+        None => shoal_dns::nameservers_from_resolv_conf(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        ),
+    };
+    let search = match &cfg.dns.search {
+        Some(s) => s.clone(),
+        None => search_from_resolv_conf(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        ),
+    };
+    let resolver = shoal_dns::Resolver::new(shoal_dns::DnsConfig {
+        ttl: cfg.dns.ttl,
+        negative_ttl: cfg.dns.negative_ttl,
+        upstreams,
+        ..Default::default()
+    });
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
+    let runtime = ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?;
+
+    let report = Arc::new(Mutex::new(NodeReport::default()));
+    let api = crate::api::serve(
+        &cfg.socket,
+        crate::api::ApiState {
+            cluster: cluster.clone(),
+            node_id: node_id.clone(),
+            node_name: cfg.node_name.clone(),
+            report: report.clone(),
+            netns_prefix: cfg.netns_prefix.clone(),
+            tasks_dir: cfg.state_dir.join("tasks"),
+        },
+    )
+    .await?;
+    info!(node = %cfg.node_name, id = %node_id, socket = %cfg.socket.display(), "agent started");
+
+    let mut agent = Agent {
+        cfg,
+        node_id,
+        cluster,
+        runtime,
+        resolver,
+        dns_views: HashMap::new(),
+        lb_applied: HashMap::new(),
+        started: HashSet::new(),
+        stopping: Arc::new(Mutex::new(HashSet::new())),
+        search,
+        report,
+    };
+    let mut state_rx = spawn_cache(store);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut first = true;
+    loop {
+        tokio::select! {
+            r = state_rx.changed() => { if r.is_err() { break; } }
+            Some(ex) = exit_rx.recv() => { agent.on_exit(&state_rx, ex).await; }
+            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        let st = state_rx.borrow_and_update().clone();
+        if !st.synced {
+            continue;
+        }
+        if first {
+            agent.adopt(&st);
+            first = false;
+        }
+        agent
+            .pass(&st)
+            .instrument(info_span!("sync", revision = st.revision))
+            .await;
+    }
+    api.abort();
+    let _ = std::fs::remove_file(&agent.cfg.socket);
+    info!("agent stopped; tasks and kernel state are left for the next start to adopt");
+    Ok(())
+}
+
+fn search_from_resolv_conf(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("search"))
+        .last()
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+impl Agent {
+    /// After a restart: processes of tasks that still run are adopted, not restarted.
+    fn adopt(&mut self, st: &ClusterState) {
+        for t in desired::local_tasks(st, &self.node_id) {
+            if t.state == TaskState::Running && self.runtime.is_running(&t.id) {
+                self.started.insert(t.id.clone());
+                crate::runtime::watch_adopted(self.runtime.clone(), t.id.clone());
+                info!(task = %t.name(), "adopted running task");
+            }
+        }
+    }
+
+    async fn on_exit(&mut self, state_rx: &watch::Receiver<Arc<ClusterState>>, ex: Exited) {
+        self.started.remove(&ex.task_id);
+        let st = state_rx.borrow().clone();
+        if let Some((t, rev)) = st.tasks.get(&ex.task_id)
+            && t.desired_state == TaskState::Running
+        {
+            warn!(task = %t.name(), status = %ex.status, "task exited");
+            let mut t = t.clone();
+            t.state = TaskState::Failed;
+            t.desired_state = TaskState::Shutdown;
+            t.error = Some(format!("process exited: {}", ex.status));
+            let _ = self.cluster.cas_task(&t, *rev).await;
+        }
+    }
+
+    async fn pass(&mut self, st: &ClusterState) {
+        let mut errors = vec![];
+        // This node is the only manager until leader election arrives with multi-node.
+        if let Err(e) = self.orchestrate(st).await {
+            errors.push(format!("orchestrator: {e:#}"));
+        }
+        if let Err(e) = self.reconcile(st, &mut errors).await {
+            errors.push(format!("{e:#}"));
+        }
+        let mut r = self.report.lock().expect("lock");
+        r.passes += 1;
+        r.dns_attached = self.dns_views.len();
+        r.networks = self.lb_applied.keys().cloned().collect();
+        if !errors.is_empty() {
+            for e in &errors {
+                warn!(error = %e, "reconcile error; will retry");
+            }
+            r.last_error = Some(errors.join("; "));
+        }
+    }
+
+    /// Services -> tasks: shut down extra and orphaned tasks, create missing slots on the
+    /// ready node with the fewest tasks of that service.
+    async fn orchestrate(&self, st: &ClusterState) -> anyhow::Result<()> {
+        for (t, rev) in st.tasks.values() {
+            if t.desired_state != TaskState::Running {
+                continue;
+            }
+            let keep = st
+                .service_by_id(&t.service_id)
+                .is_some_and(|s| t.slot <= s.replicas);
+            if !keep {
+                let mut t = t.clone();
+                t.desired_state = TaskState::Shutdown;
+                self.cluster.cas_task(&t, *rev).await?;
+            }
+        }
+        let ready: Vec<&Node> = st
+            .nodes
+            .values()
+            .map(|(n, _)| n)
+            .filter(|n| n.status == NodeStatus::Ready)
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        for (svc, svc_rev) in st.services.values() {
+            let live: Vec<&Task> = st
+                .task_list()
+                .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
+                .collect();
+            for slot in 1..=svc.replicas {
+                if live.iter().any(|t| t.slot == slot) {
+                    continue;
+                }
+                let node = ready
+                    .iter()
+                    .min_by_key(|n| {
+                        (
+                            live.iter().filter(|t| t.node_id == n.id).count(),
+                            n.name.clone(),
+                        )
+                    })
+                    .expect("non-empty");
+                if self
+                    .cluster
+                    .create_task(svc, *svc_rev, slot, &node.id, &st.networks)
+                    .await?
+                    .is_none()
+                {
+                    // The service changed meanwhile; the next pass sees the new version.
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn task_spec(&self, t: &Task, svc: &Service) -> TaskSpec {
+        TaskSpec {
+            id: t.id.clone(),
+            name: t.name(),
+            service: svc.name.clone(),
+            hostname: t.hostname(),
+            command: svc.command.clone(),
+            env: svc.env.clone(),
+            resolv_conf: desired::resolv_conf(&self.search),
+        }
+    }
+
+    async fn reconcile(
+        &mut self,
+        st: &ClusterState,
+        errors: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let local: Vec<(Task, i64)> = st
+            .tasks
+            .values()
+            .filter(|(t, _)| t.node_id == self.node_id)
+            .cloned()
+            .collect();
+        let stopping = self.stopping.lock().expect("lock").clone();
+        // 1. Namespaces for new tasks.
+        for (t, _) in &local {
+            if t.desired_state == TaskState::Running
+                && !self.started.contains(&t.id)
+                && let Err(e) = self.runtime.prepare(&t.id).await
+            {
+                errors.push(format!("task {}: {e:#}", t.name()));
+            }
+        }
+        // 2. Overlay networks and endpoints.
+        let rt = self.runtime.clone();
+        let has_ns = move |id: &str| {
+            let ns = rt.netns(id);
+            shoal_netns::exists(&ns).then_some(ns)
+        };
+        let specs = desired::mesh_specs(st, &self.node_id, &self.cfg.netns_prefix, &has_ns);
+        let mut ok_networks = HashSet::new();
+        for (net_id, spec) in &specs {
+            match shoal_mesh::apply_network(spec).await {
+                Ok(applied) => {
+                    if !applied.created.is_empty() || !applied.removed.is_empty() {
+                        info!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "overlay endpoints changed");
+                    }
+                    ok_networks.insert(net_id.clone());
+                }
+                Err(e) => errors.push(format!("network {}: {e}", spec.netns)),
+            }
+        }
+        let wanted_ns: HashSet<&str> = specs.values().map(|s| s.netns.as_str()).collect();
+        let net_prefix = format!("{}n-", self.cfg.netns_prefix);
+        for ns in shoal_netns::list().unwrap_or_default() {
+            if ns.starts_with(&net_prefix) && !wanted_ns.contains(ns.as_str()) {
+                info!(netns = %ns, "removing overlay network namespace no longer used on this node");
+                if let Err(e) = shoal_mesh::remove_network(&ns).await {
+                    errors.push(format!("removing {ns}: {e}"));
+                }
+            }
+        }
+        self.lb_applied.retain(|id, _| specs.contains_key(id));
+        // 3. VIP rulesets, applied when they changed.
+        for net_id in &ok_networks {
+            let rs = desired::lb_ruleset(st, &self.node_id, net_id);
+            if self.lb_applied.get(net_id) == Some(&rs) {
+                continue;
+            }
+            match shoal_lb::apply(&specs[net_id].netns, &rs).await {
+                Ok(()) => {
+                    info!(netns = %specs[net_id].netns, services = rs.services.len(), "VIP ruleset applied");
+                    self.lb_applied.insert(net_id.clone(), rs);
+                }
+                Err(e) => {
+                    self.lb_applied.remove(net_id);
+                    errors.push(format!("ruleset of {}: {e}", specs[net_id].netns));
+                }
+            }
+        }
+        // 4. DNS views of local containers (one record table per distinct network set).
+        let mut views: BTreeMap<Vec<String>, (View, Arc<shoal_dns::Records>)> = BTreeMap::new();
+        for (t, _) in &local {
+            if stopping.contains(&t.id) || t.desired_state != TaskState::Running {
+                continue;
+            }
+            let ns = self.runtime.netns(&t.id);
+            if !shoal_netns::exists(&ns)
+                || !t
+                    .networks
+                    .iter()
+                    .all(|n| ok_networks.contains(&n.network_id))
+            {
+                continue;
+            }
+            let ids: Vec<String> = t.networks.iter().map(|n| n.network_id.clone()).collect();
+            let (view, records) = views
+                .entry(ids.clone())
+                .or_insert_with(|| {
+                    let v = desired::dns_view(st, &ids);
+                    let r = Arc::new(v.to_records());
+                    (v, r)
+                })
+                .clone();
+            match self.dns_views.get(&t.id) {
+                Some(old) if *old == view => {}
+                Some(_) => match self.resolver.update(&t.id, records) {
+                    Ok(()) => {
+                        self.dns_views.insert(t.id.clone(), view);
+                    }
+                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
+                },
+                None => match self.resolver.attach(&t.id, &ns, records).await {
+                    Ok(()) => {
+                        self.dns_views.insert(t.id.clone(), view);
+                    }
+                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
+                },
+            }
+        }
+        // 5. Start processes of attached tasks.
+        for (t, rev) in &local {
+            if t.desired_state != TaskState::Running
+                || self.started.contains(&t.id)
+                || !self.dns_views.contains_key(&t.id)
+            {
+                continue;
+            }
+            let Some(svc) = st.service_by_id(&t.service_id) else {
+                continue;
+            };
+            let spec = self.task_spec(t, svc);
+            let mut t2 = t.clone();
+            match self.runtime.start(&spec).await {
+                Ok(pid) => {
+                    info!(task = %t.name(), pid, "task started");
+                    self.started.insert(t.id.clone());
+                    t2.state = TaskState::Running;
+                }
+                Err(e) => {
+                    t2.state = TaskState::Failed;
+                    t2.desired_state = TaskState::Shutdown;
+                    t2.error = Some(format!("{e:#}"));
+                    errors.push(format!("task {}: {e:#}", t.name()));
+                }
+            }
+            self.cluster.cas_task(&t2, *rev).await?;
+        }
+        // 6. Stop tasks that should not run: out of DNS and backends already (they are not
+        //    serving); after the grace period, stop and remove, then forget the record.
+        for (t, _) in &local {
+            if t.desired_state == TaskState::Running || stopping.contains(&t.id) {
+                continue;
+            }
+            self.stopping.lock().expect("lock").insert(t.id.clone());
+            self.started.remove(&t.id);
+            self.resolver.detach(&t.id).await;
+            self.dns_views.remove(&t.id);
+            let (rt, cluster, stopping, t) = (
+                self.runtime.clone(),
+                self.cluster.clone(),
+                self.stopping.clone(),
+                t.clone(),
+            );
+            let grace = Duration::from_secs(self.cfg.stop_grace_secs);
+            let kill_after = Duration::from_secs(self.cfg.kill_timeout_secs);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Err(e) = rt.destroy(&t.id, kill_after).await {
+                    warn!(task = %t.name(), error = %e, "destroying task failed");
+                } else if let Err(e) = cluster.delete_task(&t).await {
+                    warn!(task = %t.name(), error = %e, "deleting task record failed");
+                } else {
+                    info!(task = %t.name(), "task removed");
+                }
+                stopping.lock().expect("lock").remove(&t.id);
+            });
+        }
+        // 7. Garbage: task files/namespaces of tasks the cluster no longer has.
+        for id in self.runtime.list() {
+            if !st.tasks.contains_key(&id) && !self.stopping.lock().expect("lock").contains(&id) {
+                self.resolver.detach(&id).await;
+                self.dns_views.remove(&id);
+                self.started.remove(&id);
+                if let Err(e) = self
+                    .runtime
+                    .destroy(&id, Duration::from_secs(self.cfg.kill_timeout_secs))
+                    .await
+                {
+                    errors.push(format!("removing stale task {id}: {e:#}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The agent's HTTP/JSON API on a unix socket (mode 0600). All validation happens here and
+//! in [`crate::cluster`]; a refused request changes nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::agent::NodeReport;
+use crate::cluster::{Cluster, ClusterError, NetworkCreate, ServiceCreate, ServiceUpdate};
+use crate::store::StoreError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub cluster: Cluster,
+    pub node_id: String,
+    pub node_name: String,
+    pub report: Arc<Mutex<NodeReport>>,
+    pub netns_prefix: String,
+    pub tasks_dir: PathBuf,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        let code = match &e {
+            ClusterError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
+            ClusterError::Conflict(_) => StatusCode::CONFLICT,
+            ClusterError::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let code = match &r {
+            JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(code, format!("invalid request body: {}", r.body_text()))
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v).map_err(ApiError::from)
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/networks", get(networks).post(network_create))
+        .route("/v1/networks/{name}", get(network_get).delete(network_rm))
+        .route("/v1/services", get(services).post(service_create))
+        .route("/v1/services/{name}", get(service_get).delete(service_rm))
+        .route("/v1/services/{name}/update", post(service_update))
+        .route("/v1/services/{name}/tasks", get(service_tasks))
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/tasks/{what}", get(task_get))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/node", get(node_inspect))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Binds the socket (refusing to steal one a live agent serves) and serves in the background.
+pub async fn serve(path: &Path, state: ApiState) -> anyhow::Result<JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!("another agent is already serving {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let app = router(state);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    }))
+}
+
+async fn info(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    Json(
+        json!({ "node_id": s.node_id, "node_name": s.node_name, "version": env!("CARGO_PKG_VERSION") }),
+    )
+}
+
+async fn networks(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Network>> {
+    Ok(Json(s.cluster.networks().await?))
+}
+
+async fn network_create(
+    State(s): State<ApiState>,
+    b: Result<Json<NetworkCreate>, JsonRejection>,
+) -> ApiResult<crate::model::Network> {
+    Ok(Json(s.cluster.create_network(body(b)?).await?))
+}
+
+async fn network_get(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<crate::model::Network> {
+    Ok(Json(s.cluster.network(&name).await?))
+}
+
+async fn network_rm(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    s.cluster.remove_network(&name).await?;
+    Ok(Json(json!({ "removed": name })))
+}
+
+async fn services(State(s): State<ApiState>) -> ApiResult<Vec<ServiceStatus>> {
+    let tasks = s.cluster.tasks().await?;
+    let out = s
+        .cluster
+        .services()
+        .await?
+        .into_iter()
+        .map(|svc| ServiceStatus::new(svc, &tasks))
+        .collect();
+    Ok(Json(out))
+}
+
+/// A service with its running count, as `service ls` shows it.
+#[derive(Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    #[serde(flatten)]
+    pub service: crate::model::Service,
+    pub running: usize,
+}
+
+impl ServiceStatus {
+    fn new(service: crate::model::Service, tasks: &[crate::model::Task]) -> Self {
+        let running = tasks
+            .iter()
+            .filter(|t| t.service_id == service.id && t.is_serving())
+            .count();
+        ServiceStatus { service, running }
+    }
+}
+
+async fn service_create(
+    State(s): State<ApiState>,
+    b: Result<Json<ServiceCreate>, JsonRejection>,
+) -> ApiResult<crate::model::Service> {
+    Ok(Json(s.cluster.create_service(body(b)?).await?))
+}
+
+async fn service_get(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<ServiceStatus> {
+    let svc = s.cluster.service(&name).await?;
+    let tasks = s.cluster.tasks().await?;
+    Ok(Json(ServiceStatus::new(svc, &tasks)))
+}
+
+async fn service_update(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    b: Result<Json<ServiceUpdate>, JsonRejection>,
+) -> ApiResult<crate::model::Service> {
+    Ok(Json(s.cluster.update_service(&name, body(b)?).await?))
+}
+
+async fn service_rm(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    s.cluster.remove_service(&name).await?;
+    Ok(Json(json!({ "removed": name })))
+}
+
+async fn service_tasks(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Vec<crate::model::Task>> {
+    Ok(Json(s.cluster.service_tasks(&name).await?))
+}
+
+async fn tasks(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Task>> {
+    Ok(Json(s.cluster.tasks().await?))
+}
+
+/// A task and where its sandbox lives on this node (for `lab exec`).
+#[derive(Serialize, serde::Deserialize)]
+pub struct TaskLocation {
+    pub task: crate::model::Task,
+    pub local: bool,
+    pub netns: String,
+    pub resolv_conf: PathBuf,
+    pub hostname: String,
+}
+
+async fn task_get(
+    State(s): State<ApiState>,
+    UrlPath(what): UrlPath<String>,
+) -> ApiResult<TaskLocation> {
+    let task = s.cluster.find_task(&what).await?;
+    let (resolv_conf, _) = crate::runtime::ProcessRuntime::task_files(&s.tasks_dir, &task.id);
+    Ok(Json(TaskLocation {
+        local: task.node_id == s.node_id,
+        netns: crate::runtime::task_netns(&s.netns_prefix, &task.id),
+        resolv_conf,
+        hostname: task.hostname(),
+        task,
+    }))
+}
+
+async fn nodes(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Node>> {
+    Ok(Json(s.cluster.nodes().await?))
+}
+
+async fn node_inspect(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let r = s.report.lock().expect("lock").clone();
+    Json(json!({ "node_id": s.node_id, "node_name": s.node_name, "report": r }))
+}

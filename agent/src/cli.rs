@@ -1,0 +1,616 @@
+//! The docker-like command line. Every command but `agent`, `whoami`, `lab` and `version`
+//! is a client of the local agent's API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::api::{ServiceStatus, TaskLocation};
+use crate::client::{Client, seg, socket_path};
+use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
+use crate::config::StoreKind;
+use crate::model::{EndpointMode, Network, Node, PortConfig, Service, Task};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Service discovery and load balancing for containers: embedded DNS, VIPs, overlay networks"
+)]
+pub struct Cli {
+    /// The agent's API socket (unix:///path or a path)
+    #[arg(short = 'H', long = "host", env = "SHOAL_HOST", global = true)]
+    pub host: Option<String>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Manage overlay networks
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage services
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Show nodes
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Run the node agent
+    Agent(AgentArgs),
+    /// Built-in HTTP/UDP echo server reporting who answered and whom it saw
+    Whoami {
+        /// TCP port of the HTTP server
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// UDP port of the echo (default: the TCP port)
+        #[arg(long)]
+        udp_port: Option<u16>,
+    },
+    /// A whole cluster on this machine, from network namespaces
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Print the version
+    Version,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Configuration file (TOML)
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct FormatArg {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    /// Create a network
+    Create {
+        /// Driver (only overlay)
+        #[arg(long, default_value = "overlay")]
+        driver: String,
+        /// Subnet in CIDR form (default: the next free /24 of 10.0.0.0/8)
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Gateway address (default: the subnet's first address)
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Allow standalone containers to attach
+        #[arg(long)]
+        attachable: bool,
+        /// No way out of the network, no forwarded DNS
+        #[arg(long)]
+        internal: bool,
+        name: String,
+    },
+    /// List networks
+    Ls(FormatArg),
+    /// Show a network
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Remove a network (refused while a service uses it)
+    Rm { names: Vec<String> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Create a service
+    Create(ServiceCreateArgs),
+    /// List services
+    Ls(FormatArg),
+    /// List a service's tasks
+    Ps {
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Show a service
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Set replica counts: NAME=N ...
+    Scale {
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Change a service
+    Update {
+        name: String,
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Add a published port (same syntax as --publish)
+        #[arg(long)]
+        publish_add: Vec<String>,
+        /// Remove a published port: PORT or PORT/PROTO
+        #[arg(long)]
+        publish_rm: Vec<String>,
+    },
+    /// Remove services
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceCreateArgs {
+    #[arg(long)]
+    pub name: String,
+    /// NET[,alias=ALIAS]... (repeatable)
+    #[arg(long)]
+    pub network: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    #[arg(long, default_value = "vip")]
+    pub endpoint_mode: String,
+    /// published=P,target=T[,protocol=tcp|udp][,mode=ingress|host] (repeatable)
+    #[arg(long)]
+    pub publish: Vec<String>,
+    /// P:T[/udp] (repeatable)
+    #[arg(short = 'p')]
+    pub p: Vec<String>,
+    /// KEY=VALUE (repeatable)
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// The command each task runs
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List nodes
+    Ls(FormatArg),
+    /// What this node's agent has programmed, and its last error
+    Inspect,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCmd {
+    /// Build a lab cluster
+    Up {
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        #[arg(long, value_enum, default_value_t = StoreArg::Embedded)]
+        store: StoreArg,
+        /// Lab name (several labs can run side by side)
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+    },
+    /// Remove everything the lab made
+    Down {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+    },
+    /// Show the lab
+    Status {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+    },
+    /// Run a command in a task (web.1), a node (node1) or the client
+    Exec {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum StoreArg {
+    Embedded,
+    Etcd,
+}
+
+/// `NET[,alias=A]...`
+pub fn parse_network_attach(s: &str) -> anyhow::Result<NetworkAttach> {
+    let mut parts = s.split(',');
+    let first = parts.next().unwrap_or_default();
+    let network = first.strip_prefix("name=").unwrap_or(first).to_string();
+    if network.is_empty() {
+        bail!("invalid --network {s:?}: expected NET[,alias=ALIAS]");
+    }
+    let mut aliases = vec![];
+    for p in parts {
+        match p.split_once('=') {
+            Some(("alias", a)) => aliases.push(a.to_string()),
+            _ => bail!("invalid --network option {p:?} in {s:?}: only alias=ALIAS is known"),
+        }
+    }
+    Ok(NetworkAttach { network, aliases })
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Prints rows with columns padded to the widest cell.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
+    let c = Client::new(&socket_path(host));
+    match cmd {
+        Cmd::Network(n) => match n {
+            NetworkCmd::Create {
+                driver,
+                subnet,
+                gateway,
+                attachable,
+                internal,
+                name,
+            } => {
+                let net: Network = c
+                    .post(
+                        "/v1/networks",
+                        &NetworkCreate {
+                            name,
+                            driver: Some(driver),
+                            subnet,
+                            gateway,
+                            attachable,
+                            internal,
+                        },
+                    )
+                    .await?;
+                println!("{}", net.id);
+            }
+            NetworkCmd::Ls(f) => {
+                let nets: Vec<Network> = c.get("/v1/networks").await?;
+                if f.format == Format::Json {
+                    return print_json(&nets);
+                }
+                table(
+                    &[
+                        "NETWORK ID",
+                        "NAME",
+                        "DRIVER",
+                        "SUBNET",
+                        "GATEWAY",
+                        "VNI",
+                        "FLAGS",
+                    ],
+                    nets.iter()
+                        .map(|n| {
+                            let mut flags = vec![];
+                            if n.ingress {
+                                flags.push("ingress")
+                            }
+                            if n.internal {
+                                flags.push("internal")
+                            }
+                            if n.attachable {
+                                flags.push("attachable")
+                            }
+                            vec![
+                                n.id[..12].to_string(),
+                                n.name.clone(),
+                                n.driver.clone(),
+                                n.subnet.to_string(),
+                                n.gateway.to_string(),
+                                n.vni.to_string(),
+                                flags.join(","),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            NetworkCmd::Inspect { name, format: _ } => {
+                let net: Network = c.get(&format!("/v1/networks/{}", seg(&name))).await?;
+                print_json(&net)?;
+            }
+            NetworkCmd::Rm { names } => {
+                for n in names {
+                    let _: serde_json::Value =
+                        c.delete(&format!("/v1/networks/{}", seg(&n))).await?;
+                    println!("{n}");
+                }
+            }
+        },
+        Cmd::Service(s) => match s {
+            ServiceCmd::Create(a) => {
+                let mut ports = vec![];
+                for p in a.publish.iter().chain(a.p.iter()) {
+                    ports.push(PortConfig::parse(p)?);
+                }
+                let networks = a
+                    .network
+                    .iter()
+                    .map(|n| parse_network_attach(n))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let endpoint_mode: EndpointMode = a.endpoint_mode.parse()?;
+                let req = ServiceCreate {
+                    name: a.name,
+                    networks,
+                    replicas: a.replicas,
+                    endpoint_mode,
+                    ports,
+                    command: a.command,
+                    env: a.env,
+                };
+                let svc: Service = c.post("/v1/services", &req).await?;
+                println!("{}", svc.id);
+            }
+            ServiceCmd::Ls(f) => {
+                let svcs: Vec<ServiceStatus> = c.get("/v1/services").await?;
+                if f.format == Format::Json {
+                    return print_json(&svcs);
+                }
+                table(
+                    &["ID", "NAME", "MODE", "REPLICAS", "PORTS", "VIPS"],
+                    svcs.iter()
+                        .map(|s| {
+                            let v = &s.service;
+                            vec![
+                                v.id[..12].to_string(),
+                                v.name.clone(),
+                                format!(
+                                    "replicated/{}",
+                                    match v.endpoint_mode {
+                                        EndpointMode::Vip => "vip",
+                                        EndpointMode::Dnsrr => "dnsrr",
+                                    }
+                                ),
+                                format!("{}/{}", s.running, v.replicas),
+                                v.ports
+                                    .iter()
+                                    .map(|p| p.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                v.networks
+                                    .iter()
+                                    .filter_map(|n| n.vip.map(|ip| format!("{}:{ip}", n.network)))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            ServiceCmd::Ps { name, format } => {
+                let tasks: Vec<Task> = c.get(&format!("/v1/services/{}/tasks", seg(&name))).await?;
+                let nodes: Vec<Node> = c.get("/v1/nodes").await?;
+                if format.format == Format::Json {
+                    return print_json(&tasks);
+                }
+                table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "NODE",
+                        "DESIRED STATE",
+                        "CURRENT STATE",
+                        "ADDRESSES",
+                        "ERROR",
+                    ],
+                    tasks
+                        .iter()
+                        .map(|t| {
+                            let node = nodes
+                                .iter()
+                                .find(|n| n.id == t.node_id)
+                                .map(|n| n.name.clone())
+                                .unwrap_or_else(|| t.node_id.clone());
+                            vec![
+                                t.id[..12].to_string(),
+                                t.name(),
+                                node,
+                                t.desired_state.to_string(),
+                                t.state.to_string(),
+                                t.networks
+                                    .iter()
+                                    .map(|n| format!("{}={}", n.network, n.ip))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                t.error.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            ServiceCmd::Inspect { name, format: _ } => {
+                let s: ServiceStatus = c.get(&format!("/v1/services/{}", seg(&name))).await?;
+                print_json(&s)?;
+            }
+            ServiceCmd::Scale { pairs } => {
+                for p in pairs {
+                    let (name, n) = p
+                        .split_once('=')
+                        .with_context(|| format!("invalid scale {p:?}: expected NAME=REPLICAS"))?;
+                    let n: u32 = n.parse().map_err(|_| {
+                        anyhow::anyhow!("invalid replicas {n:?} for {name}: not a number")
+                    })?;
+                    let _: Service = c
+                        .post(
+                            &format!("/v1/services/{}/update", seg(name)),
+                            &ServiceUpdate {
+                                replicas: Some(n),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    println!("{name} scaled to {n}");
+                }
+            }
+            ServiceCmd::Update {
+                name,
+                replicas,
+                publish_add,
+                publish_rm,
+            } => {
+                let publish_add = publish_add
+                    .iter()
+                    .map(|p| PortConfig::parse(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let _: Service = c
+                    .post(
+                        &format!("/v1/services/{}/update", seg(&name)),
+                        &ServiceUpdate {
+                            replicas,
+                            publish_add,
+                            publish_rm,
+                        },
+                    )
+                    .await?;
+                println!("{name}");
+            }
+            ServiceCmd::Rm { names } => {
+                for n in names {
+                    let _: serde_json::Value =
+                        c.delete(&format!("/v1/services/{}", seg(&n))).await?;
+                    println!("{n}");
+                }
+            }
+        },
+        Cmd::Node(n) => match n {
+            NodeCmd::Ls(f) => {
+                let info: serde_json::Value = c.get("/v1/info").await?;
+                let nodes: Vec<Node> = c.get("/v1/nodes").await?;
+                if f.format == Format::Json {
+                    return print_json(&nodes);
+                }
+                let me = info["node_id"].as_str().unwrap_or_default().to_string();
+                table(
+                    &["ID", "NAME", "STATUS", "ADDRESS", "VERSION"],
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            vec![
+                                format!("{}{}", &n.id[..12], if n.id == me { " *" } else { "" }),
+                                n.name.clone(),
+                                format!("{:?}", n.status).to_lowercase(),
+                                n.addr.map(|a| a.to_string()).unwrap_or_default(),
+                                n.version.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            NodeCmd::Inspect => {
+                let v: serde_json::Value = c.get("/v1/node").await?;
+                print_json(&v)?;
+            }
+        },
+        _ => unreachable!("not a client command"),
+    }
+    Ok(())
+}
+
+pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up { nodes, store, name } => {
+            let store = match store {
+                StoreArg::Embedded => StoreKind::Embedded,
+                StoreArg::Etcd => StoreKind::Etcd,
+            };
+            let lab = crate::lab::up(&name, nodes, store).await?;
+            eprintln!(
+                "lab {:?} is up: {} node(s), store {:?}, client at 192.0.2.100",
+                lab.name,
+                lab.nodes.len(),
+                lab.store
+            );
+            println!("export SHOAL_HOST={}", lab.host_env());
+        }
+        LabCmd::Down { name } => {
+            let removed = crate::lab::down(&name).await?;
+            eprintln!(
+                "lab {name:?} is down ({} namespaces removed)",
+                removed.len()
+            );
+        }
+        LabCmd::Status { name } => {
+            let lab = crate::lab::Lab::load(&name)?;
+            table(
+                &["NODE", "NAMESPACE", "ADDRESS", "AGENT PID", "SOCKET"],
+                lab.nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.name.clone(),
+                            n.netns.clone(),
+                            n.addr.to_string(),
+                            n.pid.to_string(),
+                            n.socket.display().to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+            let count = shoal_netns::list()?
+                .iter()
+                .filter(|n| n.starts_with(&format!("shoal-{name}-")))
+                .count();
+            println!(
+                "namespaces: {count}   client: {}   export SHOAL_HOST={}",
+                lab.client_netns,
+                lab.host_env()
+            );
+        }
+        LabCmd::Exec {
+            name,
+            target,
+            command,
+        } => {
+            let lab = crate::lab::Lab::load(&name)?;
+            let t = crate::lab::resolve_target(&lab, &target).await?;
+            return Err(crate::lab::exec(t, &command));
+        }
+    }
+    Ok(())
+}
+
+/// Used by tests: the location of a task as the API gives it.
+pub async fn task_location(host: &str, what: &str) -> anyhow::Result<TaskLocation> {
+    Client::new(&socket_path(Some(host)))
+        .get(&format!("/v1/tasks/{}", seg(what)))
+        .await
+}

@@ -1,0 +1,122 @@
+//! The CLI's client for the agent API (HTTP/1.1 over a unix socket).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+
+/// Where the agent is: `-H/--host` or `SHOAL_HOST`, as `unix:///path` or a plain path.
+pub fn socket_path(host: Option<&str>) -> PathBuf {
+    match host {
+        Some(h) => PathBuf::from(h.strip_prefix("unix://").unwrap_or(h)),
+        None => PathBuf::from(DEFAULT_SOCKET),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Client {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
+            anyhow!(
+                "cannot reach the shoal agent at {} ({e}): is the agent running? (set -H/--host or SHOAL_HOST)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to the agent")?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "shoal")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("talking to the agent")?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the agent's answer")?
+            .to_bytes();
+        Ok((status, bytes.to_vec()))
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let (status, bytes) = self.call(method, path, body).await?;
+        if !(200..300).contains(&status) {
+            let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).to_string());
+            bail!("{msg}");
+        }
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "unexpected answer from the agent: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.json(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.json(Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.json(Method::DELETE, path, None).await
+    }
+}
+
+/// Percent-encodes a path segment (names are validated, but be safe for any input).
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

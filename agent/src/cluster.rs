@@ -1,0 +1,834 @@
+//! Cluster operations on the store: every write is one transaction; every allocation is a
+//! key created only if absent (compare-and-swap), retried on conflict with fresh reads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::alloc;
+use crate::model::{
+    EndpointMode, Invalid, Network, Node, PortConfig, Protocol, PublishMode, Service,
+    ServiceNetwork, Task, TaskState, invalid, new_id, parse_subnet, validate_name,
+};
+use crate::store::{Compare, KeyValue, Op, Store, StoreError};
+
+pub const ROOT: &str = "/shoal/";
+pub const NETWORKS: &str = "/shoal/networks/";
+pub const SERVICES: &str = "/shoal/services/";
+pub const TASKS: &str = "/shoal/tasks/";
+pub const NODES: &str = "/shoal/nodes/";
+pub const ALLOC_SUBNETS: &str = "/shoal/alloc/subnets";
+pub const ALLOC_VNI: &str = "/shoal/alloc/vni/";
+pub const ALLOC_IP: &str = "/shoal/alloc/ip/";
+pub const ALLOC_PORT: &str = "/shoal/alloc/port/";
+/// Per network: the address handed out last (a hint for serial allocation, not a claim).
+pub const ALLOC_IP_CURSOR: &str = "/shoal/alloc/ipcursor/";
+
+const MAX_RETRIES: usize = 64;
+
+/// A short random pause before retrying a transaction that lost a race, so that racing
+/// writers spread out instead of colliding again.
+async fn backoff(attempt: usize) {
+    let ms = rand::random_range(1..=(2 + 2 * attempt as u64).min(50));
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+/// Errors of cluster operations, mapped to HTTP status codes by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+pub fn ip_key(network_id: &str, ip: Ipv4Addr) -> String {
+    format!("{ALLOC_IP}{network_id}/{ip}")
+}
+pub fn port_key(proto: Protocol, port: u16) -> String {
+    format!("{ALLOC_PORT}{proto}/{port}")
+}
+pub fn vni_key(vni: u32) -> String {
+    format!("{ALLOC_VNI}{vni}")
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("model types serialise")
+}
+pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)).into())
+}
+
+/// A request to create a network (what the CLI sends).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub attachable: bool,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+/// `--network NET[,alias=A]...`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkAttach {
+    pub network: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCreate {
+    pub name: String,
+    #[serde(default)]
+    pub networks: Vec<NetworkAttach>,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceUpdate {
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub publish_add: Vec<PortConfig>,
+    /// Published ports to remove (any protocol), or `PORT/PROTO`.
+    #[serde(default)]
+    pub publish_rm: Vec<String>,
+}
+
+pub const MAX_REPLICAS: u32 = 10_000;
+
+/// The cluster's operations, over any store backend.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub store: Arc<dyn Store>,
+}
+
+impl Cluster {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Cluster { store }
+    }
+
+    async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(T, i64)>> {
+        let snap = self.store.list(prefix).await?;
+        snap.kvs
+            .iter()
+            .map(|kv| Ok((decode(kv)?, kv.mod_revision)))
+            .collect()
+    }
+
+    pub async fn networks(&self) -> Result<Vec<Network>> {
+        Ok(self
+            .list(NETWORKS)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+    pub async fn services(&self) -> Result<Vec<Service>> {
+        Ok(self
+            .list(SERVICES)
+            .await?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
+    }
+    pub async fn tasks(&self) -> Result<Vec<Task>> {
+        Ok(self
+            .list(TASKS)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
+    }
+    pub async fn nodes(&self) -> Result<Vec<Node>> {
+        Ok(self
+            .list(NODES)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>> {
+        match self.store.get(key).await? {
+            Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn network(&self, name: &str) -> Result<Network> {
+        self.get(&format!("{NETWORKS}{name}"))
+            .await?
+            .map(|(n, _)| n)
+            .ok_or_else(|| ClusterError::NotFound(format!("network {name:?} not found")))
+    }
+
+    pub async fn service(&self, name: &str) -> Result<Service> {
+        self.get(&format!("{SERVICES}{name}"))
+            .await?
+            .map(|(s, _)| s)
+            .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))
+    }
+
+    /// Creates a network. Refuses bad names and CIDRs, duplicates and overlapping subnets.
+    pub async fn create_network(&self, req: NetworkCreate) -> Result<Network> {
+        validate_name("network", &req.name)?;
+        match req.driver.as_deref() {
+            None | Some("overlay") => {}
+            Some(d) => {
+                return Err(
+                    invalid(format!("unsupported network driver {d:?}: only overlay")).into(),
+                );
+            }
+        }
+        let subnet = req.subnet.as_deref().map(parse_subnet).transpose()?;
+        let gateway: Option<Ipv4Addr> = match req.gateway.as_deref() {
+            Some(g) => Some(g.parse().map_err(|_| {
+                invalid(format!("invalid gateway {g:?}: expected an IPv4 address"))
+            })?),
+            None => None,
+        };
+        if gateway.is_some() && subnet.is_none() {
+            return Err(invalid("--gateway needs --subnet").into());
+        }
+        let ingress_net: Ipv4Net = alloc::INGRESS_SUBNET.parse().expect("constant");
+        let key = format!("{NETWORKS}{}", req.name);
+        for attempt in 0..MAX_RETRIES {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            if self.store.get(&key).await?.is_some() {
+                return Err(ClusterError::Conflict(format!(
+                    "network {:?} already exists",
+                    req.name
+                )));
+            }
+            let subnets_kv = self.store.get(ALLOC_SUBNETS).await?;
+            let used: Vec<Ipv4Net> = match &subnets_kv {
+                Some(kv) => decode(kv)?,
+                None => vec![],
+            };
+            let subnet = match subnet {
+                Some(s) => {
+                    if let Some(u) = used.iter().find(|u| alloc::overlaps(u, &s)) {
+                        return Err(ClusterError::Conflict(format!(
+                            "subnet {s} overlaps {u}, already used by another network"
+                        )));
+                    }
+                    if alloc::overlaps(&s, &ingress_net) {
+                        return Err(ClusterError::Conflict(format!(
+                            "subnet {s} overlaps {ingress_net}, reserved for the ingress network"
+                        )));
+                    }
+                    s
+                }
+                None => alloc::pick_subnet(
+                    alloc::DEFAULT_POOL.parse().expect("constant"),
+                    alloc::DEFAULT_POOL_PREFIX,
+                    &used,
+                    &[ingress_net],
+                )
+                .ok_or_else(|| {
+                    ClusterError::Conflict(
+                        "the default address pool 10.0.0.0/8 is exhausted: give --subnet".into(),
+                    )
+                })?,
+            };
+            let gateway = match gateway {
+                Some(g) => {
+                    if !subnet.contains(&g) || g == subnet.network() || g == subnet.broadcast() {
+                        return Err(invalid(format!(
+                            "gateway {g} is not a host address of subnet {subnet}"
+                        ))
+                        .into());
+                    }
+                    g
+                }
+                None => alloc::default_gateway(&subnet),
+            };
+            let vnis: HashSet<u32> = self
+                .store
+                .list(ALLOC_VNI)
+                .await?
+                .kvs
+                .iter()
+                .filter_map(|kv| kv.key[ALLOC_VNI.len()..].parse().ok())
+                .collect();
+            let vni = alloc::pick_vni(&vnis)
+                .ok_or_else(|| ClusterError::Conflict("no VNI left".into()))?;
+            let id = new_id();
+            let net = Network {
+                id: id.clone(),
+                name: req.name.clone(),
+                driver: "overlay".into(),
+                subnet,
+                gateway,
+                vni,
+                attachable: req.attachable,
+                internal: req.internal,
+                ingress: false,
+            };
+            let mut subnets = used.clone();
+            subnets.push(subnet);
+            let subnets_cmp = match &subnets_kv {
+                Some(kv) => Compare::ModRevision(ALLOC_SUBNETS.into(), kv.mod_revision),
+                None => Compare::Absent(ALLOC_SUBNETS.into()),
+            };
+            let res = self
+                .store
+                .txn(
+                    vec![
+                        Compare::Absent(key.clone()),
+                        Compare::Absent(vni_key(vni)),
+                        subnets_cmp,
+                        Compare::Absent(ip_key(&id, gateway)),
+                    ],
+                    vec![
+                        Op::Put(key.clone(), encode(&net)),
+                        Op::Put(vni_key(vni), id.clone().into_bytes()),
+                        Op::Put(ALLOC_SUBNETS.into(), encode(&subnets)),
+                        Op::Put(ip_key(&id, gateway), b"gateway".to_vec()),
+                    ],
+                )
+                .await?;
+            if res.succeeded {
+                return Ok(net);
+            }
+        }
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
+    }
+
+    /// Removes a network; refused while a service uses it.
+    pub async fn remove_network(&self, name: &str) -> Result<()> {
+        let key = format!("{NETWORKS}{name}");
+        for attempt in 0..MAX_RETRIES {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let (net, rev): (Network, i64) = self
+                .get(&key)
+                .await?
+                .ok_or_else(|| ClusterError::NotFound(format!("network {name:?} not found")))?;
+            let users: Vec<String> = self
+                .services()
+                .await?
+                .into_iter()
+                .filter(|s| s.networks.iter().any(|n| n.network_id == net.id))
+                .map(|s| s.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(ClusterError::Conflict(format!(
+                    "network {name:?} is in use by service(s) {}",
+                    users.join(", ")
+                )));
+            }
+            if self
+                .tasks()
+                .await?
+                .iter()
+                .any(|t| t.networks.iter().any(|n| n.network_id == net.id))
+            {
+                return Err(ClusterError::Conflict(format!(
+                    "network {name:?} still has tasks shutting down; try again in a moment"
+                )));
+            }
+            let subnets_kv = self.store.get(ALLOC_SUBNETS).await?;
+            let mut ops = vec![
+                Op::Delete(key.clone()),
+                Op::Delete(vni_key(net.vni)),
+                Op::DeletePrefix(format!("{ALLOC_IP}{}/", net.id)),
+                Op::Delete(format!("{ALLOC_IP_CURSOR}{}", net.id)),
+            ];
+            let mut cmps = vec![Compare::ModRevision(key.clone(), rev)];
+            if let Some(kv) = &subnets_kv {
+                let mut subnets: Vec<Ipv4Net> = decode(kv)?;
+                subnets.retain(|s| *s != net.subnet);
+                ops.push(Op::Put(ALLOC_SUBNETS.into(), encode(&subnets)));
+                cmps.push(Compare::ModRevision(ALLOC_SUBNETS.into(), kv.mod_revision));
+            }
+            if self.store.txn(cmps, ops).await?.succeeded {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
+    }
+
+    /// Creates a service: validates, allocates VIPs and published ports in one transaction.
+    pub async fn create_service(&self, req: ServiceCreate) -> Result<Service> {
+        validate_name("service", &req.name)?;
+        if req.command.is_empty() {
+            return Err(invalid("service create needs a command (after --)").into());
+        }
+        if req.replicas > MAX_REPLICAS {
+            return Err(invalid(format!(
+                "replicas {} is more than the maximum {MAX_REPLICAS}",
+                req.replicas
+            ))
+            .into());
+        }
+        for e in &req.env {
+            if !e.contains('=') || e.starts_with('=') {
+                return Err(invalid(format!("invalid --env {e:?}: expected KEY=VALUE")).into());
+            }
+        }
+        let mut seen = HashSet::new();
+        for a in &req.networks {
+            if !seen.insert(a.network.as_str()) {
+                return Err(invalid(format!("network {:?} given twice", a.network)).into());
+            }
+            for alias in &a.aliases {
+                validate_name("alias", alias)?;
+            }
+        }
+        check_ports(&req.ports)?;
+        let key = format!("{SERVICES}{}", req.name);
+        for attempt in 0..MAX_RETRIES {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            if self.store.get(&key).await?.is_some() {
+                return Err(ClusterError::Conflict(format!(
+                    "service {:?} already exists",
+                    req.name
+                )));
+            }
+            let mut cmps = vec![Compare::Absent(key.clone())];
+            let mut ops = vec![];
+            let id = new_id();
+            let mut networks = vec![];
+            for a in &req.networks {
+                let (net, rev): (Network, i64) = self
+                    .get(&format!("{NETWORKS}{}", a.network))
+                    .await?
+                    .ok_or_else(|| {
+                        ClusterError::NotFound(format!("network {:?} not found", a.network))
+                    })?;
+                if net.ingress {
+                    return Err(invalid(format!("network {:?} is the ingress network; publish ports instead of attaching to it", a.network)).into());
+                }
+                cmps.push(Compare::ModRevision(
+                    format!("{NETWORKS}{}", a.network),
+                    rev,
+                ));
+                let vip = if req.endpoint_mode == EndpointMode::Vip {
+                    Some(
+                        self.claim_ip(&net, &format!("vip:{id}"), &mut cmps, &mut ops)
+                            .await?,
+                    )
+                } else {
+                    None
+                };
+                networks.push(ServiceNetwork {
+                    network: net.name.clone(),
+                    network_id: net.id.clone(),
+                    aliases: a.aliases.clone(),
+                    vip,
+                });
+            }
+            let ports = self
+                .claim_ports(&id, &req.ports, &mut cmps, &mut ops)
+                .await?;
+            let svc = Service {
+                id,
+                name: req.name.clone(),
+                networks,
+                replicas: req.replicas,
+                endpoint_mode: req.endpoint_mode,
+                ports,
+                command: req.command.clone(),
+                env: req.env.clone(),
+            };
+            ops.push(Op::Put(key.clone(), encode(&svc)));
+            if self.store.txn(cmps, ops).await?.succeeded {
+                return Ok(svc);
+            }
+        }
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
+    }
+
+    /// Picks a free address of the network and adds its claim (and the cursor hint) to a
+    /// transaction.
+    async fn claim_ip(
+        &self,
+        net: &Network,
+        owner: &str,
+        cmps: &mut Vec<Compare>,
+        ops: &mut Vec<Op>,
+    ) -> Result<Ipv4Addr> {
+        let cursor_key = format!("{ALLOC_IP_CURSOR}{}", net.id);
+        // Several claims on one network in one transaction continue from the last one.
+        let pending = ops.iter().rev().find_map(|op| match op {
+            Op::Put(k, v) if *k == cursor_key => String::from_utf8_lossy(v).parse().ok(),
+            _ => None,
+        });
+        let after = match pending {
+            Some(ip) => Some(ip),
+            None => self
+                .store
+                .get(&cursor_key)
+                .await?
+                .and_then(|kv| String::from_utf8_lossy(&kv.value).parse().ok()),
+        };
+        let mut used = self.used_ips(net).await?;
+        for op in ops.iter() {
+            if let Op::Put(k, _) = op
+                && let Some(ip) = k
+                    .strip_prefix(&format!("{ALLOC_IP}{}/", net.id))
+                    .and_then(|s| s.parse().ok())
+            {
+                used.insert(ip);
+            }
+        }
+        let ip = alloc::pick_ip_after(&net.subnet, net.gateway, &used, after).ok_or_else(|| {
+            ClusterError::Conflict(format!(
+                "network {:?} ({}) has no free address left",
+                net.name, net.subnet
+            ))
+        })?;
+        cmps.push(Compare::Absent(ip_key(&net.id, ip)));
+        ops.push(Op::Put(ip_key(&net.id, ip), owner.as_bytes().to_vec()));
+        ops.push(Op::Put(cursor_key, ip.to_string().into_bytes()));
+        Ok(ip)
+    }
+
+    async fn used_ips(&self, net: &Network) -> Result<HashSet<Ipv4Addr>> {
+        let used: HashSet<Ipv4Addr> = self
+            .store
+            .list(&format!("{ALLOC_IP}{}/", net.id))
+            .await?
+            .kvs
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
+            .collect();
+        Ok(used)
+    }
+
+    /// Adds claims for ingress ports (auto-picking `published: 0`) to a transaction.
+    async fn claim_ports(
+        &self,
+        service_id: &str,
+        ports: &[PortConfig],
+        cmps: &mut Vec<Compare>,
+        ops: &mut Vec<Op>,
+    ) -> Result<Vec<PortConfig>> {
+        let taken = self.store.list(ALLOC_PORT).await?;
+        let owner_of = |p: Protocol, port: u16| {
+            taken
+                .kvs
+                .iter()
+                .find(|kv| kv.key == port_key(p, port))
+                .map(|kv| String::from_utf8_lossy(&kv.value).to_string())
+        };
+        let mut used: HashSet<(Protocol, u16)> = taken
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let rest = &kv.key[ALLOC_PORT.len()..];
+                let (proto, port) = rest.split_once('/')?;
+                Some((proto.parse().ok()?, port.parse().ok()?))
+            })
+            .collect();
+        let mut out = vec![];
+        for p in ports {
+            let mut p = *p;
+            if p.mode == PublishMode::Ingress {
+                if p.published == 0 {
+                    let free: HashSet<u16> = used
+                        .iter()
+                        .filter(|(pr, _)| *pr == p.protocol)
+                        .map(|(_, port)| *port)
+                        .collect();
+                    p.published = alloc::pick_port(&free).ok_or_else(|| {
+                        ClusterError::Conflict("no free port left in 30000-32767".into())
+                    })?;
+                } else if let Some(owner) = owner_of(p.protocol, p.published) {
+                    if owner != service_id {
+                        return Err(ClusterError::Conflict(format!(
+                            "port {}/{} is already published by another service",
+                            p.published, p.protocol
+                        )));
+                    }
+                    out.push(p);
+                    continue;
+                }
+                used.insert((p.protocol, p.published));
+                cmps.push(Compare::Absent(port_key(p.protocol, p.published)));
+                ops.push(Op::Put(
+                    port_key(p.protocol, p.published),
+                    service_id.as_bytes().to_vec(),
+                ));
+            } else if owner_of(p.protocol, p.published).is_some_and(|o| o != service_id) {
+                return Err(ClusterError::Conflict(format!(
+                    "port {}/{} is already published in ingress mode by another service",
+                    p.published, p.protocol
+                )));
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Scales and changes published ports.
+    pub async fn update_service(&self, name: &str, upd: ServiceUpdate) -> Result<Service> {
+        if let Some(r) = upd.replicas
+            && r > MAX_REPLICAS
+        {
+            return Err(invalid(format!(
+                "replicas {r} is more than the maximum {MAX_REPLICAS}"
+            ))
+            .into());
+        }
+        let key = format!("{SERVICES}{name}");
+        for attempt in 0..MAX_RETRIES {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let (mut svc, rev): (Service, i64) = self
+                .get(&key)
+                .await?
+                .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))?;
+            let mut cmps = vec![Compare::ModRevision(key.clone(), rev)];
+            let mut ops = vec![];
+            if let Some(r) = upd.replicas {
+                svc.replicas = r;
+            }
+            for rm in &upd.publish_rm {
+                let (port, proto) = match rm.split_once('/') {
+                    Some((p, pr)) => (p, Some(pr.parse::<Protocol>()?)),
+                    None => (rm.as_str(), None),
+                };
+                let port: u16 = port.parse().map_err(|_| {
+                    invalid(format!(
+                        "invalid --publish-rm {rm:?}: expected PORT[/PROTO]"
+                    ))
+                })?;
+                let before = svc.ports.len();
+                let (gone, kept): (Vec<PortConfig>, Vec<PortConfig>) =
+                    svc.ports.iter().copied().partition(|p| {
+                        p.published == port && proto.is_none_or(|pr| pr == p.protocol)
+                    });
+                if gone.is_empty() {
+                    return Err(ClusterError::NotFound(format!(
+                        "service {name:?} does not publish port {rm}"
+                    )));
+                }
+                for p in &gone {
+                    if p.mode == PublishMode::Ingress {
+                        ops.push(Op::Delete(port_key(p.protocol, p.published)));
+                    }
+                }
+                svc.ports = kept;
+                debug_assert!(svc.ports.len() < before);
+            }
+            if !upd.publish_add.is_empty() {
+                let mut all = svc.ports.clone();
+                all.extend(upd.publish_add.iter().copied());
+                check_ports(&all)?;
+                let added = self
+                    .claim_ports(&svc.id, &upd.publish_add, &mut cmps, &mut ops)
+                    .await?;
+                svc.ports.extend(added);
+            }
+            ops.push(Op::Put(key.clone(), encode(&svc)));
+            if self.store.txn(cmps, ops).await?.succeeded {
+                return Ok(svc);
+            }
+        }
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
+    }
+
+    /// Removes a service and releases its VIPs and ports; its tasks are shut down by the
+    /// orchestrator and removed by their nodes.
+    pub async fn remove_service(&self, name: &str) -> Result<()> {
+        let key = format!("{SERVICES}{name}");
+        for attempt in 0..MAX_RETRIES {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let (svc, rev): (Service, i64) = self
+                .get(&key)
+                .await?
+                .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))?;
+            let mut ops = vec![Op::Delete(key.clone())];
+            for n in &svc.networks {
+                if let Some(vip) = n.vip {
+                    ops.push(Op::Delete(ip_key(&n.network_id, vip)));
+                }
+            }
+            for p in &svc.ports {
+                if p.mode == PublishMode::Ingress {
+                    ops.push(Op::Delete(port_key(p.protocol, p.published)));
+                }
+            }
+            if self
+                .store
+                .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)
+                .await?
+                .succeeded
+            {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
+    }
+
+    /// Tasks of one service, sorted by slot.
+    pub async fn service_tasks(&self, name: &str) -> Result<Vec<Task>> {
+        let svc = self.service(name).await?;
+        let mut tasks: Vec<Task> = self
+            .tasks()
+            .await?
+            .into_iter()
+            .filter(|t| t.service_id == svc.id)
+            .collect();
+        tasks.sort_by_key(|t| (t.slot, t.id.clone()));
+        Ok(tasks)
+    }
+
+    /// A task by `web.1`, full name or id (the running one when a slot has several).
+    pub async fn find_task(&self, what: &str) -> Result<Task> {
+        let tasks = self.tasks().await?;
+        let mut found: Vec<&Task> = tasks
+            .iter()
+            .filter(|t| t.id == what || t.full_name() == what || t.name() == what)
+            .collect();
+        found.sort_by_key(|t| {
+            (
+                t.desired_state != TaskState::Running,
+                t.state != TaskState::Running,
+            )
+        });
+        found
+            .first()
+            .map(|t| (*t).clone())
+            .ok_or_else(|| ClusterError::NotFound(format!("task {what:?} not found")))
+    }
+
+    /// Creates a task for a slot, with one address per network, all claimed in the same
+    /// transaction as the task. Fails (returns false) if the service changed meanwhile.
+    pub async fn create_task(
+        &self,
+        svc: &Service,
+        svc_rev: i64,
+        slot: u32,
+        node_id: &str,
+        nets: &BTreeMap<String, Network>,
+    ) -> Result<Option<Task>> {
+        let id = new_id();
+        let mut cmps = vec![Compare::ModRevision(
+            format!("{SERVICES}{}", svc.name),
+            svc_rev,
+        )];
+        let mut ops = vec![];
+        let mut networks = vec![];
+        for sn in &svc.networks {
+            let Some(net) = nets.values().find(|n| n.id == sn.network_id) else {
+                return Ok(None);
+            };
+            let ip = self
+                .claim_ip(net, &format!("task:{id}"), &mut cmps, &mut ops)
+                .await?;
+            networks.push(crate::model::TaskNetwork {
+                network: net.name.clone(),
+                network_id: net.id.clone(),
+                ip,
+                mac: crate::model::mac_string(crate::model::mac_for(ip)),
+            });
+        }
+        let task = Task {
+            id: id.clone(),
+            service_id: svc.id.clone(),
+            service_name: svc.name.clone(),
+            slot,
+            node_id: node_id.to_string(),
+            desired_state: TaskState::Running,
+            state: TaskState::New,
+            networks,
+            error: None,
+        };
+        ops.push(Op::Put(format!("{TASKS}{id}"), encode(&task)));
+        cmps.push(Compare::Absent(format!("{TASKS}{id}")));
+        Ok(self.store.txn(cmps, ops).await?.succeeded.then_some(task))
+    }
+
+    /// Writes a task if it has not changed since `rev`.
+    pub async fn cas_task(&self, task: &Task, rev: i64) -> Result<bool> {
+        let key = format!("{TASKS}{}", task.id);
+        Ok(self
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                vec![Op::Put(key, encode(task))],
+            )
+            .await?
+            .succeeded)
+    }
+
+    /// Deletes a task and releases its addresses.
+    pub async fn delete_task(&self, task: &Task) -> Result<()> {
+        let mut ops = vec![Op::Delete(format!("{TASKS}{}", task.id))];
+        for n in &task.networks {
+            ops.push(Op::Delete(ip_key(&n.network_id, n.ip)));
+        }
+        self.store.txn(vec![], ops).await?;
+        Ok(())
+    }
+}
+
+/// Published ports of one service must not repeat a (published, protocol) pair.
+fn check_ports(ports: &[PortConfig]) -> std::result::Result<(), Invalid> {
+    let mut seen = HashSet::new();
+    for p in ports {
+        if p.published != 0 && !seen.insert((p.published, p.protocol)) {
+            return Err(invalid(format!(
+                "port {}/{} is published twice",
+                p.published, p.protocol
+            )));
+        }
+    }
+    Ok(())
+}

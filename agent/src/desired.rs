@@ -1,0 +1,467 @@
+//! Desired dataplane state as pure functions of the cluster model: DNS records per
+//! container view, the overlay networks of this node, and the VIP rulesets. Only this module
+//! knows both the cluster model and the narrow input types of dns, lb and mesh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use crate::model::{EndpointMode, Network, Service, Task};
+use crate::state::ClusterState;
+
+/// The nft table that holds a network's VIPs in its namespace.
+pub const LB_TABLE: &str = "shoal_lb";
+/// Container MTU on a 1500-byte underlay with VXLAN.
+pub const OVERLAY_MTU: u32 = 1450;
+
+pub fn network_netns(prefix: &str, net: &Network) -> String {
+    format!("{prefix}n-{}", &net.id[..net.id.len().min(12)])
+}
+
+/// Node-side veth of a task in a network namespace.
+pub fn host_ifname(task_id: &str) -> String {
+    format!("sv{}", &task_id[..task_id.len().min(12)])
+}
+
+/// Container-side interface of the task's `index`-th network.
+pub fn task_ifname(index: usize) -> String {
+    format!("eth{index}")
+}
+
+/// Serving tasks of a service with their address on a network.
+fn serving_ips<'a>(
+    state: &'a ClusterState,
+    svc: &'a Service,
+    network_id: &'a str,
+) -> impl Iterator<Item = (&'a Task, Ipv4Addr)> + 'a {
+    state
+        .task_list()
+        .filter(move |t| t.service_id == svc.id && t.is_serving())
+        .filter_map(move |t| {
+            t.networks
+                .iter()
+                .find(|n| n.network_id == network_id)
+                .map(|n| (t, n.ip))
+        })
+}
+
+/// A DNS view in plain data: what a container on exactly these networks may resolve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// name -> (addresses, shuffle per answer)
+    pub a: BTreeMap<String, (Vec<Ipv4Addr>, bool)>,
+    pub ptr: BTreeMap<Ipv4Addr, Vec<String>>,
+    pub forward: bool,
+}
+
+impl View {
+    fn add(&mut self, name: String, ip: Ipv4Addr, shuffle: bool) {
+        let e = self
+            .a
+            .entry(name.to_ascii_lowercase())
+            .or_insert_with(|| (vec![], shuffle));
+        if !e.0.contains(&ip) {
+            e.0.push(ip);
+        }
+        e.1 |= shuffle;
+    }
+
+    pub fn to_records(&self) -> shoal_dns::Records {
+        let mut b = shoal_dns::Records::builder();
+        for (name, (ips, shuffle)) in &self.a {
+            b.a(name, ips, *shuffle);
+        }
+        for (ip, names) in &self.ptr {
+            for n in names {
+                b.ptr(*ip, n);
+            }
+        }
+        b.forward(self.forward);
+        b.build()
+    }
+}
+
+/// The records a container attached to `network_ids` (in its attachment order) sees.
+/// Docker's names: `SVC`, `tasks.SVC`, aliases, `SVC.SLOT` and the full task name, plus the
+/// `NAME.NETWORK` qualified forms. Only serving tasks appear.
+pub fn dns_view(state: &ClusterState, network_ids: &[String]) -> View {
+    let mut v = View::default();
+    // Internal-only containers never forward (Docker: no way out of --internal networks).
+    v.forward = network_ids
+        .iter()
+        .any(|id| state.network_by_id(id).is_some_and(|n| !n.internal));
+    for net_id in network_ids {
+        let Some(net) = state.network_by_id(net_id) else {
+            continue;
+        };
+        for (svc, _) in state.services.values() {
+            let Some(sn) = svc.networks.iter().find(|n| &n.network_id == net_id) else {
+                continue;
+            };
+            let mut names = vec![svc.name.clone()];
+            names.extend(sn.aliases.iter().cloned());
+            let tasks: Vec<(&Task, Ipv4Addr)> = serving_ips(state, svc, net_id).collect();
+            for name in &names {
+                for qualified in [name.clone(), format!("{name}.{}", net.name)] {
+                    match (svc.endpoint_mode, sn.vip) {
+                        (EndpointMode::Vip, Some(vip)) => v.add(qualified.clone(), vip, false),
+                        _ => {
+                            for (_, ip) in &tasks {
+                                v.add(qualified.clone(), *ip, true);
+                            }
+                        }
+                    }
+                    for (_, ip) in &tasks {
+                        v.add(format!("tasks.{qualified}"), *ip, true);
+                    }
+                }
+            }
+            if let Some(vip) = sn.vip {
+                v.ptr
+                    .entry(vip)
+                    .or_default()
+                    .push(format!("{}.{}", svc.name, net.name));
+            }
+            for (t, ip) in &tasks {
+                for n in [t.name(), t.full_name()] {
+                    v.add(n.clone(), *ip, false);
+                    v.add(format!("{n}.{}", net.name), *ip, false);
+                }
+                v.ptr
+                    .entry(*ip)
+                    .or_default()
+                    .push(format!("{}.{}", t.full_name(), net.name));
+            }
+        }
+    }
+    // Names with no serving task still exist (NODATA rather than NXDOMAIN) only when they
+    // have a VIP; a dnsrr service without tasks has no records, as in Docker.
+    for names in v.ptr.values_mut() {
+        names.sort();
+        names.dedup();
+    }
+    v
+}
+
+/// Tasks this node holds (any state): their endpoints stay attached until destroyed.
+pub fn local_tasks<'a>(
+    state: &'a ClusterState,
+    node_id: &'a str,
+) -> impl Iterator<Item = &'a Task> + 'a {
+    state.task_list().filter(move |t| t.node_id == node_id)
+}
+
+/// The overlay networks this node must have: those with a local task that is attached
+/// (its namespace prepared). `attached(task_id)` tells whether the runtime has it.
+pub fn mesh_specs(
+    state: &ClusterState,
+    node_id: &str,
+    prefix: &str,
+    task_netns: &dyn Fn(&str) -> Option<String>,
+) -> BTreeMap<String, shoal_mesh::NetworkSpec> {
+    let mut out: BTreeMap<String, shoal_mesh::NetworkSpec> = BTreeMap::new();
+    for t in local_tasks(state, node_id) {
+        let Some(tns) = task_netns(&t.id) else {
+            continue;
+        };
+        for (i, tn) in t.networks.iter().enumerate() {
+            let Some(net) = state.network_by_id(&tn.network_id) else {
+                continue;
+            };
+            let spec = out
+                .entry(net.id.clone())
+                .or_insert_with(|| shoal_mesh::NetworkSpec {
+                    netns: network_netns(prefix, net),
+                    subnet: net.subnet,
+                    gateway: net.gateway,
+                    vips: vips_of(state, &net.id),
+                    mtu: OVERLAY_MTU,
+                    endpoints: vec![],
+                });
+            spec.endpoints.push(shoal_mesh::EndpointSpec {
+                task_netns: tns.clone(),
+                host_ifname: host_ifname(&t.id),
+                ifname: task_ifname(i),
+                ip: tn.ip,
+                mac: crate::model::mac_for(tn.ip),
+                default_route: i == 0,
+            });
+        }
+    }
+    for spec in out.values_mut() {
+        spec.endpoints
+            .sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
+    }
+    out
+}
+
+fn vips_of(state: &ClusterState, network_id: &str) -> Vec<Ipv4Addr> {
+    let set: BTreeSet<Ipv4Addr> = state
+        .services
+        .values()
+        .filter_map(|(s, _)| s.networks.iter().find(|n| n.network_id == network_id)?.vip)
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The VIP ruleset of one network on this node. A VIP forwards every TCP and UDP port to the
+/// same port of a serving task (Docker Swarm's VIP semantics: no port list needed).
+pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoal_lb::Ruleset {
+    let mut services = vec![];
+    for (svc, _) in state.services.values() {
+        let Some(sn) = svc.networks.iter().find(|n| n.network_id == network_id) else {
+            continue;
+        };
+        let Some(vip) = sn.vip else { continue };
+        let mut backends: Vec<Ipv4Addr> = serving_ips(state, svc, network_id)
+            .map(|(_, ip)| ip)
+            .collect();
+        backends.sort();
+        for protocol in [shoal_lb::Protocol::Tcp, shoal_lb::Protocol::Udp] {
+            services.push(shoal_lb::VirtualService {
+                id: svc.id[..svc.id.len().min(12)].to_string(),
+                vip,
+                protocol,
+                port: 0,
+                target_port: 0,
+                backends: backends.clone(),
+            });
+        }
+    }
+    services.sort_by(|a, b| (a.vip, a.protocol).cmp(&(b.vip, b.protocol)));
+    let mut local: Vec<Ipv4Addr> = local_tasks(state, node_id)
+        .filter_map(|t| {
+            t.networks
+                .iter()
+                .find(|n| n.network_id == network_id)
+                .map(|n| n.ip)
+        })
+        .collect();
+    local.sort();
+    shoal_lb::Ruleset {
+        table: LB_TABLE.to_string(),
+        vips: vips_of(state, network_id),
+        services,
+        local_endpoints: local,
+    }
+}
+
+/// The resolv.conf of a task: our resolver and the node's search list.
+pub fn resolv_conf(search: &[String]) -> String {
+    let mut s = String::from("# written by shoal\nnameserver 127.0.0.11\n");
+    if !search.is_empty() {
+        s.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn net(id: &str, name: &str, subnet: &str, internal: bool) -> Network {
+        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
+        Network {
+            id: id.into(),
+            name: name.into(),
+            driver: "overlay".into(),
+            subnet,
+            gateway: crate::alloc::default_gateway(&subnet),
+            vni: 4096,
+            attachable: false,
+            internal,
+            ingress: false,
+        }
+    }
+
+    fn task(
+        id: &str,
+        svc: &Service,
+        slot: u32,
+        node: &str,
+        nets: &[(&str, &str)],
+        state: TaskState,
+    ) -> Task {
+        Task {
+            id: id.into(),
+            service_id: svc.id.clone(),
+            service_name: svc.name.clone(),
+            slot,
+            node_id: node.into(),
+            desired_state: TaskState::Running,
+            state,
+            networks: nets
+                .iter()
+                .map(|(nid, ip)| TaskNetwork {
+                    network: String::new(),
+                    network_id: (*nid).into(),
+                    ip: ip.parse().unwrap(),
+                    mac: String::new(),
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    fn fixture() -> ClusterState {
+        let mut st = ClusterState::default();
+        st.networks.insert(
+            "appnet".into(),
+            net("n1aaaaaaaaaaaa", "appnet", "10.0.1.0/24", false),
+        );
+        st.networks.insert(
+            "other".into(),
+            net("n2bbbbbbbbbbbb", "other", "10.0.2.0/24", true),
+        );
+        let web = Service {
+            id: "s1".into(),
+            name: "web".into(),
+            networks: vec![ServiceNetwork {
+                network: "appnet".into(),
+                network_id: "n1aaaaaaaaaaaa".into(),
+                aliases: vec!["www".into()],
+                vip: Some("10.0.1.2".parse().unwrap()),
+            }],
+            replicas: 2,
+            endpoint_mode: EndpointMode::Vip,
+            ports: vec![],
+            command: vec!["x".into()],
+            env: vec![],
+        };
+        let db = Service {
+            id: "s2".into(),
+            name: "db".into(),
+            networks: vec![ServiceNetwork {
+                network: "other".into(),
+                network_id: "n2bbbbbbbbbbbb".into(),
+                aliases: vec![],
+                vip: None,
+            }],
+            replicas: 1,
+            endpoint_mode: EndpointMode::Dnsrr,
+            ports: vec![],
+            command: vec!["x".into()],
+            env: vec![],
+        };
+        let t1 = task(
+            "t1",
+            &web,
+            1,
+            "me",
+            &[("n1aaaaaaaaaaaa", "10.0.1.3")],
+            TaskState::Running,
+        );
+        let t2 = task(
+            "t2",
+            &web,
+            2,
+            "other-node",
+            &[("n1aaaaaaaaaaaa", "10.0.1.4")],
+            TaskState::Running,
+        );
+        let t3 = task(
+            "t3",
+            &web,
+            3,
+            "me",
+            &[("n1aaaaaaaaaaaa", "10.0.1.5")],
+            TaskState::Starting,
+        );
+        let t4 = task(
+            "t4",
+            &db,
+            1,
+            "me",
+            &[("n2bbbbbbbbbbbb", "10.0.2.3")],
+            TaskState::Running,
+        );
+        st.services.insert("web".into(), (web, 1));
+        st.services.insert("db".into(), (db, 1));
+        for t in [t1, t2, t3, t4] {
+            st.tasks.insert(t.id.clone(), (t, 1));
+        }
+        st
+    }
+
+    fn ips(v: &View, name: &str) -> Vec<String> {
+        let mut r: Vec<String> =
+            v.a.get(name)
+                .map(|(ips, _)| ips.iter().map(|i| i.to_string()).collect())
+                .unwrap_or_default();
+        r.sort();
+        r
+    }
+
+    #[test]
+    fn view_has_docker_names_for_own_networks_only() {
+        let st = fixture();
+        let v = dns_view(&st, &["n1aaaaaaaaaaaa".into()]);
+        assert_eq!(ips(&v, "web"), ["10.0.1.2"]);
+        assert_eq!(ips(&v, "web.appnet"), ["10.0.1.2"]);
+        assert_eq!(ips(&v, "www"), ["10.0.1.2"]);
+        // Only serving tasks: t3 is still starting.
+        assert_eq!(ips(&v, "tasks.web"), ["10.0.1.3", "10.0.1.4"]);
+        assert!(v.a["tasks.web"].1, "tasks.SVC answers are shuffled");
+        assert_eq!(ips(&v, "web.1"), ["10.0.1.3"]);
+        assert_eq!(ips(&v, "web.2.t2"), ["10.0.1.4"]);
+        assert!(ips(&v, "web.3").is_empty());
+        // db lives on a network this container is not on.
+        assert!(ips(&v, "db").is_empty());
+        assert!(v.forward);
+        assert_eq!(v.ptr[&"10.0.1.2".parse().unwrap()], ["web.appnet"]);
+        assert_eq!(v.ptr[&"10.0.1.3".parse().unwrap()], ["web.1.t1.appnet"]);
+    }
+
+    #[test]
+    fn dnsrr_and_internal() {
+        let st = fixture();
+        let v = dns_view(&st, &["n2bbbbbbbbbbbb".into()]);
+        assert_eq!(ips(&v, "db"), ["10.0.2.3"]);
+        assert!(v.a["db"].1);
+        assert!(ips(&v, "web").is_empty());
+        assert!(!v.forward, "internal-only containers never forward");
+    }
+
+    #[test]
+    fn lb_ruleset_uses_serving_backends_and_local_hairpin() {
+        let st = fixture();
+        let rs = lb_ruleset(&st, "me", "n1aaaaaaaaaaaa");
+        assert_eq!(rs.table, LB_TABLE);
+        assert_eq!(rs.vips, vec!["10.0.1.2".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(rs.services.len(), 2, "tcp and udp");
+        let be: Vec<String> = rs.services[0]
+            .backends
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(be, ["10.0.1.3", "10.0.1.4"]);
+        let local: Vec<String> = rs.local_endpoints.iter().map(|i| i.to_string()).collect();
+        assert_eq!(local, ["10.0.1.3", "10.0.1.5"]);
+    }
+
+    #[test]
+    fn mesh_specs_only_for_attached_local_tasks() {
+        let st = fixture();
+        let specs = mesh_specs(&st, "me", "p-", &|id| {
+            (id != "t3").then(|| format!("p-t-{id}"))
+        });
+        assert_eq!(specs.len(), 2);
+        let app = &specs["n1aaaaaaaaaaaa"];
+        assert_eq!(app.netns, "p-n-n1aaaaaaaaaa");
+        assert_eq!(app.endpoints.len(), 1);
+        assert_eq!(app.endpoints[0].host_ifname, "svt1");
+        assert_eq!(app.endpoints[0].ifname, "eth0");
+        assert!(app.endpoints[0].default_route);
+        assert_eq!(app.vips, vec!["10.0.1.2".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(app.gateway.to_string(), "10.0.1.1");
+    }
+
+    #[test]
+    fn resolv_conf_lines() {
+        assert_eq!(
+            resolv_conf(&[]),
+            "# written by shoal\nnameserver 127.0.0.11\n"
+        );
+        assert!(resolv_conf(&["lab.local".into()]).contains("search lab.local\n"));
+    }
+}

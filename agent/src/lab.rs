@@ -1,0 +1,434 @@
+//! `shoal lab`: a whole cluster on one machine, out of network namespaces (what kind/k3d are
+//! to Kubernetes). An underlay segment (a bridge in its own namespace), one namespace per
+//! node running its own `shoal agent`, an etcd namespace when the store is etcd, and an
+//! outside `client` namespace. Everything the lab makes is named `shoal-<lab>-...` and lives
+//! under /run/shoal/lab/<lab>/, so `lab down` can find and remove all of it.
+//!
+//! The topology is built with iproute2 (`ip -n NS ...`): it is test tooling, like kind
+//! driving docker; the agent itself programs the kernel through netlink.
+
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use shoal_netns::CommandExt as _;
+
+use crate::client::Client;
+use crate::config::{AgentConfig, DnsSettings, StoreConfig, StoreKind};
+
+pub const LAB_ROOT: &str = "/run/shoal/lab";
+const UNDERLAY: &str = "192.0.2";
+const CLIENT_ADDR: &str = "192.0.2.100";
+const ETCD_ADDR: &str = "192.0.2.2";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub addr: Ipv4Addr,
+    pub socket: PathBuf,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lab {
+    pub name: String,
+    pub store: StoreKind,
+    pub nodes: Vec<LabNode>,
+    pub client_netns: String,
+    pub underlay_netns: String,
+    pub etcd_pid: Option<u32>,
+}
+
+pub fn validate_lab_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 12
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        bail!("invalid lab name {name:?}: use 1-12 lowercase letters or digits");
+    }
+    Ok(())
+}
+
+pub fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+fn prefix(name: &str) -> String {
+    format!("shoal-{name}-")
+}
+
+impl Lab {
+    pub fn load(name: &str) -> anyhow::Result<Lab> {
+        validate_lab_name(name)?;
+        let p = lab_dir(name).join("lab.json");
+        let text = std::fs::read_to_string(&p)
+            .map_err(|_| anyhow!("lab {name:?} is not up (no {})", p.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let dir = lab_dir(&self.name);
+        let tmp = dir.join("lab.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, dir.join("lab.json"))?;
+        Ok(())
+    }
+
+    pub fn host_env(&self) -> String {
+        format!("unix://{}", self.nodes[0].socket.display())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&LabNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Connects namespace `ns` to the underlay bridge with address `addr`/24 on its eth0.
+fn plug(ul: &str, ns: &str, port: &str, addr: &str) -> anyhow::Result<()> {
+    ip(&[
+        "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", ul,
+    ])?;
+    ip(&["-n", ul, "link", "set", port, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// `shoal lab up`. On any failure everything made so far is removed again.
+pub async fn up(name: &str, nodes: u32, store: StoreKind) -> anyhow::Result<Lab> {
+    validate_lab_name(name)?;
+    if nodes == 0 || nodes > 9 {
+        bail!("--nodes must be between 1 and 9");
+    }
+    if nodes > 1 {
+        bail!(
+            "--nodes {nodes}: multi-node labs need VXLAN overlays across nodes, which are not implemented yet (use --nodes 1)"
+        );
+    }
+    let dir = lab_dir(name);
+    if dir.join("lab.json").exists()
+        || shoal_netns::list()?
+            .iter()
+            .any(|n| n.starts_with(&prefix(name)))
+    {
+        bail!(
+            "lab {name:?} is already up (or left over): run `shoal lab down --name {name}` first"
+        );
+    }
+    std::fs::create_dir_all(&dir)?;
+    match build(name, nodes, store, &dir).await {
+        Ok(lab) => Ok(lab),
+        Err(e) => {
+            let _ = down(name).await;
+            Err(e)
+        }
+    }
+}
+
+async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::Result<Lab> {
+    let p = prefix(name);
+    let ul = format!("{p}ul");
+    shoal_netns::create(&ul)?;
+    ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+    let client = format!("{p}client");
+    shoal_netns::create(&client)?;
+    plug(&ul, &client, "client", CLIENT_ADDR)?;
+    let mut lab = Lab {
+        name: name.into(),
+        store,
+        nodes: vec![],
+        client_netns: client,
+        underlay_netns: ul.clone(),
+        etcd_pid: None,
+    };
+    let exe = std::env::current_exe()?;
+    let mut endpoints = vec![];
+    if store == StoreKind::Etcd {
+        let ns = format!("{p}etcd");
+        shoal_netns::create(&ns)?;
+        plug(&ul, &ns, "etcd", ETCD_ADDR)?;
+        let data = dir.join("etcd");
+        let url = format!("http://{ETCD_ADDR}:2379");
+        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "lab", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://{ETCD_ADDR}:2380"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{ETCD_ADDR}:2380"),
+            ])
+            .args(["--initial-cluster", &format!("lab=http://{ETCD_ADDR}:2380")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .in_netns(&ns)?;
+        unsafe_setsid(&mut cmd);
+        let child = cmd.spawn().context("starting etcd (install etcd-server)")?;
+        lab.etcd_pid = Some(child.id());
+        endpoints.push(url);
+        lab.save()?;
+    }
+    for i in 1..=nodes {
+        let node = format!("node{i}");
+        let ns = format!("{p}{node}");
+        let addr: Ipv4Addr = format!("{UNDERLAY}.{}", 10 + i).parse()?;
+        shoal_netns::create(&ns)?;
+        plug(&ul, &ns, &node, &addr.to_string())?;
+        let ndir = dir.join(&node);
+        std::fs::create_dir_all(&ndir)?;
+        let cfg = AgentConfig {
+            node_name: node.clone(),
+            socket: ndir.join("shoal.sock"),
+            state_dir: ndir.join("state"),
+            netns_prefix: format!("{ns}-"),
+            advertise_addr: Some(addr),
+            store: StoreConfig {
+                kind: store,
+                endpoints: endpoints.clone(),
+            },
+            // The lab never talks to the outside: no upstream servers, no search list.
+            dns: DnsSettings {
+                upstreams: Some(vec![]),
+                search: Some(vec![]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cfg_path = ndir.join("agent.toml");
+        std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
+        let log = std::fs::File::create(ndir.join("agent.log"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&cfg_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .in_netns(&ns)?;
+        unsafe_setsid(&mut cmd);
+        let child = cmd.spawn().context("starting the node agent")?;
+        lab.nodes.push(LabNode {
+            name: node,
+            netns: ns,
+            addr,
+            socket: cfg.socket.clone(),
+            pid: child.id(),
+        });
+        lab.save()?;
+    }
+    for n in &lab.nodes {
+        wait_ready(n, &dir.join(&n.name).join("agent.log")).await?;
+    }
+    Ok(lab)
+}
+
+fn unsafe_setsid(cmd: &mut Command) {
+    // SAFETY: setsid(2) is async-signal-safe; the daemon must not get the CLI's signals.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+async fn wait_ready(n: &LabNode, log: &Path) -> anyhow::Result<()> {
+    let client = Client::new(&n.socket);
+    let start = Instant::now();
+    loop {
+        if client.get::<serde_json::Value>("/v1/info").await.is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(20) || !pid_alive(n.pid) {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(15).collect();
+            bail!(
+                "agent of {} did not come up; its log ends with:\n{}",
+                n.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie child still "exists"; look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn stop_pid(pid: u32, grace: Duration) {
+    let p = Pid::from_raw(pid as i32);
+    if kill(p, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let start = Instant::now();
+    while pid_alive(pid) && start.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(p, Signal::SIGKILL);
+}
+
+/// `shoal lab down`: stops the agents and etcd, kills every process in the lab's
+/// namespaces, removes the namespaces (links and nft tables go with them) and the files.
+pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
+    validate_lab_name(name)?;
+    if let Ok(lab) = Lab::load(name) {
+        for n in &lab.nodes {
+            stop_pid(n.pid, Duration::from_secs(3));
+        }
+        if let Some(pid) = lab.etcd_pid {
+            stop_pid(pid, Duration::from_secs(3));
+        }
+    }
+    let p = prefix(name);
+    let mut removed = vec![];
+    let mut errors = vec![];
+    let all = shoal_netns::list()?;
+    // Tasks and networks first, then nodes and the underlay.
+    let mut ours: Vec<String> = all.into_iter().filter(|n| n.starts_with(&p)).collect();
+    ours.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for ns in &ours {
+        for pid in shoal_netns::pids(ns).unwrap_or_default() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    for ns in &ours {
+        let start = Instant::now();
+        while !shoal_netns::pids(ns).unwrap_or_default().is_empty()
+            && start.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        match shoal_netns::delete(ns) {
+            Ok(()) => removed.push(ns.clone()),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let dir = lab_dir(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_dir(LAB_ROOT);
+    if !errors.is_empty() {
+        bail!("lab down left things behind: {}", errors.join("; "));
+    }
+    Ok(removed)
+}
+
+/// What `lab exec` runs in.
+pub enum ExecTarget {
+    Netns(String),
+    Task(crate::api::TaskLocation),
+}
+
+pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarget> {
+    if target == "client" {
+        return Ok(ExecTarget::Netns(lab.client_netns.clone()));
+    }
+    if let Some(n) = lab.node(target) {
+        return Ok(ExecTarget::Netns(n.netns.clone()));
+    }
+    for n in &lab.nodes {
+        let loc: anyhow::Result<crate::api::TaskLocation> = Client::new(&n.socket)
+            .get(&format!("/v1/tasks/{}", crate::client::seg(target)))
+            .await;
+        match loc {
+            Ok(l) if l.local => return Ok(ExecTarget::Task(l)),
+            Ok(_) => continue,
+            Err(e) if e.to_string().contains("not found") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    bail!(
+        "no task, node or client named {target:?} in lab {:?} (nodes: {})",
+        lab.name,
+        lab.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Replaces this process with `cmd` inside the target (never returns on success).
+pub fn exec(target: ExecTarget, cmd: &[String]) -> anyhow::Error {
+    let Some(prog) = cmd.first() else {
+        return anyhow!("lab exec needs a command after --");
+    };
+    let mut c = Command::new(crate::runtime::resolve_program(prog));
+    c.args(&cmd[1..]);
+    match target {
+        ExecTarget::Netns(ns) => {
+            if let Err(e) = c.in_netns(&ns) {
+                return e.into();
+            }
+        }
+        ExecTarget::Task(loc) => {
+            c.env("SHOAL_TASK_NAME", loc.task.name())
+                .env("SHOAL_SERVICE_NAME", &loc.task.service_name)
+                .env("HOSTNAME", &loc.hostname);
+            match crate::runtime::Sandbox::new(&loc.netns, &loc.resolv_conf, &loc.hostname) {
+                Ok(sb) => sb.same_session().apply(&mut c),
+                Err(e) => return e.context(format!("entering task {}", loc.task.name())),
+            }
+        }
+    }
+    let e = c.exec();
+    anyhow!("cannot run {prog:?}: {e}")
+}

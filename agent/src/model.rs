@@ -1,0 +1,442 @@
+//! The cluster model: nodes, networks, services, tasks. Plain data, serialised as JSON
+//! into the store. Validation of user input lives here so that the API refuses bad
+//! requests before anything is written.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// A validation error, phrased for the operator: it names what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+pub fn invalid(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Node {
+    pub id: String,
+    pub name: String,
+    /// Underlay address (VXLAN endpoint), when known.
+    pub addr: Option<Ipv4Addr>,
+    pub status: NodeStatus,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    pub attachable: bool,
+    pub internal: bool,
+    pub ingress: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(invalid(format!("invalid protocol {s:?}: use tcp or udp"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    Ingress,
+    Host,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    #[default]
+    Vip,
+    Dnsrr,
+}
+
+impl FromStr for EndpointMode {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        match s {
+            "vip" => Ok(EndpointMode::Vip),
+            "dnsrr" => Ok(EndpointMode::Dnsrr),
+            _ => Err(invalid(format!(
+                "invalid endpoint mode {s:?}: use vip or dnsrr"
+            ))),
+        }
+    }
+}
+
+/// A published port. `published` 0 means "pick one" (ingress mode only) until allocated.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct PortConfig {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+    pub mode: PublishMode,
+}
+
+impl fmt::Display for PortConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "*:{}->{}/{}{}",
+            self.published,
+            self.target,
+            self.protocol,
+            if self.mode == PublishMode::Host {
+                " (host)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl PortConfig {
+    /// Parses `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]` (the long form of
+    /// `--publish`) or the short `P:T[/udp]` / `T[/udp]` form.
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let s = s.trim();
+        if s.contains('=') {
+            let (mut published, mut target, mut protocol, mut mode) =
+                (None, None, Protocol::Tcp, PublishMode::Ingress);
+            for part in s.split(',') {
+                let (k, v) = part
+                    .split_once('=')
+                    .ok_or_else(|| invalid(format!("invalid publish option {part:?} in {s:?}")))?;
+                match k.trim() {
+                    "published" => published = Some(parse_port(v, "published")?),
+                    "target" => target = Some(parse_port(v, "target")?),
+                    "protocol" => protocol = v.parse()?,
+                    "mode" => {
+                        mode = match v {
+                            "ingress" => PublishMode::Ingress,
+                            "host" => PublishMode::Host,
+                            _ => {
+                                return Err(invalid(format!(
+                                    "invalid publish mode {v:?}: use ingress or host"
+                                )));
+                            }
+                        }
+                    }
+                    other => {
+                        return Err(invalid(format!(
+                            "unknown publish option {other:?} (use published, target, protocol, mode)"
+                        )));
+                    }
+                }
+            }
+            let target =
+                target.ok_or_else(|| invalid(format!("publish {s:?} needs target=PORT")))?;
+            if mode == PublishMode::Host && published.is_none() {
+                return Err(invalid(format!(
+                    "publish {s:?}: host mode needs published=PORT"
+                )));
+            }
+            Ok(PortConfig {
+                published: published.unwrap_or(0),
+                target,
+                protocol,
+                mode,
+            })
+        } else {
+            let (ports, protocol) = match s.split_once('/') {
+                Some((p, proto)) => (p, proto.parse()?),
+                None => (s, Protocol::Tcp),
+            };
+            let (published, target) = match ports.split_once(':') {
+                Some((p, t)) => (parse_port(p, "published")?, parse_port(t, "target")?),
+                None => (0, parse_port(ports, "target")?),
+            };
+            Ok(PortConfig {
+                published,
+                target,
+                protocol,
+                mode: PublishMode::Ingress,
+            })
+        }
+    }
+}
+
+fn parse_port(v: &str, what: &str) -> Result<u16, Invalid> {
+    match v.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(p) => Err(invalid(format!(
+            "{what} port {p} is out of range (1-65535)"
+        ))),
+        Err(_) => Err(invalid(format!("{what} port {v:?} is not a number"))),
+    }
+}
+
+/// A service's attachment to one network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceNetwork {
+    pub network: String,
+    pub network_id: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// The service's virtual IP on that network (vip mode).
+    pub vip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub networks: Vec<ServiceNetwork>,
+    pub replicas: u32,
+    pub endpoint_mode: EndpointMode,
+    pub ports: Vec<PortConfig>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    New,
+    Starting,
+    Running,
+    Shutdown,
+    Failed,
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TaskState::New => "new",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Shutdown => "shutdown",
+            TaskState::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskNetwork {
+    pub network: String,
+    pub network_id: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Task {
+    pub id: String,
+    pub service_id: String,
+    pub service_name: String,
+    pub slot: u32,
+    pub node_id: String,
+    pub desired_state: TaskState,
+    pub state: TaskState,
+    pub networks: Vec<TaskNetwork>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Task {
+    /// The name docker users know: `web.1`.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.service_name, self.slot)
+    }
+    /// The full task name: `web.1.<id>`.
+    pub fn full_name(&self) -> String {
+        format!("{}.{}.{}", self.service_name, self.slot, self.id)
+    }
+    /// The task's hostname: its short id, as Docker names containers.
+    pub fn hostname(&self) -> String {
+        self.id[..self.id.len().min(12)].to_string()
+    }
+    /// A task is a backend and in DNS only while it runs and is meant to.
+    pub fn is_serving(&self) -> bool {
+        self.state == TaskState::Running && self.desired_state == TaskState::Running
+    }
+}
+
+/// MAC of a task interface, derived from its address as Docker does (02:42 + IPv4).
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Names of networks and services: what Docker accepts, and safe as a DNS label.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid {kind} name {name:?}: use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Parses a CIDR given by the user; the address must be the network address.
+pub fn parse_subnet(s: &str) -> Result<Ipv4Net, Invalid> {
+    let net: Ipv4Net = s.parse().map_err(|_| {
+        invalid(format!(
+            "invalid subnet {s:?}: expected IPv4 CIDR like 10.10.0.0/24"
+        ))
+    })?;
+    if net.prefix_len() > 29 {
+        return Err(invalid(format!(
+            "subnet {s} is too small: use a /29 or larger"
+        )));
+    }
+    if net.network() != net.addr() {
+        return Err(invalid(format!(
+            "invalid subnet {s}: host bits are set (did you mean {}?)",
+            net.trunc()
+        )));
+    }
+    Ok(net)
+}
+
+/// A random lowercase hex id, as Docker shows short ids.
+pub fn new_id() -> String {
+    let n: u128 = rand::random();
+    format!("{n:032x}")[..25].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_long_and_short_forms() {
+        let p = PortConfig::parse("published=8080,target=80,mode=ingress").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (8080, 80, Protocol::Tcp, PublishMode::Ingress)
+        );
+        let p = PortConfig::parse("published=53,target=53,protocol=udp,mode=host").unwrap();
+        assert_eq!((p.protocol, p.mode), (Protocol::Udp, PublishMode::Host));
+        let p = PortConfig::parse("8080:80/udp").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol),
+            (8080, 80, Protocol::Udp)
+        );
+        assert_eq!(PortConfig::parse("80").unwrap().published, 0);
+    }
+
+    #[test]
+    fn publish_errors_name_the_problem() {
+        let e = PortConfig::parse("published=70000,target=80").unwrap_err();
+        assert!(e.0.contains("70000") && e.0.contains("out of range"), "{e}");
+        let e = PortConfig::parse("published=80").unwrap_err();
+        assert!(e.0.contains("target"), "{e}");
+        let e = PortConfig::parse("8080:http").unwrap_err();
+        assert!(e.0.contains("\"http\""), "{e}");
+        let e = PortConfig::parse("published=1,target=2,proto=tcp").unwrap_err();
+        assert!(e.0.contains("proto"), "{e}");
+        let e = PortConfig::parse("80/sctp").unwrap_err();
+        assert!(e.0.contains("sctp"), "{e}");
+        assert!(PortConfig::parse("target=80,mode=host").is_err());
+        assert!(PortConfig::parse("0:80").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("service", "web-1_a").is_ok());
+        for bad in ["", "-web", "web.x", "a b", &"x".repeat(64)] {
+            assert!(validate_name("service", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subnets() {
+        assert_eq!(
+            parse_subnet("10.10.0.0/24").unwrap().to_string(),
+            "10.10.0.0/24"
+        );
+        assert!(
+            parse_subnet("10.10.0.1/24")
+                .unwrap_err()
+                .0
+                .contains("10.10.0.0/24")
+        );
+        assert!(parse_subnet("10.10.0.0/33").is_err());
+        assert!(parse_subnet("banana").unwrap_err().0.contains("banana"));
+        assert!(parse_subnet("10.0.0.0/30").is_err());
+    }
+
+    #[test]
+    fn macs_follow_addresses() {
+        assert_eq!(
+            mac_string(mac_for("10.0.1.7".parse().unwrap())),
+            "02:42:0a:00:01:07"
+        );
+    }
+
+    #[test]
+    fn task_names() {
+        let t = Task {
+            id: "abc".into(),
+            service_id: "s".into(),
+            service_name: "web".into(),
+            slot: 2,
+            node_id: "n".into(),
+            desired_state: TaskState::Running,
+            state: TaskState::Running,
+            networks: vec![],
+            error: None,
+        };
+        assert_eq!(t.name(), "web.2");
+        assert_eq!(t.full_name(), "web.2.abc");
+        assert!(t.is_serving());
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what Shoal's build, demo and tests need on Debian 12, and only what is missing.
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+have() { command -v "$1" >/dev/null 2>&1; }
+need=()
+have nft       || need+=(nftables)
+have ip        || need+=(iproute2)
+have etcd      || need+=(etcd-server)
+have etcdctl   || need+=(etcd-client)
+have protoc    || need+=(protobuf-compiler)
+have dig       || need+=(bind9-dnsutils)
+have dnsperf   || need+=(dnsperf)
+have curl      || need+=(curl)
+have conntrack || need+=(conntrack)
+have ping      || need+=(iputils-ping)
+have ps        || need+=(procps)
+have cc        || need+=(gcc)
+if ((${#need[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "deps: missing packages: ${need[*]} (run as root so they can be installed)" >&2
+    exit 1
+  fi
+  echo "deps: installing ${need[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! have cargo; then
+  echo "deps: cargo not found: install a Rust toolchain >= 1.88 (rustup) first" >&2
+  exit 1
+fi

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, kernel tests included (they need root and never skip here), then a
+# check that the host namespace is as it was: same namespaces, same nft ruleset.
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "make test must run as root: the kernel tests create namespaces, links and nft tables" >&2
+  exit 1
+fi
+ns_before=$(ip netns list | sort)
+nft_before=$(nft list ruleset)
+start=$(date +%s)
+cargo build --workspace --all-targets
+status=0
+cargo test --workspace -- --test-threads=2 || status=$?
+ns_after=$(ip netns list | sort)
+nft_after=$(nft list ruleset)
+if [ "$ns_before" != "$ns_after" ]; then
+  echo "FAIL: the tests left network namespaces behind:" >&2
+  diff <(echo "$ns_before") <(echo "$ns_after") >&2 || true
+  status=1
+fi
+if [ "$nft_before" != "$nft_after" ]; then
+  echo "FAIL: the tests changed the host's nft ruleset" >&2
+  diff <(echo "$nft_before") <(echo "$nft_after") >&2 || true
+  status=1
+fi
+echo "make test: $(( $(date +%s) - start )) s, exit $status"
+exit $status

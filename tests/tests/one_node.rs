@@ -1,0 +1,396 @@
+//! The one-node slice, end to end, with the real binary, real namespaces, real nft, real DNS
+//! on 127.0.0.11 and real clients (glibc's getent, dig, curl) inside the task namespaces.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use shoal_tests::{Lab, host_snapshot, require_kernel};
+
+fn task_names(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("Task: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn ipv4s(out: &str) -> BTreeSet<Ipv4Addr> {
+    out.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+#[test]
+fn one_node_slice_end_to_end() {
+    if !require_kernel("one_node_slice_end_to_end") {
+        return;
+    }
+    let (_, nft_before) = host_snapshot();
+    let lab = Lab::up(1, "embedded");
+    let prefix = format!("shoal-{}-", lab.name);
+
+    lab.shoal(&["network", "create", "--subnet", "10.10.0.0/24", "appnet"])
+        .ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--replicas",
+        "3",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "80",
+    ])
+    .ok();
+    let tasks = lab.wait_for("3 running web tasks", Duration::from_secs(30), || {
+        let t = lab.running_tasks("web");
+        (t.len() == 3).then_some(t)
+    });
+    let task_ips: BTreeSet<Ipv4Addr> = tasks
+        .iter()
+        .map(|t| t["networks"][0]["ip"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(task_ips.len(), 3);
+
+    // The name resolves to the VIP inside web.1, through glibc and our resolver.
+    let svc: serde_json::Value =
+        serde_json::from_str(&lab.shoal(&["service", "inspect", "web"]).ok().stdout).unwrap();
+    let vip: Ipv4Addr = svc["networks"][0]["vip"].as_str().unwrap().parse().unwrap();
+    assert!(
+        ipnet::Ipv4Net::new(Ipv4Addr::new(10, 10, 0, 0), 24)
+            .unwrap()
+            .contains(&vip),
+        "VIP {vip} outside appnet"
+    );
+    assert!(!task_ips.contains(&vip));
+    // DNS answers come from the task's own namespace: wait until web.1's view has all three
+    // serving tasks (the view follows the state write that `service ps` shows).
+    lab.wait_for(
+        "tasks.web with 3 addresses in web.1",
+        Duration::from_secs(10),
+        || {
+            let r = lab.exec("web.1", &["dig", "+short", "@127.0.0.11", "tasks.web"]);
+            (ipv4s(&r.stdout) == task_ips).then_some(())
+        },
+    );
+    let got = lab.wait_for("getent hosts web", Duration::from_secs(10), || {
+        let r = lab.exec("web.1", &["getent", "hosts", "web"]);
+        (r.code == 0).then_some(r.stdout)
+    });
+    assert_eq!(
+        ipv4s(&got),
+        BTreeSet::from([vip]),
+        "getent hosts web: {got}"
+    );
+    let r = lab.exec("web.1", &["getent", "ahostsv4", "tasks.web"]).ok();
+    assert_eq!(
+        ipv4s(&r.stdout),
+        task_ips,
+        "getent ahostsv4 tasks.web: {}",
+        r.stdout
+    );
+
+    // 30 requests to the name reach all three replicas.
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        let r = lab
+            .exec("web.1", &["curl", "-sS", "--max-time", "5", "http://web/"])
+            .ok();
+        seen.extend(task_names(&r.stdout));
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from(["web.1".to_string(), "web.2".into(), "web.3".into()]),
+        "replicas reached through the VIP"
+    );
+
+    // Scaling is reflected in DNS within a second of the API call returning.
+    let t0 = Instant::now();
+    lab.shoal(&["service", "scale", "web=5"]).ok();
+    let took = lab.wait_for(
+        "tasks.web with 5 addresses",
+        Duration::from_secs(10),
+        || {
+            let r = lab.exec("web.1", &["dig", "+short", "@127.0.0.11", "tasks.web"]);
+            (ipv4s(&r.stdout).len() == 5).then(|| t0.elapsed())
+        },
+    );
+    eprintln!("scale 3 -> 5 visible in web.1's DNS after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "scale took {took:?} to show in DNS"
+    );
+
+    // Scale down: the removed tasks leave DNS, their namespaces go away.
+    lab.shoal(&["service", "scale", "web=2"]).ok();
+    lab.wait_for(
+        "tasks.web with 2 addresses",
+        Duration::from_secs(10),
+        || {
+            let r = lab.exec("web.1", &["dig", "+short", "@127.0.0.11", "tasks.web"]);
+            (ipv4s(&r.stdout).len() == 2).then_some(())
+        },
+    );
+    lab.wait_for("2 task namespaces", Duration::from_secs(15), || {
+        let n = shoal_netns_count(&format!("{prefix}node1-t-"));
+        (n == 2).then_some(())
+    });
+
+    // Removing the service removes its name and VIP.
+    lab.shoal(&["service", "rm", "web"]).ok();
+    lab.wait_for("no task namespaces", Duration::from_secs(15), || {
+        (shoal_netns_count(&format!("{prefix}node1-t-")) == 0).then_some(())
+    });
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "probe",
+        "--network",
+        "appnet",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "80",
+    ])
+    .ok();
+    lab.wait_for("probe running", Duration::from_secs(30), || {
+        (lab.running_tasks("probe").len() == 1).then_some(())
+    });
+    let r = lab.wait_for(
+        "web gone from probe.1's DNS",
+        Duration::from_secs(10),
+        || {
+            let r = lab.exec("probe.1", &["dig", "@127.0.0.11", "web"]);
+            (r.code == 0 && r.stdout.contains("status: NXDOMAIN")).then_some(r)
+        },
+    );
+    assert!(!r.stdout.contains(&vip.to_string()), "{}", r.stdout);
+    // Nothing answers on the old VIP any more (it may be handed out again later).
+    let r = lab.exec(
+        "probe.1",
+        &["curl", "-sS", "--max-time", "2", &format!("http://{vip}/")],
+    );
+    assert_ne!(r.code, 0, "old VIP still answers: {r:?}");
+
+    let name = lab.name.clone();
+    drop(lab);
+    assert_eq!(
+        shoal_netns_count(&format!("shoal-{name}-")),
+        0,
+        "lab down left namespaces"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/run/shoal/lab/{name}")).exists(),
+        "lab down left files"
+    );
+    let (_, nft_after) = host_snapshot();
+    assert_eq!(nft_before, nft_after, "the host's nft ruleset changed");
+}
+
+fn shoal_netns_count(prefix: &str) -> usize {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Bad input: a clear one-line error naming the problem, non-zero exit, nothing changed.
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    if !require_kernel("bad_input_is_refused_and_changes_nothing") {
+        return;
+    }
+    let lab = Lab::up(1, "embedded");
+    lab.shoal(&["network", "create", "--subnet", "10.20.0.0/24", "appnet"])
+        .ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--publish",
+        "published=8080,target=80",
+        "--",
+        "shoal",
+        "whoami",
+    ])
+    .ok();
+    let before = (
+        lab.shoal(&["network", "ls", "--format", "json"])
+            .ok()
+            .stdout,
+        lab.shoal(&["service", "ls", "--format", "json"])
+            .ok()
+            .stdout,
+    );
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["network", "create", "--subnet", "10.0.0.300/24", "n1"],
+            "10.0.0.300/24",
+        ),
+        (
+            &["network", "create", "--subnet", "10.20.0.0/25", "n2"],
+            "overlaps 10.20.0.0/24",
+        ),
+        (&["network", "create", "bad name"], "invalid network name"),
+        (
+            &["network", "create", "appnet"],
+            "network \"appnet\" already exists",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "web",
+                "--network",
+                "appnet",
+                "--",
+                "true",
+            ],
+            "service \"web\" already exists",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "s2",
+                "--network",
+                "nope",
+                "--",
+                "true",
+            ],
+            "network \"nope\" not found",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "s3",
+                "--replicas",
+                "three",
+                "--",
+                "true",
+            ],
+            "three",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "s4",
+                "--publish",
+                "published=70000,target=80",
+                "--",
+                "true",
+            ],
+            "70000",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "s5",
+                "--publish",
+                "published=8080,target=80",
+                "--",
+                "true",
+            ],
+            "port 8080/tcp is already published",
+        ),
+        (&["network", "rm", "appnet"], "in use by service(s) web"),
+        (&["service", "scale", "web=lots"], "lots"),
+        (&["service", "rm", "ghost"], "service \"ghost\" not found"),
+    ];
+    for (args, needle) in cases {
+        let r = lab.shoal(args);
+        assert_ne!(r.code, 0, "{args:?} should fail: {r:?}");
+        let msg = r.stderr.trim();
+        assert!(
+            msg.contains(needle),
+            "{args:?}: error {msg:?} should mention {needle:?}"
+        );
+        assert!(
+            r.stdout.trim().is_empty(),
+            "{args:?} printed to stdout: {}",
+            r.stdout
+        );
+    }
+    let after = (
+        lab.shoal(&["network", "ls", "--format", "json"])
+            .ok()
+            .stdout,
+        lab.shoal(&["service", "ls", "--format", "json"])
+            .ok()
+            .stdout,
+    );
+    assert_eq!(before.0, after.0, "networks changed by refused requests");
+    let strip = |s: &str| -> Vec<(String, String)> {
+        let v: Vec<serde_json::Value> = serde_json::from_str(s).unwrap();
+        v.iter()
+            .map(|x| (x["name"].to_string(), x["ports"].to_string()))
+            .collect()
+    };
+    assert_eq!(
+        strip(&before.1),
+        strip(&after.1),
+        "services changed by refused requests"
+    );
+
+    // The API socket absent: the CLI says the agent is not running and where it looked.
+    let r = shoal_tests::Run::from_command(
+        std::process::Command::new(shoal_tests::shoal_bin()).args([
+            "-H",
+            "/nonexistent/shoal.sock",
+            "network",
+            "ls",
+        ]),
+    );
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("/nonexistent/shoal.sock") && r.stderr.contains("agent running"),
+        "{r:?}"
+    );
+    // Malformed API bodies are refused with 4xx and a message.
+    let r = lab
+        .exec(
+            "node1",
+            &[
+                "curl",
+                "-sS",
+                "--unix-socket",
+                lab.host.trim_start_matches("unix://"),
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                "{\"name\":\"x\",\"bogus\":1}",
+                "-w",
+                "\\n%{http_code}",
+                "http://shoal/v1/networks",
+            ],
+        )
+        .ok();
+    assert!(
+        r.stdout.contains("bogus") && r.stdout.trim_end().ends_with("400"),
+        "{r:?}"
+    );
+}
