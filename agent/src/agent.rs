@@ -177,8 +177,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 fn search_from_resolv_conf(text: &str) -> Vec<String> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("search"))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("search"))
         .map(|s| s.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
 }

@@ -84,11 +84,13 @@ impl View {
 /// Docker's names: `SVC`, `tasks.SVC`, aliases, `SVC.SLOT` and the full task name, plus the
 /// `NAME.NETWORK` qualified forms. Only serving tasks appear.
 pub fn dns_view(state: &ClusterState, network_ids: &[String]) -> View {
-    let mut v = View::default();
     // Internal-only containers never forward (Docker: no way out of --internal networks).
-    v.forward = network_ids
-        .iter()
-        .any(|id| state.network_by_id(id).is_some_and(|n| !n.internal));
+    let mut v = View {
+        forward: network_ids
+            .iter()
+            .any(|id| state.network_by_id(id).is_some_and(|n| !n.internal)),
+        ..View::default()
+    };
     for net_id in network_ids {
         let Some(net) = state.network_by_id(net_id) else {
             continue;
@@ -227,7 +229,7 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
             });
         }
     }
-    services.sort_by(|a, b| (a.vip, a.protocol).cmp(&(b.vip, b.protocol)));
+    services.sort_by_key(|s| (s.vip, s.protocol));
     let mut local: Vec<Ipv4Addr> = local_tasks(state, node_id)
         .filter_map(|t| {
             t.networks

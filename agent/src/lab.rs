@@ -374,7 +374,7 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
 /// What `lab exec` runs in.
 pub enum ExecTarget {
     Netns(String),
-    Task(crate::api::TaskLocation),
+    Task(Box<crate::api::TaskLocation>),
 }
 
 pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarget> {
@@ -389,7 +389,7 @@ pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarge
             .get(&format!("/v1/tasks/{}", crate::client::seg(target)))
             .await;
         match loc {
-            Ok(l) if l.local => return Ok(ExecTarget::Task(l)),
+            Ok(l) if l.local => return Ok(ExecTarget::Task(Box::new(l))),
             Ok(_) => continue,
             Err(e) if e.to_string().contains("not found") => continue,
             Err(e) => return Err(e),

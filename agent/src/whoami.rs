@@ -3,7 +3,7 @@
 //! `?format=json`); a UDP datagram gets the same (JSON when the datagram starts with `json`).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
 use http_body_util::Full;
@@ -43,7 +43,7 @@ pub fn local_ips() -> Vec<IpAddr> {
             it.filter_map(|ifa| {
                 let a = ifa.address?;
                 if let Some(v4) = a.as_sockaddr_in() {
-                    Some(IpAddr::V4(Ipv4Addr::from(v4.ip())))
+                    Some(IpAddr::V4(v4.ip()))
                 } else {
                     a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
                 }
