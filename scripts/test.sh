@@ -13,7 +13,9 @@ nft_before=$(nft list ruleset)
 start=$(date +%s)
 cargo build --workspace --all-targets
 status=0
-cargo test --workspace -- --test-threads=2 || status=$?
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log" || status=1
 ns_after=$(ip netns list | sort)
 nft_after=$(nft list ruleset)
 if [ "$ns_before" != "$ns_after" ]; then
@@ -26,5 +28,8 @@ if [ "$nft_before" != "$nft_after" ]; then
   diff <(echo "$nft_before") <(echo "$nft_after") >&2 || true
   status=1
 fi
+passed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($i ~ /^passed;?$/) s+=$(i-1)} END {print s+0}' "$log")
+failed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($i ~ /^failed;?$/) s+=$(i-1)} END {print s+0}' "$log")
 echo "make test: $(( $(date +%s) - start )) s, exit $status"
+echo "total: $passed passed, $failed failed"
 exit $status

@@ -38,7 +38,7 @@ pub struct Agent {
     cfg: AgentConfig,
     pub node_id: String,
     pub cluster: Cluster,
-    runtime: Arc<ProcessRuntime>,
+    runtime: Arc<dyn Runtime>,
     resolver: shoal_dns::Resolver,
     /// task id -> the view it is served
     dns_views: HashMap<String, View>,
@@ -82,7 +82,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let node_id = node_id(&cfg.state_dir)?;
-    let store = open_store(&cfg).await?;
+    // An unreachable etcd at start is waited for (a daemon outlives its store's restarts).
+    let store = loop {
+        match open_store(&cfg).await {
+            Ok(s) => break s,
+            Err(e) if cfg.store.kind == StoreKind::Etcd => {
+                warn!(error = %format!("{e:#}"), "store not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let cluster = Cluster::new(store.clone());
     let node = Node {
         id: node_id.clone(),
@@ -115,7 +125,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ..Default::default()
     });
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
-    let runtime = ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?;
+    let runtime: Arc<dyn Runtime> =
+        ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?;
 
     let report = Arc::new(Mutex::new(NodeReport::default()));
     let api = crate::api::serve(
@@ -189,7 +200,7 @@ impl Agent {
         for t in desired::local_tasks(st, &self.node_id) {
             if t.state == TaskState::Running && self.runtime.is_running(&t.id) {
                 self.started.insert(t.id.clone());
-                crate::runtime::watch_adopted(self.runtime.clone(), t.id.clone());
+                self.runtime.clone().adopt(&t.id);
                 info!(task = %t.name(), "adopted running task");
             }
         }

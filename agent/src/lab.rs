@@ -210,6 +210,12 @@ async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::
         lab.etcd_pid = Some(child.id());
         endpoints.push(url);
         lab.save()?;
+        wait_tcp(
+            &ns,
+            &format!("{ETCD_ADDR}:2379"),
+            child.id(),
+            &dir.join("etcd.log"),
+        )?;
     }
     for i in 1..=nodes {
         let node = format!("node{i}");
@@ -267,6 +273,29 @@ async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::
         wait_ready(n, &dir.join(&n.name).join("agent.log")).await?;
     }
     Ok(lab)
+}
+
+/// Waits until something accepts TCP connections on `addr` inside namespace `ns`.
+fn wait_tcp(ns: &str, addr: &str, pid: u32, log: &Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let addr: std::net::SocketAddr = addr.parse()?;
+    loop {
+        let ok = shoal_netns::run_in(ns, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if ok {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(20) || !pid_alive(pid) {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(10).collect();
+            bail!(
+                "nothing listens on {addr} in {ns}; the log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn unsafe_setsid(cmd: &mut Command) {

@@ -55,6 +55,9 @@ pub trait Runtime: Send + Sync {
     async fn destroy(&self, task_id: &str, timeout: Duration) -> anyhow::Result<()>;
     /// Task ids this runtime holds (for garbage collection after a restart).
     fn list(&self) -> Vec<String>;
+    /// Takes over a task whose process an earlier agent run started: its exit must still be
+    /// reported.
+    fn adopt(self: Arc<Self>, task_id: &str);
 }
 
 /// Prepared, allocation-free setup applied in the child between fork and exec.
@@ -306,6 +309,20 @@ impl Runtime for ProcessRuntime {
             })
             .unwrap_or_default()
     }
+
+    /// Adopted processes are not our children: their exit is noticed by polling.
+    fn adopt(self: Arc<Self>, task_id: &str) {
+        let task_id = task_id.to_string();
+        tokio::spawn(async move {
+            while self.is_running(&task_id) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let _ = self.exits.send(Exited {
+                task_id,
+                status: "exited (adopted process)".into(),
+            });
+        });
+    }
 }
 
 /// `shoal` in a command means this very binary (so `shoal whoami` works in the lab
@@ -317,17 +334,4 @@ pub fn resolve_program(prog: &str) -> PathBuf {
         return me;
     }
     PathBuf::from(prog)
-}
-
-/// Monitors adopted processes (not our children after an agent restart) by polling.
-pub fn watch_adopted(rt: Arc<ProcessRuntime>, task_id: String) {
-    tokio::spawn(async move {
-        while rt.is_running(&task_id) {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let _ = rt.exits.send(Exited {
-            task_id,
-            status: "exited (adopted process)".into(),
-        });
-    });
 }

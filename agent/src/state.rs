@@ -80,6 +80,9 @@ impl ClusterState {
     }
 }
 
+/// A quiet watch is replaced by a full read after this long.
+const RELIST: Duration = Duration::from_secs(10);
+
 /// Keeps a [`ClusterState`] in step with the store; returns the receiving end.
 pub fn spawn_cache(store: Arc<dyn Store>) -> watch::Receiver<Arc<ClusterState>> {
     let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
@@ -88,6 +91,10 @@ pub fn spawn_cache(store: Arc<dyn Store>) -> watch::Receiver<Arc<ClusterState>> 
         loop {
             match follow(&store, &tx).await {
                 Ok(()) => return, // every receiver is gone
+                Err(e) if e.to_string() == "periodic resync" => {
+                    debug!("periodic full read of the store");
+                    backoff = Duration::from_millis(100);
+                }
                 Err(e) => {
                     warn!(error = %e, "store watch failed; resyncing");
                     tokio::time::sleep(backoff).await;
@@ -115,7 +122,12 @@ async fn follow(
     }
     let mut events = store.watch(ROOT, snap.revision).await?;
     debug!(revision = snap.revision, "watching the store");
-    while let Some(ev) = events.next().await {
+    // Level-triggered: a watch that goes quiet for RELIST is replaced by a fresh full read,
+    // so a stalled stream cannot leave the agent on an old picture for long.
+    while let Some(ev) = tokio::time::timeout(RELIST, events.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("periodic resync"))?
+    {
         let ev = ev?;
         match &ev {
             Event::Put(kv) => state.apply_put(kv),

@@ -394,3 +394,68 @@ fn bad_input_is_refused_and_changes_nothing() {
         "{r:?}"
     );
 }
+
+/// The same slice with the etcd store: a real etcd in the lab's own namespace on the
+/// underlay, the agent reaching it over the lab network.
+#[test]
+fn one_node_on_etcd() {
+    if !require_kernel("one_node_on_etcd") {
+        return;
+    }
+    let lab = Lab::up(1, "etcd");
+    lab.shoal(&["network", "create", "appnet"]).ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "api",
+        "--network",
+        "appnet,alias=backend",
+        "--replicas",
+        "2",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "8080",
+    ])
+    .ok();
+    let tasks = lab.wait_for("2 running api tasks", Duration::from_secs(30), || {
+        let t = lab.running_tasks("api");
+        (t.len() == 2).then_some(t)
+    });
+    let task_ips: BTreeSet<Ipv4Addr> = tasks
+        .iter()
+        .map(|t| t["networks"][0]["ip"].as_str().unwrap().parse().unwrap())
+        .collect();
+    lab.wait_for(
+        "tasks.api with both addresses",
+        Duration::from_secs(10),
+        || {
+            let r = lab.exec("api.2", &["dig", "+short", "@127.0.0.11", "tasks.api"]);
+            (ipv4s(&r.stdout) == task_ips).then_some(())
+        },
+    );
+    // The alias resolves to the same VIP as the name; requests through it reach both tasks.
+    let a = lab
+        .exec("api.2", &["dig", "+short", "@127.0.0.11", "api"])
+        .ok()
+        .stdout;
+    let b = lab
+        .exec("api.2", &["dig", "+short", "@127.0.0.11", "backend.appnet"])
+        .ok()
+        .stdout;
+    assert_eq!(ipv4s(&a), ipv4s(&b));
+    assert_eq!(ipv4s(&a).len(), 1);
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let r = lab
+            .exec(
+                "api.2",
+                &["curl", "-sS", "--max-time", "5", "http://backend:8080/"],
+            )
+            .ok();
+        seen.extend(task_names(&r.stdout));
+    }
+    assert_eq!(seen, BTreeSet::from(["api.1".to_string(), "api.2".into()]));
+}
