@@ -285,15 +285,11 @@ impl Agent {
                         )
                     })
                     .expect("non-empty");
-                if self
-                    .cluster
+                // None: the service changed or the slot is taken (this view is behind the
+                // store); the watch brings the newer picture and another pass.
+                self.cluster
                     .create_task(svc, *svc_rev, slot, &node.id, &st.networks)
-                    .await?
-                    .is_none()
-                {
-                    // The service changed meanwhile; the next pass sees the new version.
-                    return Ok(());
-                }
+                    .await?;
             }
         }
         Ok(())

@@ -25,6 +25,10 @@ pub const ALLOC_SUBNETS: &str = "/shoal/alloc/subnets";
 pub const ALLOC_VNI: &str = "/shoal/alloc/vni/";
 pub const ALLOC_IP: &str = "/shoal/alloc/ip/";
 pub const ALLOC_PORT: &str = "/shoal/alloc/port/";
+/// Per service and slot: the id of the task that holds the slot. Creating a task for a slot
+/// is a compare-and-swap on this key, so a slot never gets two live tasks, however stale the
+/// orchestrator's view is.
+pub const SLOTS: &str = "/shoal/slots/";
 /// Per network: the address handed out last (a hint for serial allocation, not a claim).
 pub const ALLOC_IP_CURSOR: &str = "/shoal/alloc/ipcursor/";
 
@@ -57,6 +61,9 @@ pub fn ip_key(network_id: &str, ip: Ipv4Addr) -> String {
 }
 pub fn port_key(proto: Protocol, port: u16) -> String {
     format!("{ALLOC_PORT}{proto}/{port}")
+}
+pub fn slot_key(service_id: &str, slot: u32) -> String {
+    format!("{SLOTS}{service_id}/{slot}")
 }
 pub fn vni_key(vni: u32) -> String {
     format!("{ALLOC_VNI}{vni}")
@@ -691,7 +698,10 @@ impl Cluster {
                 .get(&key)
                 .await?
                 .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))?;
-            let mut ops = vec![Op::Delete(key.clone())];
+            let mut ops = vec![
+                Op::Delete(key.clone()),
+                Op::DeletePrefix(format!("{SLOTS}{}/", svc.id)),
+            ];
             for n in &svc.networks {
                 if let Some(vip) = n.vip {
                     ops.push(Op::Delete(ip_key(&n.network_id, vip)));
@@ -749,7 +759,8 @@ impl Cluster {
     }
 
     /// Creates a task for a slot, with one address per network, all claimed in the same
-    /// transaction as the task. Fails (returns false) if the service changed meanwhile.
+    /// transaction as the task and the slot. Returns None (writes nothing) if the service
+    /// changed meanwhile or the slot already has a task that is meant to run.
     pub async fn create_task(
         &self,
         svc: &Service,
@@ -764,6 +775,20 @@ impl Cluster {
             svc_rev,
         )];
         let mut ops = vec![];
+        let slot_key = slot_key(&svc.id, slot);
+        match self.store.get(&slot_key).await? {
+            Some(kv) => {
+                let holder = String::from_utf8_lossy(&kv.value).to_string();
+                if let Some((t, _)) = self.get::<Task>(&format!("{TASKS}{holder}")).await?
+                    && t.desired_state == TaskState::Running
+                {
+                    return Ok(None);
+                }
+                cmps.push(Compare::ModRevision(slot_key.clone(), kv.mod_revision));
+            }
+            None => cmps.push(Compare::Absent(slot_key.clone())),
+        }
+        ops.push(Op::Put(slot_key, id.clone().into_bytes()));
         let mut networks = vec![];
         for sn in &svc.networks {
             let Some(net) = nets.values().find(|n| n.id == sn.network_id) else {
@@ -810,12 +835,27 @@ impl Cluster {
 
     /// Deletes a task and releases its addresses.
     pub async fn delete_task(&self, task: &Task) -> Result<()> {
-        let mut ops = vec![Op::Delete(format!("{TASKS}{}", task.id))];
-        for n in &task.networks {
-            ops.push(Op::Delete(ip_key(&n.network_id, n.ip)));
+        for _ in 0..MAX_RETRIES {
+            let mut ops = vec![Op::Delete(format!("{TASKS}{}", task.id))];
+            for n in &task.networks {
+                ops.push(Op::Delete(ip_key(&n.network_id, n.ip)));
+            }
+            // Free the slot only if this task still holds it.
+            let slot_key = slot_key(&task.service_id, task.slot);
+            let mut cmps = vec![];
+            if let Some(kv) = self.store.get(&slot_key).await?
+                && kv.value == task.id.as_bytes()
+            {
+                cmps.push(Compare::ModRevision(slot_key.clone(), kv.mod_revision));
+                ops.push(Op::Delete(slot_key));
+            }
+            if self.store.txn(cmps, ops).await?.succeeded {
+                return Ok(());
+            }
         }
-        self.store.txn(vec![], ops).await?;
-        Ok(())
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
     }
 }
 

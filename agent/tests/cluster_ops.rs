@@ -291,3 +291,66 @@ async fn concurrent_creations_never_share_an_address_or_port() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_slot_never_gets_two_live_tasks() {
+    let (c, _d) = cluster();
+    c.create_network(net("appnet", None)).await.unwrap();
+    let s = c
+        .create_service(svc("web", &["appnet"], &[]))
+        .await
+        .unwrap();
+    let rev = c
+        .store
+        .get("/shoal/services/web")
+        .await
+        .unwrap()
+        .unwrap()
+        .mod_revision;
+    let nets: BTreeMap<String, shoal::model::Network> = c
+        .networks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect();
+    let first = c
+        .create_task(&s, rev, 1, "n1", &nets)
+        .await
+        .unwrap()
+        .expect("slot 1 is free");
+    // A stale orchestrator view that does not see `first` yet: refused, nothing written.
+    let before = c.tasks().await.unwrap().len();
+    assert!(
+        c.create_task(&s, rev, 1, "n1", &nets)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(c.tasks().await.unwrap().len(), before);
+    // Once the holder is no longer meant to run (failed, scaled away), a replacement may take it.
+    let trev = c
+        .store
+        .get(&format!("/shoal/tasks/{}", first.id))
+        .await
+        .unwrap()
+        .unwrap()
+        .mod_revision;
+    let mut failed = first.clone();
+    failed.desired_state = shoal::model::TaskState::Shutdown;
+    assert!(c.cas_task(&failed, trev).await.unwrap());
+    let second = c
+        .create_task(&s, rev, 1, "n1", &nets)
+        .await
+        .unwrap()
+        .expect("slot 1 is free again");
+    // Deleting the old task does not free the slot its replacement holds.
+    c.delete_task(&failed).await.unwrap();
+    assert!(
+        c.create_task(&s, rev, 1, "n1", &nets)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_ne!(first.networks[0].ip, second.networks[0].ip);
+}
