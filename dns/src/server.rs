@@ -26,6 +26,9 @@ pub const LISTEN_ADDR: SocketAddr =
 /// finished forwards).
 const UDP_BATCH: usize = 64;
 
+/// Largest UDP query served (queries are small; this bounds the per-container buffer).
+const MAX_UDP_QUERY: usize = 4096;
+
 /// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
 const UDP_RECEIVE_BUFFER: usize = 1 << 20;
 
@@ -218,8 +221,9 @@ async fn serve_udp(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<()>,
 ) {
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(4096);
+    // One byte more than the largest query accepted, to detect (and drop) larger ones.
+    let mut buf = vec![0u8; MAX_UDP_QUERY + 1];
+    let mut out = Vec::with_capacity(512);
     let mut forwards: JoinSet<Option<(Vec<u8>, SocketAddr)>> = JoinSet::new();
     loop {
         tokio::select! {
@@ -247,6 +251,10 @@ async fn serve_udp(
                         }
                     };
                     handled += 1;
+                    if n > MAX_UDP_QUERY {
+                        debug!(%peer, "dropping an oversized UDP query");
+                        continue;
+                    }
                     let query = &buf[..n];
                     let outcome = shared.handler.handle(query, &view.load(), Transport::Udp, &mut out);
                     match outcome {
