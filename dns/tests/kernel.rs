@@ -618,3 +618,90 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Queries keep being answered, each from one whole view, while the view is swapped
+/// continuously; garbage and oversized datagrams in between change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_under_load_loses_nothing() {
+    require_root!("update_under_load_loses_nothing");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    let views: Vec<Arc<Records>> = (1..=2u8)
+        .map(|d| {
+            let mut b = Records::builder();
+            b.a("web", &[ip(d)], false)
+                .a("tasks.web", &[ip(d), ip(d + 10)], true);
+            Arc::new(b.build())
+        })
+        .collect();
+    resolver
+        .attach("c1", &ns.name, views[0].clone())
+        .await
+        .unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let updater = {
+        let (resolver, views, done) = (resolver.clone(), views.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut swaps = 0usize;
+            while !done.load(Ordering::SeqCst) {
+                resolver.update("c1", views[swaps % 2].clone()).unwrap();
+                swaps += 1;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            swaps
+        })
+    };
+    let name = ns.name.clone();
+    let client = tokio::task::spawn_blocking(move || {
+        let sock = shoal_netns::run_in(&name, || std::net::UdpSocket::bind("127.0.0.1:0"))
+            .unwrap()
+            .unwrap();
+        sock.connect(("127.0.0.11", 53)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut seen = [0usize; 2];
+        let mut buf = [0u8; 4096];
+        for i in 0..3000u16 {
+            if i % 100 == 0 {
+                sock.send(&[0xde, 0xad, 0xbe]).unwrap();
+                sock.send(&vec![0u8; 6000]).unwrap();
+                sock.send(&[i as u8; 40]).unwrap();
+            }
+            let mut m = Message::query();
+            m.metadata.id = i;
+            m.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii("tasks.web.").unwrap(),
+                RecordType::A,
+            ));
+            sock.send(&m.to_vec().unwrap()).unwrap();
+            let reply = loop {
+                let n = sock.recv(&mut buf).expect("query lost");
+                let r = Message::from_vec(&buf[..n]).unwrap();
+                if r.metadata.id == i && !r.answers.is_empty() {
+                    break r;
+                }
+            };
+            let mut got: Vec<Ipv4Addr> = reply
+                .answers
+                .iter()
+                .map(|r| match &r.data {
+                    RData::A(a) => a.0,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            got.sort();
+            match got.as_slice() {
+                [a, b] if *a == ip(1) && *b == ip(11) => seen[0] += 1,
+                [a, b] if *a == ip(2) && *b == ip(12) => seen[1] += 1,
+                other => panic!("answer from no single view: {other:?}"),
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    done.store(true, Ordering::SeqCst);
+    let swaps = updater.await.unwrap();
+    assert!(swaps > 10, "only {swaps} swaps");
+    assert!(client[0] > 0 && client[1] > 0, "{client:?}");
+    resolver.detach("c1").await;
+}
