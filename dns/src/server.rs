@@ -14,7 +14,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::handler::{Handler, Outcome, Transport};
+use crate::handler::{Handler, Outcome, Transport, question_end};
 use crate::records::Records;
 use crate::{DnsConfig, DnsError};
 
@@ -370,8 +370,8 @@ async fn forward(shared: &Shared, mut query: Vec<u8>, transport: Transport) -> O
         query[..2].copy_from_slice(&id.to_be_bytes());
         let attempt = async {
             match transport {
-                Transport::Udp => exchange_udp(*upstream, &query, id).await,
-                Transport::Tcp => exchange_tcp(*upstream, &query, id).await,
+                Transport::Udp => exchange_udp(*upstream, &query).await,
+                Transport::Tcp => exchange_tcp(*upstream, &query).await,
             }
         };
         match timeout(shared.config.upstream_timeout, attempt).await {
@@ -394,25 +394,37 @@ fn unspecified_for(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn is_reply_to(reply: &[u8], id: u16) -> bool {
-    reply.len() >= 12 && reply[..2] == id.to_be_bytes() && reply[2] & 0x80 != 0
+/// True when `reply` answers `query`: same id, QR set, and the same question (name compared
+/// case-insensitively) — or no question at all in an error reply.
+fn is_reply_to(reply: &[u8], query: &[u8]) -> bool {
+    let Some(q_end) = question_end(query) else {
+        return false;
+    };
+    if reply.len() < 12 || reply[..2] != query[..2] || reply[2] & 0x80 == 0 {
+        return false;
+    }
+    match reply[4..6] {
+        [0, 0] => reply[3] & 0x0F != 0,
+        [0, 1] => reply.len() >= q_end && reply[12..q_end].eq_ignore_ascii_case(&query[12..q_end]),
+        _ => false,
+    }
 }
 
-async fn exchange_udp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result<Vec<u8>> {
+async fn exchange_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let sock = UdpSocket::bind(unspecified_for(upstream)).await?;
     sock.connect(upstream).await?;
     sock.send(query).await?;
     let mut buf = vec![0u8; 65536];
     loop {
         let n = sock.recv(&mut buf).await?;
-        if is_reply_to(&buf[..n], id) {
+        if is_reply_to(&buf[..n], query) {
             buf.truncate(n);
             return Ok(buf);
         }
     }
 }
 
-async fn exchange_tcp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result<Vec<u8>> {
+async fn exchange_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(upstream).await?;
     stream.set_nodelay(true)?;
     let len = u16::try_from(query.len()).map_err(io::Error::other)?;
@@ -425,8 +437,40 @@ async fn exchange_tcp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result
         stream.read_exact(&mut len).await?;
         let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
         stream.read_exact(&mut reply).await?;
-        if is_reply_to(&reply, id) {
+        if is_reply_to(&reply, query) {
             return Ok(reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_must_match_the_query() {
+        let mut query = vec![0xAB, 0xCD, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        query.extend_from_slice(b"\x03Web\x03com\x00\x00\x01\x00\x01");
+        let mut reply = query.clone();
+        reply[2] |= 0x80;
+        reply.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 1, 2, 3, 4]);
+        assert!(is_reply_to(&reply, &query));
+        let mut lower = reply.clone();
+        lower[13] = b'w';
+        assert!(is_reply_to(&lower, &query));
+        let mut other = reply.clone();
+        other[14] = b'x';
+        assert!(!is_reply_to(&other, &query));
+        let mut wrong_id = reply.clone();
+        wrong_id[1] ^= 1;
+        assert!(!is_reply_to(&wrong_id, &query));
+        assert!(!is_reply_to(&query, &query), "not a response");
+        assert!(!is_reply_to(&reply[..20], &query));
+        // An error without question is accepted; a NOERROR without question is not.
+        let mut formerr = reply[..12].to_vec();
+        formerr[5] = 0;
+        assert!(!is_reply_to(&formerr, &query));
+        formerr[3] = 1;
+        assert!(is_reply_to(&formerr, &query));
     }
 }
