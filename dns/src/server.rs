@@ -447,6 +447,19 @@ async fn exchange_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>>
 mod tests {
     use super::*;
 
+    /// The agent spawns these futures: they must be Send (no lock guard across an await).
+    #[test]
+    fn control_futures_are_send() {
+        fn is_send<T: Send>(_: &T) {}
+        let resolver = Resolver::new(DnsConfig::default());
+        is_send(&resolver);
+        is_send(&resolver.attach("a", "b", Arc::new(Records::empty())));
+        is_send(&resolver.detach("a"));
+        fn is_sync<T: Sync>() {}
+        is_sync::<Resolver>();
+        is_sync::<Records>();
+    }
+
     #[test]
     fn replies_must_match_the_query() {
         let mut query = vec![0xAB, 0xCD, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];

@@ -288,6 +288,12 @@ async fn update_detach_reattach_and_errors() {
     assert_eq!(ns.dig_short(&["+tcp", "web"]).await, vec!["10.0.0.2"]);
     resolver.detach("c1").await;
 
+    // A namespace given as a path (as /proc/PID/ns/net would be).
+    let path = format!("/run/netns/{}", ns.name);
+    resolver.attach("c7", &path, view()).await.unwrap();
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+    resolver.detach("c7").await;
+
     // Dropping the last handle stops everything too.
     let other = Resolver::new(DnsConfig::default());
     other.attach("c5", &ns.name, view()).await.unwrap();
