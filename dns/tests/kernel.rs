@@ -464,8 +464,14 @@ async fn forwarding_failover_and_servfail() {
         ..DnsConfig::default()
     };
 
-    // Dead first, then good: failover over UDP and TCP; local names stay local.
-    let resolver = Resolver::new(config(vec![dead.addr, good.addr]));
+    // A port nobody listens on (fails fast: ICMP unreachable / RST).
+    let closed = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+
+    // Closed, then dead, then good: failover over UDP and TCP; local names stay local.
+    let resolver = Resolver::new(config(vec![closed, dead.addr, good.addr]));
     resolver.attach("c1", &ns.name, view()).await.unwrap();
     assert_eq!(ns.dig_short(&["example.com"]).await, vec!["192.0.2.7"]);
     assert_eq!(dead.seen.load(Ordering::SeqCst), 1);
