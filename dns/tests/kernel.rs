@@ -502,7 +502,7 @@ async fn forwarding_failover_and_servfail() {
 
     // Only dead upstreams: SERVFAIL, and a pending forward does not stall local answers.
     let resolver = Resolver::new(DnsConfig {
-        upstream_timeout: Duration::from_millis(1500),
+        upstream_timeout: Duration::from_millis(3000),
         ..config(vec![dead.addr])
     });
     resolver.attach("c1", &ns.name, view()).await.unwrap();
@@ -518,11 +518,12 @@ async fn forwarding_failover_and_servfail() {
             String::from_utf8_lossy(&out.stdout).to_string()
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let start = Instant::now();
     assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+    // Well before the pending forward gives up (3 s after it started).
     assert!(
-        start.elapsed() < Duration::from_millis(1000),
+        start.elapsed() < Duration::from_millis(2000),
         "{:?}",
         start.elapsed()
     );
