@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use handler::{Handler, Outcome, Transport};
 pub use records::{Records, RecordsBuilder};
-pub use server::Resolver;
+pub use server::{LISTEN_ADDR, Resolver};
 
 /// Resolver settings shared by every attached container.
 #[derive(Debug, Clone, PartialEq, Eq)]
