@@ -10,6 +10,7 @@
 //! [`handler`] module for the answer semantics (SOA of negative answers, truncation, EDNS).
 
 pub mod handler;
+mod mmsg;
 mod records;
 mod server;
 

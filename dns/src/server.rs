@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -15,6 +16,7 @@ use tokio::time::timeout;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handler::{Handler, Outcome, Transport, question_end};
+use crate::mmsg;
 use crate::records::Records;
 use crate::{DnsConfig, DnsError};
 
@@ -22,12 +24,12 @@ use crate::{DnsConfig, DnsError};
 pub const LISTEN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
 
-/// Packets handled back to back before the UDP task goes back to its select (shutdown,
-/// finished forwards).
-const UDP_BATCH: usize = 64;
+/// Full batches handled back to back before the UDP task goes back to its select
+/// (shutdown, finished forwards).
+const UDP_BATCHES: usize = 4;
 
 /// Largest UDP query served (queries are small; this bounds the per-container buffer).
-const MAX_UDP_QUERY: usize = 4096;
+pub(crate) const MAX_UDP_QUERY: usize = 4096;
 
 /// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
 const UDP_RECEIVE_BUFFER: usize = 1 << 20;
@@ -221,9 +223,6 @@ async fn serve_udp(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<()>,
 ) {
-    // One byte more than the largest query accepted, to detect (and drop) larger ones.
-    let mut buf = vec![0u8; MAX_UDP_QUERY + 1];
-    let mut out = Vec::with_capacity(512);
     let mut forwards: JoinSet<Option<(Vec<u8>, SocketAddr)>> = JoinSet::new();
     loop {
         tokio::select! {
@@ -239,36 +238,33 @@ async fn serve_udp(
                     warn!(error = %e, "udp socket failed");
                     break;
                 }
-                let mut handled = 0;
-                while handled < UDP_BATCH {
-                    let (n, peer) = match sock.try_recv_from(&mut buf) {
-                        Ok(r) => r,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            debug!(error = %e, "udp receive");
-                            handled += 1;
-                            continue;
-                        }
-                    };
-                    handled += 1;
-                    if n > MAX_UDP_QUERY {
-                        debug!(%peer, "dropping an oversized UDP query");
-                        continue;
+                let fd = sock.as_raw_fd();
+                for _ in 0..UDP_BATCHES {
+                    let view = view.load();
+                    let served = sock.try_io(Interest::READABLE, || {
+                        mmsg::serve_batch(fd, |query, peer, out| {
+                            match shared.handler.handle(query, &view, Transport::Udp, out) {
+                                Outcome::Reply => mmsg::Action::Reply,
+                                Outcome::Forward => {
+                                    let shared = shared.clone();
+                                    let query = query.to_vec();
+                                    forwards.spawn(async move {
+                                        let reply = forward(&shared, query, Transport::Udp).await?;
+                                        Some((reply, peer))
+                                    });
+                                    mmsg::Action::None
+                                }
+                                Outcome::Ignore => mmsg::Action::None,
+                            }
+                        })
+                    });
+                    match served {
+                        Ok(n) if n == mmsg::BATCH => continue,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => debug!(error = %e, "udp receive"),
                     }
-                    let query = &buf[..n];
-                    let outcome = shared.handler.handle(query, &view.load(), Transport::Udp, &mut out);
-                    match outcome {
-                        Outcome::Reply => send_udp(&sock, &out, peer).await,
-                        Outcome::Forward => {
-                            let shared = shared.clone();
-                            let query = query.to_vec();
-                            forwards.spawn(async move {
-                                let reply = forward(&shared, query, Transport::Udp).await?;
-                                Some((reply, peer))
-                            });
-                        }
-                        Outcome::Ignore => {}
-                    }
+                    break;
                 }
             }
         }

@@ -718,3 +718,63 @@ async fn update_under_load_loses_nothing() {
     assert!(client[0] > 0 && client[1] > 0, "{client:?}");
     resolver.detach("c1").await;
 }
+
+/// Bursts from many client sockets at once (answered in batches): every client gets every
+/// answer, for its own question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_from_many_clients() {
+    require_root!("bursts_from_many_clients");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let name = ns.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let socks: Vec<std::net::UdpSocket> = shoal_netns::run_in(&name, || {
+            (0..8)
+                .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+                .collect()
+        })
+        .unwrap();
+        let names = ["web.", "tasks.web.", "nope.", "many."];
+        for round in 0..5u16 {
+            for (c, sock) in socks.iter().enumerate() {
+                for k in 0..40u16 {
+                    let mut m = Message::query();
+                    m.metadata.id = (c as u16) << 12 | round << 6 | k;
+                    let qname = names[usize::from(k) % names.len()];
+                    m.add_query(hickory_proto::op::Query::query(
+                        hickory_proto::rr::Name::from_ascii(qname).unwrap(),
+                        RecordType::A,
+                    ));
+                    sock.send_to(&m.to_vec().unwrap(), ("127.0.0.11", 53))
+                        .unwrap();
+                }
+            }
+            for (c, sock) in socks.iter().enumerate() {
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut seen = [false; 40];
+                let mut buf = [0u8; 4096];
+                for _ in 0..40 {
+                    let n = sock.recv(&mut buf).expect("answer lost");
+                    let m = Message::from_vec(&buf[..n]).unwrap();
+                    let id = m.metadata.id;
+                    assert_eq!(usize::from(id >> 12), c, "answer for another client");
+                    assert_eq!(id >> 6 & 0x3F, round);
+                    let k = usize::from(id & 0x3F);
+                    assert!(!seen[k], "duplicate answer");
+                    seen[k] = true;
+                    assert_eq!(m.queries[0].name().to_ascii(), names[k % names.len()]);
+                    let want = match k % names.len() {
+                        0 => 1,
+                        1 => 2,
+                        _ => 0,
+                    };
+                    assert_eq!(m.answers.len(), want, "{m:?}");
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    resolver.detach("c1").await;
+}
