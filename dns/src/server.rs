@@ -32,7 +32,7 @@ const UDP_BATCHES: usize = 4;
 pub(crate) const MAX_UDP_QUERY: usize = 4096;
 
 /// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
-const UDP_RECEIVE_BUFFER: usize = 1 << 20;
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// The embedded resolver: serves any number of containers. Cheap to clone (an `Arc`
 /// inside); when the last clone is dropped every container is detached.
