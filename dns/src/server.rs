@@ -262,7 +262,12 @@ async fn serve_udp(
                         Ok(n) if n == mmsg::BATCH => continue,
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => debug!(error = %e, "udp receive"),
+                        Err(e) => {
+                            // A pending socket error is reported once; anything that
+                            // persists must not turn this loop into a spin.
+                            debug!(error = %e, "udp receive");
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        }
                     }
                     break;
                 }
