@@ -370,6 +370,23 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
     Ok(p)
 }
 
+/// End of the (single) question of a message: after its uncompressed name, type and class.
+pub(crate) fn question_end(msg: &[u8]) -> Option<usize> {
+    let mut i = HEADER_LEN;
+    loop {
+        let l = usize::from(*msg.get(i)?);
+        if l == 0 {
+            break;
+        }
+        if l & 0xC0 != 0 {
+            return None;
+        }
+        i += 1 + l;
+    }
+    let end = i + 5;
+    (end <= msg.len()).then_some(end)
+}
+
 /// `d.c.b.a.in-addr.arpa` (normalised) to `a.b.c.d`.
 fn reverse_v4(key: &[u8]) -> Option<Ipv4Addr> {
     let rest = key.strip_suffix(b".in-addr.arpa")?;

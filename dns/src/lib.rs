@@ -10,6 +10,7 @@
 //! [`handler`] module for the answer semantics (SOA of negative answers, truncation, EDNS).
 
 pub mod handler;
+mod mmsg;
 mod records;
 mod server;
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 pub use handler::{Handler, Outcome, Transport};
 pub use records::{Records, RecordsBuilder};
-pub use server::Resolver;
+pub use server::{LISTEN_ADDR, Resolver};
 
 /// Resolver settings shared by every attached container.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,17 +4,19 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::handler::{Handler, Outcome, Transport};
+use crate::handler::{Handler, Outcome, Transport, question_end};
+use crate::mmsg;
 use crate::records::Records;
 use crate::{DnsConfig, DnsError};
 
@@ -22,12 +24,15 @@ use crate::{DnsConfig, DnsError};
 pub const LISTEN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53));
 
-/// Packets handled back to back before the UDP task goes back to its select (shutdown,
-/// finished forwards).
-const UDP_BATCH: usize = 64;
+/// Full batches handled back to back before the UDP task goes back to its select
+/// (shutdown, finished forwards).
+const UDP_BATCHES: usize = 4;
+
+/// Largest UDP query served (queries are small; this bounds the per-container buffer).
+pub(crate) const MAX_UDP_QUERY: usize = 4096;
 
 /// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
-const UDP_RECEIVE_BUFFER: usize = 1 << 20;
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// The embedded resolver: serves any number of containers. Cheap to clone (an `Arc`
 /// inside); when the last clone is dropped every container is detached.
@@ -218,8 +223,6 @@ async fn serve_udp(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<()>,
 ) {
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(4096);
     let mut forwards: JoinSet<Option<(Vec<u8>, SocketAddr)>> = JoinSet::new();
     loop {
         tokio::select! {
@@ -235,32 +238,38 @@ async fn serve_udp(
                     warn!(error = %e, "udp socket failed");
                     break;
                 }
-                let mut handled = 0;
-                while handled < UDP_BATCH {
-                    let (n, peer) = match sock.try_recv_from(&mut buf) {
-                        Ok(r) => r,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                let fd = sock.as_raw_fd();
+                for _ in 0..UDP_BATCHES {
+                    let view = view.load();
+                    let served = sock.try_io(Interest::READABLE, || {
+                        mmsg::serve_batch(fd, |query, peer, out| {
+                            match shared.handler.handle(query, &view, Transport::Udp, out) {
+                                Outcome::Reply => mmsg::Action::Reply,
+                                Outcome::Forward => {
+                                    let shared = shared.clone();
+                                    let query = query.to_vec();
+                                    forwards.spawn(async move {
+                                        let reply = forward(&shared, query, Transport::Udp).await?;
+                                        Some((reply, peer))
+                                    });
+                                    mmsg::Action::None
+                                }
+                                Outcome::Ignore => mmsg::Action::None,
+                            }
+                        })
+                    });
+                    match served {
+                        Ok(n) if n == mmsg::BATCH => continue,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => {
+                            // A pending socket error is reported once; anything that
+                            // persists must not turn this loop into a spin.
                             debug!(error = %e, "udp receive");
-                            handled += 1;
-                            continue;
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                         }
-                    };
-                    handled += 1;
-                    let query = &buf[..n];
-                    let outcome = shared.handler.handle(query, &view.load(), Transport::Udp, &mut out);
-                    match outcome {
-                        Outcome::Reply => send_udp(&sock, &out, peer).await,
-                        Outcome::Forward => {
-                            let shared = shared.clone();
-                            let query = query.to_vec();
-                            forwards.spawn(async move {
-                                let reply = forward(&shared, query, Transport::Udp).await?;
-                                Some((reply, peer))
-                            });
-                        }
-                        Outcome::Ignore => {}
                     }
+                    break;
                 }
             }
         }
@@ -362,8 +371,8 @@ async fn forward(shared: &Shared, mut query: Vec<u8>, transport: Transport) -> O
         query[..2].copy_from_slice(&id.to_be_bytes());
         let attempt = async {
             match transport {
-                Transport::Udp => exchange_udp(*upstream, &query, id).await,
-                Transport::Tcp => exchange_tcp(*upstream, &query, id).await,
+                Transport::Udp => exchange_udp(*upstream, &query).await,
+                Transport::Tcp => exchange_tcp(*upstream, &query).await,
             }
         };
         match timeout(shared.config.upstream_timeout, attempt).await {
@@ -386,25 +395,37 @@ fn unspecified_for(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn is_reply_to(reply: &[u8], id: u16) -> bool {
-    reply.len() >= 12 && reply[..2] == id.to_be_bytes() && reply[2] & 0x80 != 0
+/// True when `reply` answers `query`: same id, QR set, and the same question (name compared
+/// case-insensitively) — or no question at all in an error reply.
+fn is_reply_to(reply: &[u8], query: &[u8]) -> bool {
+    let Some(q_end) = question_end(query) else {
+        return false;
+    };
+    if reply.len() < 12 || reply[..2] != query[..2] || reply[2] & 0x80 == 0 {
+        return false;
+    }
+    match reply[4..6] {
+        [0, 0] => reply[3] & 0x0F != 0,
+        [0, 1] => reply.len() >= q_end && reply[12..q_end].eq_ignore_ascii_case(&query[12..q_end]),
+        _ => false,
+    }
 }
 
-async fn exchange_udp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result<Vec<u8>> {
+async fn exchange_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let sock = UdpSocket::bind(unspecified_for(upstream)).await?;
     sock.connect(upstream).await?;
     sock.send(query).await?;
     let mut buf = vec![0u8; 65536];
     loop {
         let n = sock.recv(&mut buf).await?;
-        if is_reply_to(&buf[..n], id) {
+        if is_reply_to(&buf[..n], query) {
             buf.truncate(n);
             return Ok(buf);
         }
     }
 }
 
-async fn exchange_tcp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result<Vec<u8>> {
+async fn exchange_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(upstream).await?;
     stream.set_nodelay(true)?;
     let len = u16::try_from(query.len()).map_err(io::Error::other)?;
@@ -417,8 +438,53 @@ async fn exchange_tcp(upstream: SocketAddr, query: &[u8], id: u16) -> io::Result
         stream.read_exact(&mut len).await?;
         let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
         stream.read_exact(&mut reply).await?;
-        if is_reply_to(&reply, id) {
+        if is_reply_to(&reply, query) {
             return Ok(reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent spawns these futures: they must be Send (no lock guard across an await).
+    #[test]
+    fn control_futures_are_send() {
+        fn is_send<T: Send>(_: &T) {}
+        let resolver = Resolver::new(DnsConfig::default());
+        is_send(&resolver);
+        is_send(&resolver.attach("a", "b", Arc::new(Records::empty())));
+        is_send(&resolver.detach("a"));
+        fn is_sync<T: Sync>() {}
+        is_sync::<Resolver>();
+        is_sync::<Records>();
+    }
+
+    #[test]
+    fn replies_must_match_the_query() {
+        let mut query = vec![0xAB, 0xCD, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        query.extend_from_slice(b"\x03Web\x03com\x00\x00\x01\x00\x01");
+        let mut reply = query.clone();
+        reply[2] |= 0x80;
+        reply.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 1, 2, 3, 4]);
+        assert!(is_reply_to(&reply, &query));
+        let mut lower = reply.clone();
+        lower[13] = b'w';
+        assert!(is_reply_to(&lower, &query));
+        let mut other = reply.clone();
+        other[14] = b'x';
+        assert!(!is_reply_to(&other, &query));
+        let mut wrong_id = reply.clone();
+        wrong_id[1] ^= 1;
+        assert!(!is_reply_to(&wrong_id, &query));
+        assert!(!is_reply_to(&query, &query), "not a response");
+        assert!(!is_reply_to(&reply[..20], &query));
+        // An error without question is accepted; a NOERROR without question is not.
+        let mut formerr = reply[..12].to_vec();
+        formerr[5] = 0;
+        assert!(!is_reply_to(&formerr, &query));
+        formerr[3] = 1;
+        assert!(is_reply_to(&formerr, &query));
     }
 }
