@@ -24,7 +24,7 @@ done
 run shoal service ls
 run shoal service ps web
 run shoal lab exec web.1 -- getent hosts web
-run shoal lab exec web.1 -- getent ahostsv4 tasks.web
+run shoal lab exec web.1 -- getent hosts tasks.web
 say "30 x curl http://web/ from web.1 (which replica answered)"
 for _ in $(seq 30); do shoal lab exec web.1 -- curl -s http://web/ | sed -n 's/^Task: //p'; done | sort | uniq -c
 run shoal lab exec web.1 -- curl -s http://web/
