@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::{ENDPOINT_PREFIX, EndpointSpec, MeshError, NetworkSpec};
+use crate::{ENDPOINT_PREFIX, EndpointSpec, MeshError, NetworkSpec, VxlanSpec};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME: usize = 15;
@@ -109,6 +109,88 @@ pub fn validate(spec: &NetworkSpec) -> Result<(), MeshError> {
             ));
         }
     }
+    if let Some(vx) = &spec.vxlan {
+        validate_vxlan(spec, vx, &ips).map_err(|m| {
+            MeshError::InvalidSpec(format!("network {}: vxlan: {m}", spec.netns))
+        })?;
+    }
+    Ok(())
+}
+
+fn unicast(m: &[u8; 6]) -> bool {
+    m[0] & 1 == 0 && *m != [0; 6]
+}
+
+fn validate_vxlan(
+    spec: &NetworkSpec,
+    vx: &VxlanSpec,
+    local_ips: &BTreeSet<Ipv4Addr>,
+) -> Result<(), String> {
+    if !(1..=0x00ff_ffff).contains(&vx.vni) {
+        return Err(format!("VNI {} out of range 1..=16777215", vx.vni));
+    }
+    if vx.port == 0 {
+        return Err("port 0".into());
+    }
+    if vx.local.is_unspecified() || vx.local.is_multicast() || vx.local.is_broadcast() {
+        return Err(format!("local address {} is not a unicast address", vx.local));
+    }
+    if !ifname_ok(&vx.underlay_dev) {
+        return Err(format!("underlay device name {:?} is invalid", vx.underlay_dev));
+    }
+    if let Some(ns) = &vx.underlay_netns
+        && (ns.is_empty() || (!ns.contains('/') && shoal_netns::validate_name(ns).is_err()))
+    {
+        return Err(format!("underlay namespace {ns:?} is invalid"));
+    }
+    if !unicast(&vx.mac) {
+        return Err(format!("MAC {} is not a unicast address", fmt_mac(&vx.mac)));
+    }
+    let mut remote_ips = BTreeSet::new();
+    let mut mac_of: BTreeMap<Ipv4Addr, [u8; 6]> = BTreeMap::new();
+    let mut vtep_of: BTreeMap<[u8; 6], Ipv4Addr> = BTreeMap::new();
+    for r in &vx.remotes {
+        let ip = r.ip;
+        if !spec.subnet.contains(&ip)
+            || ip == spec.subnet.network()
+            || (spec.subnet.prefix_len() < 31 && ip == spec.subnet.broadcast())
+            || ip == spec.gateway
+            || spec.vips.contains(&ip)
+        {
+            return Err(format!(
+                "remote endpoint {ip} is not a usable host address of {} (or is the gateway or a VIP)",
+                spec.subnet
+            ));
+        }
+        if local_ips.contains(&ip) {
+            return Err(format!("remote endpoint {ip} is also a local endpoint"));
+        }
+        if !remote_ips.insert(ip) {
+            return Err(format!("remote endpoint {ip} appears twice"));
+        }
+        if r.vtep == vx.local || r.vtep.is_unspecified() || r.vtep.is_multicast() {
+            return Err(format!(
+                "remote endpoint {ip}: VTEP {} is not another node's unicast address",
+                r.vtep
+            ));
+        }
+        if !unicast(&r.vtep_mac) || r.vtep_mac == vx.mac {
+            return Err(format!(
+                "remote endpoint {ip}: VTEP MAC {} is not another node's unicast MAC",
+                fmt_mac(&r.vtep_mac)
+            ));
+        }
+        // One MAC per VTEP and one VTEP per MAC: the FDB maps a MAC to one destination.
+        if *mac_of.entry(r.vtep).or_insert(r.vtep_mac) != r.vtep_mac {
+            return Err(format!("VTEP {} is given two different MACs", r.vtep));
+        }
+        if *vtep_of.entry(r.vtep_mac).or_insert(r.vtep) != r.vtep {
+            return Err(format!(
+                "VTEP MAC {} is given to two VTEPs",
+                fmt_mac(&r.vtep_mac)
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -204,6 +286,7 @@ mod tests {
             vips: vec![[10, 0, 1, 200].into()],
             mtu: 1450,
             endpoints: eps,
+            vxlan: None,
         }
     }
 
