@@ -62,20 +62,20 @@ fn what_dev(vx: &VxlanSpec) -> String {
 pub(crate) async fn sync(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Result<(), MeshError> {
     let links = nl.links().await?;
     let existing = links.iter().find(|l| l.name == VXLAN_IFNAME);
-    if existing.is_some_and(|l| l.vxlan.is_none()) {
-        return Err(MeshError::Conflict {
-            ns: nl.ns.clone(),
-            what: format!("interface {VXLAN_IFNAME} exists and is not a VXLAN device"),
-        });
-    }
     let Some(vx) = &spec.vxlan else {
-        if let Some(l) = existing {
+        if let Some(l) = existing.filter(|l| is_ours(l)) {
             nl.del_link(l.index, VXLAN_IFNAME).await?;
             tracing::info!("removed VXLAN device");
             ap.removed.push(format!("vxlan {VXLAN_IFNAME}"));
         }
         return Ok(());
     };
+    if existing.is_some_and(|l| !is_ours(l)) {
+        return Err(MeshError::Conflict {
+            ns: nl.ns.clone(),
+            what: format!("interface {VXLAN_IFNAME} exists and is not a VXLAN device"),
+        });
+    }
 
     // Underlay: its namespace (identified by inode) and device (MTU, ifindex).
     let uns = underlay_ns(vx);
