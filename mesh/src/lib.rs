@@ -885,10 +885,7 @@ async fn sweep_host_routes(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Res
         })
         .collect();
     // Remote endpoints: `/32 dev vxlan0`, while the device is there.
-    if let (Some(vx), Some(dev)) = (
-        &spec.vxlan,
-        links.iter().find(|l| vxlan::is_ours(l)),
-    ) {
+    if let (Some(vx), Some(dev)) = (&spec.vxlan, links.iter().find(|l| vxlan::is_ours(l))) {
         want.extend(vx.remotes.iter().map(|r| (r.ip, dev.index)));
     }
     for r in nl.routes().await?.iter().filter(|r| is_host_route(r)) {

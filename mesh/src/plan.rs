@@ -110,9 +110,8 @@ pub fn validate(spec: &NetworkSpec) -> Result<(), MeshError> {
         }
     }
     if let Some(vx) = &spec.vxlan {
-        validate_vxlan(spec, vx, &ips).map_err(|m| {
-            MeshError::InvalidSpec(format!("network {}: vxlan: {m}", spec.netns))
-        })?;
+        validate_vxlan(spec, vx, &ips)
+            .map_err(|m| MeshError::InvalidSpec(format!("network {}: vxlan: {m}", spec.netns)))?;
     }
     Ok(())
 }
@@ -133,10 +132,16 @@ fn validate_vxlan(
         return Err("port 0".into());
     }
     if vx.local.is_unspecified() || vx.local.is_multicast() || vx.local.is_broadcast() {
-        return Err(format!("local address {} is not a unicast address", vx.local));
+        return Err(format!(
+            "local address {} is not a unicast address",
+            vx.local
+        ));
     }
     if !ifname_ok(&vx.underlay_dev) {
-        return Err(format!("underlay device name {:?} is invalid", vx.underlay_dev));
+        return Err(format!(
+            "underlay device name {:?} is invalid",
+            vx.underlay_dev
+        ));
     }
     if let Some(ns) = &vx.underlay_netns
         && (ns.is_empty() || (!ns.contains('/') && shoal_netns::validate_name(ns).is_err()))

@@ -96,7 +96,11 @@ pub(crate) async fn sync(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Resul
         .await?
         .ok_or_else(|| MeshError::Missing {
             ns: uns.clone(),
-            what: format!("underlay device {} of {} not found", vx.underlay_dev, what_dev(vx)),
+            what: format!(
+                "underlay device {} of {} not found",
+                vx.underlay_dev,
+                what_dev(vx)
+            ),
         })?;
     let mtu = udev.mtu.saturating_sub(VXLAN_OVERHEAD);
     let alias = device_alias(ino, &vx.underlay_dev);
@@ -280,7 +284,9 @@ async fn sync_fdb(nl: &Nl, dev: u32, vx: &VxlanSpec, ap: &mut Applied) -> Result
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                *dst,
+            )));
         match nl.handle.neighbours().del(msg).execute().await {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {}
             r => r.map_err(nl.err(format!(
@@ -288,8 +294,7 @@ async fn sync_fdb(nl: &Nl, dev: u32, vx: &VxlanSpec, ap: &mut Applied) -> Result
                 fmt_mac(mac)
             )))?,
         }
-        ap.removed
-            .push(format!("fdb {} dst {dst}", fmt_mac(mac)));
+        ap.removed.push(format!("fdb {} dst {dst}", fmt_mac(mac)));
     }
     for (mac, dst) in want.difference(&have) {
         nl.handle
@@ -303,8 +308,7 @@ async fn sync_fdb(nl: &Nl, dev: u32, vx: &VxlanSpec, ap: &mut Applied) -> Result
                 "adding FDB entry {} dst {dst} on {VXLAN_IFNAME}",
                 fmt_mac(mac)
             )))?;
-        ap.created
-            .push(format!("fdb {} dst {dst}", fmt_mac(mac)));
+        ap.created.push(format!("fdb {} dst {dst}", fmt_mac(mac)));
     }
     Ok(())
 }
@@ -318,8 +322,7 @@ async fn sync_neighbours(
     ap: &mut Applied,
 ) -> Result<(), MeshError> {
     let msgs = nl.neighbours(AddressFamily::Inet).await?;
-    let want: BTreeMap<Ipv4Addr, [u8; 6]> =
-        vx.remotes.iter().map(|r| (r.ip, r.vtep_mac)).collect();
+    let want: BTreeMap<Ipv4Addr, [u8; 6]> = vx.remotes.iter().map(|r| (r.ip, r.vtep_mac)).collect();
     let mut good = BTreeSet::new();
     for m in msgs.iter().filter(|m| m.header.ifindex == dev) {
         let Some((ip, mac, ours)) = neigh_entry(m) else {
@@ -333,9 +336,7 @@ async fn sync_neighbours(
             None if ours => {
                 match nl.handle.neighbours().del(m.clone()).execute().await {
                     Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {}
-                    r => r.map_err(nl.err(format!(
-                        "deleting neighbour {ip} on {VXLAN_IFNAME}"
-                    )))?,
+                    r => r.map_err(nl.err(format!("deleting neighbour {ip} on {VXLAN_IFNAME}")))?,
                 }
                 ap.removed.push(format!("neighbour {ip}"));
             }
@@ -370,12 +371,7 @@ fn is_remote_route(r: &Route, dev: u32) -> bool {
 /// `/32 dev vxlan0 scope link proto 83` per remote endpoint. Added with NLM_F_REPLACE: the
 /// address may have been a local endpoint's a moment ago (its route is replaced here, as an
 /// endpoint's replaces a remote one). Stale ones are swept by the caller.
-async fn sync_routes(
-    nl: &Nl,
-    dev: u32,
-    vx: &VxlanSpec,
-    ap: &mut Applied,
-) -> Result<(), MeshError> {
+async fn sync_routes(nl: &Nl, dev: u32, vx: &VxlanSpec, ap: &mut Applied) -> Result<(), MeshError> {
     let routes = nl.routes().await?;
     let have: BTreeSet<Ipv4Addr> = routes
         .iter()
@@ -397,8 +393,7 @@ async fn sync_routes(
             .execute()
             .await
             .map_err(nl.err(format!("adding route {ip}/32 dev {VXLAN_IFNAME}")))?;
-        ap.created
-            .push(format!("route {ip}/32 dev {VXLAN_IFNAME}"));
+        ap.created.push(format!("route {ip}/32 dev {VXLAN_IFNAME}"));
     }
     Ok(())
 }

@@ -221,7 +221,10 @@ impl Lab {
                 ],
             );
             ip(&underlay, &["link", "set", &port, "master", "br0", "up"]);
-            ip(&node, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(
+                &node,
+                &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            );
             ip(&node, &["link", "set", "eth0", "up"]);
             ip(&node, &["link", "set", "lo", "up"]);
             nodes.push(Node {
@@ -409,7 +412,11 @@ async fn tasks_on_two_nodes_talk_over_vxlan() {
     assert!(!ip(&net.netns[0], &["-4", "addr", "show", VXLAN_IFNAME]).contains("inet "));
     assert!(has_vxlan_socket(&lab.nodes[0].ns));
     assert!(!has_vxlan_socket(&net.netns[0]));
-    let fdb = tool("bridge", &net.netns[0], &["fdb", "show", "dev", VXLAN_IFNAME]);
+    let fdb = tool(
+        "bridge",
+        &net.netns[0],
+        &["fdb", "show", "dev", VXLAN_IFNAME],
+    );
     assert!(
         fdb.contains("02:56:c0:00:02:02 dst 192.0.2.2") && fdb.contains("self permanent"),
         "{fdb}"
@@ -451,7 +458,10 @@ async fn tasks_on_two_nodes_talk_over_vxlan() {
         udp1b - udp1
     );
     assert!(tx0b - tx0 > size as u64, "node 0 underlay sent too little");
-    assert!(rx1b - rx1 > size as u64, "node 1 underlay received too little");
+    assert!(
+        rx1b - rx1 > size as u64,
+        "node 1 underlay received too little"
+    );
     // GSO/GRO carry many segments per datagram across the veths: count, not size.
     assert!(udp1b > udp1, "node 1 did not receive VXLAN datagrams");
     // The remote's address was resolved by proxy ARP on the local veth.
@@ -570,12 +580,7 @@ async fn removed_endpoints_and_vteps_leave_no_stale_entries() {
     net.apply_all(&lab).await;
     let (ip_b1, ip_b2) = (net.addr(3), net.addr(4));
     assert_reaches(&a, &b2, ip_b2, 7200, 1000);
-    let remotes = |hidden: &[Ipv4Addr]| {
-        net.spec_without(&lab, 0, hidden)
-            .vxlan
-            .unwrap()
-            .remotes
-    };
+    let remotes = |hidden: &[Ipv4Addr]| net.spec_without(&lab, 0, hidden).vxlan.unwrap().remotes;
 
     // One of node 1's endpoints leaves: its neighbour and route go, the FDB entry stays.
     let applied = apply_network(&net.spec_without(&lab, 0, &[ip_b2]))
@@ -585,10 +590,7 @@ async fn removed_endpoints_and_vteps_leave_no_stale_entries() {
         applied,
         Applied {
             created: vec![],
-            removed: vec![
-                "neighbour 10.78.5.4".into(),
-                "route 10.78.5.4/32".into()
-            ],
+            removed: vec!["neighbour 10.78.5.4".into(), "route 10.78.5.4/32".into()],
         }
     );
     assert_entries(&net.netns[0], &remotes(&[ip_b2])).await;
@@ -610,7 +612,11 @@ async fn removed_endpoints_and_vteps_leave_no_stale_entries() {
         }
     );
     assert_entries(&net.netns[0], &remotes(&[ip_b1, ip_b2])).await;
-    let fdb = tool("bridge", &net.netns[0], &["fdb", "show", "dev", VXLAN_IFNAME]);
+    let fdb = tool(
+        "bridge",
+        &net.netns[0],
+        &["fdb", "show", "dev", VXLAN_IFNAME],
+    );
     assert!(!fdb.contains("192.0.2.2"), "{fdb}");
     assert!(fdb.contains("dst 192.0.2.3"), "{fdb}");
     // Node 2 is untouched.
@@ -641,7 +647,11 @@ async fn removed_endpoints_and_vteps_leave_no_stale_entries() {
         }
     );
     for node in 0..3 {
-        assert_entries(&net.netns[node], &net.spec(&lab, node).vxlan.unwrap().remotes).await;
+        assert_entries(
+            &net.netns[node],
+            &net.spec(&lab, node).vxlan.unwrap().remotes,
+        )
+        .await;
     }
     assert_reaches(&a, &b1, ip_b1, 7202, 1000);
     assert_reaches(&b2, &a, net.addr(2), 7203, 1000);
@@ -767,7 +777,16 @@ async fn vxlan_none_returns_to_one_node() {
     // A vxlan0 that is not ours is reported, never deleted.
     ip(
         &net.netns[0],
-        &["link", "add", VXLAN_IFNAME, "type", "veth", "peer", "name", "other1"],
+        &[
+            "link",
+            "add",
+            VXLAN_IFNAME,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "other1",
+        ],
     );
     let err = apply_network(&net.spec(&lab, 0)).await.unwrap_err();
     eprintln!("expected error: {err}");
@@ -785,7 +804,10 @@ async fn errors_name_the_object_and_keep_the_cause() {
     spec.vxlan.as_mut().unwrap().underlay_dev = "eth9".into();
     let err = apply_network(&spec).await.unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("eth9") && msg.contains(&lab.nodes[0].ns), "{msg}");
+    assert!(
+        msg.contains("eth9") && msg.contains(&lab.nodes[0].ns),
+        "{msg}"
+    );
 
     // The same VNI twice on one node: EEXIST from the kernel, kept, with the device named.
     apply_network(&net.spec(&lab, 0)).await.unwrap();
@@ -801,5 +823,207 @@ async fn errors_name_the_object_and_keep_the_cause() {
         panic!("expected the netlink cause: {err:?}");
     };
     assert!(source.to_string().contains("File exists"), "{source}");
-    let _ = &lab.underlay;
+}
+
+#[tokio::test]
+async fn drift_on_the_device_and_its_entries_is_repaired() {
+    let mut lab = Lab::new(2);
+    let mut net = Net::new(&mut lab, 9, 109);
+    let a = net.task(&mut lab, 0, 2);
+    let b = net.task(&mut lab, 1, 3);
+    net.apply_all(&lab).await;
+    let n0 = net.netns[0].clone();
+    // Someone deletes ours and leaves tagged leftovers of an older apply.
+    tool(
+        "bridge",
+        &n0,
+        &[
+            "fdb",
+            "del",
+            "02:56:c0:00:02:02",
+            "dev",
+            "vxlan0",
+            "dst",
+            "192.0.2.2",
+            "self",
+        ],
+    );
+    ip(&n0, &["neigh", "del", "10.78.9.3", "dev", "vxlan0"]);
+    tool(
+        "bridge",
+        &n0,
+        &[
+            "fdb",
+            "add",
+            "02:56:c0:00:02:63",
+            "dev",
+            "vxlan0",
+            "dst",
+            "192.0.2.99",
+            "self",
+            "permanent",
+        ],
+    );
+    ip(
+        &n0,
+        &[
+            "neigh",
+            "add",
+            "10.78.9.77",
+            "lladdr",
+            "02:56:c0:00:02:63",
+            "dev",
+            "vxlan0",
+            "nud",
+            "permanent",
+            "protocol",
+            "83",
+        ],
+    );
+    ip(
+        &n0,
+        &[
+            "route",
+            "add",
+            "10.78.9.77/32",
+            "dev",
+            "vxlan0",
+            "proto",
+            "83",
+        ],
+    );
+    let applied = apply_network(&net.spec(&lab, 0)).await.unwrap();
+    assert_eq!(
+        applied,
+        Applied {
+            created: vec![
+                "fdb 02:56:c0:00:02:02 dst 192.0.2.2".into(),
+                "neighbour 10.78.9.3 lladdr 02:56:c0:00:02:02".into(),
+            ],
+            removed: vec![
+                "fdb 02:56:c0:00:02:63 dst 192.0.2.99".into(),
+                "neighbour 10.78.9.77".into(),
+                "route 10.78.9.77/32".into(),
+            ],
+        }
+    );
+    assert_entries(&n0, &net.spec(&lab, 0).vxlan.unwrap().remotes).await;
+
+    // Device taken down (the kernel flushes its routes and neighbours with it).
+    ip(&n0, &["link", "set", "vxlan0", "down"]);
+    let applied = apply_network(&net.spec(&lab, 0)).await.unwrap();
+    eprintln!("after down: {applied:#?}");
+    assert!(applied.created.contains(&"vxlan vxlan0 up".to_string()));
+    assert!(applied.removed.is_empty(), "{applied:#?}");
+    assert_entries(&n0, &net.spec(&lab, 0).vxlan.unwrap().remotes).await;
+
+    // The underlay MTU changes: the device follows in place.
+    ip(&lab.nodes[0].ns, &["link", "set", "eth0", "mtu", "1400"]);
+    let applied = apply_network(&net.spec(&lab, 0)).await.unwrap();
+    assert_eq!(
+        applied,
+        Applied {
+            created: vec!["vxlan vxlan0: mtu 1350".into()],
+            removed: vec![],
+        }
+    );
+    assert!(ip(&n0, &["link", "show", "vxlan0"]).contains("mtu 1350"));
+    assert_reaches(&a, &b, net.addr(3), 7500, 50_000);
+    assert_reaches(&b, &a, net.addr(2), 7501, 50_000);
+    assert_eq!(
+        apply_network(&net.spec(&lab, 0)).await.unwrap(),
+        Applied::default()
+    );
+}
+
+/// Environment of the child process of [`underlay_of_the_calling_process`].
+const CHILD_ENV: &str = "SHOAL_VX_TEST_CHILD";
+
+/// `underlay_netns: None` means the namespace of the process (/proc/self/ns/net), not the
+/// calling thread's. The test binary re-runs itself as a child inside node 0's namespace,
+/// and calls apply_network from a thread that has entered another namespace (the underlay
+/// bridge's): the device must still get its socket in node 0's namespace.
+#[tokio::test]
+async fn underlay_of_the_calling_process() {
+    if let Ok(args) = std::env::var(CHILD_ENV) {
+        // Child: netns, other, task, remote ip, remote vtep.
+        let v: Vec<String> = args.split(' ').map(String::from).collect();
+        let spec = NetworkSpec {
+            netns: v[0].clone(),
+            subnet: "10.78.10.0/24".parse().unwrap(),
+            gateway: ip4("10.78.10.1"),
+            vips: vec![],
+            mtu: 1450,
+            endpoints: vec![EndpointSpec {
+                task_netns: v[2].clone(),
+                host_ifname: "sv0a0002".into(),
+                ifname: "eth0".into(),
+                ip: ip4("10.78.10.2"),
+                mac: [0x02, 0x42, 10, 78, 10, 2],
+                default_route: true,
+            }],
+            vxlan: Some(VxlanSpec {
+                vni: 110,
+                local: ip4("192.0.2.1"),
+                underlay_netns: None,
+                underlay_dev: "eth0".into(),
+                port: 4789,
+                mac: vtep_mac(ip4("192.0.2.1")),
+                remotes: vec![RemoteEndpoint {
+                    ip: ip4(&v[3]),
+                    vtep: ip4(&v[4]),
+                    vtep_mac: vtep_mac(ip4(&v[4])),
+                }],
+            }),
+        };
+        let applied = shoal_netns::run_in(&v[1], move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(apply_network(&spec))
+        })
+        .unwrap()
+        .unwrap();
+        eprintln!("child applied: {applied:#?}");
+        assert!(
+            applied
+                .created
+                .contains(&"vxlan vxlan0 (vni 110 local 192.0.2.1 port 4789)".to_string()),
+            "{applied:#?}"
+        );
+        return;
+    }
+    use shoal_netns::CommandExt;
+    let mut lab = Lab::new(2);
+    let mut net = Net::new(&mut lab, 10, 110);
+    let a = net.task(&mut lab, 0, 2);
+    let b = net.task(&mut lab, 1, 3);
+    apply_network(&net.spec(&lab, 1)).await.unwrap();
+    let args = format!(
+        "{} {} {a} {} {}",
+        net.netns[0],
+        lab.underlay,
+        net.addr(3),
+        lab.nodes[1].ip
+    );
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "underlay_of_the_calling_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, args)
+        .in_netns(&lab.nodes[0].ns)
+        .unwrap()
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "child failed");
+    assert!(has_vxlan_socket(&lab.nodes[0].ns));
+    assert!(!has_vxlan_socket(&lab.underlay));
+    assert!(!has_vxlan_socket(&net.netns[0]));
+    assert_reaches(&a, &b, net.addr(3), 7600, 50_000);
+    assert_reaches(&b, &a, net.addr(2), 7601, 50_000);
 }
