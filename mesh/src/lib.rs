@@ -1,5 +1,7 @@
-//! Overlay network programmer, one-node part: the per-network namespace on this node and the
-//! attachment of local containers to it (routed veths with proxy ARP, no bridge).
+//! Overlay network programmer: the per-network namespace on this node, the attachment of
+//! local containers to it (routed veths with proxy ARP, no bridge) and, when
+//! [`NetworkSpec::vxlan`] is set, the VXLAN overlay towards the network's endpoints on other
+//! nodes (see the `vxlan` module: device `vxlan0`, static FDB, tagged neighbours and routes).
 //!
 //! Layout that [`apply_network`] converges to, for one network:
 //!

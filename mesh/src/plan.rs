@@ -356,6 +356,71 @@ mod tests {
         assert!(validate(&s).is_err());
     }
 
+    fn vx_spec() -> NetworkSpec {
+        let mut s = spec(vec![ep("sv01", "t1", [10, 0, 1, 2])]);
+        s.vxlan = Some(VxlanSpec {
+            vni: 42,
+            local: [192, 0, 2, 1].into(),
+            underlay_netns: None,
+            underlay_dev: "eth0".into(),
+            port: 4789,
+            mac: [0x02, 0x56, 192, 0, 2, 1],
+            remotes: vec![
+                crate::RemoteEndpoint {
+                    ip: [10, 0, 1, 3].into(),
+                    vtep: [192, 0, 2, 2].into(),
+                    vtep_mac: [0x02, 0x56, 192, 0, 2, 2],
+                },
+                crate::RemoteEndpoint {
+                    ip: [10, 0, 1, 4].into(),
+                    vtep: [192, 0, 2, 2].into(),
+                    vtep_mac: [0x02, 0x56, 192, 0, 2, 2],
+                },
+            ],
+        });
+        s
+    }
+
+    #[test]
+    fn vxlan_specs_are_checked() {
+        validate(&vx_spec()).unwrap();
+        type Edit = fn(&mut VxlanSpec);
+        let cases: Vec<(&str, Edit)> = vec![
+            ("vni 0", |v| v.vni = 0),
+            ("vni too big", |v| v.vni = 1 << 24),
+            ("port 0", |v| v.port = 0),
+            ("local unspecified", |v| v.local = Ipv4Addr::UNSPECIFIED),
+            ("bad dev", |v| v.underlay_dev = "a/b".into()),
+            ("bad ns", |v| v.underlay_netns = Some("".into())),
+            ("multicast mac", |v| v.mac[0] = 1),
+            ("remote outside", |v| v.remotes[0].ip = [10, 9, 0, 3].into()),
+            ("remote is gateway", |v| {
+                v.remotes[0].ip = [10, 0, 1, 1].into()
+            }),
+            ("remote is VIP", |v| {
+                v.remotes[0].ip = [10, 0, 1, 200].into()
+            }),
+            ("remote is local", |v| {
+                v.remotes[0].ip = [10, 0, 1, 2].into()
+            }),
+            ("remote twice", |v| v.remotes[1].ip = v.remotes[0].ip),
+            ("vtep is us", |v| v.remotes[0].vtep = v.local),
+            ("vtep mac is ours", |v| v.remotes[0].vtep_mac = v.mac),
+            ("vtep with two macs", |v| v.remotes[1].vtep_mac[5] = 9),
+            ("mac on two vteps", |v| {
+                v.remotes[1].vtep = [192, 0, 2, 3].into()
+            }),
+        ];
+        for (what, edit) in cases {
+            let mut s = vx_spec();
+            edit(s.vxlan.as_mut().unwrap());
+            assert!(
+                matches!(validate(&s), Err(MeshError::InvalidSpec(ref m)) if m.contains("vxlan")),
+                "{what} should be refused"
+            );
+        }
+    }
+
     #[test]
     fn alias_round_trips() {
         let e = ep("sv01", "/proc/12/ns/net", [10, 0, 1, 2]);
