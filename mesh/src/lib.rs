@@ -205,6 +205,12 @@ pub enum MeshError {
     },
     #[error("namespace {ns:?}: {what}")]
     Missing { ns: String, what: String },
+    #[error("{what}: {source}")]
+    Os {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// Something we did not make is in the way (e.g. a non-VXLAN `vxlan0`).
     #[error("namespace {ns:?}: {what}")]
     Conflict { ns: String, what: String },

@@ -85,8 +85,8 @@ pub(crate) async fn sync(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Resul
     })?;
     let ino = std::fs::File::from(ufd)
         .metadata()
-        .map_err(|source| MeshError::Socket {
-            ns: uns.clone(),
+        .map_err(|source| MeshError::Os {
+            what: format!("reading the inode of underlay namespace {uns:?}"),
             source,
         })?
         .ino();

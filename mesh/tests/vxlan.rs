@@ -485,6 +485,8 @@ async fn two_vnis_on_the_same_nodes_stay_isolated() {
     assert_reaches(&t2b, &t2a, n2.addr(2), 7102, 1000);
 
     let t2b_ip = n2.addr(3);
+    // Let the last connection's closing segments land before taking the reference.
+    std::thread::sleep(Duration::from_millis(300));
     let before = snmp(&t2b, "Ip", "InReceives");
     let _srv = serve_once(&t2b, t2b_ip, 7103, 10);
     let short = Duration::from_millis(800);
