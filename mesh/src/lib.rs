@@ -1,5 +1,7 @@
-//! Overlay network programmer, one-node part: the per-network namespace on this node and the
-//! attachment of local containers to it (routed veths with proxy ARP, no bridge).
+//! Overlay network programmer: the per-network namespace on this node, the attachment of
+//! local containers to it (routed veths with proxy ARP, no bridge) and, when
+//! [`NetworkSpec::vxlan`] is set, the VXLAN overlay towards the network's endpoints on other
+//! nodes (see the `vxlan` module: device `vxlan0`, static FDB, tagged neighbours and routes).
 //!
 //! Layout that [`apply_network`] converges to, for one network:
 //!
@@ -29,6 +31,9 @@ use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 mod nl;
 pub mod plan;
+mod vxlan;
+
+pub use vxlan::{VXLAN_IFNAME, VXLAN_OVERHEAD};
 
 use nl::{Link, Nl, Route};
 use plan::{KernelEndpoint, diff_sets, endpoint_alias, fmt_mac, parse_alias, plan_endpoints};
@@ -56,6 +61,43 @@ pub struct NetworkSpec {
     pub mtu: u32,
     /// The local containers attached to this network.
     pub endpoints: Vec<EndpointSpec>,
+    /// The network's VXLAN overlay towards other nodes; None = this node only (no VXLAN
+    /// device; one that we made earlier is removed).
+    pub vxlan: Option<VxlanSpec>,
+}
+
+/// The VXLAN part of a network on this node: one device [`VXLAN_IFNAME`] in the network
+/// namespace whose UDP socket lives in the underlay namespace, plus static FDB, neighbour
+/// and route entries for every endpoint of the network on other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    /// VXLAN network identifier (1..=16777215), one per network in the cluster.
+    pub vni: u32,
+    /// This node's underlay address (source of the VXLAN packets).
+    pub local: Ipv4Addr,
+    /// Namespace holding the underlay link (a name under /run/netns or an nsfs path);
+    /// None = the namespace of the calling process (`/proc/self/ns/net`, not the calling
+    /// thread's).
+    pub underlay_netns: Option<String>,
+    /// Underlay device, e.g. "eth0"; the VXLAN MTU is its MTU minus [`VXLAN_OVERHEAD`].
+    pub underlay_dev: String,
+    /// UDP destination port (4789).
+    pub port: u16,
+    /// This node's VTEP MAC on this network (the agent derives it from the underlay address).
+    pub mac: [u8; 6],
+    /// Every endpoint of this network on other nodes.
+    pub remotes: Vec<RemoteEndpoint>,
+}
+
+/// An endpoint of the network on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    /// The container's overlay address.
+    pub ip: Ipv4Addr,
+    /// The remote node's underlay address.
+    pub vtep: Ipv4Addr,
+    /// The remote node's VTEP MAC on this network.
+    pub vtep_mac: [u8; 6],
 }
 
 /// One container interface on a network.
@@ -100,6 +142,28 @@ pub struct ObservedNetwork {
     pub vips: Vec<Ipv4Addr>,
     /// Node-side veths named with [`ENDPOINT_PREFIX`], sorted by name.
     pub endpoints: Vec<ObservedEndpoint>,
+    /// The VXLAN device [`VXLAN_IFNAME`] and its entries, if present.
+    pub vxlan: Option<ObservedVxlan>,
+}
+
+/// The VXLAN device of a network namespace and what is programmed on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedVxlan {
+    pub ifname: String,
+    pub vni: Option<u32>,
+    pub local: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+    pub learning: Option<bool>,
+    pub mac: Vec<u8>,
+    pub mtu: u32,
+    pub up: bool,
+    /// Static FDB entries (VTEP MAC, remote underlay address), sorted.
+    pub fdb: Vec<([u8; 6], Ipv4Addr)>,
+    /// Neighbour entries on the device tagged with [`SHOAL_RT_PROTO`] (remote endpoint
+    /// address, VTEP MAC), sorted.
+    pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
+    /// Our `/32 dev vxlan` routes (remote endpoint addresses), sorted.
+    pub routes: Vec<Ipv4Addr>,
 }
 
 /// A node-side veth as the network namespace sees it.
@@ -141,6 +205,15 @@ pub enum MeshError {
     },
     #[error("namespace {ns:?}: {what}")]
     Missing { ns: String, what: String },
+    #[error("{what}: {source}")]
+    Os {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something we did not make is in the way (e.g. a non-VXLAN `vxlan0`).
+    #[error("namespace {ns:?}: {what}")]
+    Conflict { ns: String, what: String },
     /// One endpoint failed; the others were still converged.
     #[error("endpoint {host_ifname}: {source}")]
     Endpoint {
@@ -148,8 +221,8 @@ pub enum MeshError {
         #[source]
         source: Box<MeshError>,
     },
-    /// Several endpoints failed; the others were still converged.
-    #[error("network {netns}: {} endpoints failed: {}", errors.len(), join_errors(errors))]
+    /// Several objects (endpoints, the VXLAN part) failed; the others were still converged.
+    #[error("network {netns}: {} objects failed: {}", errors.len(), join_errors(errors))]
     Several {
         netns: String,
         errors: Vec<MeshError>,
@@ -276,6 +349,11 @@ pub async fn apply_network(spec: &NetworkSpec) -> Result<Applied, MeshError> {
             failures.push(endpoint_err(name, e));
         }
     }
+    // The VXLAN part does not depend on the endpoints; a failure there is reported with
+    // theirs and does not stop them.
+    if let Err(e) = vxlan::sync(&nl, spec, &mut ap).await {
+        failures.push(e);
+    }
     sweep_host_routes(&nl, spec, &mut ap).await?;
     if !ap.is_empty() {
         tracing::info!(created = ?ap.created, removed = ?ap.removed, "network applied");
@@ -299,7 +377,15 @@ pub async fn remove_network(netns: &str) -> Result<(), MeshError> {
     }
     {
         let nl = Nl::open(netns)?;
-        for l in nl.links().await?.iter().filter(|l| is_endpoint(l)) {
+        // The VXLAN device goes first and synchronously: namespace teardown is
+        // asynchronous, and until its device is gone the VNI stays taken in the underlay
+        // namespace (a quick re-apply would fail with EEXIST).
+        for l in nl
+            .links()
+            .await?
+            .iter()
+            .filter(|l| is_endpoint(l) || vxlan::is_ours(l))
+        {
             nl.del_link(l.index, &l.name).await?;
         }
     }
@@ -352,11 +438,13 @@ pub async fn observe_network(netns: &str) -> Result<Option<ObservedNetwork>, Mes
         })
         .collect();
     endpoints.sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
+    let vxlan = vxlan::observe(&nl, &links, &routes).await?;
     Ok(Some(ObservedNetwork {
         netns: netns.to_string(),
         gateway,
         vips,
         endpoints,
+        vxlan,
     }))
 }
 
@@ -794,7 +882,7 @@ async fn configure_task(
 /// routes of deleted veths went with them).
 async fn sweep_host_routes(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Result<(), MeshError> {
     let links = nl.links().await?;
-    let want: BTreeSet<(Ipv4Addr, u32)> = spec
+    let mut want: BTreeSet<(Ipv4Addr, u32)> = spec
         .endpoints
         .iter()
         .filter_map(|ep| {
@@ -804,6 +892,10 @@ async fn sweep_host_routes(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Res
                 .map(|l| (ep.ip, l.index))
         })
         .collect();
+    // Remote endpoints: `/32 dev vxlan0`, while the device is there.
+    if let (Some(vx), Some(dev)) = (&spec.vxlan, links.iter().find(|l| vxlan::is_ours(l))) {
+        want.extend(vx.remotes.iter().map(|r| (r.ip, dev.index)));
+    }
     for r in nl.routes().await?.iter().filter(|r| is_host_route(r)) {
         let Some(oif) = r.oif else { continue };
         if !want.contains(&(r.dst, oif)) {

@@ -7,7 +7,10 @@ use std::net::Ipv4Addr;
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::Handle;
 
@@ -102,6 +105,25 @@ impl Nl {
         Ok(msgs.into_iter().filter_map(Route::from_msg).collect())
     }
 
+    /// All neighbour entries of one family (`Inet` for ARP entries, `Bridge` for FDB).
+    pub(crate) async fn neighbours(
+        &self,
+        family: AddressFamily,
+    ) -> Result<Vec<NeighbourMessage>, MeshError> {
+        let what = match family {
+            AddressFamily::Bridge => "listing FDB entries",
+            _ => "listing neighbour entries",
+        };
+        self.handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(self.err(what))
+    }
+
     pub(crate) async fn set_link(
         &self,
         what: String,
@@ -137,6 +159,19 @@ pub(crate) struct Link {
     /// IFLA_LINK: for a veth, the peer's index (in the peer's namespace).
     pub(crate) peer_index: Option<u32>,
     pub(crate) is_veth: bool,
+    /// Set for a device of kind vxlan.
+    pub(crate) vxlan: Option<VxlanAttrs>,
+}
+
+/// The VXLAN parameters of a vxlan device as the kernel reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct VxlanAttrs {
+    pub(crate) vni: Option<u32>,
+    pub(crate) local: Option<Ipv4Addr>,
+    pub(crate) port: Option<u16>,
+    /// IFLA_VXLAN_LINK: the underlay device's index (in the underlay namespace).
+    pub(crate) link: Option<u32>,
+    pub(crate) learning: Option<bool>,
 }
 
 impl Link {
@@ -150,6 +185,7 @@ impl Link {
             alias: None,
             peer_index: None,
             is_veth: false,
+            vxlan: None,
         };
         for a in &m.attributes {
             match a {
@@ -162,6 +198,28 @@ impl Link {
                     l.is_veth = infos
                         .iter()
                         .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                    if infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
+                    {
+                        let mut v = VxlanAttrs::default();
+                        for i in infos {
+                            let LinkInfo::Data(InfoData::Vxlan(data)) = i else {
+                                continue;
+                            };
+                            for d in data {
+                                match d {
+                                    InfoVxlan::Id(x) => v.vni = Some(*x),
+                                    InfoVxlan::Local(x) => v.local = Some(*x),
+                                    InfoVxlan::Port(x) => v.port = Some(*x),
+                                    InfoVxlan::Link(x) => v.link = Some(*x),
+                                    InfoVxlan::Learning(x) => v.learning = Some(*x),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        l.vxlan = Some(v);
+                    }
                 }
                 _ => {}
             }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::{ENDPOINT_PREFIX, EndpointSpec, MeshError, NetworkSpec};
+use crate::{ENDPOINT_PREFIX, EndpointSpec, MeshError, NetworkSpec, VxlanSpec};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME: usize = 15;
@@ -109,6 +109,93 @@ pub fn validate(spec: &NetworkSpec) -> Result<(), MeshError> {
             ));
         }
     }
+    if let Some(vx) = &spec.vxlan {
+        validate_vxlan(spec, vx, &ips)
+            .map_err(|m| MeshError::InvalidSpec(format!("network {}: vxlan: {m}", spec.netns)))?;
+    }
+    Ok(())
+}
+
+fn unicast(m: &[u8; 6]) -> bool {
+    m[0] & 1 == 0 && *m != [0; 6]
+}
+
+fn validate_vxlan(
+    spec: &NetworkSpec,
+    vx: &VxlanSpec,
+    local_ips: &BTreeSet<Ipv4Addr>,
+) -> Result<(), String> {
+    if !(1..=0x00ff_ffff).contains(&vx.vni) {
+        return Err(format!("VNI {} out of range 1..=16777215", vx.vni));
+    }
+    if vx.port == 0 {
+        return Err("port 0".into());
+    }
+    if vx.local.is_unspecified() || vx.local.is_multicast() || vx.local.is_broadcast() {
+        return Err(format!(
+            "local address {} is not a unicast address",
+            vx.local
+        ));
+    }
+    if !ifname_ok(&vx.underlay_dev) {
+        return Err(format!(
+            "underlay device name {:?} is invalid",
+            vx.underlay_dev
+        ));
+    }
+    if let Some(ns) = &vx.underlay_netns
+        && (ns.is_empty() || (!ns.contains('/') && shoal_netns::validate_name(ns).is_err()))
+    {
+        return Err(format!("underlay namespace {ns:?} is invalid"));
+    }
+    if !unicast(&vx.mac) {
+        return Err(format!("MAC {} is not a unicast address", fmt_mac(&vx.mac)));
+    }
+    let mut remote_ips = BTreeSet::new();
+    let mut mac_of: BTreeMap<Ipv4Addr, [u8; 6]> = BTreeMap::new();
+    let mut vtep_of: BTreeMap<[u8; 6], Ipv4Addr> = BTreeMap::new();
+    for r in &vx.remotes {
+        let ip = r.ip;
+        if !spec.subnet.contains(&ip)
+            || ip == spec.subnet.network()
+            || (spec.subnet.prefix_len() < 31 && ip == spec.subnet.broadcast())
+            || ip == spec.gateway
+            || spec.vips.contains(&ip)
+        {
+            return Err(format!(
+                "remote endpoint {ip} is not a usable host address of {} (or is the gateway or a VIP)",
+                spec.subnet
+            ));
+        }
+        if local_ips.contains(&ip) {
+            return Err(format!("remote endpoint {ip} is also a local endpoint"));
+        }
+        if !remote_ips.insert(ip) {
+            return Err(format!("remote endpoint {ip} appears twice"));
+        }
+        if r.vtep == vx.local || r.vtep.is_unspecified() || r.vtep.is_multicast() {
+            return Err(format!(
+                "remote endpoint {ip}: VTEP {} is not another node's unicast address",
+                r.vtep
+            ));
+        }
+        if !unicast(&r.vtep_mac) || r.vtep_mac == vx.mac {
+            return Err(format!(
+                "remote endpoint {ip}: VTEP MAC {} is not another node's unicast MAC",
+                fmt_mac(&r.vtep_mac)
+            ));
+        }
+        // One MAC per VTEP and one VTEP per MAC: the FDB maps a MAC to one destination.
+        if *mac_of.entry(r.vtep).or_insert(r.vtep_mac) != r.vtep_mac {
+            return Err(format!("VTEP {} is given two different MACs", r.vtep));
+        }
+        if *vtep_of.entry(r.vtep_mac).or_insert(r.vtep) != r.vtep {
+            return Err(format!(
+                "VTEP MAC {} is given to two VTEPs",
+                fmt_mac(&r.vtep_mac)
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -204,6 +291,7 @@ mod tests {
             vips: vec![[10, 0, 1, 200].into()],
             mtu: 1450,
             endpoints: eps,
+            vxlan: None,
         }
     }
 
@@ -266,6 +354,71 @@ mod tests {
         let mut s = spec(vec![ep("sv01", "t1", [10, 0, 1, 2])]);
         s.endpoints[0].mac = [0x01, 0, 0, 0, 0, 1];
         assert!(validate(&s).is_err());
+    }
+
+    fn vx_spec() -> NetworkSpec {
+        let mut s = spec(vec![ep("sv01", "t1", [10, 0, 1, 2])]);
+        s.vxlan = Some(VxlanSpec {
+            vni: 42,
+            local: [192, 0, 2, 1].into(),
+            underlay_netns: None,
+            underlay_dev: "eth0".into(),
+            port: 4789,
+            mac: [0x02, 0x56, 192, 0, 2, 1],
+            remotes: vec![
+                crate::RemoteEndpoint {
+                    ip: [10, 0, 1, 3].into(),
+                    vtep: [192, 0, 2, 2].into(),
+                    vtep_mac: [0x02, 0x56, 192, 0, 2, 2],
+                },
+                crate::RemoteEndpoint {
+                    ip: [10, 0, 1, 4].into(),
+                    vtep: [192, 0, 2, 2].into(),
+                    vtep_mac: [0x02, 0x56, 192, 0, 2, 2],
+                },
+            ],
+        });
+        s
+    }
+
+    #[test]
+    fn vxlan_specs_are_checked() {
+        validate(&vx_spec()).unwrap();
+        type Edit = fn(&mut VxlanSpec);
+        let cases: Vec<(&str, Edit)> = vec![
+            ("vni 0", |v| v.vni = 0),
+            ("vni too big", |v| v.vni = 1 << 24),
+            ("port 0", |v| v.port = 0),
+            ("local unspecified", |v| v.local = Ipv4Addr::UNSPECIFIED),
+            ("bad dev", |v| v.underlay_dev = "a/b".into()),
+            ("bad ns", |v| v.underlay_netns = Some("".into())),
+            ("multicast mac", |v| v.mac[0] = 1),
+            ("remote outside", |v| v.remotes[0].ip = [10, 9, 0, 3].into()),
+            ("remote is gateway", |v| {
+                v.remotes[0].ip = [10, 0, 1, 1].into()
+            }),
+            ("remote is VIP", |v| {
+                v.remotes[0].ip = [10, 0, 1, 200].into()
+            }),
+            ("remote is local", |v| {
+                v.remotes[0].ip = [10, 0, 1, 2].into()
+            }),
+            ("remote twice", |v| v.remotes[1].ip = v.remotes[0].ip),
+            ("vtep is us", |v| v.remotes[0].vtep = v.local),
+            ("vtep mac is ours", |v| v.remotes[0].vtep_mac = v.mac),
+            ("vtep with two macs", |v| v.remotes[1].vtep_mac[5] = 9),
+            ("mac on two vteps", |v| {
+                v.remotes[1].vtep = [192, 0, 2, 3].into()
+            }),
+        ];
+        for (what, edit) in cases {
+            let mut s = vx_spec();
+            edit(s.vxlan.as_mut().unwrap());
+            assert!(
+                matches!(validate(&s), Err(MeshError::InvalidSpec(ref m)) if m.contains("vxlan")),
+                "{what} should be refused"
+            );
+        }
     }
 
     #[test]

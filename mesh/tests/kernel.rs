@@ -101,6 +101,7 @@ fn network(netns: &str, third: u8, vips: &[&str], endpoints: Vec<EndpointSpec>) 
         vips: vips.iter().map(|v| ip4(v)).collect(),
         mtu: 1450,
         endpoints,
+        vxlan: None,
     }
 }
 
