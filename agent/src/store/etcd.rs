@@ -39,8 +39,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaderKey,
-    PutOptions, ResignOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
+    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaderKey, PutOptions,
+    ResignOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
@@ -368,7 +368,10 @@ impl Store for EtcdStore {
         });
         let ops: Vec<_> = ops.into_iter().map(to_etcd_op).collect();
         let txn = Txn::new().when(cmps).and_then(ops);
-        let resp = match self.call_raw("txn", self.client.kv_client().txn(txn)).await? {
+        let resp = match self
+            .call_raw("txn", self.client.kv_client().txn(txn))
+            .await?
+        {
             Ok(resp) => resp,
             Err(e) => match lease {
                 Some(id) if is_lease_not_found(&e) => return Err(StoreError::LeaseExpired(id)),
@@ -403,7 +406,10 @@ impl Store for EtcdStore {
         let mut lc = self.client.lease_client();
         // etcd-client's keep_alive sends the first refresh and reads its answer (an answer
         // with TTL 0 is its "lease not found" error); the stream closes when dropped.
-        match self.call_raw("lease keep-alive", lc.keep_alive(lease)).await? {
+        match self
+            .call_raw("lease keep-alive", lc.keep_alive(lease))
+            .await?
+        {
             Ok((_keeper, _stream)) => Ok(()),
             Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseExpired(lease)),
             Err(e) => Err(map_err(&self.endpoints, "lease keep-alive", e)),
@@ -435,9 +441,9 @@ impl Store for EtcdStore {
             },
             e = self.await_deleted(&key, lease, start) => return Err(e),
         };
-        let leader = resp.leader().ok_or_else(|| {
-            StoreError::Corrupt("etcd campaign answer without leader key".into())
-        })?;
+        let leader = resp
+            .leader()
+            .ok_or_else(|| StoreError::Corrupt("etcd campaign answer without leader key".into()))?;
         let won_key = utf8_key(leader.key())?;
         let rev = leader.rev();
         // etcd reports a won campaign even if the key expired while it waited.
