@@ -274,7 +274,7 @@ async fn short_ttl_is_raised_not_refused() {
     let lease = store.grant_lease(Duration::from_millis(300)).await.unwrap();
     let mut client = store.client().clone();
     let ttl = client
-        .time_to_live(lease, None)
+        .lease_time_to_live(lease, None)
         .await
         .unwrap()
         .granted_ttl();

@@ -215,11 +215,13 @@ async fn bounded_raw<T>(
         })
 }
 
-/// etcd's "requested lease not found" (gRPC NOT_FOUND).
+/// etcd's "requested lease not found": gRPC NOT_FOUND from the KV and lease services,
+/// UNKNOWN with the same text when the election service passes it on.
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
-            i32::from(s.code()) == 5 && s.message().contains("lease not found")
+            matches!(i32::from(s.code()), 2 | 5)
+                && s.message().contains("requested lease not found")
         }
         // etcd-client's keep_alive on an answer with TTL 0.
         etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
