@@ -110,6 +110,12 @@ async fn election() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_cancel() {
+    let (_d, s) = open_tmp();
+    conformance::campaign_cancel(Arc::new(s), P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_lease_lost() {
     let (_d, s) = open_tmp();
     conformance::campaign_lease_lost(Arc::new(s), P).await;

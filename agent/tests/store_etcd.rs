@@ -260,6 +260,12 @@ async fn election() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_cancel() {
+    let etcd = Etcd::start().await;
+    conformance::campaign_cancel(Arc::new(etcd.store().await), P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_lease_lost() {
     let etcd = Etcd::start().await;
     conformance::campaign_lease_lost(Arc::new(etcd.store().await), P).await;

@@ -1192,3 +1192,45 @@ pub async fn campaign_lease_lost(store: Arc<dyn Store>, prefix: &str) {
     stop_keep_alive(keeper, "campaign_lease_lost");
     ok("revoke", store.revoke_lease(leader_lease).await);
 }
+
+/// A campaign that is dropped while waiting withdraws its candidate key; the leader is
+/// untouched.
+pub async fn campaign_cancel(store: Arc<dyn Store>, prefix: &str) {
+    let election = format!("{prefix}campaign_cancel/leader");
+    let leader_lease = ok("grant", store.grant_lease(Duration::from_secs(30)).await);
+    let leader = ok(
+        "campaign",
+        store.campaign(&election, "leader", leader_lease).await,
+    );
+    let lease = ok("grant", store.grant_lease(Duration::from_secs(30)).await);
+    let mut task = campaign_task(store.clone(), election.clone(), "waiter", lease).await;
+    still_waiting(&mut task, "campaign_cancel: second candidate").await;
+    let candidates = keys(store.as_ref(), &format!("{election}/")).await;
+    assert_eq!(
+        candidates.len(),
+        2,
+        "campaign_cancel: candidates {candidates:?}"
+    );
+    task.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = keys(store.as_ref(), &format!("{election}/")).await;
+        if left == [leader.key().to_string()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "campaign_cancel: keys {left:?} 5 s after the campaign was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ok("leader", store.leader(&election).await).as_deref(),
+        Some("leader"),
+        "campaign_cancel: leader"
+    );
+    ok("keep_alive", store.keep_alive(lease).await);
+    ok("resign", store.resign(&leader).await);
+    ok("revoke", store.revoke_lease(leader_lease).await);
+    ok("revoke", store.revoke_lease(lease).await);
+}

@@ -700,6 +700,12 @@ impl Store for EmbeddedStore {
                 break existing.unwrap_or(r.revision);
             }
         };
+        // Until won, dropping this future (or failing) withdraws the candidacy, as etcd
+        // does when a Campaign call is cancelled.
+        let mut withdraw = Withdraw {
+            store: self.clone(),
+            candidacy: Some(Leadership::new(election, key.clone(), my_rev, lease)),
+        };
         loop {
             let snap = self.list(&prefix).await?;
             match snap.kvs.iter().find(|kv| kv.key == key) {
@@ -714,6 +720,7 @@ impl Store for EmbeddedStore {
                 .map(|kv| kv.key.as_str())
                 .collect();
             if older.is_empty() {
+                withdraw.candidacy = None;
                 return Ok(Leadership::new(election, key, my_rev, lease));
             }
             // Wait for an older candidate (or this one) to go, then look again.
@@ -859,6 +866,27 @@ async fn expiry_loop(weak: Weak<Inner>, wake: Arc<Notify>) {
         };
         tracing::error!(error = %err, "embedded store: deleting keys of expired leases failed; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Deletes a candidate key whose campaign ended without winning (see `campaign`).
+struct Withdraw {
+    store: EmbeddedStore,
+    candidacy: Option<Leadership>,
+}
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        if let Some(c) = self.candidacy.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let store = self.store.clone();
+            rt.spawn(async move {
+                if let Err(e) = store.resign(&c).await {
+                    tracing::warn!(key = c.key(), error = %e, "withdrawing a candidacy failed");
+                }
+            });
+        }
     }
 }
 

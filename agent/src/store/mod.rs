@@ -158,9 +158,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The candidate's key is `<election>/<lease hex>` with `value`, bound to `lease`.
     /// Fails with [`StoreError::LeaseExpired`] when the lease is gone (at the start or
     /// while waiting), and with an error when the store connection breaks. Dropping the
-    /// future withdraws the candidacy (etcd: the server deletes the key; embedded: the
-    /// key stays until the lease ends, or a new campaign with the same lease takes it
-    /// over).
+    /// future (or a failed campaign) withdraws the candidacy: its key is deleted (etcd:
+    /// by the server when the call is cancelled; embedded: by a task spawned on drop).
     async fn campaign(&self, election: &str, value: &str, lease: LeaseId) -> Result<Leadership>;
 
     /// The current leader's value, if any.
