@@ -84,6 +84,110 @@ async fn run_all_concurrently_in_memory() {
     conformance::run_all(Arc::new(EmbeddedStore::in_memory()), P).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_keep_alive_and_expiry() {
+    let (_d, s) = open_tmp();
+    conformance::lease_keep_alive_and_expiry(Arc::new(s), P).await;
+}
+
+#[tokio::test]
+async fn lease_revoke() {
+    let (_d, s) = open_tmp();
+    conformance::lease_revoke(&s, P).await;
+}
+
+#[tokio::test]
+async fn lease_unknown() {
+    let (_d, s) = open_tmp();
+    conformance::lease_unknown(&s, P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election() {
+    let (_d, s) = open_tmp();
+    let s: Arc<dyn Store> = Arc::new(s);
+    conformance::election(s.clone(), s, P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_cancel() {
+    let (_d, s) = open_tmp();
+    conformance::campaign_cancel(Arc::new(s), P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_lease_lost() {
+    let (_d, s) = open_tmp();
+    conformance::campaign_lease_lost(Arc::new(s), P).await;
+}
+
+/// Leases are not persisted: leased keys are not in the state file and are gone after a
+/// reopen; the lease id is unknown there; plain keys and the revision survive.
+#[tokio::test]
+async fn leased_keys_do_not_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lease, rev) = {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        s.put("/r/plain", b"p".to_vec()).await.unwrap();
+        let r = s
+            .txn(
+                vec![],
+                vec![Op::PutLeased("/r/leased".into(), b"l".to_vec(), lease)],
+            )
+            .await
+            .unwrap();
+        // A plain key overwritten by a leased put becomes leased.
+        s.put("/r/plain2", b"p".to_vec()).await.unwrap();
+        s.txn(
+            vec![],
+            vec![Op::PutLeased("/r/plain2".into(), b"x".to_vec(), lease)],
+        )
+        .await
+        .unwrap();
+        assert!(s.get("/r/leased").await.unwrap().is_some());
+        (lease, r.revision + 2)
+    };
+    let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+    assert!(!text.contains("/r/leased"), "leased key persisted: {text}");
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    let snap = s.list("/r/").await.unwrap();
+    let keys: Vec<&str> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["/r/plain"]);
+    assert_eq!(snap.revision, rev, "the revision counter survives");
+    match s.keep_alive(lease).await {
+        Err(StoreError::LeaseExpired(id)) => assert_eq!(id, lease),
+        other => panic!("keep_alive of a lease from before the reopen: {other:?}"),
+    }
+    let fresh = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+    assert_ne!(fresh, lease, "a reopened store reissued a lease id");
+}
+
+/// Dropping the store ends the expiry task and releases the data dir although leases
+/// are still live.
+#[tokio::test]
+async fn drop_with_live_leases_releases_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        s.txn(
+            vec![],
+            vec![Op::PutLeased("/k".into(), b"v".to_vec(), lease)],
+        )
+        .await
+        .unwrap();
+    }
+    // The expiry task holds only a weak reference; give it a moment to notice.
+    for _ in 0..50 {
+        if EmbeddedStore::open(dir.path()).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("data dir still locked after the store was dropped");
+}
+
 #[tokio::test]
 async fn state_and_revision_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();

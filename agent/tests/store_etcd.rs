@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use shoal::store::conformance;
 use shoal::store::etcd::{EtcdOptions, EtcdStore};
 use shoal::store::{Store, StoreError};
@@ -229,6 +230,114 @@ async fn run_all_twice_in_parallel_on_one_etcd() {
         conformance::run_all(a, "/suite-a/"),
         conformance::run_all(b, "/suite-b/")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_keep_alive_and_expiry() {
+    let etcd = Etcd::start().await;
+    conformance::lease_keep_alive_and_expiry(Arc::new(etcd.store().await), P).await;
+}
+
+#[tokio::test]
+async fn lease_revoke() {
+    let etcd = Etcd::start().await;
+    conformance::lease_revoke(&etcd.store().await, P).await;
+}
+
+#[tokio::test]
+async fn lease_unknown() {
+    let etcd = Etcd::start().await;
+    conformance::lease_unknown(&etcd.store().await, P).await;
+}
+
+/// The two candidates use two separate connections, like two agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election() {
+    let etcd = Etcd::start().await;
+    let a: Arc<dyn Store> = Arc::new(etcd.store().await);
+    let b: Arc<dyn Store> = Arc::new(etcd.store().await);
+    conformance::election(a, b, P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_cancel() {
+    let etcd = Etcd::start().await;
+    conformance::campaign_cancel(Arc::new(etcd.store().await), P).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_lease_lost() {
+    let etcd = Etcd::start().await;
+    conformance::campaign_lease_lost(Arc::new(etcd.store().await), P).await;
+}
+
+/// etcd raises a TTL below its minimum; the lease is still usable and lives at least as
+/// long as asked.
+#[tokio::test]
+async fn short_ttl_is_raised_not_refused() {
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let lease = store.grant_lease(Duration::from_millis(300)).await.unwrap();
+    let mut client = store.client().clone();
+    let ttl = client
+        .lease_time_to_live(lease, None)
+        .await
+        .unwrap()
+        .granted_ttl();
+    eprintln!("granted TTL for a 300 ms request: {ttl} s");
+    assert!(ttl >= 1, "granted TTL {ttl}");
+    store.keep_alive(lease).await.unwrap();
+    store.revoke_lease(lease).await.unwrap();
+}
+
+/// With etcd gone, lease requests fail fast with Unavailable, and a waiting campaign
+/// ends with an error instead of waiting forever.
+#[tokio::test]
+async fn lease_and_campaign_with_etcd_down() {
+    let mut etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let leader_lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let _leader = store
+        .campaign("/d/e", "leader", leader_lease)
+        .await
+        .unwrap();
+    let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.campaign("/d/e", "waiter", lease).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the second campaign must wait");
+    etcd.stop();
+
+    let calls: [(&str, BoxFuture<'_, Result<(), StoreError>>); 4] = [
+        (
+            "grant",
+            async { store.grant_lease(Duration::from_secs(5)).await.map(|_| ()) }.boxed(),
+        ),
+        ("keep_alive", store.keep_alive(lease)),
+        ("revoke", store.revoke_lease(lease)),
+        (
+            "leader",
+            async { store.leader("/d/e").await.map(|_| ()) }.boxed(),
+        ),
+    ];
+    for (what, fut) in calls {
+        let started = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(15), fut).await {
+            Ok(Err(StoreError::Unavailable(msg))) => eprintln!("{what} with etcd down: {msg}"),
+            other => panic!("{what} with etcd down: expected Unavailable, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{what} took {:?} to fail",
+            started.elapsed()
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(15), waiting).await {
+        Ok(Ok(Err(e))) => eprintln!("campaign with etcd down: {e}"),
+        other => panic!("campaign with etcd down: expected an error, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -9,12 +9,22 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use tokio::task::JoinHandle;
 
-use super::{Compare, Event, KeyValue, Op, Result, Store, StoreError};
+use super::{Compare, Event, KeyValue, Leadership, LeaseId, Op, Result, Store, StoreError};
+
+/// TTL of the leases of the lease and election checks (etcd's minimum with its default
+/// election timeout is 2 s; shorter TTLs come back raised).
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
+/// How late after its deadline a lease's keys may still be deleted (etcd checks for
+/// expired leases every 500 ms, then commits the deletion through raft).
+const EXPIRY_SLACK: Duration = Duration::from_millis(1500);
+/// A lease id no backend hands out in these tests.
+const UNKNOWN_LEASE: LeaseId = 0x7ead_beef_0bad_f00d;
 
 /// How long a watch may take to deliver an event that was already written.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -707,4 +717,520 @@ pub async fn run_all(store: Arc<dyn Store>, prefix: &str) {
         cas_race(store.clone(), prefix),
         allocation_race(store.clone(), store.clone(), prefix),
     );
+}
+
+/// Refreshes `lease` every TTL/3 until aborted; ends with the error if a refresh fails.
+fn keep_alive_every(store: Arc<dyn Store>, lease: LeaseId) -> JoinHandle<StoreError> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LEASE_TTL / 3).await;
+            if let Err(e) = store.keep_alive(lease).await {
+                return e;
+            }
+        }
+    })
+}
+
+/// Stops a [`keep_alive_every`] task; panics if it had failed.
+fn stop_keep_alive(task: JoinHandle<StoreError>, what: &str) {
+    if task.is_finished() {
+        // A finished task has its result ready; `now_or_never` cannot block here.
+        let e = futures::FutureExt::now_or_never(task).and_then(|r| r.ok());
+        panic!("conformance: {what}: keep-alive failed: {e:?}");
+    }
+    task.abort();
+}
+
+fn expect_lease_expired<T: std::fmt::Debug>(r: Result<T>, lease: LeaseId, what: &str) {
+    match r {
+        Err(StoreError::LeaseExpired(id)) => {
+            assert_eq!(
+                id, lease,
+                "conformance: {what}: LeaseExpired names the lease"
+            )
+        }
+        other => panic!("conformance: {what}: expected LeaseExpired({lease:x}), got {other:?}"),
+    }
+}
+
+/// A leased key lives while its lease is kept alive (more than two TTLs), and is deleted
+/// (a watched Delete; all keys of the lease in one revision) within TTL + slack after the
+/// last refresh; a plain put detaches a key from its lease; a dead lease cannot be
+/// refreshed or written with.
+pub async fn lease_keep_alive_and_expiry(store: Arc<dyn Store>, prefix: &str) {
+    let s: &dyn Store = store.as_ref();
+    let p = format!("{prefix}lease_expiry/");
+    let (k1, k2, detached) = (format!("{p}k1"), format!("{p}k2"), format!("{p}detached"));
+    let lease = ok("grant", s.grant_lease(LEASE_TTL).await);
+    let start = ok("list", s.list(&p).await).revision;
+    let mut events = ok("watch", s.watch(&p, start).await);
+    ok(
+        "put leased",
+        s.txn(
+            vec![],
+            vec![
+                Op::PutLeased(k1.clone(), b"1".to_vec(), lease),
+                Op::PutLeased(k2.clone(), b"2".to_vec(), lease),
+                Op::PutLeased(detached.clone(), b"d".to_vec(), lease),
+            ],
+        )
+        .await,
+    );
+    // A plain put of a leased key takes it off the lease (etcd semantics).
+    // Four Put events: three from the txn, one from the plain put.
+    put(s, &detached, b"plain").await;
+    for i in 0..4 {
+        let e = next_event(&mut events, &format!("lease_expiry: put event {i}")).await;
+        assert!(
+            matches!(e, Event::Put(_)),
+            "lease_expiry: put event {i}: {e:?}"
+        );
+    }
+
+    // Kept alive every TTL/3 for 2.5 TTLs: the keys stay.
+    let until = Instant::now() + LEASE_TTL * 5 / 2;
+    let mut last_refresh = Instant::now();
+    while Instant::now() < until {
+        tokio::time::sleep(LEASE_TTL / 3).await;
+        ok("keep_alive", s.keep_alive(lease).await);
+        last_refresh = Instant::now();
+        assert!(
+            get(s, &k1).await.is_some() && get(s, &k2).await.is_some(),
+            "lease_expiry: a leased key vanished while its lease was kept alive"
+        );
+    }
+
+    // Not refreshed any more: both keys go in one revision, within TTL + slack.
+    let mut deleted = Vec::new();
+    while deleted.len() < 2 {
+        match next_event(&mut events, "lease_expiry: delete on expiry").await {
+            Event::Delete { key, mod_revision } => deleted.push((key, mod_revision)),
+            other => panic!("lease_expiry: expected a Delete, got {other:?}"),
+        }
+    }
+    let took = last_refresh.elapsed();
+    assert!(
+        took >= LEASE_TTL - Duration::from_millis(100),
+        "lease_expiry: keys deleted {took:?} after the last refresh, before the TTL {LEASE_TTL:?}"
+    );
+    assert!(
+        took <= LEASE_TTL + EXPIRY_SLACK,
+        "lease_expiry: keys deleted only {took:?} after the last refresh (TTL {LEASE_TTL:?})"
+    );
+    deleted.sort();
+    assert_eq!(
+        deleted.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        vec![k1.clone(), k2.clone()],
+        "lease_expiry: deleted keys"
+    );
+    assert_eq!(
+        deleted[0].1, deleted[1].1,
+        "lease_expiry: the keys of one lease are deleted in one revision"
+    );
+    assert!(get(s, &k1).await.is_none(), "lease_expiry: k1 still there");
+    assert_eq!(
+        get(s, &detached).await.map(|kv| kv.value),
+        Some(b"plain".to_vec()),
+        "lease_expiry: a key re-put without lease must survive the lease"
+    );
+    expect_quiet(&mut events, "lease_expiry: after the expiry").await;
+
+    expect_lease_expired(s.keep_alive(lease).await, lease, "keep_alive after expiry");
+    expect_lease_expired(
+        s.txn(
+            vec![],
+            vec![Op::PutLeased(k1.clone(), b"x".to_vec(), lease)],
+        )
+        .await,
+        lease,
+        "put with an expired lease",
+    );
+    assert!(
+        get(s, &k1).await.is_none(),
+        "lease_expiry: put with a dead lease wrote"
+    );
+    ok("revoke expired", s.revoke_lease(lease).await);
+}
+
+/// Revoking deletes the lease's keys at once (one revision, watched); it is idempotent;
+/// a revoked lease cannot be refreshed.
+pub async fn lease_revoke(store: &dyn Store, prefix: &str) {
+    let p = format!("{prefix}lease_revoke/");
+    let lease = ok("grant", store.grant_lease(Duration::from_secs(30)).await);
+    let other = ok("grant", store.grant_lease(Duration::from_secs(30)).await);
+    assert_ne!(lease, other, "lease_revoke: two grants gave one id");
+    let (a, b, c) = (format!("{p}a"), format!("{p}b"), format!("{p}c"));
+    let r = ok(
+        "put leased",
+        store
+            .txn(
+                vec![],
+                vec![
+                    Op::PutLeased(a.clone(), b"a".to_vec(), lease),
+                    Op::PutLeased(b.clone(), b"b".to_vec(), lease),
+                    Op::PutLeased(c.clone(), b"c".to_vec(), other),
+                ],
+            )
+            .await,
+    );
+    let kv = get(store, &a)
+        .await
+        .expect("lease_revoke: leased key missing");
+    assert_eq!(
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision),
+        (&b"a"[..], r.revision, r.revision),
+        "lease_revoke: a leased key is a key like any other"
+    );
+    let mut events = ok("watch", store.watch(&p, r.revision).await);
+    ok("keep_alive", store.keep_alive(lease).await);
+    ok("revoke", store.revoke_lease(lease).await);
+    assert!(
+        get(store, &a).await.is_none(),
+        "lease_revoke: a not deleted by revoke"
+    );
+    assert!(
+        get(store, &b).await.is_none(),
+        "lease_revoke: b not deleted by revoke"
+    );
+    assert!(
+        get(store, &c).await.is_some(),
+        "lease_revoke: revoke deleted another lease's key"
+    );
+    let e1 = next_event(&mut events, "lease_revoke: delete 1").await;
+    let e2 = next_event(&mut events, "lease_revoke: delete 2").await;
+    for e in [&e1, &e2] {
+        assert!(
+            matches!(e, Event::Delete { .. }),
+            "lease_revoke: expected a Delete, got {e:?}"
+        );
+        assert!(e.revision() > r.revision, "lease_revoke: delete revision");
+    }
+    assert_eq!(
+        e1.revision(),
+        e2.revision(),
+        "lease_revoke: one revision for the lease's keys"
+    );
+    expect_quiet(&mut events, "lease_revoke: after revoke").await;
+    ok("revoke again", store.revoke_lease(lease).await);
+    ok("revoke unknown", store.revoke_lease(UNKNOWN_LEASE).await);
+    expect_lease_expired(
+        store.keep_alive(lease).await,
+        lease,
+        "keep_alive after revoke",
+    );
+    ok("keep_alive other", store.keep_alive(other).await);
+    ok("revoke other", store.revoke_lease(other).await);
+    assert!(
+        get(store, &c).await.is_none(),
+        "lease_revoke: c not deleted by revoke"
+    );
+}
+
+/// A lease that was never granted: refresh and writes fail with LeaseExpired and write
+/// nothing (the check applies only when the transaction's compares hold, as in etcd).
+pub async fn lease_unknown(store: &dyn Store, prefix: &str) {
+    let p = format!("{prefix}lease_unknown/");
+    let k = format!("{p}k");
+    expect_lease_expired(
+        store.keep_alive(UNKNOWN_LEASE).await,
+        UNKNOWN_LEASE,
+        "keep_alive unknown",
+    );
+    let before = ok("list", store.list(&p).await).revision;
+    expect_lease_expired(
+        store
+            .txn(
+                vec![],
+                vec![
+                    Op::Put(format!("{p}plain"), b"p".to_vec()),
+                    Op::PutLeased(k.clone(), b"v".to_vec(), UNKNOWN_LEASE),
+                ],
+            )
+            .await,
+        UNKNOWN_LEASE,
+        "put with an unknown lease",
+    );
+    assert!(
+        keys(store, &p).await.is_empty(),
+        "lease_unknown: a failed txn wrote"
+    );
+    let res = ok(
+        "txn with failing compare",
+        store
+            .txn(
+                vec![Compare::ModRevision(format!("{p}absent"), 1)],
+                vec![Op::PutLeased(k.clone(), b"v".to_vec(), UNKNOWN_LEASE)],
+            )
+            .await,
+    );
+    assert!(
+        !res.succeeded,
+        "lease_unknown: txn with a failing compare succeeded"
+    );
+    assert!(res.revision >= before, "lease_unknown: revision went back");
+    expect_lease_expired(
+        store
+            .campaign(&format!("{p}election"), "x", UNKNOWN_LEASE)
+            .await,
+        UNKNOWN_LEASE,
+        "campaign with an unknown lease",
+    );
+    assert_eq!(
+        ok("leader", store.leader(&format!("{p}election")).await),
+        None,
+        "lease_unknown: a failed campaign left a leader"
+    );
+}
+
+async fn campaign_task(
+    store: Arc<dyn Store>,
+    election: String,
+    value: &'static str,
+    lease: LeaseId,
+) -> JoinHandle<Result<Leadership>> {
+    tokio::spawn(async move { store.campaign(&election, value, lease).await })
+}
+
+/// The result of a campaign expected to complete within `within`.
+async fn won(
+    task: &mut JoinHandle<Result<Leadership>>,
+    within: Duration,
+    what: &str,
+) -> Leadership {
+    match tokio::time::timeout(within, task).await {
+        Ok(Ok(Ok(l))) => l,
+        Ok(Ok(Err(e))) => panic!("conformance: {what}: campaign failed: {e}"),
+        Ok(Err(e)) => panic!("conformance: {what}: campaign task failed: {e}"),
+        Err(_) => panic!("conformance: {what}: campaign not won within {within:?}"),
+    }
+}
+
+async fn still_waiting(task: &mut JoinHandle<Result<Leadership>>, what: &str) {
+    if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), task).await {
+        panic!("conformance: {what}: campaign completed while another candidate leads: {r:?}");
+    }
+}
+
+struct Candidate {
+    store: Arc<dyn Store>,
+    lease: LeaseId,
+    name: &'static str,
+    keeper: Option<JoinHandle<StoreError>>,
+}
+
+/// Two candidates (separate leases, possibly separate store handles) campaign at once:
+/// exactly one wins and `leader()` reports its value; the other wins only after the first
+/// resigns. Then the first campaigns again and wins only once the leader's lease expires.
+pub async fn election(a: Arc<dyn Store>, b: Arc<dyn Store>, prefix: &str) {
+    let election = format!("{prefix}election/leader");
+    let deadline = Duration::from_secs(10);
+    assert_eq!(
+        ok("leader before", a.leader(&election).await),
+        None,
+        "election: leader of an election without candidates"
+    );
+    let mut cands = Vec::new();
+    for (store, name) in [(a, "a"), (b, "b")] {
+        let lease = ok("grant", store.grant_lease(LEASE_TTL).await);
+        let keeper = Some(keep_alive_every(store.clone(), lease));
+        cands.push(Candidate {
+            store,
+            lease,
+            name,
+            keeper,
+        });
+    }
+    assert_ne!(
+        cands[0].lease, cands[1].lease,
+        "election: two grants gave one id"
+    );
+
+    // Both at once: exactly one wins.
+    let mut ta = campaign_task(
+        cands[0].store.clone(),
+        election.clone(),
+        "a",
+        cands[0].lease,
+    )
+    .await;
+    let mut tb = campaign_task(
+        cands[1].store.clone(),
+        election.clone(),
+        "b",
+        cands[1].lease,
+    )
+    .await;
+    let (won_first, mut waiting, a_first) = tokio::time::timeout(deadline, async {
+        tokio::select! {
+            r = &mut ta => (r, tb, true),
+            r = &mut tb => (r, ta, false),
+        }
+    })
+    .await
+    .expect("election: no candidate won within 10 s");
+    let leadership = match won_first {
+        Ok(Ok(l)) => l,
+        other => panic!("election: the first campaign failed: {other:?}"),
+    };
+    let second = cands.remove(usize::from(a_first));
+    let first = cands.remove(0);
+    assert_eq!(
+        leadership.lease(),
+        first.lease,
+        "election: leadership's lease"
+    );
+    assert!(
+        leadership.key().starts_with(&format!("{election}/")),
+        "election: leader key {:?} not under the election",
+        leadership.key()
+    );
+    still_waiting(&mut waiting, "election: the second candidate").await;
+    assert_eq!(
+        ok("leader", second.store.leader(&election).await).as_deref(),
+        Some(first.name),
+        "election: leader() while the first leads"
+    );
+
+    // The first resigns: the second wins.
+    ok(
+        "resign",
+        leadership.clone().resign(first.store.as_ref()).await,
+    );
+    let second_l = won(&mut waiting, deadline, "election: second after resign").await;
+    assert_eq!(
+        second_l.lease(),
+        second.lease,
+        "election: second leadership's lease"
+    );
+    assert_ne!(
+        second_l.key(),
+        leadership.key(),
+        "election: both leaders share a key"
+    );
+    assert_eq!(
+        ok("leader", first.store.leader(&election).await).as_deref(),
+        Some(second.name),
+        "election: leader() after the first resigned"
+    );
+    // Resigning again is harmless and leaves the new leader alone.
+    ok("resign again", first.store.resign(&leadership).await);
+    assert_eq!(
+        ok("leader", first.store.leader(&election).await).as_deref(),
+        Some(second.name),
+        "election: a stale resign removed the new leader"
+    );
+
+    // The first campaigns again; the second's lease is let expire: the first wins.
+    let mut again = campaign_task(
+        first.store.clone(),
+        election.clone(),
+        first.name,
+        first.lease,
+    )
+    .await;
+    still_waiting(&mut again, "election: campaign behind the second").await;
+    stop_keep_alive(second.keeper.expect("keeper"), "election: second");
+    let stopped = Instant::now();
+    let l = won(
+        &mut again,
+        LEASE_TTL + EXPIRY_SLACK + Duration::from_secs(5),
+        "election: campaign after the leader's lease expired",
+    )
+    .await;
+    let took = stopped.elapsed();
+    // The last refresh was at most TTL/3 before the keeper stopped.
+    assert!(
+        took >= LEASE_TTL * 2 / 3 - Duration::from_millis(100),
+        "election: won {took:?} after the leader stopped refreshing, before its TTL ran out"
+    );
+    assert_eq!(l.lease(), first.lease, "election: the winner's lease");
+    assert_eq!(
+        ok("leader", second.store.leader(&election).await).as_deref(),
+        Some(first.name),
+        "election: leader() after the old leader's lease expired"
+    );
+    expect_lease_expired(
+        second.store.keep_alive(second.lease).await,
+        second.lease,
+        "election: the old leader's keep_alive",
+    );
+    ok("resign", l.resign(first.store.as_ref()).await);
+    assert_eq!(
+        ok("leader", first.store.leader(&election).await),
+        None,
+        "election: leader() after the last candidate resigned"
+    );
+    stop_keep_alive(first.keeper.expect("keeper"), "election: first");
+    ok("revoke", first.store.revoke_lease(first.lease).await);
+}
+
+/// A candidate waiting in a campaign whose lease expires gets LeaseExpired instead of
+/// waiting on (or winning with a dead key).
+pub async fn campaign_lease_lost(store: Arc<dyn Store>, prefix: &str) {
+    let election = format!("{prefix}campaign_lease_lost/leader");
+    let leader_lease = ok("grant", store.grant_lease(LEASE_TTL).await);
+    let keeper = keep_alive_every(store.clone(), leader_lease);
+    let leader = ok(
+        "campaign",
+        store.campaign(&election, "leader", leader_lease).await,
+    );
+    let lease = ok("grant", store.grant_lease(LEASE_TTL).await);
+    let mut task = campaign_task(store.clone(), election.clone(), "waiter", lease).await;
+    match tokio::time::timeout(LEASE_TTL + EXPIRY_SLACK + Duration::from_secs(5), &mut task).await {
+        Ok(Ok(r)) => expect_lease_expired(r, lease, "campaign_lease_lost: waiting campaign"),
+        Ok(Err(e)) => panic!("conformance: campaign_lease_lost: task failed: {e}"),
+        Err(_) => panic!(
+            "conformance: campaign_lease_lost: campaign still waiting after its lease expired"
+        ),
+    }
+    assert_eq!(
+        ok("leader", store.leader(&election).await).as_deref(),
+        Some("leader"),
+        "campaign_lease_lost: leader"
+    );
+    ok("resign", store.resign(&leader).await);
+    stop_keep_alive(keeper, "campaign_lease_lost");
+    ok("revoke", store.revoke_lease(leader_lease).await);
+}
+
+/// A campaign that is dropped while waiting withdraws its candidate key; the leader is
+/// untouched.
+pub async fn campaign_cancel(store: Arc<dyn Store>, prefix: &str) {
+    let election = format!("{prefix}campaign_cancel/leader");
+    let leader_lease = ok("grant", store.grant_lease(Duration::from_secs(30)).await);
+    let leader = ok(
+        "campaign",
+        store.campaign(&election, "leader", leader_lease).await,
+    );
+    let lease = ok("grant", store.grant_lease(Duration::from_secs(30)).await);
+    let mut task = campaign_task(store.clone(), election.clone(), "waiter", lease).await;
+    still_waiting(&mut task, "campaign_cancel: second candidate").await;
+    let candidates = keys(store.as_ref(), &format!("{election}/")).await;
+    assert_eq!(
+        candidates.len(),
+        2,
+        "campaign_cancel: candidates {candidates:?}"
+    );
+    task.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = keys(store.as_ref(), &format!("{election}/")).await;
+        if left == [leader.key().to_string()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "campaign_cancel: keys {left:?} 5 s after the campaign was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ok("leader", store.leader(&election).await).as_deref(),
+        Some("leader"),
+        "campaign_cancel: leader"
+    );
+    ok("keep_alive", store.keep_alive(lease).await);
+    ok("resign", store.resign(&leader).await);
+    ok("revoke", store.revoke_lease(leader_lease).await);
+    ok("revoke", store.revoke_lease(lease).await);
 }

@@ -21,22 +21,40 @@
 //! seen (the ring usually still has it) or resync with `list`.
 //!
 //! A data directory is locked (`flock` on `<dir>/LOCK`) while a store has it open.
+//!
+//! Leases live in memory only. Keys bound to a lease ([`Op::PutLeased`]) are never
+//! written to `state.json` (the revision counter still is), so after a reopen every
+//! leased key from before is gone (no Delete event: watch history does not survive a
+//! reopen either) and old lease ids are unknown ([`StoreError::LeaseExpired`]). Lease ids
+//! start at a random value so a reopened store does not hand out an id a stale client
+//! still holds. An expiry task (spawned on the first `grant_lease`, on that tokio runtime)
+//! wakes at the earliest lease deadline and deletes the keys of every expired lease in one
+//! transaction; `keep_alive` after the deadline fails even if the task has not run yet.
+//!
+//! Election (etcd's recipe): a candidate puts `<election>/<lease hex>` bound to its lease;
+//! the key with the lowest create revision under `<election>/` is the leader; `campaign`
+//! watches the prefix until every older candidate key is deleted.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinHandle;
 
-use super::{Compare, Event, KeyValue, Op, Result, Snapshot, Store, StoreError, TxnResult};
+use super::{
+    Compare, Event, KeyValue, Leadership, LeaseId, Op, Result, Snapshot, Store, StoreError,
+    TxnResult, candidate_key, ttl_secs,
+};
 
 /// Name of the state file inside the data directory.
 pub const STATE_FILE: &str = "state.json";
@@ -73,8 +91,38 @@ struct Inner {
     /// Serialises writers; holds the reason the store refuses writes after a failed
     /// persist whose outcome on disk is unknown.
     writer: Mutex<Option<String>>,
+    /// Lock order: `writer`, then `leases`, then `shared`.
+    leases: Mutex<Leases>,
     shared: Mutex<Shared>,
     opts: EmbeddedOptions,
+    /// The lease expiry task (spawned on the first grant).
+    expiry: Mutex<Option<JoinHandle<()>>>,
+    /// Wakes the expiry task: a lease was granted, or the store is dropped.
+    wake: Arc<Notify>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
+}
+
+struct Leases {
+    next_id: LeaseId,
+    live: HashMap<LeaseId, Lease>,
+    /// Every key bound to a lease (sorted: expiry deletes in key order).
+    attached: BTreeMap<String, LeaseId>,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+}
+
+impl Leases {
+    fn alive(&self, id: LeaseId, now: Instant) -> bool {
+        self.live.get(&id).is_some_and(|l| l.deadline > now)
+    }
 }
 
 struct Shared {
@@ -185,10 +233,20 @@ impl EmbeddedStore {
         opts: EmbeddedOptions,
     ) -> Self {
         let (tx, _) = broadcast::channel(opts.watch_channel.max(1));
+        // Random start (below 2^52, so ids stay exact in JSON numbers and far from
+        // overflow): ids from before a reopen are not reissued.
+        let next_id = 1 + (rand::random::<u64>() >> 12) as i64;
         Self {
             inner: Arc::new(Inner {
                 disk,
                 writer: Mutex::new(None),
+                leases: Mutex::new(Leases {
+                    next_id,
+                    live: HashMap::new(),
+                    attached: BTreeMap::new(),
+                }),
+                expiry: Mutex::new(None),
+                wake: Arc::new(Notify::new()),
                 shared: Mutex::new(Shared {
                     kvs: Arc::new(kvs),
                     revision,
@@ -205,11 +263,50 @@ impl EmbeddedStore {
 impl Inner {
     fn txn_blocking(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
         let mut failed = lock(&self.writer);
-        if let Some(reason) = failed.as_ref() {
-            return Err(StoreError::Io(format!(
-                "store refuses writes after an earlier failure ({reason}); reopen it"
-            )));
+        refuse_if_failed(&failed)?;
+        let mut leases = lock(&self.leases);
+        self.apply(&mut failed, &mut leases, compares, ops)
+    }
+
+    /// Deletes the keys of the leases `ids` in one transaction, then forgets the leases.
+    fn end_leases_blocking(&self, ids: Option<&[LeaseId]>) -> Result<()> {
+        let mut failed = lock(&self.writer);
+        refuse_if_failed(&failed)?;
+        let mut leases = lock(&self.leases);
+        let now = Instant::now();
+        let ids: BTreeSet<LeaseId> = match ids {
+            Some(ids) => ids.iter().copied().collect(),
+            None => leases
+                .live
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        if ids.is_empty() {
+            return Ok(());
         }
+        let ops = leases
+            .attached
+            .iter()
+            .filter(|(_, id)| ids.contains(id))
+            .map(|(k, _)| Op::Delete(k.clone()))
+            .collect();
+        self.apply(&mut failed, &mut leases, vec![], ops)?;
+        for id in &ids {
+            leases.live.remove(id);
+        }
+        tracing::debug!(leases = ?ids, "embedded store: leases ended");
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        failed: &mut Option<String>,
+        leases: &mut Leases,
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    ) -> Result<TxnResult> {
         let (kvs, revision) = {
             let s = lock(&self.shared);
             (s.kvs.clone(), s.revision)
@@ -225,29 +322,32 @@ impl Inner {
         if !holds || ops.is_empty() {
             return Ok(unchanged);
         }
+        // Like etcd: a write naming a dead lease fails the whole transaction.
+        let now = Instant::now();
+        for op in &ops {
+            if let Op::PutLeased(_, _, id) = op
+                && !leases.alive(*id, now)
+            {
+                return Err(StoreError::LeaseExpired(*id));
+            }
+        }
         let new_rev = revision + 1;
         let mut next = (*kvs).clone();
+        let mut attached = leases.attached.clone();
         let mut events = Vec::new();
         for op in ops {
-            match op {
-                Op::Put(key, value) => {
-                    let create_revision = next.get(&key).map_or(new_rev, |kv| kv.create_revision);
-                    let kv = KeyValue {
-                        key: key.clone(),
-                        value,
-                        create_revision,
-                        mod_revision: new_rev,
-                    };
-                    next.insert(key, kv.clone());
-                    events.push(Event::Put(kv));
-                }
+            let (key, value, lease) = match op {
+                Op::Put(key, value) => (key, value, None),
+                Op::PutLeased(key, value, id) => (key, value, Some(id)),
                 Op::Delete(key) => {
+                    attached.remove(&key);
                     if next.remove(&key).is_some() {
                         events.push(Event::Delete {
                             key,
                             mod_revision: new_rev,
                         });
                     }
+                    continue;
                 }
                 Op::DeletePrefix(prefix) => {
                     let keys: Vec<String> = next
@@ -257,13 +357,28 @@ impl Inner {
                         .collect();
                     for key in keys {
                         next.remove(&key);
+                        attached.remove(&key);
                         events.push(Event::Delete {
                             key,
                             mod_revision: new_rev,
                         });
                     }
+                    continue;
                 }
-            }
+            };
+            match lease {
+                Some(id) => attached.insert(key.clone(), id),
+                None => attached.remove(&key),
+            };
+            let create_revision = next.get(&key).map_or(new_rev, |kv| kv.create_revision);
+            let kv = KeyValue {
+                key: key.clone(),
+                value,
+                create_revision,
+                mod_revision: new_rev,
+            };
+            next.insert(key, kv.clone());
+            events.push(Event::Put(kv));
         }
         // Like etcd: a transaction that changes nothing (deleting absent keys) does not
         // create a revision.
@@ -271,7 +386,7 @@ impl Inner {
             return Ok(unchanged);
         }
         if let Some(disk) = &self.disk
-            && let Err(e) = disk.persist(&next, new_rev)
+            && let Err(e) = disk.persist(&next, new_rev, &attached)
         {
             if e.outcome_unknown {
                 *failed = Some(e.msg.clone());
@@ -279,6 +394,7 @@ impl Inner {
             tracing::error!(error = %e.msg, "embedded store write failed");
             return Err(StoreError::Io(e.msg));
         }
+        leases.attached = attached;
         let mut s = lock(&self.shared);
         s.kvs = Arc::new(next);
         s.revision = new_rev;
@@ -302,6 +418,15 @@ impl Inner {
     }
 }
 
+fn refuse_if_failed(failed: &Option<String>) -> Result<()> {
+    match failed {
+        Some(reason) => Err(StoreError::Io(format!(
+            "store refuses writes after an earlier failure ({reason}); reopen it"
+        ))),
+        None => Ok(()),
+    }
+}
+
 struct PersistError {
     msg: String,
     /// True when the failure came after the rename: the disk may hold the new state.
@@ -313,12 +438,13 @@ impl Disk {
         &self,
         kvs: &BTreeMap<String, KeyValue>,
         revision: i64,
+        leased: &BTreeMap<String, LeaseId>,
     ) -> std::result::Result<(), PersistError> {
         let before = |what: &str, path: &Path, e: io::Error| PersistError {
             msg: format!("{what} {}: {e}", path.display()),
             outcome_unknown: false,
         };
-        let bytes = encode_state(kvs, revision);
+        let bytes = encode_state(kvs, revision, |k| leased.contains_key(k));
         let mut f = File::create(&self.tmp).map_err(|e| before("create", &self.tmp, e))?;
         f.write_all(&bytes)
             .map_err(|e| before("write", &self.tmp, e))?;
@@ -387,12 +513,18 @@ struct FileKvIn {
     value_hex: Option<String>,
 }
 
-fn encode_state(kvs: &BTreeMap<String, KeyValue>, revision: i64) -> Vec<u8> {
+/// The state file's bytes; keys for which `skip` holds (leased keys) are left out.
+fn encode_state(
+    kvs: &BTreeMap<String, KeyValue>,
+    revision: i64,
+    skip: impl Fn(&str) -> bool,
+) -> Vec<u8> {
     let out = FileStateOut {
         format: FORMAT_VERSION,
         revision,
         kvs: kvs
             .values()
+            .filter(|kv| !skip(&kv.key))
             .map(|kv| {
                 let text = std::str::from_utf8(&kv.value).ok();
                 FileKvOut {
@@ -509,6 +641,137 @@ impl Store for EmbeddedStore {
             .map_err(|e| StoreError::Io(format!("store write task failed: {e}")))?
     }
 
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let ttl = Duration::from_secs(ttl_secs(ttl) as u64);
+        let id = {
+            let mut l = lock(&self.inner.leases);
+            let id = l.next_id;
+            l.next_id += 1;
+            l.live.insert(
+                id,
+                Lease {
+                    ttl,
+                    deadline: Instant::now() + ttl,
+                },
+            );
+            id
+        };
+        self.ensure_expiry_task();
+        self.inner.wake.notify_one();
+        Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut l = lock(&self.inner.leases);
+        let now = Instant::now();
+        match l.live.get_mut(&lease) {
+            Some(x) if x.deadline > now => {
+                x.deadline = now + x.ttl;
+                Ok(())
+            }
+            _ => Err(StoreError::LeaseExpired(lease)),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        if !lock(&self.inner.leases).live.contains_key(&lease) {
+            return Ok(());
+        }
+        self.blocking(move |inner| inner.end_leases_blocking(Some(&[lease])))
+            .await
+    }
+
+    async fn campaign(&self, election: &str, value: &str, lease: LeaseId) -> Result<Leadership> {
+        let key = candidate_key(election, lease);
+        let prefix = format!("{election}/");
+        // Put the candidate key, or take over this lease's existing one (same key: a
+        // campaign again with the same lease keeps its place, as in etcd).
+        let my_rev = loop {
+            let (compare, existing) = match self.get(&key).await? {
+                None => (Compare::Absent(key.clone()), None),
+                Some(kv) => (
+                    Compare::ModRevision(key.clone(), kv.mod_revision),
+                    Some(kv.create_revision),
+                ),
+            };
+            let op = Op::PutLeased(key.clone(), value.as_bytes().to_vec(), lease);
+            let r = self.txn(vec![compare], vec![op]).await?;
+            if r.succeeded {
+                break existing.unwrap_or(r.revision);
+            }
+        };
+        // Until won, dropping this future (or failing) withdraws the candidacy, as etcd
+        // does when a Campaign call is cancelled.
+        let mut withdraw = Withdraw {
+            store: self.clone(),
+            candidacy: Some(Leadership::new(election, key.clone(), my_rev, lease)),
+        };
+        loop {
+            let snap = self.list(&prefix).await?;
+            match snap.kvs.iter().find(|kv| kv.key == key) {
+                Some(kv) if kv.create_revision == my_rev => {}
+                // Deleted by the lease's end (or by hand): the candidacy is over.
+                _ => return Err(StoreError::LeaseExpired(lease)),
+            }
+            let older: BTreeSet<&str> = snap
+                .kvs
+                .iter()
+                .filter(|kv| kv.create_revision < my_rev)
+                .map(|kv| kv.key.as_str())
+                .collect();
+            if older.is_empty() {
+                withdraw.candidacy = None;
+                return Ok(Leadership::new(election, key, my_rev, lease));
+            }
+            // Wait for an older candidate (or this one) to go, then look again.
+            let mut events = self.watch(&prefix, snap.revision).await?;
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(Event::Delete { key: k, .. }) if k == key || older.contains(k.as_str()) => {
+                        break;
+                    }
+                    Ok(_) => {}
+                    // Fell behind: look again.
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<String>> {
+        let snap = self.list(&format!("{election}/")).await?;
+        snap.kvs
+            .into_iter()
+            .min_by_key(|kv| kv.create_revision)
+            .map(|kv| {
+                String::from_utf8(kv.value).map_err(|_| {
+                    StoreError::Corrupt(format!("leader value of {:?} is not UTF-8", kv.key))
+                })
+            })
+            .transpose()
+    }
+
+    async fn resign(&self, leadership: &Leadership) -> Result<()> {
+        let key = leadership.key();
+        loop {
+            let Some(kv) = self.get(key).await? else {
+                return Ok(());
+            };
+            if kv.create_revision != leadership.revision() {
+                return Ok(());
+            }
+            let r = self
+                .txn(
+                    vec![Compare::ModRevision(key.to_string(), kv.mod_revision)],
+                    vec![Op::Delete(key.to_string())],
+                )
+                .await?;
+            if r.succeeded {
+                return Ok(());
+            }
+        }
+    }
+
     async fn watch(
         &self,
         prefix: &str,
@@ -547,6 +810,83 @@ impl Store for EmbeddedStore {
             Some((item, st))
         });
         Ok(stream::iter(replay).chain(live).boxed())
+    }
+}
+
+impl EmbeddedStore {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Io(format!("store write task failed: {e}")))?
+    }
+
+    /// Starts the expiry task unless it runs (it ends with the store or its runtime).
+    fn ensure_expiry_task(&self) {
+        let mut task = lock(&self.inner.expiry);
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let wake = self.inner.wake.clone();
+        *task = Some(tokio::spawn(expiry_loop(weak, wake)));
+    }
+}
+
+/// Sleeps until the earliest lease deadline (or a wake-up), then ends expired leases.
+/// Holds only a weak reference between rounds, so dropping the store ends it.
+async fn expiry_loop(weak: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(inner) = weak.upgrade() else { return };
+            let l = lock(&inner.leases);
+            l.live.values().map(|l| l.deadline).min()
+        };
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = wake.notified() => continue,
+                }
+            }
+            None => {
+                wake.notified().await;
+                continue;
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        let res = tokio::task::spawn_blocking(move || inner.end_leases_blocking(None)).await;
+        let err = match res {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(error = %err, "embedded store: deleting keys of expired leases failed; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Deletes a candidate key whose campaign ended without winning (see `campaign`).
+struct Withdraw {
+    store: EmbeddedStore,
+    candidacy: Option<Leadership>,
+}
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        if let Some(c) = self.candidacy.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let store = self.store.clone();
+            rt.spawn(async move {
+                if let Err(e) = store.resign(&c).await {
+                    tracing::warn!(key = c.key(), error = %e, "withdrawing a candidacy failed");
+                }
+            });
+        }
     }
 }
 
@@ -616,7 +956,7 @@ mod tests {
                 },
             );
         }
-        let bytes = encode_state(&kvs, 3);
+        let bytes = encode_state(&kvs, 3, |_| false);
         let (back, rev) = decode_state(&bytes).unwrap();
         assert_eq!(rev, 3);
         assert_eq!(back, kvs);

@@ -16,9 +16,21 @@
 //! hanging. Watch streams are kept healthy by HTTP/2 keep-alive pings: a dead connection
 //! ends the stream with an error within `keep_alive_interval + keep_alive_timeout`.
 //!
-//! Leases (TTL keys for node liveness) are meant to be added here: the client is held as
-//! a cloneable handle ([`EtcdStore::client`]) so lease grant / keep-alive tasks can share
-//! the connection.
+//! Leases and election:
+//! - `grant_lease` / `revoke_lease` are the lease RPCs (revoking an unknown lease is Ok);
+//!   [`Op::PutLeased`] is a put with `PutOptions::with_lease`. A transaction etcd rejects
+//!   with "requested lease not found" is [`StoreError::LeaseExpired`] (naming the first
+//!   lease of its writes).
+//! - `keep_alive` opens a keep-alive stream, which sends one refresh and reads its answer
+//!   (TTL 0 = lease gone = [`StoreError::LeaseExpired`]), and closes it again: one
+//!   refresh per call, bounded like every request.
+//! - `campaign`, `leader`, `resign` are the v3election RPCs. Campaign waits for
+//!   leadership, so it runs on a second connection without the per-request timeout (the
+//!   timeout is per channel in tonic); HTTP/2 keep-alive still breaks it when etcd is
+//!   unreachable. While it waits, a watch on the candidate's own key ends it with
+//!   [`StoreError::LeaseExpired`] when the lease expires (etcd's Campaign would otherwise
+//!   keep waiting, then report a leadership whose key is gone). Dropping the campaign
+//!   future cancels the RPC, and etcd deletes the candidate key.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -27,13 +39,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, SortOrder, SortTarget,
-    Txn, TxnOp, WatchOptions, WatchStream,
+    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaderKey, PutOptions,
+    ResignOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
-use super::{Compare, Event, KeyValue, Op, Result, Snapshot, Store, StoreError, TxnResult};
+use super::{
+    Compare, Event, KeyValue, Leadership, LeaseId, Op, Result, Snapshot, Store, StoreError,
+    TxnResult, candidate_key, ttl_secs,
+};
 
 /// Largest `list` answer accepted (tonic's default is 4 MiB).
 const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
@@ -66,6 +81,8 @@ impl Default for EtcdOptions {
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    /// Same endpoints without the per-request timeout: for campaigns, which wait.
+    campaign_client: Client,
     endpoints: Vec<String>,
     opts: EtcdOptions,
 }
@@ -87,7 +104,6 @@ impl EtcdStore {
             return Err(StoreError::Unavailable("no etcd endpoints given".into()));
         }
         let copts = ConnectOptions::new()
-            .with_timeout(opts.request_timeout)
             .with_connect_timeout(opts.connect_timeout)
             .with_keep_alive(opts.keep_alive_interval, opts.keep_alive_timeout)
             .with_keep_alive_while_idle(true)
@@ -97,11 +113,22 @@ impl EtcdStore {
             &endpoints,
             opts.request_timeout,
             "connect",
+            Client::connect(
+                &endpoints,
+                Some(copts.clone().with_timeout(opts.request_timeout)),
+            ),
+        )
+        .await?;
+        let campaign_client = bounded(
+            &endpoints,
+            opts.request_timeout,
+            "connect",
             Client::connect(&endpoints, Some(copts)),
         )
         .await?;
         let store = Self {
             client,
+            campaign_client,
             endpoints,
             opts,
         };
@@ -122,6 +149,32 @@ impl EtcdStore {
         &self.endpoints
     }
 
+    async fn call_raw<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<std::result::Result<T, etcd_client::Error>> {
+        bounded_raw(&self.endpoints, self.opts.request_timeout, what, fut).await
+    }
+
+    /// Waits for the deletion of `key` (a watch from `after`): the candidate's lease ended.
+    async fn await_deleted(&self, key: &str, lease: LeaseId, after: i64) -> StoreError {
+        let mut events = match self.watch(key, after).await {
+            Ok(w) => w,
+            Err(e) => return e,
+        };
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(Event::Delete { key: k, .. }) if k == key => {
+                    return StoreError::LeaseExpired(lease);
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+        StoreError::Unavailable(format!("etcd watch on campaign key {key:?} ended"))
+    }
+
     async fn call<T>(
         &self,
         what: &str,
@@ -139,15 +192,46 @@ async fn bounded<T>(
     what: &str,
     fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
 ) -> Result<T> {
+    bounded_raw(endpoints, timeout, what, fut)
+        .await?
+        .map_err(|e| map_err(endpoints, what, e))
+}
+
+/// [`bounded`] leaving etcd's error unmapped (only the deadline is a [`StoreError`]).
+async fn bounded_raw<T>(
+    endpoints: &[String],
+    timeout: Duration,
+    what: &str,
+    fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<std::result::Result<T, etcd_client::Error>> {
     // A little slack so that tonic's own timeout, with its better message, fires first.
-    match tokio::time::timeout(timeout + Duration::from_millis(500), fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(map_err(endpoints, what, e)),
-        Err(_) => Err(StoreError::Unavailable(format!(
-            "etcd {what} at {}: no answer within {timeout:?}",
-            endpoints.join(",")
-        ))),
+    tokio::time::timeout(timeout + Duration::from_millis(500), fut)
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "etcd {what} at {}: no answer within {timeout:?}",
+                endpoints.join(",")
+            ))
+        })
+}
+
+/// etcd's "requested lease not found": gRPC NOT_FOUND from the KV and lease services,
+/// UNKNOWN with the same text when the election service passes it on.
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(i32::from(s.code()), 2 | 5)
+                && s.message().contains("requested lease not found")
+        }
+        // etcd-client's keep_alive on an answer with TTL 0.
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        _ => false,
     }
+}
+
+/// The election server's "election: no leader" (a plain error: gRPC UNKNOWN).
+fn is_no_leader(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("election: no leader"))
 }
 
 /// The error with its chain of causes, on one line.
@@ -238,6 +322,7 @@ fn to_etcd_compare(c: Compare) -> Vec<etcd_client::Compare> {
 fn to_etcd_op(op: Op) -> TxnOp {
     match op {
         Op::Put(k, v) => TxnOp::put(k, v, None),
+        Op::PutLeased(k, v, lease) => TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))),
         Op::Delete(k) => TxnOp::delete(k, None),
         Op::DeletePrefix(p) => TxnOp::delete(p, Some(DeleteOptions::new().with_prefix())),
     }
@@ -279,13 +364,130 @@ impl Store for EtcdStore {
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
         let cmps: Vec<_> = compares.into_iter().flat_map(to_etcd_compare).collect();
+        let lease = ops.iter().find_map(|op| match op {
+            Op::PutLeased(_, _, id) => Some(*id),
+            _ => None,
+        });
         let ops: Vec<_> = ops.into_iter().map(to_etcd_op).collect();
         let txn = Txn::new().when(cmps).and_then(ops);
-        let resp = self.call("txn", self.client.kv_client().txn(txn)).await?;
+        let resp = match self
+            .call_raw("txn", self.client.kv_client().txn(txn))
+            .await?
+        {
+            Ok(resp) => resp,
+            Err(e) => match lease {
+                Some(id) if is_lease_not_found(&e) => return Err(StoreError::LeaseExpired(id)),
+                _ => return Err(map_err(&self.endpoints, "txn", e)),
+            },
+        };
         Ok(TxnResult {
             succeeded: resp.succeeded(),
             revision: header_revision(resp.header())?,
         })
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let resp = self
+            .call(
+                "lease grant",
+                self.client.lease_client().grant(ttl_secs(ttl), None),
+            )
+            .await?;
+        if !resp.error().is_empty() {
+            return Err(StoreError::Io(format!(
+                "etcd lease grant at {}: {}",
+                self.endpoints.join(","),
+                resp.error()
+            )));
+        }
+        tracing::debug!(lease = resp.id(), ttl = resp.ttl(), "etcd lease granted");
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut lc = self.client.lease_client();
+        // etcd-client's keep_alive sends the first refresh and reads its answer (an answer
+        // with TTL 0 is its "lease not found" error); the stream closes when dropped.
+        match self
+            .call_raw("lease keep-alive", lc.keep_alive(lease))
+            .await?
+        {
+            Ok((_keeper, _stream)) => Ok(()),
+            Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseExpired(lease)),
+            Err(e) => Err(map_err(&self.endpoints, "lease keep-alive", e)),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        let mut lc = self.client.lease_client();
+        match self.call_raw("lease revoke", lc.revoke(lease)).await? {
+            Ok(_) => Ok(()),
+            Err(e) if is_lease_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(&self.endpoints, "lease revoke", e)),
+        }
+    }
+
+    async fn campaign(&self, election: &str, value: &str, lease: LeaseId) -> Result<Leadership> {
+        let key = candidate_key(election, lease);
+        let start = self
+            .call("get", self.client.kv_client().get(key.as_str(), None))
+            .await?;
+        let start = header_revision(start.header())?;
+        let mut ec = self.campaign_client.election_client();
+        let campaign = ec.campaign(election, value, lease);
+        let resp = tokio::select! {
+            r = campaign => match r {
+                Ok(resp) => resp,
+                Err(e) if is_lease_not_found(&e) => return Err(StoreError::LeaseExpired(lease)),
+                Err(e) => return Err(map_err(&self.endpoints, "campaign", e)),
+            },
+            e = self.await_deleted(&key, lease, start) => return Err(e),
+        };
+        let leader = resp
+            .leader()
+            .ok_or_else(|| StoreError::Corrupt("etcd campaign answer without leader key".into()))?;
+        let won_key = utf8_key(leader.key())?;
+        let rev = leader.rev();
+        // etcd reports a won campaign even if the key expired while it waited.
+        match self.get(&won_key).await? {
+            Some(kv) if kv.create_revision == rev => {}
+            _ => return Err(StoreError::LeaseExpired(lease)),
+        }
+        Ok(Leadership::new(election, won_key, rev, lease))
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<String>> {
+        let mut ec = self.client.election_client();
+        match self.call_raw("leader", ec.leader(election)).await? {
+            Ok(resp) => resp
+                .kv()
+                .map(|kv| {
+                    String::from_utf8(kv.value().to_vec()).map_err(|_| {
+                        StoreError::Corrupt(format!(
+                            "leader value of {:?} is not UTF-8",
+                            String::from_utf8_lossy(kv.key())
+                        ))
+                    })
+                })
+                .transpose(),
+            Err(e) if is_no_leader(&e) => Ok(None),
+            Err(e) => Err(map_err(&self.endpoints, "leader", e)),
+        }
+    }
+
+    async fn resign(&self, leadership: &Leadership) -> Result<()> {
+        let key = LeaderKey::new()
+            .with_name(leadership.election())
+            .with_key(leadership.key())
+            .with_rev(leadership.revision())
+            .with_lease(leadership.lease());
+        let mut ec = self.client.election_client();
+        self.call(
+            "resign",
+            ec.resign(Some(ResignOptions::new().with_leader(key))),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn watch(

@@ -4,8 +4,22 @@
 //!
 //! - [`embedded`]: single node, no extra process; crash-safe on disk.
 //! - [`etcd`]: etcd v3 through etcd-client.
+//!
+//! Leases (node liveness) and leader election follow etcd too:
+//! - [`Store::grant_lease`] makes a lease with a TTL (whole seconds, rounded up, at least
+//!   1 s; etcd raises it to its own minimum, 2 s with default settings). Keys written with
+//!   [`Op::PutLeased`] are deleted (a watched Delete event) when the lease expires or is
+//!   revoked. A plain [`Op::Put`] of such a key detaches it from its lease, as in etcd.
+//! - [`Store::keep_alive`] is one refresh; call it every TTL/3 or so. It fails with
+//!   [`StoreError::LeaseExpired`] once the lease is gone.
+//! - [`Store::campaign`] is etcd's election recipe: the candidate's key
+//!   `<election>/<lease id in hex>` is bound to its lease and the key under `<election>/`
+//!   with the lowest create revision is the leader. Leadership ends with [`Store::resign`]
+//!   or when the lease expires (the holder learns it from `keep_alive`). Do not nest
+//!   election names (`a` and `a/b`): `a`'s candidates are listed under `a/`.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -35,10 +49,17 @@ pub enum Compare {
     ModRevision(String, i64),
 }
 
+/// Id of a lease ([`Store::grant_lease`]).
+pub type LeaseId = i64;
+
 /// A write of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Put(String, Vec<u8>),
+    /// A put bound to a lease: the key is deleted when the lease expires or is revoked. A
+    /// transaction whose writes name a lease that does not exist (any more) fails with
+    /// [`StoreError::LeaseExpired`] (only when its compares hold, as in etcd).
+    PutLeased(String, Vec<u8>, LeaseId),
     Delete(String),
     /// Deletes every key under the prefix.
     DeletePrefix(String),
@@ -83,6 +104,9 @@ pub enum StoreError {
     Io(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// The lease does not exist: it expired, was revoked, or was never granted here.
+    #[error("lease {0:x} expired or does not exist")]
+    LeaseExpired(LeaseId),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -116,6 +140,35 @@ pub trait Store: Send + Sync + fmt::Debug {
         after_revision: i64,
     ) -> Result<BoxStream<'static, Result<Event>>>;
 
+    /// Grants a lease of (at least) `ttl`, rounded up to whole seconds (minimum 1 s; etcd
+    /// may raise it further to its minimum TTL). It lives until `ttl` passes without a
+    /// [`Store::keep_alive`], or until revoked.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
+
+    /// One refresh of the lease (its deadline becomes now + TTL).
+    /// [`StoreError::LeaseExpired`] when the lease is gone.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()>;
+
+    /// Ends the lease now and deletes its keys (one transaction). Idempotent: revoking an
+    /// expired or unknown lease is Ok.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+
+    /// Blocks until this candidate is the leader of `election` (etcd's election API:
+    /// v3election Campaign with the lease) and returns the [`Leadership`] handle.
+    /// The candidate's key is `<election>/<lease hex>` with `value`, bound to `lease`.
+    /// Fails with [`StoreError::LeaseExpired`] when the lease is gone (at the start or
+    /// while waiting), and with an error when the store connection breaks. Dropping the
+    /// future (or a failed campaign) withdraws the candidacy: its key is deleted (etcd:
+    /// by the server when the call is cancelled; embedded: by a task spawned on drop).
+    async fn campaign(&self, election: &str, value: &str, lease: LeaseId) -> Result<Leadership>;
+
+    /// The current leader's value, if any.
+    async fn leader(&self, election: &str) -> Result<Option<String>>;
+
+    /// Gives up the leadership (deletes the leader key if it is still this campaign's).
+    /// Idempotent: Ok when the key is already gone (resigned, or the lease expired).
+    async fn resign(&self, leadership: &Leadership) -> Result<()>;
+
     /// Convenience: unconditional put.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64> {
         Ok(self
@@ -142,6 +195,63 @@ pub trait Store: Send + Sync + fmt::Debug {
             .await?
             .revision)
     }
+}
+
+/// A won election ([`Store::campaign`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    election: String,
+    key: String,
+    /// Create revision of the leader key: identifies this campaign's key.
+    revision: i64,
+    lease: LeaseId,
+}
+
+impl Leadership {
+    pub(crate) fn new(election: &str, key: String, revision: i64, lease: LeaseId) -> Self {
+        Self {
+            election: election.to_string(),
+            key,
+            revision,
+            lease,
+        }
+    }
+
+    /// The leader key (`<election>/<lease hex>`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The election's name.
+    pub fn election(&self) -> &str {
+        &self.election
+    }
+
+    /// The lease the leadership is bound to.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
+    /// Create revision of the leader key.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Gives up the leadership: [`Store::resign`].
+    pub async fn resign(self, store: &dyn Store) -> Result<()> {
+        store.resign(&self).await
+    }
+}
+
+/// The key of a candidate in an election (etcd's layout: `<election>/<lease in hex>`).
+pub(crate) fn candidate_key(election: &str, lease: LeaseId) -> String {
+    format!("{election}/{lease:x}")
+}
+
+/// A lease TTL in whole seconds as both backends use it: rounded up, at least 1.
+pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
 /// Outcome of [`Store::txn`].
