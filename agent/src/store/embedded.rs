@@ -662,6 +662,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        // The expiry task dies with the runtime it was spawned on: restart it if needed.
+        self.ensure_expiry_task();
         let mut l = lock(&self.inner.leases);
         let now = Instant::now();
         match l.live.get_mut(&lease) {
