@@ -722,6 +722,10 @@ impl Store for EmbeddedStore {
                 .map(|kv| kv.key.as_str())
                 .collect();
             if older.is_empty() {
+                // Past its deadline but not yet deleted by the expiry task: not a leader.
+                if !lock(&self.inner.leases).alive(lease, Instant::now()) {
+                    return Err(StoreError::LeaseExpired(lease));
+                }
                 withdraw.candidacy = None;
                 return Ok(Leadership::new(election, key, my_rev, lease));
             }
