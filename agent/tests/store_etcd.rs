@@ -408,16 +408,10 @@ async fn unreachable_etcd_fails_fast_with_unavailable() {
     );
 }
 
-/// A frozen etcd (SIGSTOP: connections stay open, nothing answers) must not hang
-/// requests: they fail with Unavailable within the request timeout, and work again once
-/// etcd resumes.
-#[tokio::test]
-async fn frozen_etcd_times_out_then_recovers() {
+/// SIGSTOPs etcd and waits until it is stopped; returns its pid (for SIGCONT).
+async fn freeze(etcd: &Etcd) -> nix::unistd::Pid {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    let etcd = Etcd::start().await;
-    let store = etcd.store().await;
-    store.put("/f/k", b"v".to_vec()).await.unwrap();
     let pid = Pid::from_raw(etcd.child.as_ref().unwrap().id() as i32);
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP etcd");
     // The stop takes effect asynchronously: wait until /proc says "T (stopped)".
@@ -432,6 +426,64 @@ async fn frozen_etcd_times_out_then_recovers() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    pid
+}
+
+/// A frozen etcd (connections open, nothing answers): keep_alive fails within the
+/// request timeout, and a waiting campaign ends with an error (HTTP/2 keep-alive) instead
+/// of waiting forever.
+#[tokio::test]
+async fn lease_and_campaign_with_etcd_frozen() {
+    use nix::sys::signal::{Signal, kill};
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    let leader_lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let _leader = store
+        .campaign("/z/e", "leader", leader_lease)
+        .await
+        .unwrap();
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.campaign("/z/e", "waiter", lease).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the second campaign must wait");
+    let pid = freeze(&etcd).await;
+    let started = Instant::now();
+    let refresh = tokio::time::timeout(Duration::from_secs(15), store.keep_alive(lease)).await;
+    let took = started.elapsed();
+    let campaign = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+    let campaign_took = started.elapsed();
+    kill(pid, Signal::SIGCONT).expect("SIGCONT etcd");
+    match refresh {
+        Ok(Err(StoreError::Unavailable(msg))) => {
+            eprintln!("keep_alive on frozen etcd ({took:?}): {msg}")
+        }
+        other => panic!("keep_alive on a frozen etcd: expected Unavailable, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(6), "keep_alive took {took:?}");
+    match campaign {
+        Ok(Ok(Err(e))) => eprintln!("campaign on frozen etcd ({campaign_took:?}): {e}"),
+        other => panic!("campaign on a frozen etcd: expected an error, got {other:?}"),
+    }
+    // Unfrozen, the lease is still there (60 s TTL).
+    store
+        .keep_alive(lease)
+        .await
+        .expect("keep_alive after etcd resumed");
+}
+
+/// A frozen etcd (SIGSTOP: connections stay open, nothing answers) must not hang
+/// requests: they fail with Unavailable within the request timeout, and work again once
+/// etcd resumes.
+#[tokio::test]
+async fn frozen_etcd_times_out_then_recovers() {
+    use nix::sys::signal::{Signal, kill};
+    let etcd = Etcd::start().await;
+    let store = etcd.store().await;
+    store.put("/f/k", b"v".to_vec()).await.unwrap();
+    let pid = freeze(&etcd).await;
     let started = Instant::now();
     let got = tokio::time::timeout(Duration::from_secs(15), store.get("/f/k")).await;
     let took = started.elapsed();

@@ -662,6 +662,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        // The expiry task dies with the runtime it was spawned on: restart it if needed.
+        self.ensure_expiry_task();
         let mut l = lock(&self.inner.leases);
         let now = Instant::now();
         match l.live.get_mut(&lease) {
@@ -720,6 +722,10 @@ impl Store for EmbeddedStore {
                 .map(|kv| kv.key.as_str())
                 .collect();
             if older.is_empty() {
+                // Past its deadline but not yet deleted by the expiry task: not a leader.
+                if !lock(&self.inner.leases).alive(lease, Instant::now()) {
+                    return Err(StoreError::LeaseExpired(lease));
+                }
                 withdraw.candidacy = None;
                 return Ok(Leadership::new(election, key, my_rev, lease));
             }

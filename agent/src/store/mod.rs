@@ -140,8 +140,8 @@ pub trait Store: Send + Sync + fmt::Debug {
         after_revision: i64,
     ) -> Result<BoxStream<'static, Result<Event>>>;
 
-    /// Grants a lease of (at least) `ttl`, rounded up to whole seconds (minimum 1 s; etcd
-    /// may raise it further to its minimum TTL). It lives until `ttl` passes without a
+    /// Grants a lease of (at least) `ttl`, rounded up to whole seconds (minimum 1 s, at
+    /// most 9e9 s; etcd may raise it further to its minimum TTL). It lives until `ttl` passes without a
     /// [`Store::keep_alive`], or until revoked.
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
 
@@ -248,10 +248,37 @@ pub(crate) fn candidate_key(election: &str, lease: LeaseId) -> String {
     format!("{election}/{lease:x}")
 }
 
-/// A lease TTL in whole seconds as both backends use it: rounded up, at least 1.
+/// etcd's largest lease TTL (seconds); longer TTLs are cut to it.
+pub(crate) const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
+
+/// A lease TTL in whole seconds as both backends use it: rounded up, at least 1, at most
+/// [`MAX_LEASE_TTL_SECS`].
 pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
-    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX)
+        .clamp(1, MAX_LEASE_TTL_SECS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rounding() {
+        assert_eq!(ttl_secs(Duration::ZERO), 1);
+        assert_eq!(ttl_secs(Duration::from_millis(300)), 1);
+        assert_eq!(ttl_secs(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_secs(Duration::from_millis(2001)), 3);
+        assert_eq!(ttl_secs(Duration::MAX), MAX_LEASE_TTL_SECS);
+    }
+
+    #[test]
+    fn candidate_key_is_etcds() {
+        assert_eq!(candidate_key("/e", 0x694d_7a4b_10aa), "/e/694d7a4b10aa");
+    }
 }
 
 /// Outcome of [`Store::txn`].
