@@ -12,7 +12,7 @@ if [ "${DEMO_KEEP:-0}" != 1 ]; then
   trap '"$BIN" lab down --name demo >/dev/null 2>&1 || true' EXIT
 fi
 say "shoal lab up --nodes 1"
-eval "$("$BIN" lab up --name demo --nodes 1)"
+eval "$("$BIN" lab up --name demo --nodes 1 --store embedded)"
 echo "export SHOAL_HOST=$SHOAL_HOST"
 shoal() { "$BIN" "$@"; }
 run shoal network create appnet

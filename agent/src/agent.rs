@@ -17,7 +17,8 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::cluster::{Cluster, NODES, encode};
 use crate::config::{AgentConfig, StoreKind};
 use crate::desired::{self, View};
-use crate::model::{Node, NodeStatus, Service, Task, TaskState};
+use crate::liveness::Liveness;
+use crate::model::{Node, NodeStatus, PublishMode, Service, Task, TaskState};
 use crate::runtime::{Exited, ProcessRuntime, Runtime, TaskSpec};
 use crate::state::{ClusterState, spawn_cache};
 use crate::store::Store;
@@ -48,6 +49,17 @@ pub struct Agent {
     stopping: Arc<Mutex<HashSet<String>>>,
     search: Vec<String>,
     pub report: Arc<Mutex<NodeReport>>,
+    liveness: Arc<Liveness>,
+    underlay: Option<desired::Underlay>,
+    health: HashMap<String, tokio::task::JoinHandle<()>>,
+}
+
+/// The interface holding `addr` in this namespace (the VXLAN underlay).
+fn dev_of(addr: std::net::Ipv4Addr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let a = ifa.address?;
+        (a.as_sockaddr_in()?.ip() == addr).then_some(ifa.interface_name)
+    })
 }
 
 pub async fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Store>> {
@@ -129,6 +141,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?;
 
     let report = Arc::new(Mutex::new(NodeReport::default()));
+    let mut state_rx = spawn_cache(store.clone());
     let api = crate::api::serve(
         &cfg.socket,
         crate::api::ApiState {
@@ -138,10 +151,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             report: report.clone(),
             netns_prefix: cfg.netns_prefix.clone(),
             tasks_dir: cfg.state_dir.join("tasks"),
+            state: state_rx.clone(),
         },
     )
     .await?;
     info!(node = %cfg.node_name, id = %node_id, socket = %cfg.socket.display(), "agent started");
+    let liveness = Liveness::spawn(
+        store.clone(),
+        node_id.clone(),
+        Duration::from_secs(cfg.lease_ttl_secs),
+    );
+    let underlay = match cfg.advertise_addr {
+        Some(addr) => {
+            let dev = cfg
+                .underlay_dev
+                .clone()
+                .or_else(|| dev_of(addr))
+                .with_context(|| format!("no interface holds advertise_addr {addr}"))?;
+            Some(desired::Underlay { addr, dev })
+        }
+        None => None,
+    };
 
     let mut agent = Agent {
         cfg,
@@ -155,8 +185,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         stopping: Arc::new(Mutex::new(HashSet::new())),
         search,
         report,
+        liveness,
+        underlay,
+        health: HashMap::new(),
     };
-    let mut state_rx = spawn_cache(store);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut first = true;
     loop {
@@ -184,6 +216,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&agent.cfg.socket);
     info!("agent stopped; tasks and kernel state are left for the next start to adopt");
     Ok(())
+}
+
+/// True when a live task on `node` already publishes one of `ports` in host mode.
+fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protocol, u16)]) -> bool {
+    st.task_list()
+        .filter(|t| t.node_id == node && t.desired_state == TaskState::Running)
+        .filter_map(|t| st.service_by_id(&t.service_id))
+        .flat_map(|s| s.ports.iter())
+        .any(|p| p.mode == PublishMode::Host && ports.contains(&(p.protocol, p.published)))
 }
 
 fn search_from_resolv_conf(text: &str) -> Vec<String> {
@@ -223,8 +264,21 @@ impl Agent {
 
     async fn pass(&mut self, st: &ClusterState) {
         let mut errors = vec![];
-        // This node is the only manager until leader election arrives with multi-node.
-        if let Err(e) = self.orchestrate(st).await {
+        // Liveness as this agent may act on it (see liveness.rs: after a store outage the
+        // last trusted picture is kept until the nodes have had time to re-register).
+        let alive = self.liveness.effective_alive(&st.alive);
+        let adjusted;
+        let st = if alive == st.alive {
+            st
+        } else {
+            let mut s = st.clone();
+            s.alive = alive;
+            adjusted = s;
+            &adjusted
+        };
+        if self.liveness.is_leader()
+            && let Err(e) = self.orchestrate(st).await
+        {
             errors.push(format!("orchestrator: {e:#}"));
         }
         if let Err(e) = self.reconcile(st, &mut errors).await {
@@ -242,10 +296,26 @@ impl Agent {
         }
     }
 
-    /// Services -> tasks: shut down extra and orphaned tasks, create missing slots on the
-    /// ready node with the fewest tasks of that service.
+    /// Services -> tasks (leader only): shut down extra and orphaned tasks and tasks of lost
+    /// nodes, create missing slots on the ready node with the fewest tasks of that service
+    /// (never two host-mode tasks publishing the same port on one node).
     async fn orchestrate(&self, st: &ClusterState) -> anyhow::Result<()> {
+        let trusted = self.liveness.trusted();
         for (t, rev) in st.tasks.values() {
+            let node_lost = !st.alive.contains(&t.node_id);
+            if node_lost && trusted {
+                if t.desired_state == TaskState::Running {
+                    let mut t = t.clone();
+                    t.desired_state = TaskState::Shutdown;
+                    t.error = Some("node down".into());
+                    self.cluster.cas_task(&t, *rev).await?;
+                } else {
+                    // Its node cannot remove it; a node that comes back removes what is
+                    // left of it (its namespaces) as garbage.
+                    self.cluster.delete_task(t).await?;
+                }
+                continue;
+            }
             if t.desired_state != TaskState::Running {
                 continue;
             }
@@ -262,7 +332,7 @@ impl Agent {
             .nodes
             .values()
             .map(|(n, _)| n)
-            .filter(|n| n.status == NodeStatus::Ready)
+            .filter(|n| st.alive.contains(&n.id))
             .collect();
         if ready.is_empty() {
             return Ok(());
@@ -272,24 +342,46 @@ impl Agent {
                 .task_list()
                 .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
                 .collect();
+            let host_ports: Vec<_> = svc
+                .ports
+                .iter()
+                .filter(|p| p.mode == PublishMode::Host)
+                .map(|p| (p.protocol, p.published))
+                .collect();
+            // Tasks placed in this pass (not in the view yet).
+            let mut placed: HashMap<String, usize> = HashMap::new();
             for slot in 1..=svc.replicas {
                 if live.iter().any(|t| t.slot == slot) {
                     continue;
                 }
-                let node = ready
+                let candidates: Vec<&&Node> = ready
                     .iter()
+                    .filter(|n| host_ports.is_empty() || !host_port_taken(st, &n.id, &host_ports))
+                    .collect();
+                let Some(node) = candidates
+                    .into_iter()
+                    .filter(|n| host_ports.is_empty() || !placed.contains_key(&n.id))
                     .min_by_key(|n| {
                         (
-                            live.iter().filter(|t| t.node_id == n.id).count(),
+                            live.iter().filter(|t| t.node_id == n.id).count()
+                                + placed.get(&n.id).copied().unwrap_or(0),
                             n.name.clone(),
                         )
                     })
-                    .expect("non-empty");
+                else {
+                    // No node can take it (host-mode port everywhere taken): stays pending.
+                    continue;
+                };
                 // None: the service changed or the slot is taken (this view is behind the
                 // store); the watch brings the newer picture and another pass.
-                self.cluster
+                if self
+                    .cluster
                     .create_task(svc, *svc_rev, slot, &node.id, &st.networks)
-                    .await?;
+                    .await?
+                    .is_some()
+                {
+                    *placed.entry(node.id.clone()).or_default() += 1;
+                }
             }
         }
         Ok(())
@@ -334,7 +426,13 @@ impl Agent {
             let ns = rt.netns(id);
             shoal_netns::exists(&ns).then_some(ns)
         };
-        let specs = desired::mesh_specs(st, &self.node_id, &self.cfg.netns_prefix, &has_ns);
+        let specs = desired::mesh_specs(
+            st,
+            &self.node_id,
+            &self.cfg.netns_prefix,
+            self.underlay.as_ref(),
+            &has_ns,
+        );
         let mut ok_networks = HashSet::new();
         for (net_id, spec) in &specs {
             match shoal_mesh::apply_network(spec).await {
@@ -443,6 +541,42 @@ impl Agent {
             }
             self.cluster.cas_task(&t2, *rev).await?;
         }
+        // 5b. Health checkers for started tasks of services with a health check.
+        let tasks_dir = self.cfg.state_dir.join("tasks");
+        for (t, _) in &local {
+            let check = st
+                .service_by_id(&t.service_id)
+                .and_then(|s| s.health.clone());
+            let wanted = t.desired_state == TaskState::Running && self.started.contains(&t.id);
+            match (wanted, check, self.health.contains_key(&t.id)) {
+                (true, Some(check), false) => {
+                    let (resolv_conf, _) =
+                        crate::runtime::ProcessRuntime::task_files(&tasks_dir, &t.id);
+                    let probe = crate::health::Probe {
+                        task_id: t.id.clone(),
+                        task_name: t.name(),
+                        netns: self.runtime.netns(&t.id),
+                        resolv_conf,
+                        hostname: t.hostname(),
+                    };
+                    let h = crate::health::spawn(self.cluster.clone(), probe, check, t.health);
+                    self.health.insert(t.id.clone(), h);
+                }
+                (false, _, true) => {
+                    if let Some(h) = self.health.remove(&t.id) {
+                        h.abort();
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.health.retain(|id, h| {
+            let keep = st.tasks.contains_key(id);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
         // 6. Stop tasks that should not run: out of DNS and backends already (they are not
         //    serving); after the grace period, stop and remove, then forget the record.
         for (t, _) in &local {

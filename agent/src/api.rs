@@ -31,6 +31,8 @@ pub struct ApiState {
     pub report: Arc<Mutex<NodeReport>>,
     pub netns_prefix: String,
     pub tasks_dir: PathBuf,
+    /// The agent's view of the cluster, for lookups that must work while the store is away.
+    pub state: tokio::sync::watch::Receiver<Arc<crate::state::ClusterState>>,
 }
 
 pub struct ApiError(StatusCode, String);
@@ -230,7 +232,14 @@ async fn task_get(
     State(s): State<ApiState>,
     UrlPath(what): UrlPath<String>,
 ) -> ApiResult<TaskLocation> {
-    let task = s.cluster.find_task(&what).await?;
+    // `lab exec` must work during a store outage: fall back to the agent's last view.
+    let task = match s.cluster.find_task(&what).await {
+        Err(ClusterError::Store(StoreError::Unavailable(_))) => {
+            let st = s.state.borrow().clone();
+            crate::cluster::pick_task(st.task_list(), &what)?
+        }
+        r => r?,
+    };
     let (resolv_conf, _) = crate::runtime::ProcessRuntime::task_files(&s.tasks_dir, &task.id);
     Ok(Json(TaskLocation {
         local: task.node_id == s.node_id,

@@ -11,7 +11,9 @@ use crate::api::{ServiceStatus, TaskLocation};
 use crate::client::{Client, seg, socket_path};
 use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
 use crate::config::StoreKind;
-use crate::model::{EndpointMode, Network, Node, PortConfig, Service, Task};
+use crate::model::{
+    EndpointMode, HealthCheck, Network, Node, PortConfig, Service, Task, parse_duration_ms,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -181,6 +183,16 @@ pub struct ServiceCreateArgs {
     /// KEY=VALUE (repeatable)
     #[arg(long)]
     pub env: Vec<String>,
+    /// Health check run in the task (`/bin/sh -c CMD`, exit 0 = healthy); a task joins DNS
+    /// and the VIP's backends only once healthy, and leaves them when unhealthy
+    #[arg(long)]
+    pub health_cmd: Option<String>,
+    /// Time between health checks (e.g. 500ms, 2s)
+    #[arg(long, default_value = "1s")]
+    pub health_interval: String,
+    /// Consecutive failed checks that make a task unhealthy
+    #[arg(long, default_value_t = 3)]
+    pub health_retries: u32,
     /// The command each task runs
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -198,9 +210,9 @@ pub enum NodeCmd {
 pub enum LabCmd {
     /// Build a lab cluster
     Up {
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 3)]
         nodes: u32,
-        #[arg(long, value_enum, default_value_t = StoreArg::Embedded)]
+        #[arg(long, value_enum, default_value_t = StoreArg::Etcd)]
         store: StoreArg,
         /// Lab name (several labs can run side by side)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
@@ -215,6 +227,18 @@ pub enum LabCmd {
     Status {
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
+    },
+    /// Simulate the loss of a node: kill its agent and tasks, cut its underlay link
+    Kill {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        node: String,
+    },
+    /// Bring a killed node back
+    Start {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        node: String,
     },
     /// Run a command in a task (web.1), a node (node1) or the client
     Exec {
@@ -368,6 +392,14 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                     .map(|n| parse_network_attach(n))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let endpoint_mode: EndpointMode = a.endpoint_mode.parse()?;
+                let health = match &a.health_cmd {
+                    Some(cmd) => Some(HealthCheck {
+                        cmd: cmd.clone(),
+                        interval_ms: parse_duration_ms(&a.health_interval)?,
+                        retries: a.health_retries,
+                    }),
+                    None => None,
+                };
                 let req = ServiceCreate {
                     name: a.name,
                     networks,
@@ -376,6 +408,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                     ports,
                     command: a.command,
                     env: a.env,
+                    health,
                 };
                 let svc: Service = c.post("/v1/services", &req).await?;
                 println!("{}", svc.id);
@@ -567,6 +600,14 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
                 "lab {name:?} is down ({} namespaces removed)",
                 removed.len()
             );
+        }
+        LabCmd::Kill { name, node } => {
+            crate::lab::kill(&name, &node)?;
+            eprintln!("{node} killed (agent and tasks SIGKILLed, underlay link down)");
+        }
+        LabCmd::Start { name, node } => {
+            crate::lab::start(&name, &node).await?;
+            eprintln!("{node} started");
         }
         LabCmd::Status { name } => {
             let lab = crate::lab::Lab::load(&name)?;

@@ -21,6 +21,10 @@ pub const NETWORKS: &str = "/shoal/networks/";
 pub const SERVICES: &str = "/shoal/services/";
 pub const TASKS: &str = "/shoal/tasks/";
 pub const NODES: &str = "/shoal/nodes/";
+/// Per node, a key bound to the node's lease: present while the node's agent is alive.
+pub const ALIVE: &str = "/shoal/alive/";
+/// The leader election (etcd's election recipe under this prefix).
+pub const ELECTION: &str = "/shoal/election/leader";
 pub const ALLOC_SUBNETS: &str = "/shoal/alloc/subnets";
 pub const ALLOC_VNI: &str = "/shoal/alloc/vni/";
 pub const ALLOC_IP: &str = "/shoal/alloc/ip/";
@@ -118,6 +122,8 @@ pub struct ServiceCreate {
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    #[serde(default)]
+    pub health: Option<crate::model::HealthCheck>,
 }
 
 fn one() -> u32 {
@@ -181,12 +187,28 @@ impl Cluster {
             .map(|(t, _)| t)
             .collect())
     }
+    /// Nodes, with their status from the liveness keys (ready while the agent holds its lease).
     pub async fn nodes(&self) -> Result<Vec<Node>> {
+        let alive: HashSet<String> = self
+            .store
+            .list(ALIVE)
+            .await?
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key[ALIVE.len()..].to_string())
+            .collect();
         Ok(self
-            .list(NODES)
+            .list::<Node>(NODES)
             .await?
             .into_iter()
-            .map(|(n, _)| n)
+            .map(|(mut n, _)| {
+                n.status = if alive.contains(&n.id) {
+                    crate::model::NodeStatus::Ready
+                } else {
+                    crate::model::NodeStatus::Down
+                };
+                n
+            })
             .collect())
     }
 
@@ -426,6 +448,9 @@ impl Cluster {
             }
         }
         check_ports(&req.ports)?;
+        if let Some(h) = &req.health {
+            h.validate()?;
+        }
         let key = format!("{SERVICES}{}", req.name);
         for attempt in 0..MAX_RETRIES {
             if attempt > 0 {
@@ -482,6 +507,7 @@ impl Cluster {
                 ports,
                 command: req.command.clone(),
                 env: req.env.clone(),
+                health: req.health.clone(),
             };
             ops.push(Op::Put(key.clone(), encode(&svc)));
             if self.store.txn(cmps, ops).await?.succeeded {
@@ -742,20 +768,7 @@ impl Cluster {
     /// A task by `web.1`, full name or id (the running one when a slot has several).
     pub async fn find_task(&self, what: &str) -> Result<Task> {
         let tasks = self.tasks().await?;
-        let mut found: Vec<&Task> = tasks
-            .iter()
-            .filter(|t| t.id == what || t.full_name() == what || t.name() == what)
-            .collect();
-        found.sort_by_key(|t| {
-            (
-                t.desired_state != TaskState::Running,
-                t.state != TaskState::Running,
-            )
-        });
-        found
-            .first()
-            .map(|t| (*t).clone())
-            .ok_or_else(|| ClusterError::NotFound(format!("task {what:?} not found")))
+        pick_task(tasks.iter(), what)
     }
 
     /// Creates a task for a slot, with one address per network, all claimed in the same
@@ -814,6 +827,7 @@ impl Cluster {
             state: TaskState::New,
             networks,
             error: None,
+            health: svc.health.as_ref().map(|_| crate::model::Health::Starting),
         };
         ops.push(Op::Put(format!("{TASKS}{id}"), encode(&task)));
         cmps.push(Compare::Absent(format!("{TASKS}{id}")));
@@ -857,6 +871,23 @@ impl Cluster {
             "too many concurrent changes; try again".into(),
         ))
     }
+}
+
+/// A task by `web.1`, full name or id; the running one when a slot has several.
+pub fn pick_task<'a>(tasks: impl Iterator<Item = &'a Task>, what: &str) -> Result<Task> {
+    let mut found: Vec<&Task> = tasks
+        .filter(|t| t.id == what || t.full_name() == what || t.name() == what)
+        .collect();
+    found.sort_by_key(|t| {
+        (
+            t.desired_state != TaskState::Running,
+            t.state != TaskState::Running,
+        )
+    });
+    found
+        .first()
+        .map(|t| (*t).clone())
+        .ok_or_else(|| ClusterError::NotFound(format!("task {what:?} not found")))
 }
 
 /// Published ports of one service must not repeat a (published, protocol) pair.

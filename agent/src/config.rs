@@ -25,6 +25,11 @@ pub struct AgentConfig {
     pub stop_grace_secs: u64,
     /// Seconds between SIGTERM and SIGKILL.
     pub kill_timeout_secs: u64,
+    /// TTL of the node's liveness lease: a node whose agent stops renewing it is declared
+    /// down this long after its last renewal.
+    pub lease_ttl_secs: u64,
+    /// Underlay interface for VXLAN (default: the one holding advertise_addr).
+    pub underlay_dev: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -73,6 +78,8 @@ impl Default for AgentConfig {
             dns: DnsSettings::default(),
             stop_grace_secs: 1,
             kill_timeout_secs: 5,
+            lease_ttl_secs: 3,
+            underlay_dev: None,
         }
     }
 }
@@ -117,6 +124,12 @@ impl AgentConfig {
                 self.netns_prefix
             )
         })?;
+        if !(1..=3600).contains(&self.lease_ttl_secs) {
+            anyhow::bail!(
+                "lease_ttl_secs {} is out of range (1-3600)",
+                self.lease_ttl_secs
+            );
+        }
         if self.store.kind == StoreKind::Etcd && self.store.endpoints.is_empty() {
             anyhow::bail!("store.kind = \"etcd\" needs store.endpoints");
         }

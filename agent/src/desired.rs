@@ -35,7 +35,7 @@ fn serving_ips<'a>(
 ) -> impl Iterator<Item = (&'a Task, Ipv4Addr)> + 'a {
     state
         .task_list()
-        .filter(move |t| t.service_id == svc.id && t.is_serving())
+        .filter(move |t| t.service_id == svc.id && state.serving(t))
         .filter_map(move |t| {
             t.networks
                 .iter()
@@ -152,12 +152,46 @@ pub fn local_tasks<'a>(
     state.task_list().filter(move |t| t.node_id == node_id)
 }
 
+/// Where this node meets the other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub addr: Ipv4Addr,
+    pub dev: String,
+}
+
+pub const VXLAN_PORT: u16 = 4789;
+
+/// Endpoints of a network on other live nodes, for the VXLAN forwarding entries.
+fn remote_endpoints(
+    state: &ClusterState,
+    node_id: &str,
+    network_id: &str,
+) -> Vec<shoal_mesh::RemoteEndpoint> {
+    let mut out: Vec<shoal_mesh::RemoteEndpoint> = state
+        .task_list()
+        .filter(|t| t.node_id != node_id && state.alive.contains(&t.node_id))
+        .filter_map(|t| {
+            let ip = t.networks.iter().find(|n| n.network_id == network_id)?.ip;
+            let vtep = state.nodes.get(&t.node_id)?.0.addr?;
+            Some(shoal_mesh::RemoteEndpoint {
+                ip,
+                vtep,
+                vtep_mac: crate::model::vtep_mac(vtep),
+            })
+        })
+        .collect();
+    out.sort_by_key(|r| r.ip);
+    out
+}
+
 /// The overlay networks this node must have: those with a local task that is attached
-/// (its namespace prepared). `attached(task_id)` tells whether the runtime has it.
+/// (its namespace prepared). `task_netns(task_id)` tells whether the runtime has it. With an
+/// underlay, each network gets a VXLAN device towards the other live nodes.
 pub fn mesh_specs(
     state: &ClusterState,
     node_id: &str,
     prefix: &str,
+    underlay: Option<&Underlay>,
     task_netns: &dyn Fn(&str) -> Option<String>,
 ) -> BTreeMap<String, shoal_mesh::NetworkSpec> {
     let mut out: BTreeMap<String, shoal_mesh::NetworkSpec> = BTreeMap::new();
@@ -178,6 +212,15 @@ pub fn mesh_specs(
                     vips: vips_of(state, &net.id),
                     mtu: OVERLAY_MTU,
                     endpoints: vec![],
+                    vxlan: underlay.map(|u| shoal_mesh::VxlanSpec {
+                        vni: net.vni,
+                        local: u.addr,
+                        underlay_netns: None,
+                        underlay_dev: u.dev.clone(),
+                        port: VXLAN_PORT,
+                        mac: crate::model::vtep_mac(u.addr),
+                        remotes: remote_endpoints(state, node_id, &net.id),
+                    }),
                 });
             spec.endpoints.push(shoal_mesh::EndpointSpec {
                 task_netns: tns.clone(),
@@ -302,6 +345,7 @@ mod tests {
                 })
                 .collect(),
             error: None,
+            health: None,
         }
     }
 
@@ -329,6 +373,7 @@ mod tests {
             ports: vec![],
             command: vec!["x".into()],
             env: vec![],
+            health: None,
         };
         let db = Service {
             id: "s2".into(),
@@ -344,6 +389,7 @@ mod tests {
             ports: vec![],
             command: vec!["x".into()],
             env: vec![],
+            health: None,
         };
         let t1 = task(
             "t1",
@@ -382,6 +428,8 @@ mod tests {
         for t in [t1, t2, t3, t4] {
             st.tasks.insert(t.id.clone(), (t, 1));
         }
+        st.alive.insert("me".into());
+        st.alive.insert("other-node".into());
         st
     }
 
@@ -444,7 +492,7 @@ mod tests {
     #[test]
     fn mesh_specs_only_for_attached_local_tasks() {
         let st = fixture();
-        let specs = mesh_specs(&st, "me", "p-", &|id| {
+        let specs = mesh_specs(&st, "me", "p-", None, &|id| {
             (id != "t3").then(|| format!("p-t-{id}"))
         });
         assert_eq!(specs.len(), 2);

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shoal_netns::CommandExt as _;
@@ -134,10 +134,8 @@ pub async fn up(name: &str, nodes: u32, store: StoreKind) -> anyhow::Result<Lab>
     if nodes == 0 || nodes > 9 {
         bail!("--nodes must be between 1 and 9");
     }
-    if nodes > 1 {
-        bail!(
-            "--nodes {nodes}: multi-node labs need VXLAN overlays across nodes, which are not implemented yet (use --nodes 1)"
-        );
+    if nodes > 1 && store == StoreKind::Embedded {
+        bail!("--nodes {nodes} needs --store etcd: the embedded store serves a single node");
     }
     let dir = lab_dir(name);
     if dir.join("lab.json").exists()
@@ -245,33 +243,20 @@ async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::
         };
         let cfg_path = ndir.join("agent.toml");
         std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
-        let log = std::fs::File::create(ndir.join("agent.log"))?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(&cfg_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .in_netns(&ns)?;
-        unsafe_setsid(&mut cmd);
-        let child = cmd.spawn().context("starting the node agent")?;
+        let pid = spawn_agent(&exe, &ndir, &ns)?;
         lab.nodes.push(LabNode {
             name: node,
             netns: ns,
             addr,
             socket: cfg.socket.clone(),
-            pid: child.id(),
+            pid,
         });
         lab.save()?;
     }
     for n in &lab.nodes {
         wait_ready(n, &dir.join(&n.name).join("agent.log")).await?;
     }
+    wait_all_ready(&lab).await?;
     Ok(lab)
 }
 
@@ -296,6 +281,78 @@ fn wait_tcp(ns: &str, addr: &str, pid: u32, log: &Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Starts a node's agent (daemonised, logging to the node's agent.log) in its namespace.
+fn spawn_agent(exe: &Path, ndir: &Path, ns: &str) -> anyhow::Result<u32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ndir.join("agent.log"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(ndir.join("agent.toml"))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .in_netns(ns)?;
+    unsafe_setsid(&mut cmd);
+    Ok(cmd.spawn().context("starting the node agent")?.id())
+}
+
+/// `shoal lab kill NODE`: a node loss. SIGKILL of its agent and of every task process, and
+/// its underlay link cut (the bridge port goes down). Kernel state stays as a crash leaves it.
+pub fn kill(name: &str, node: &str) -> anyhow::Result<()> {
+    let lab = Lab::load(name)?;
+    let n = lab
+        .node(node)
+        .with_context(|| format!("no node {node:?} in lab {name:?}"))?;
+    let _ = kill_pid(n.pid);
+    let tasks = format!("{}-", n.netns);
+    for ns in shoal_netns::list()?
+        .iter()
+        .filter(|x| x.starts_with(&tasks))
+    {
+        for pid in shoal_netns::pids(ns).unwrap_or_default() {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    ip(&["-n", &lab.underlay_netns, "link", "set", &n.name, "down"])?;
+    Ok(())
+}
+
+fn kill_pid(pid: u32) -> nix::Result<()> {
+    signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
+}
+
+/// `shoal lab start NODE`: reconnects the node and starts its agent again; the agent adopts
+/// or removes what its previous run left.
+pub async fn start(name: &str, node: &str) -> anyhow::Result<()> {
+    let mut lab = Lab::load(name)?;
+    let idx = lab
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .with_context(|| format!("no node {node:?} in lab {name:?}"))?;
+    let n = lab.nodes[idx].clone();
+    if pid_alive(n.pid) {
+        bail!(
+            "the agent of {node} is running (pid {}); `lab kill {node}` first",
+            n.pid
+        );
+    }
+    ip(&["-n", &lab.underlay_netns, "link", "set", &n.name, "up"])?;
+    let ndir = lab_dir(name).join(&n.name);
+    let pid = spawn_agent(&std::env::current_exe()?, &ndir, &n.netns)?;
+    lab.nodes[idx].pid = pid;
+    lab.save()?;
+    wait_ready(&lab.nodes[idx], &ndir.join("agent.log")).await?;
+    wait_all_ready(&lab).await
 }
 
 fn unsafe_setsid(cmd: &mut Command) {
@@ -328,6 +385,35 @@ async fn wait_ready(n: &LabNode, log: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until the cluster sees every node of the lab as ready (holding its lease), so that
+/// placement right after `lab up` spreads over all of them.
+async fn wait_all_ready(lab: &Lab) -> anyhow::Result<()> {
+    let Some(live) = lab.nodes.iter().find(|n| pid_alive(n.pid)) else {
+        bail!("no agent of lab {:?} is running", lab.name);
+    };
+    let client = Client::new(&live.socket);
+    let want = lab.nodes.iter().filter(|n| pid_alive(n.pid)).count();
+    let start = Instant::now();
+    loop {
+        if let Ok(nodes) = client.get::<Vec<crate::model::Node>>("/v1/nodes").await
+            && nodes
+                .iter()
+                .filter(|n| n.status == crate::model::NodeStatus::Ready)
+                .count()
+                >= want
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "not every node of lab {:?} became ready within 20 s",
+                lab.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn pid_alive(pid: u32) -> bool {
     // A zombie child still "exists"; look at its state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -343,14 +429,14 @@ fn pid_alive(pid: u32) -> bool {
 
 fn stop_pid(pid: u32, grace: Duration) {
     let p = Pid::from_raw(pid as i32);
-    if kill(p, Signal::SIGTERM).is_err() {
+    if signal::kill(p, Signal::SIGTERM).is_err() {
         return;
     }
     let start = Instant::now();
     while pid_alive(pid) && start.elapsed() < grace {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = kill(p, Signal::SIGKILL);
+    let _ = signal::kill(p, Signal::SIGKILL);
 }
 
 /// `shoal lab down`: stops the agents and etcd, kills every process in the lab's
@@ -374,7 +460,7 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
     ours.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for ns in &ours {
         for pid in shoal_netns::pids(ns).unwrap_or_default() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
     for ns in &ours {

@@ -227,6 +227,71 @@ pub struct Service {
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+/// `--health-cmd CMD [--health-interval D] [--health-retries N]`: the command runs in the
+/// task's sandbox through `/bin/sh -c`; exit 0 is healthy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub cmd: String,
+    pub interval_ms: u64,
+    /// Consecutive failures that make a task unhealthy.
+    pub retries: u32,
+}
+
+impl HealthCheck {
+    pub const DEFAULT_INTERVAL_MS: u64 = 1000;
+    pub const DEFAULT_RETRIES: u32 = 3;
+
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.cmd.trim().is_empty() {
+            return Err(invalid("--health-cmd is empty"));
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(invalid(format!(
+                "--health-interval {}ms is out of range (100ms-1h)",
+                self.interval_ms
+            )));
+        }
+        if !(1..=100).contains(&self.retries) {
+            return Err(invalid(format!(
+                "--health-retries {} is out of range (1-100)",
+                self.retries
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a duration as Docker writes them: `500ms`, `2s`, `1m`, or plain seconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, Invalid> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (s, 1000)
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| invalid(format!("invalid duration {s:?}: use e.g. 500ms, 2s, 1m")))
+}
+
+/// Health of a task: `None` when its service has no health check.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -271,6 +336,9 @@ pub struct Task {
     pub networks: Vec<TaskNetwork>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Set for tasks of services with a health check.
+    #[serde(default)]
+    pub health: Option<Health>,
 }
 
 impl Task {
@@ -286,9 +354,12 @@ impl Task {
     pub fn hostname(&self) -> String {
         self.id[..self.id.len().min(12)].to_string()
     }
-    /// A task is a backend and in DNS only while it runs and is meant to.
+    /// A task is a backend and in DNS only while it runs, is meant to, and (with a health
+    /// check) has been found healthy. Node liveness is judged by the caller.
     pub fn is_serving(&self) -> bool {
-        self.state == TaskState::Running && self.desired_state == TaskState::Running
+        self.state == TaskState::Running
+            && self.desired_state == TaskState::Running
+            && matches!(self.health, None | Some(Health::Healthy))
     }
 }
 
@@ -296,6 +367,13 @@ impl Task {
 pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// The VXLAN endpoint MAC of a node on every overlay network, derived from its underlay
+/// address: fixed per node, so a receiving node can tell which node a frame came from.
+pub fn vtep_mac(underlay: Ipv4Addr) -> [u8; 6] {
+    let o = underlay.octets();
+    [0x02, 0x53, o[0], o[1], o[2], o[3]]
 }
 
 pub fn mac_string(mac: [u8; 6]) -> String {
@@ -434,9 +512,43 @@ mod tests {
             state: TaskState::Running,
             networks: vec![],
             error: None,
+            health: None,
         };
         assert_eq!(t.name(), "web.2");
         assert_eq!(t.full_name(), "web.2.abc");
         assert!(t.is_serving());
+        let starting = Task {
+            health: Some(Health::Starting),
+            ..t.clone()
+        };
+        assert!(
+            !starting.is_serving(),
+            "a task with a health check serves only once healthy"
+        );
+        let healthy = Task {
+            health: Some(Health::Healthy),
+            ..t.clone()
+        };
+        assert!(healthy.is_serving());
+        let unhealthy = Task {
+            health: Some(Health::Unhealthy),
+            ..t
+        };
+        assert!(!unhealthy.is_serving());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
+        assert_eq!(parse_duration_ms("2s").unwrap(), 2000);
+        assert_eq!(parse_duration_ms("3").unwrap(), 3000);
+        assert_eq!(parse_duration_ms("1m").unwrap(), 60_000);
+        assert!(parse_duration_ms("soon").unwrap_err().0.contains("soon"));
+        let h = HealthCheck {
+            cmd: "true".into(),
+            interval_ms: 50,
+            retries: 3,
+        };
+        assert!(h.validate().unwrap_err().0.contains("50ms"));
     }
 }

@@ -2,7 +2,7 @@
 //! applied event by event. Any watch failure leads to a fresh full read (level-triggered).
 //! Consumers get immutable snapshots through a `tokio::sync::watch` channel.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::cluster::{NETWORKS, NODES, ROOT, SERVICES, TASKS, decode};
+use crate::cluster::{ALIVE, NETWORKS, NODES, ROOT, SERVICES, TASKS, decode};
 use crate::model::{Network, Node, Service, Task};
 use crate::store::{Event, KeyValue, Store};
 
@@ -21,6 +21,8 @@ pub struct ClusterState {
     pub services: BTreeMap<String, (Service, i64)>,
     pub tasks: BTreeMap<String, (Task, i64)>,
     pub nodes: BTreeMap<String, (Node, i64)>,
+    /// Nodes whose liveness key exists (their agent holds its lease).
+    pub alive: BTreeSet<String>,
     pub revision: i64,
     /// False until the first full read succeeded.
     pub synced: bool,
@@ -45,6 +47,9 @@ impl ClusterState {
             decode(kv).map(|n| {
                 self.nodes.insert(id.to_string(), (n, rev));
             })
+        } else if let Some(id) = kv.key.strip_prefix(ALIVE) {
+            self.alive.insert(id.to_string());
+            Ok(())
         } else {
             Ok(())
         };
@@ -63,6 +68,8 @@ impl ClusterState {
             self.tasks.remove(id);
         } else if let Some(id) = key.strip_prefix(NODES) {
             self.nodes.remove(id);
+        } else if let Some(id) = key.strip_prefix(ALIVE) {
+            self.alive.remove(id);
         }
         self.revision = self.revision.max(rev);
     }
@@ -73,6 +80,12 @@ impl ClusterState {
 
     pub fn network_by_id(&self, id: &str) -> Option<&Network> {
         self.networks.values().find(|n| n.id == id)
+    }
+
+    /// A task serves (DNS answers, VIP backends) when it is serving by its own record and
+    /// its node is alive.
+    pub fn serving(&self, t: &Task) -> bool {
+        t.is_serving() && self.alive.contains(&t.node_id)
     }
 
     pub fn task_list(&self) -> impl Iterator<Item = &Task> {

@@ -143,6 +143,42 @@ impl Lab {
         )
     }
 
+    /// `shoal ARGS` against the agent of another node of this lab.
+    pub fn shoal_on(&self, node: &str, args: &[&str]) -> Run {
+        let host = format!("unix:///run/shoal/lab/{}/{node}/shoal.sock", self.name);
+        Run::from(
+            Command::new(shoal_bin())
+                .args(args)
+                .env("SHOAL_HOST", host)
+                .env("SHOAL_LAB", &self.name)
+                .output()
+                .expect("run shoal"),
+        )
+    }
+
+    /// All tasks of a service (any state), from `service ps --format json`.
+    pub fn tasks(&self, service: &str) -> Vec<serde_json::Value> {
+        let r = self.shoal(&["service", "ps", service, "--format", "json"]);
+        if r.code != 0 {
+            return vec![];
+        }
+        serde_json::from_str(&r.stdout).unwrap_or_default()
+    }
+
+    /// Node name by node id, from `node ls --format json`.
+    pub fn node_names(&self) -> std::collections::BTreeMap<String, String> {
+        let r = self.shoal(&["node", "ls", "--format", "json"]).ok();
+        let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+        v.iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_string(),
+                    n["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
     /// `shoal lab exec TARGET -- CMD...`
     pub fn exec(&self, target: &str, cmd: &[&str]) -> Run {
         let mut args = vec!["lab", "exec", "--name", &self.name, target, "--"];
