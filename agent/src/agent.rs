@@ -350,6 +350,7 @@ impl Agent {
                 .collect();
             // Tasks placed in this pass (not in the view yet).
             let mut placed: HashMap<String, usize> = HashMap::new();
+            let mut placements = vec![];
             for slot in 1..=svc.replicas {
                 if live.iter().any(|t| t.slot == slot) {
                     continue;
@@ -372,16 +373,16 @@ impl Agent {
                     // No node can take it (host-mode port everywhere taken): stays pending.
                     continue;
                 };
-                // None: the service changed or the slot is taken (this view is behind the
-                // store); the watch brings the newer picture and another pass.
-                if self
-                    .cluster
-                    .create_task(svc, *svc_rev, slot, &node.id, &st.networks)
-                    .await?
-                    .is_some()
-                {
-                    *placed.entry(node.id.clone()).or_default() += 1;
-                }
+                *placed.entry(node.id.clone()).or_default() += 1;
+                placements.push((slot, node.id.clone()));
+            }
+            // One transaction for all of them. Nothing written: the service changed or a
+            // slot is taken (this view is behind the store); the watch brings the newer
+            // picture and another pass.
+            if !placements.is_empty() {
+                self.cluster
+                    .create_tasks(svc, *svc_rev, &placements, &st.networks)
+                    .await?;
             }
         }
         Ok(())

@@ -560,7 +560,15 @@ impl Cluster {
         })?;
         cmps.push(Compare::Absent(ip_key(&net.id, ip)));
         ops.push(Op::Put(ip_key(&net.id, ip), owner.as_bytes().to_vec()));
-        ops.push(Op::Put(cursor_key, ip.to_string().into_bytes()));
+        // One cursor write per transaction (etcd refuses a key twice in one transaction).
+        let cursor = Op::Put(cursor_key.clone(), ip.to_string().into_bytes());
+        match ops
+            .iter_mut()
+            .find(|op| matches!(op, Op::Put(k, _) if *k == cursor_key))
+        {
+            Some(op) => *op = cursor,
+            None => ops.push(cursor),
+        }
         Ok(ip)
     }
 
@@ -771,9 +779,7 @@ impl Cluster {
         pick_task(tasks.iter(), what)
     }
 
-    /// Creates a task for a slot, with one address per network, all claimed in the same
-    /// transaction as the task and the slot. Returns None (writes nothing) if the service
-    /// changed meanwhile or the slot already has a task that is meant to run.
+    /// Creates a task for a slot; see [`Cluster::create_tasks`].
     pub async fn create_task(
         &self,
         svc: &Service,
@@ -782,56 +788,80 @@ impl Cluster {
         node_id: &str,
         nets: &BTreeMap<String, Network>,
     ) -> Result<Option<Task>> {
-        let id = new_id();
+        let mut made = self
+            .create_tasks(svc, svc_rev, &[(slot, node_id.to_string())], nets)
+            .await?;
+        Ok(made.pop())
+    }
+
+    /// Creates tasks for slots of one service (slot, node), with one address per network
+    /// each, all claimed in ONE transaction with the tasks and their slots. Slots that
+    /// already hold a task meant to run are skipped; nothing is written if the service or
+    /// any claimed key changed meanwhile (the caller's next pass retries).
+    pub async fn create_tasks(
+        &self,
+        svc: &Service,
+        svc_rev: i64,
+        placements: &[(u32, String)],
+        nets: &BTreeMap<String, Network>,
+    ) -> Result<Vec<Task>> {
         let mut cmps = vec![Compare::ModRevision(
             format!("{SERVICES}{}", svc.name),
             svc_rev,
         )];
         let mut ops = vec![];
-        let slot_key = slot_key(&svc.id, slot);
-        match self.store.get(&slot_key).await? {
-            Some(kv) => {
-                let holder = String::from_utf8_lossy(&kv.value).to_string();
-                if let Some((t, _)) = self.get::<Task>(&format!("{TASKS}{holder}")).await?
-                    && t.desired_state == TaskState::Running
-                {
-                    return Ok(None);
+        let mut tasks = vec![];
+        for (slot, node_id) in placements {
+            let id = new_id();
+            let slot_key = slot_key(&svc.id, *slot);
+            match self.store.get(&slot_key).await? {
+                Some(kv) => {
+                    let holder = String::from_utf8_lossy(&kv.value).to_string();
+                    if let Some((t, _)) = self.get::<Task>(&format!("{TASKS}{holder}")).await?
+                        && t.desired_state == TaskState::Running
+                    {
+                        continue;
+                    }
+                    cmps.push(Compare::ModRevision(slot_key.clone(), kv.mod_revision));
                 }
-                cmps.push(Compare::ModRevision(slot_key.clone(), kv.mod_revision));
+                None => cmps.push(Compare::Absent(slot_key.clone())),
             }
-            None => cmps.push(Compare::Absent(slot_key.clone())),
-        }
-        ops.push(Op::Put(slot_key, id.clone().into_bytes()));
-        let mut networks = vec![];
-        for sn in &svc.networks {
-            let Some(net) = nets.values().find(|n| n.id == sn.network_id) else {
-                return Ok(None);
+            ops.push(Op::Put(slot_key, id.clone().into_bytes()));
+            let mut networks = vec![];
+            for sn in &svc.networks {
+                let Some(net) = nets.values().find(|n| n.id == sn.network_id) else {
+                    return Ok(vec![]);
+                };
+                let ip = self
+                    .claim_ip(net, &format!("task:{id}"), &mut cmps, &mut ops)
+                    .await?;
+                networks.push(crate::model::TaskNetwork {
+                    network: net.name.clone(),
+                    network_id: net.id.clone(),
+                    ip,
+                    mac: crate::model::mac_string(crate::model::mac_for(ip)),
+                });
+            }
+            let task = Task {
+                id: id.clone(),
+                service_id: svc.id.clone(),
+                service_name: svc.name.clone(),
+                slot: *slot,
+                node_id: node_id.clone(),
+                desired_state: TaskState::Running,
+                state: TaskState::New,
+                networks,
+                error: None,
+                health: svc.health.as_ref().map(|_| crate::model::Health::Starting),
             };
-            let ip = self
-                .claim_ip(net, &format!("task:{id}"), &mut cmps, &mut ops)
-                .await?;
-            networks.push(crate::model::TaskNetwork {
-                network: net.name.clone(),
-                network_id: net.id.clone(),
-                ip,
-                mac: crate::model::mac_string(crate::model::mac_for(ip)),
-            });
+            ops.push(Op::Put(format!("{TASKS}{id}"), encode(&task)));
+            cmps.push(Compare::Absent(format!("{TASKS}{id}")));
+            tasks.push(task);
         }
-        let task = Task {
-            id: id.clone(),
-            service_id: svc.id.clone(),
-            service_name: svc.name.clone(),
-            slot,
-            node_id: node_id.to_string(),
-            desired_state: TaskState::Running,
-            state: TaskState::New,
-            networks,
-            error: None,
-            health: svc.health.as_ref().map(|_| crate::model::Health::Starting),
-        };
-        ops.push(Op::Put(format!("{TASKS}{id}"), encode(&task)));
-        cmps.push(Compare::Absent(format!("{TASKS}{id}")));
-        Ok(self.store.txn(cmps, ops).await?.succeeded.then_some(task))
+        if tasks.is_empty() || !self.store.txn(cmps, ops).await?.succeeded {
+            return Ok(vec![]);
+        }
+        Ok(tasks)
     }
 
     /// Writes a task if it has not changed since `rev`.

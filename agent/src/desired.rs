@@ -273,7 +273,9 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
         }
     }
     services.sort_by_key(|s| (s.vip, s.protocol));
+    // Hairpin masquerade matters only for local tasks that can be picked as backends.
     let mut local: Vec<Ipv4Addr> = local_tasks(state, node_id)
+        .filter(|t| state.serving(t))
         .filter_map(|t| {
             t.networks
                 .iter()
@@ -486,7 +488,7 @@ mod tests {
             .collect();
         assert_eq!(be, ["10.0.1.3", "10.0.1.4"]);
         let local: Vec<String> = rs.local_endpoints.iter().map(|i| i.to_string()).collect();
-        assert_eq!(local, ["10.0.1.3", "10.0.1.5"]);
+        assert_eq!(local, ["10.0.1.3"], "only serving local tasks need hairpin");
     }
 
     #[test]

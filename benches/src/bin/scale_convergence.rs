@@ -287,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
     b.wait_all(Instant::now(), 3, Duration::from_secs(60))?;
 
     let (mut dns_t, mut lb_t) = (vec![], vec![]);
+    let (mut up_t, mut down_t) = (vec![], vec![]);
     let mut current = 3;
     for i in 0..events {
         let want = if current == 3 { 6 } else { 3 };
@@ -305,12 +306,19 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("event {i}"))?;
         dns_t.push(d);
         lb_t.push(l);
+        if want > current {
+            up_t.push(d.max(l))
+        } else {
+            down_t.push(d.max(l))
+        }
         current = want;
         // Let scale-downs finish removing tasks before the next event.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     dns_t.sort();
     lb_t.sort();
+    up_t.sort();
+    down_t.sort();
     let row = |name: &str, v: &[Duration]| {
         format!(
             "| {name} | {} | {} | {} | {} |",
@@ -325,6 +333,8 @@ async fn main() -> anyhow::Result<()> {
         "|---|---|---|---|---|".to_string(),
         row("DNS answer (`tasks.web` inside a container on each node)", &dns_t),
         row("VIP backend map in each node's kernel (nft)", &lb_t),
+        row("both, scale-ups only (3 new tasks started)", &up_t),
+        row("both, scale-downs only", &down_t),
     ];
 
     let mut detection = String::new();
