@@ -301,6 +301,9 @@ impl Agent {
     /// (never two host-mode tasks publishing the same port on one node).
     async fn orchestrate(&self, st: &ClusterState) -> anyhow::Result<()> {
         let trusted = self.liveness.trusted();
+        // Desired-state changes of this pass, written in one transaction (one watch event
+        // batch, one reconcile pass on every node).
+        let mut stop: Vec<(Task, i64)> = vec![];
         for (t, rev) in st.tasks.values() {
             let node_lost = !st.alive.contains(&t.node_id);
             if node_lost && trusted {
@@ -308,7 +311,7 @@ impl Agent {
                     let mut t = t.clone();
                     t.desired_state = TaskState::Shutdown;
                     t.error = Some("node down".into());
-                    self.cluster.cas_task(&t, *rev).await?;
+                    stop.push((t, *rev));
                 } else {
                     // Its node cannot remove it; a node that comes back removes what is
                     // left of it (its namespaces) as garbage.
@@ -325,8 +328,11 @@ impl Agent {
             if !keep {
                 let mut t = t.clone();
                 t.desired_state = TaskState::Shutdown;
-                self.cluster.cas_task(&t, *rev).await?;
+                stop.push((t, *rev));
             }
+        }
+        if !stop.is_empty() {
+            self.cluster.cas_tasks(&stop).await?;
         }
         let ready: Vec<&Node> = st
             .nodes

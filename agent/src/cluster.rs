@@ -864,6 +864,21 @@ impl Cluster {
         Ok(tasks)
     }
 
+    /// Writes tasks in one transaction if none has changed since its revision.
+    pub async fn cas_tasks(&self, tasks: &[(Task, i64)]) -> Result<bool> {
+        let (cmps, ops) = tasks
+            .iter()
+            .map(|(t, rev)| {
+                let key = format!("{TASKS}{}", t.id);
+                (
+                    Compare::ModRevision(key.clone(), *rev),
+                    Op::Put(key, encode(t)),
+                )
+            })
+            .unzip();
+        Ok(self.store.txn(cmps, ops).await?.succeeded)
+    }
+
     /// Writes a task if it has not changed since `rev`.
     pub async fn cas_task(&self, task: &Task, rev: i64) -> Result<bool> {
         let key = format!("{TASKS}{}", task.id);

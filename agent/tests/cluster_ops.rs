@@ -354,3 +354,42 @@ async fn a_slot_never_gets_two_live_tasks() {
     );
     assert_ne!(first.networks[0].ip, second.networks[0].ip);
 }
+
+#[tokio::test]
+async fn one_transaction_creates_several_tasks_with_distinct_addresses() {
+    let (c, _d) = cluster();
+    c.create_network(net("appnet", None)).await.unwrap();
+    let s = c
+        .create_service(svc("web", &["appnet"], &[]))
+        .await
+        .unwrap();
+    let rev = c
+        .store
+        .get("/shoal/services/web")
+        .await
+        .unwrap()
+        .unwrap()
+        .mod_revision;
+    let nets: BTreeMap<String, shoal::model::Network> = c
+        .networks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect();
+    let placements: Vec<(u32, String)> = (1..=5)
+        .map(|slot| (slot, format!("n{}", slot % 2)))
+        .collect();
+    let made = c.create_tasks(&s, rev, &placements, &nets).await.unwrap();
+    assert_eq!(made.len(), 5);
+    let ips: HashSet<_> = made.iter().map(|t| t.networks[0].ip).collect();
+    assert_eq!(ips.len(), 5);
+    // Again with the same slots: all taken, nothing written.
+    assert!(
+        c.create_tasks(&s, rev, &placements, &nets)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(c.tasks().await.unwrap().len(), 5);
+}

@@ -635,6 +635,20 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
+        // etcd refuses a transaction that writes one key twice; so does this store, so that
+        // code tested on it behaves the same on etcd.
+        let mut seen = std::collections::HashSet::new();
+        for op in &ops {
+            let key = match op {
+                Op::Put(k, _) | Op::PutLeased(k, _, _) | Op::Delete(k) => k,
+                Op::DeletePrefix(_) => continue,
+            };
+            if !seen.insert(key.as_str()) {
+                return Err(StoreError::Io(format!(
+                    "duplicate key given in txn request: {key}"
+                )));
+            }
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.txn_blocking(compares, ops))
             .await
