@@ -447,3 +447,38 @@ fn etcd_outage_keeps_serving_and_converges_after() {
         (dig(&lab, observer, "tasks.web") == all4).then_some(())
     });
 }
+
+/// Host-mode ports: never two tasks publishing the same port on one node.
+#[test]
+fn host_mode_ports_never_share_a_node() {
+    if !require_kernel("host_mode_ports_never_share_a_node") {
+        return;
+    }
+    let lab = Lab::up(3, "etcd");
+    lab.shoal(&["network", "create", "appnet"]).ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "edge",
+        "--network",
+        "appnet",
+        "--replicas",
+        "4",
+        "--publish",
+        "published=9000,target=80,mode=host",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "80",
+    ])
+    .ok();
+    let placed = wait_running(&lab, "edge", 3);
+    let nodes: BTreeSet<&String> = placed.values().map(|(n, _)| n).collect();
+    assert_eq!(nodes.len(), 3, "{placed:?}");
+    // The fourth replica has nowhere to go and stays pending.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(placement(&lab, "edge").len(), 3);
+    assert_eq!(lab.tasks("edge").len(), 3, "a fourth task was placed");
+}

@@ -459,3 +459,136 @@ fn one_node_on_etcd() {
     }
     assert_eq!(seen, BTreeSet::from(["api.1".to_string(), "api.2".into()]));
 }
+
+/// A task whose process exits is replaced by a new task for its slot (as Swarm does); a
+/// task with a health check is in DNS only while healthy.
+#[test]
+fn exits_are_replaced_and_health_gates_dns() {
+    if !require_kernel("exits_are_replaced_and_health_gates_dns") {
+        return;
+    }
+    let lab = Lab::up(1, "embedded");
+    lab.shoal(&["network", "create", "appnet"]).ok();
+    // A task that dies after a second.
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "flaky",
+        "--network",
+        "appnet",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; exit 3",
+    ])
+    .ok();
+    let first = lab.wait_for("flaky.1 running", Duration::from_secs(30), || {
+        lab.running_tasks("flaky")
+            .first()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+    });
+    let second = lab.wait_for("a new task for flaky.1", Duration::from_secs(30), || {
+        lab.running_tasks("flaky")
+            .first()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .filter(|id| *id != first)
+    });
+    assert_ne!(first, second);
+    lab.shoal(&["service", "rm", "flaky"]).ok();
+
+    // Health: the check passes while a marker file exists.
+    let marker = format!("/run/shoal-test-health-{}", lab.name);
+    let _ = std::fs::remove_file(&marker);
+    struct Rm(String);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm = Rm(marker.clone());
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--health-cmd",
+        &format!("test -f {marker}"),
+        "--health-interval",
+        "200ms",
+        "--health-retries",
+        "2",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "80",
+    ])
+    .ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "probe",
+        "--network",
+        "appnet",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "80",
+    ])
+    .ok();
+    lab.wait_for("probe running", Duration::from_secs(30), || {
+        (lab.running_tasks("probe").len() == 1).then_some(())
+    });
+    // web.1 runs but is not healthy yet: not in DNS.
+    let web = lab.wait_for("web task started", Duration::from_secs(30), || {
+        lab.tasks("web")
+            .into_iter()
+            .find(|t| t["state"] == "running")
+    });
+    let ip: Ipv4Addr = web["networks"][0]["ip"].as_str().unwrap().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        ipv4s(
+            &lab.exec("probe.1", &["dig", "+short", "@127.0.0.11", "tasks.web"])
+                .ok()
+                .stdout
+        )
+        .is_empty(),
+        "an unhealthy task is in DNS"
+    );
+    std::fs::write(&marker, b"ok").unwrap();
+    lab.wait_for("healthy web.1 in DNS", Duration::from_secs(10), || {
+        (ipv4s(
+            &lab.exec("probe.1", &["dig", "+short", "@127.0.0.11", "tasks.web"])
+                .stdout,
+        ) == BTreeSet::from([ip]))
+        .then_some(())
+    });
+    let r = lab
+        .exec(
+            "probe.1",
+            &["curl", "-sS", "--max-time", "3", "http://web/"],
+        )
+        .ok();
+    assert!(r.stdout.contains("Task: web.1"), "{}", r.stdout);
+    std::fs::remove_file(&marker).unwrap();
+    lab.wait_for(
+        "unhealthy web.1 out of DNS",
+        Duration::from_secs(10),
+        || {
+            ipv4s(
+                &lab.exec("probe.1", &["dig", "+short", "@127.0.0.11", "tasks.web"])
+                    .stdout,
+            )
+            .is_empty()
+            .then_some(())
+        },
+    );
+    let t = lab.tasks("web");
+    assert_eq!(t[0]["health"], "unhealthy", "{t:?}");
+}
