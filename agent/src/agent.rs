@@ -18,7 +18,7 @@ use crate::cluster::{Cluster, NODES, encode};
 use crate::config::{AgentConfig, StoreKind};
 use crate::desired::{self, View};
 use crate::liveness::Liveness;
-use crate::model::{Node, NodeStatus, PublishMode, Service, Task, TaskState};
+use crate::model::{Node, NodeStatus, Service, Task, TaskState};
 use crate::runtime::{Exited, ProcessRuntime, Runtime, TaskSpec};
 use crate::state::{ClusterState, spawn_cache};
 use crate::store::Store;
@@ -189,6 +189,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         underlay,
         health: HashMap::new(),
     };
+    // The orchestrator runs beside the node reconciler, so that the leader's decisions never
+    // wait for its own node's kernel work.
+    tokio::spawn(
+        crate::orchestrator::Orchestrator {
+            cluster: agent.cluster.clone(),
+            liveness: agent.liveness.clone(),
+        }
+        .run(state_rx.clone()),
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut first = true;
     loop {
@@ -216,15 +225,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&agent.cfg.socket);
     info!("agent stopped; tasks and kernel state are left for the next start to adopt");
     Ok(())
-}
-
-/// True when a live task on `node` already publishes one of `ports` in host mode.
-fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protocol, u16)]) -> bool {
-    st.task_list()
-        .filter(|t| t.node_id == node && t.desired_state == TaskState::Running)
-        .filter_map(|t| st.service_by_id(&t.service_id))
-        .flat_map(|s| s.ports.iter())
-        .any(|p| p.mode == PublishMode::Host && ports.contains(&(p.protocol, p.published)))
 }
 
 fn search_from_resolv_conf(text: &str) -> Vec<String> {
@@ -266,21 +266,7 @@ impl Agent {
         let mut errors = vec![];
         // Liveness as this agent may act on it (see liveness.rs: after a store outage the
         // last trusted picture is kept until the nodes have had time to re-register).
-        let alive = self.liveness.effective_alive(&st.alive);
-        let adjusted;
-        let st = if alive == st.alive {
-            st
-        } else {
-            let mut s = st.clone();
-            s.alive = alive;
-            adjusted = s;
-            &adjusted
-        };
-        if self.liveness.is_leader()
-            && let Err(e) = self.orchestrate(st).await
-        {
-            errors.push(format!("orchestrator: {e:#}"));
-        }
+        let st = &*self.liveness.adjust(st);
         if let Err(e) = self.reconcile(st, &mut errors).await {
             errors.push(format!("{e:#}"));
         }
@@ -294,104 +280,6 @@ impl Agent {
             }
             r.last_error = Some(errors.join("; "));
         }
-    }
-
-    /// Services -> tasks (leader only): shut down extra and orphaned tasks and tasks of lost
-    /// nodes, create missing slots on the ready node with the fewest tasks of that service
-    /// (never two host-mode tasks publishing the same port on one node).
-    async fn orchestrate(&self, st: &ClusterState) -> anyhow::Result<()> {
-        let trusted = self.liveness.trusted();
-        // Desired-state changes of this pass, written in one transaction (one watch event
-        // batch, one reconcile pass on every node).
-        let mut stop: Vec<(Task, i64)> = vec![];
-        for (t, rev) in st.tasks.values() {
-            let node_lost = !st.alive.contains(&t.node_id);
-            if node_lost && trusted {
-                if t.desired_state == TaskState::Running {
-                    let mut t = t.clone();
-                    t.desired_state = TaskState::Shutdown;
-                    t.error = Some("node down".into());
-                    stop.push((t, *rev));
-                } else {
-                    // Its node cannot remove it; a node that comes back removes what is
-                    // left of it (its namespaces) as garbage.
-                    self.cluster.delete_task(t).await?;
-                }
-                continue;
-            }
-            if t.desired_state != TaskState::Running {
-                continue;
-            }
-            let keep = st
-                .service_by_id(&t.service_id)
-                .is_some_and(|s| t.slot <= s.replicas);
-            if !keep {
-                let mut t = t.clone();
-                t.desired_state = TaskState::Shutdown;
-                stop.push((t, *rev));
-            }
-        }
-        if !stop.is_empty() {
-            self.cluster.cas_tasks(&stop).await?;
-        }
-        let ready: Vec<&Node> = st
-            .nodes
-            .values()
-            .map(|(n, _)| n)
-            .filter(|n| st.alive.contains(&n.id))
-            .collect();
-        if ready.is_empty() {
-            return Ok(());
-        }
-        for (svc, svc_rev) in st.services.values() {
-            let live: Vec<&Task> = st
-                .task_list()
-                .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
-                .collect();
-            let host_ports: Vec<_> = svc
-                .ports
-                .iter()
-                .filter(|p| p.mode == PublishMode::Host)
-                .map(|p| (p.protocol, p.published))
-                .collect();
-            // Tasks placed in this pass (not in the view yet).
-            let mut placed: HashMap<String, usize> = HashMap::new();
-            let mut placements = vec![];
-            for slot in 1..=svc.replicas {
-                if live.iter().any(|t| t.slot == slot) {
-                    continue;
-                }
-                let candidates: Vec<&&Node> = ready
-                    .iter()
-                    .filter(|n| host_ports.is_empty() || !host_port_taken(st, &n.id, &host_ports))
-                    .collect();
-                let Some(node) = candidates
-                    .into_iter()
-                    .filter(|n| host_ports.is_empty() || !placed.contains_key(&n.id))
-                    .min_by_key(|n| {
-                        (
-                            live.iter().filter(|t| t.node_id == n.id).count()
-                                + placed.get(&n.id).copied().unwrap_or(0),
-                            n.name.clone(),
-                        )
-                    })
-                else {
-                    // No node can take it (host-mode port everywhere taken): stays pending.
-                    continue;
-                };
-                *placed.entry(node.id.clone()).or_default() += 1;
-                placements.push((slot, node.id.clone()));
-            }
-            // One transaction for all of them. Nothing written: the service changed or a
-            // slot is taken (this view is behind the store); the watch brings the newer
-            // picture and another pass.
-            if !placements.is_empty() {
-                self.cluster
-                    .create_tasks(svc, *svc_rev, &placements, &st.networks)
-                    .await?;
-            }
-        }
-        Ok(())
     }
 
     fn task_spec(&self, t: &Task, svc: &Service) -> TaskSpec {

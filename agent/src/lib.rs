@@ -14,6 +14,7 @@ pub mod health;
 pub mod lab;
 pub mod liveness;
 pub mod model;
+pub mod orchestrator;
 pub mod runtime;
 pub mod state;
 pub mod store;

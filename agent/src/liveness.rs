@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::cluster::{ALIVE, ELECTION};
+use crate::state::ClusterState;
 use crate::store::{LeaseId, Op, Store, StoreError};
 
 pub struct Liveness {
@@ -75,6 +76,18 @@ impl Liveness {
         match &*last {
             Some(prev) => prev.union(seen).cloned().collect(),
             None => seen.clone(),
+        }
+    }
+
+    /// The snapshot with the alive set this agent may act on ([`Liveness::effective_alive`]).
+    pub fn adjust<'a>(&self, st: &'a ClusterState) -> std::borrow::Cow<'a, ClusterState> {
+        let alive = self.effective_alive(&st.alive);
+        if alive == st.alive {
+            std::borrow::Cow::Borrowed(st)
+        } else {
+            let mut s = st.clone();
+            s.alive = alive;
+            std::borrow::Cow::Owned(s)
         }
     }
 

@@ -1,0 +1,146 @@
+//! The orchestrator (leader only): services -> tasks. It runs in its own task beside the
+//! node reconciler and acts on the same state snapshots.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::cluster::Cluster;
+use crate::liveness::Liveness;
+use crate::model::{Node, PublishMode, Task, TaskState};
+use crate::state::ClusterState;
+
+pub struct Orchestrator {
+    pub cluster: Cluster,
+    pub liveness: Arc<Liveness>,
+}
+
+impl Orchestrator {
+    /// Runs a pass on every new snapshot while this node is the leader, and every second
+    /// (leadership can arrive without a store change).
+    pub async fn run(self, mut state_rx: watch::Receiver<Arc<ClusterState>>) {
+        loop {
+            tokio::select! {
+                r = state_rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            let st = state_rx.borrow_and_update().clone();
+            if !st.synced || !self.liveness.is_leader() {
+                continue;
+            }
+            let st = self.liveness.adjust(&st);
+            if let Err(e) = self.orchestrate(&st).await {
+                warn!(error = %format!("{e:#}"), "orchestrator pass failed; will retry");
+            }
+        }
+    }
+
+    /// Services -> tasks (leader only): shut down extra and orphaned tasks and tasks of lost
+    /// nodes, create missing slots on the ready node with the fewest tasks of that service
+    /// (never two host-mode tasks publishing the same port on one node).
+    async fn orchestrate(&self, st: &ClusterState) -> anyhow::Result<()> {
+        let trusted = self.liveness.trusted();
+        // Desired-state changes of this pass, written in one transaction (one watch event
+        // batch, one reconcile pass on every node).
+        let mut stop: Vec<(Task, i64)> = vec![];
+        for (t, rev) in st.tasks.values() {
+            let node_lost = !st.alive.contains(&t.node_id);
+            if node_lost && trusted {
+                if t.desired_state == TaskState::Running {
+                    let mut t = t.clone();
+                    t.desired_state = TaskState::Shutdown;
+                    t.error = Some("node down".into());
+                    stop.push((t, *rev));
+                } else {
+                    // Its node cannot remove it; a node that comes back removes what is
+                    // left of it (its namespaces) as garbage.
+                    self.cluster.delete_task(t).await?;
+                }
+                continue;
+            }
+            if t.desired_state != TaskState::Running {
+                continue;
+            }
+            let keep = st
+                .service_by_id(&t.service_id)
+                .is_some_and(|s| t.slot <= s.replicas);
+            if !keep {
+                let mut t = t.clone();
+                t.desired_state = TaskState::Shutdown;
+                stop.push((t, *rev));
+            }
+        }
+        if !stop.is_empty() {
+            self.cluster.cas_tasks(&stop).await?;
+        }
+        let ready: Vec<&Node> = st
+            .nodes
+            .values()
+            .map(|(n, _)| n)
+            .filter(|n| st.alive.contains(&n.id))
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        for (svc, svc_rev) in st.services.values() {
+            let live: Vec<&Task> = st
+                .task_list()
+                .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
+                .collect();
+            let host_ports: Vec<_> = svc
+                .ports
+                .iter()
+                .filter(|p| p.mode == PublishMode::Host)
+                .map(|p| (p.protocol, p.published))
+                .collect();
+            // Tasks placed in this pass (not in the view yet).
+            let mut placed: HashMap<String, usize> = HashMap::new();
+            let mut placements = vec![];
+            for slot in 1..=svc.replicas {
+                if live.iter().any(|t| t.slot == slot) {
+                    continue;
+                }
+                let candidates: Vec<&&Node> = ready
+                    .iter()
+                    .filter(|n| host_ports.is_empty() || !host_port_taken(st, &n.id, &host_ports))
+                    .collect();
+                let Some(node) = candidates
+                    .into_iter()
+                    .filter(|n| host_ports.is_empty() || !placed.contains_key(&n.id))
+                    .min_by_key(|n| {
+                        (
+                            live.iter().filter(|t| t.node_id == n.id).count()
+                                + placed.get(&n.id).copied().unwrap_or(0),
+                            n.name.clone(),
+                        )
+                    })
+                else {
+                    // No node can take it (host-mode port everywhere taken): stays pending.
+                    continue;
+                };
+                *placed.entry(node.id.clone()).or_default() += 1;
+                placements.push((slot, node.id.clone()));
+            }
+            // One transaction for all of them. Nothing written: the service changed or a
+            // slot is taken (this view is behind the store); the watch brings the newer
+            // picture and another pass.
+            if !placements.is_empty() {
+                self.cluster
+                    .create_tasks(svc, *svc_rev, &placements, &st.networks)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True when a live task on `node` already publishes one of `ports` in host mode.
+fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protocol, u16)]) -> bool {
+    st.task_list()
+        .filter(|t| t.node_id == node && t.desired_state == TaskState::Running)
+        .filter_map(|t| st.service_by_id(&t.service_id))
+        .flat_map(|s| s.ports.iter())
+        .any(|p| p.mode == PublishMode::Host && ports.contains(&(p.protocol, p.published)))
+}
