@@ -240,6 +240,23 @@ impl Applier {
         finish(netns, action, &cmd, out)
     }
 
+    /// Runs a raw nft script as [`Applier::apply`] runs the rendered one (one transaction).
+    /// For tests and measurements only: nothing checks what the script does.
+    #[doc(hidden)]
+    pub async fn apply_script(&self, netns: &str, script: &str) -> Result<(), LbError> {
+        let text = script.to_string();
+        self.run(
+            netns,
+            "apply",
+            Cmd::Script {
+                text,
+                dry_run: false,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Number of cached libnftables contexts (0 for the process applier).
     #[doc(hidden)]
     pub fn cached_contexts(&self) -> usize {
