@@ -26,7 +26,11 @@
 //!
 //! Thread safety: a context is not thread-safe (parser state, cache, output buffers): each
 //! sits behind its own mutex. `nft_ctx_new`/`nft_ctx_free` touch process-global state
-//! (one-time GMP init, xtables init), so they are serialised by one global lock.
+//! (one-time GMP init, xtables init), so they are serialised by one global lock. Commands of
+//! different contexts run in parallel; the one process-global piece they could share is
+//! libnftables' interface cache (used to resolve `iif`/`oif` by index, released by every
+//! `nft_ctx_free`, and filled in whatever namespace first needed it): the rendered rulesets
+//! never use `iif`/`oif`, and must not start to while contexts run in parallel.
 //!
 //! Staleness: contexts are cached by namespace name together with the namespace's identity
 //! (device and inode of its nsfs file). A namespace deleted and re-created under the same name
