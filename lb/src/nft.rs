@@ -182,8 +182,9 @@ impl Applier {
     /// Runs `cmd` in `netns`; returns its standard output, or nft's refusal as
     /// [`LbError::Nft`].
     async fn run(&self, netns: &str, action: &'static str, cmd: Cmd) -> Result<String, LbError> {
+        let cmd = Arc::new(cmd);
         let out = match &self.backend {
-            Backend::Process => match &cmd {
+            Backend::Process => match &*cmd {
                 Cmd::Script { text, dry_run } => {
                     let args: &[&str] = if *dry_run {
                         &["-c", "-f", "-"]
@@ -197,22 +198,19 @@ impl Applier {
                 }
             },
             Backend::InProcess(contexts) => {
-                let contexts = contexts.clone();
-                let ns = netns.to_string();
-                let (cmd_back, res) = tokio::task::spawn_blocking(move || {
-                    let res = match &cmd {
-                        Cmd::Script { text, dry_run } => contexts.run(
-                            &ns,
-                            &libnft::Cmd::Script {
-                                text,
-                                dry_run: *dry_run,
-                            },
-                        ),
-                        Cmd::ListTable(table) => {
-                            contexts.run(&ns, &libnft::Cmd::Line(&format!("list table ip {table}")))
-                        }
-                    };
-                    (cmd, res)
+                let (contexts, ns, c) = (contexts.clone(), netns.to_string(), cmd.clone());
+                // The FFI call blocks (netlink round trips): tokio's blocking pool.
+                let res = tokio::task::spawn_blocking(move || match &*c {
+                    Cmd::Script { text, dry_run } => contexts.run(
+                        &ns,
+                        &libnft::Cmd::Script {
+                            text,
+                            dry_run: *dry_run,
+                        },
+                    ),
+                    Cmd::ListTable(table) => {
+                        contexts.run(&ns, &libnft::Cmd::Line(&format!("list table ip {table}")))
+                    }
                 })
                 .await
                 .map_err(|e| {
@@ -224,17 +222,12 @@ impl Applier {
                         LbError::Library(format!("in network namespace {netns:?}: {e}"))
                     }
                 })?;
-                return finish(
-                    netns,
-                    action,
-                    &cmd_back,
-                    Output {
-                        ok: o.rc == 0,
-                        status: format!("libnftables returned {}", o.rc),
-                        stdout: o.stdout,
-                        stderr: o.stderr,
-                    },
-                );
+                Output {
+                    ok: o.rc == 0,
+                    status: format!("libnftables returned {}", o.rc),
+                    stdout: o.stdout,
+                    stderr: o.stderr,
+                }
             }
         };
         finish(netns, action, &cmd, out)
