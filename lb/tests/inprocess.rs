@@ -196,6 +196,27 @@ fn recreated_namespace_gets_a_fresh_context() {
 }
 
 #[test]
+fn contexts_of_deleted_namespaces_are_dropped() {
+    require_root_and_nft();
+    let lib = in_process();
+    let mut guard = NsGuard::default();
+    let (a, b) = (guard.create_with(PREFIX), guard.create_with(PREFIX));
+    let rt = rt();
+    rt.block_on(lib.apply(&a, &fixtures::one_service()))
+        .unwrap();
+    rt.block_on(lib.apply(&b, &fixtures::one_service()))
+        .unwrap();
+    assert_eq!(lib.cached_contexts(), 2);
+    // The cached context of `a` pins the deleted namespace until the cache lets it go: at
+    // the latest when another context is created.
+    shoal_netns::delete(&a).unwrap();
+    let c = guard.create_with(PREFIX);
+    rt.block_on(lib.apply(&c, &fixtures::one_service()))
+        .unwrap();
+    assert_eq!(lib.cached_contexts(), 2, "{a}'s context must be gone");
+}
+
+#[test]
 fn concurrent_applies_to_two_namespaces() {
     require_root_and_nft();
     let lib = in_process();

@@ -445,6 +445,8 @@ impl Contexts {
         // Created under the map lock: rare (once per namespace), and two callers must not
         // race to create two contexts for one namespace.
         let (ctx, real_id) = new_ctx(self.lib, netns, ns_fd).map_err(RunError::Lib)?;
+        // A new namespace often means an old one went away.
+        prune(&mut slots);
         let slot = Arc::new(Slot {
             id: real_id,
             ctx: Mutex::new(ctx),
@@ -453,8 +455,7 @@ impl Contexts {
         Ok(slot)
     }
 
-    /// Drops contexts of namespaces that no longer exist under their name (deleted, or
-    /// re-created: a new identity), so they stop pinning dead namespaces.
+    /// [`prune`], at most every [`PRUNE_EVERY`] (and whenever a context is created).
     fn maybe_prune(&self) {
         {
             let mut last = lock(&self.last_prune);
@@ -463,27 +464,32 @@ impl Contexts {
             }
             *last = Instant::now();
         }
-        let mut slots = lock(&self.slots);
-        let before = slots.len();
-        slots.retain(|name, slot| {
-            let path = if name.contains('/') {
-                name.clone()
-            } else {
-                shoal_netns::path(name).to_string_lossy().into_owned()
-            };
-            ns_id_of(&path).is_ok_and(|id| id == slot.id)
-        });
-        if slots.len() != before {
-            debug!(
-                dropped = before - slots.len(),
-                "libnftables contexts of vanished namespaces dropped"
-            );
-        }
+        prune(&mut lock(&self.slots));
     }
 
     /// Number of cached contexts (tests).
     pub(crate) fn len(&self) -> usize {
         lock(&self.slots).len()
+    }
+}
+
+/// Drops contexts of namespaces that no longer exist under their name (deleted, or
+/// re-created: a new identity), so they stop pinning dead namespaces.
+fn prune(slots: &mut HashMap<String, Arc<Slot>>) {
+    let before = slots.len();
+    slots.retain(|name, slot| {
+        let path = if name.contains('/') {
+            name.clone()
+        } else {
+            shoal_netns::path(name).to_string_lossy().into_owned()
+        };
+        ns_id_of(&path).is_ok_and(|id| id == slot.id)
+    });
+    if slots.len() != before {
+        debug!(
+            dropped = before - slots.len(),
+            "libnftables contexts of vanished namespaces dropped"
+        );
     }
 }
 
