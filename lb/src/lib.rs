@@ -28,7 +28,7 @@ mod nft;
 use std::net::Ipv4Addr;
 
 pub use model::{ANY_PORT, Model, ServiceChain, ServiceKey, chain_name};
-pub use nft::{apply, check, delete_table, list_table};
+pub use nft::{Applier, BACKEND_ENV, apply, check, delete_table, list_table};
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,7 +99,11 @@ pub enum LbError {
         source: std::io::Error,
         hint: &'static str,
     },
-    /// `nft` ran and refused the script or command.
+    /// libnftables could not be loaded or a context could not be set up (nft's own refusals
+    /// are [`LbError::Nft`]).
+    #[error("libnftables: {0}")]
+    Library(String),
+    /// `nft` (or libnftables) ran and refused the script or command.
     #[error(
         "nft {action} in network namespace {netns:?} failed ({status}): {stderr}{}",
         failing_line.as_ref().map(|(n, l)| format!(" [script line {n}: {l}]")).unwrap_or_default()
@@ -108,7 +112,7 @@ pub enum LbError {
         netns: String,
         action: &'static str,
         status: String,
-        /// nft's stderr, trimmed.
+        /// nft's error output, trimmed.
         stderr: String,
         /// First line of our script that nft complained about (1-based number, text).
         failing_line: Option<(usize, String)>,

@@ -1,122 +1,310 @@
-//! Running `nft` inside a network namespace.
+//! Running nft scripts and commands inside a network namespace: in-process through
+//! libnftables when it can be loaded (see `libnft`), else by spawning `nft`.
 
-use std::process::{Command, Stdio};
+mod libnft;
+mod process;
 
-use shoal_netns::CommandExt as _;
-use tokio::io::AsyncWriteExt as _;
-use tracing::{debug, instrument};
+use std::sync::{Arc, Once, OnceLock};
+
+use tracing::{debug, info, instrument, warn};
 
 use crate::{LbError, Ruleset, render, validate};
 
-/// The nft binary, looked up in PATH.
-const NFT: &str = "nft";
-const INSTALL_HINT: &str = " (is nftables installed? `apt-get install nftables`)";
+/// Environment variable: `process` makes the process-wide [`Applier`] spawn `nft` even when
+/// libnftables is there (an escape hatch; anything else or unset: in-process when possible).
+pub const BACKEND_ENV: &str = "SHOAL_LB_NFT";
 
-/// Replaces the table in `netns` with the rendered ruleset in one transaction (`nft -f -`).
-/// On failure nft's stderr and the offending script line are in the error, and the previous
-/// table is untouched.
-#[instrument(skip(rs), fields(table = %rs.table, services = rs.services.len()))]
+/// What ran a command: its success, a status for errors and both output streams.
+struct Output {
+    ok: bool,
+    status: String,
+    stdout: String,
+    stderr: String,
+}
+
+/// A command in owned form (it may travel to tokio's blocking pool).
+enum Cmd {
+    /// `nft -f -` (`dry_run`: `nft -c -f -`).
+    Script { text: String, dry_run: bool },
+    /// `nft list table ip TABLE`.
+    ListTable(String),
+}
+
+/// Runs the LB's nft commands, either in-process (libnftables, one cached context per
+/// namespace) or by spawning `nft -f -` per command. Cheap to clone; clones share the cache.
+///
+/// The free functions [`apply`], [`check`], [`delete_table`] and [`list_table`] use
+/// [`Applier::global`].
+#[derive(Clone)]
+pub struct Applier {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Process,
+    InProcess(Arc<libnft::Contexts>),
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.backend {
+            Backend::Process => "Applier(nft process)",
+            Backend::InProcess(_) => "Applier(libnftables)",
+        })
+    }
+}
+
+impl Applier {
+    /// Spawns `nft` inside the namespace for every command.
+    pub fn process() -> Applier {
+        Applier {
+            backend: Backend::Process,
+        }
+    }
+
+    /// Runs commands in this process through `libnftables.so.1`, with its own context cache.
+    /// Fails when the library cannot be loaded.
+    pub fn in_process() -> Result<Applier, LbError> {
+        let lib = libnft::lib().map_err(|e| LbError::Library(e.to_string()))?;
+        Ok(Applier {
+            backend: Backend::InProcess(Arc::new(libnft::Contexts::new(lib))),
+        })
+    }
+
+    /// In-process when libnftables can be loaded, else spawning `nft` (logged once, with the
+    /// reason).
+    pub fn auto() -> Applier {
+        match Applier::in_process() {
+            Ok(a) => a,
+            Err(e) => {
+                static WARNED: Once = Once::new();
+                WARNED.call_once(|| {
+                    warn!(error = %e, "libnftables unavailable: LB rulesets are applied by spawning `nft`")
+                });
+                Applier::process()
+            }
+        }
+    }
+
+    /// The process-wide applier: [`Applier::auto`], or [`Applier::process`] when
+    /// `SHOAL_LB_NFT=process`.
+    pub fn global() -> &'static Applier {
+        static GLOBAL: OnceLock<Applier> = OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            let a = if std::env::var(BACKEND_ENV).is_ok_and(|v| v == "process") {
+                Applier::process()
+            } else {
+                Applier::auto()
+            };
+            info!(applier = ?a, "LB ruleset applier chosen");
+            a
+        })
+    }
+
+    /// True when commands run through libnftables in this process.
+    pub fn is_in_process(&self) -> bool {
+        matches!(self.backend, Backend::InProcess(_))
+    }
+
+    /// Replaces the table in `netns` with the rendered ruleset in one transaction (what
+    /// `nft -f -` does). On failure nft's message and the offending script line are in the
+    /// error, and the previous table is untouched.
+    #[instrument(skip(self, rs), fields(table = %rs.table, services = rs.services.len()))]
+    pub async fn apply(&self, netns: &str, rs: &Ruleset) -> Result<(), LbError> {
+        validate(rs)?;
+        let text = render(rs);
+        self.run(
+            netns,
+            "apply",
+            Cmd::Script {
+                text,
+                dry_run: false,
+            },
+        )
+        .await?;
+        debug!("LB table applied");
+        Ok(())
+    }
+
+    /// Like [`Applier::apply`] but in nft's check mode (`nft -c -f -`): parses and validates
+    /// against the kernel without changing anything.
+    #[instrument(skip(self, rs), fields(table = %rs.table))]
+    pub async fn check(&self, netns: &str, rs: &Ruleset) -> Result<(), LbError> {
+        validate(rs)?;
+        let text = render(rs);
+        self.run(
+            netns,
+            "check",
+            Cmd::Script {
+                text,
+                dry_run: true,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes the table; deleting a table that does not exist is not an error.
+    #[instrument(skip(self))]
+    pub async fn delete_table(&self, netns: &str, table: &str) -> Result<(), LbError> {
+        check_table_name(table)?;
+        // Create-then-delete in one transaction: idempotent, no race with a concurrent delete.
+        let text = format!("table ip {table} {{}}\ndelete table ip {table}\n");
+        self.run(
+            netns,
+            "delete",
+            Cmd::Script {
+                text,
+                dry_run: false,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `nft list table ip TABLE` inside the namespace, or None when the table does not exist.
+    #[instrument(skip(self))]
+    pub async fn list_table(&self, netns: &str, table: &str) -> Result<Option<String>, LbError> {
+        check_table_name(table)?;
+        match self
+            .run(netns, "list", Cmd::ListTable(table.to_string()))
+            .await
+        {
+            Ok(out) => Ok(Some(out)),
+            Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `cmd` in `netns`; returns its standard output, or nft's refusal as
+    /// [`LbError::Nft`].
+    async fn run(&self, netns: &str, action: &'static str, cmd: Cmd) -> Result<String, LbError> {
+        let cmd = Arc::new(cmd);
+        let out = match &self.backend {
+            Backend::Process => match &*cmd {
+                Cmd::Script { text, dry_run } => {
+                    let args: &[&str] = if *dry_run {
+                        &["-c", "-f", "-"]
+                    } else {
+                        &["-f", "-"]
+                    };
+                    process::run(netns, args, Some(text)).await?
+                }
+                Cmd::ListTable(table) => {
+                    process::run(netns, &["list", "table", "ip", table], None).await?
+                }
+            },
+            Backend::InProcess(contexts) => {
+                let (contexts, ns, c) = (contexts.clone(), netns.to_string(), cmd.clone());
+                // The FFI call blocks (netlink round trips): tokio's blocking pool.
+                let res = tokio::task::spawn_blocking(move || match &*c {
+                    Cmd::Script { text, dry_run } => contexts.run(
+                        &ns,
+                        &libnft::Cmd::Script {
+                            text,
+                            dry_run: *dry_run,
+                        },
+                    ),
+                    Cmd::ListTable(table) => {
+                        contexts.run(&ns, &libnft::Cmd::Line(&format!("list table ip {table}")))
+                    }
+                })
+                .await
+                .map_err(|e| {
+                    LbError::Library(format!("command in network namespace {netns:?}: {e}"))
+                })?;
+                let o = res.map_err(|e| match e {
+                    libnft::RunError::Netns(e) => LbError::Netns(e),
+                    libnft::RunError::Lib(e) => {
+                        LbError::Library(format!("in network namespace {netns:?}: {e}"))
+                    }
+                })?;
+                Output {
+                    ok: o.rc == 0,
+                    status: format!("libnftables returned {}", o.rc),
+                    stdout: o.stdout,
+                    stderr: o.stderr,
+                }
+            }
+        };
+        finish(netns, action, &cmd, out)
+    }
+
+    /// Runs a raw nft script as [`Applier::apply`] runs the rendered one (one transaction).
+    /// For tests and measurements only: nothing checks what the script does.
+    #[doc(hidden)]
+    pub async fn apply_script(&self, netns: &str, script: &str) -> Result<(), LbError> {
+        let text = script.to_string();
+        self.run(
+            netns,
+            "apply",
+            Cmd::Script {
+                text,
+                dry_run: false,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Number of cached libnftables contexts (0 for the process applier).
+    #[doc(hidden)]
+    pub fn cached_contexts(&self) -> usize {
+        match &self.backend {
+            Backend::Process => 0,
+            Backend::InProcess(c) => c.len(),
+        }
+    }
+}
+
+fn finish(netns: &str, action: &'static str, cmd: &Cmd, out: Output) -> Result<String, LbError> {
+    if out.ok {
+        return Ok(out.stdout);
+    }
+    let stderr = out.stderr.trim().to_string();
+    let failing_line = match cmd {
+        Cmd::Script { text, .. } => failing_line(&stderr, text),
+        Cmd::ListTable(_) => None,
+    };
+    Err(LbError::Nft {
+        netns: netns.to_string(),
+        action,
+        status: out.status,
+        stderr,
+        failing_line,
+    })
+}
+
+/// Replaces the table in `netns` with the rendered ruleset in one transaction, through
+/// [`Applier::global`] (in-process libnftables, or `nft -f -`). On failure nft's message and
+/// the offending script line are in the error, and the previous table is untouched.
 pub async fn apply(netns: &str, rs: &Ruleset) -> Result<(), LbError> {
-    validate(rs)?;
-    let script = render(rs);
-    run(netns, "apply", &["-f", "-"], Some(&script)).await?;
-    debug!("LB table applied");
-    Ok(())
+    Applier::global().apply(netns, rs).await
 }
 
 /// Like [`apply`] but in nft's check mode (`nft -c -f -`): parses and validates against the
 /// kernel without changing anything.
-#[instrument(skip(rs), fields(table = %rs.table))]
 pub async fn check(netns: &str, rs: &Ruleset) -> Result<(), LbError> {
-    validate(rs)?;
-    let script = render(rs);
-    run(netns, "check", &["-c", "-f", "-"], Some(&script)).await?;
-    Ok(())
+    Applier::global().check(netns, rs).await
 }
 
 /// Deletes the table; deleting a table that does not exist is not an error.
-#[instrument]
 pub async fn delete_table(netns: &str, table: &str) -> Result<(), LbError> {
-    check_table_name(table)?;
-    // Create-then-delete in one transaction: idempotent, no race with a concurrent delete.
-    let script = format!("table ip {table} {{}}\ndelete table ip {table}\n");
-    run(netns, "delete", &["-f", "-"], Some(&script)).await?;
-    Ok(())
+    Applier::global().delete_table(netns, table).await
 }
 
 /// `nft list table ip TABLE` inside the namespace, or None when the table does not exist.
-#[instrument]
 pub async fn list_table(netns: &str, table: &str) -> Result<Option<String>, LbError> {
-    check_table_name(table)?;
-    match run(netns, "list", &["list", "table", "ip", table], None).await {
-        Ok(out) => Ok(Some(out)),
-        Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+    Applier::global().list_table(netns, table).await
 }
 
 fn check_table_name(table: &str) -> Result<(), LbError> {
     validate(&Ruleset {
         table: table.to_string(),
         ..Ruleset::default()
-    })
-}
-
-/// Runs nft with `args` inside `netns`, feeding `stdin`; returns stdout.
-async fn run(
-    netns: &str,
-    action: &'static str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<String, LbError> {
-    let mut std_cmd = Command::new(NFT);
-    std_cmd
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    std_cmd.in_netns(netns)?;
-    let mut cmd = tokio::process::Command::from(std_cmd);
-    cmd.kill_on_drop(true);
-    let spawn_err = |source: std::io::Error| LbError::Spawn {
-        netns: netns.to_string(),
-        hint: if source.kind() == std::io::ErrorKind::NotFound {
-            INSTALL_HINT
-        } else {
-            ""
-        },
-        source,
-    };
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    let pipe = child.stdin.take();
-    // Feed stdin while collecting stdout/stderr, so that neither side can block the other.
-    let feed = async move {
-        if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
-            // A write error (nft exited early) shows in its status and stderr.
-            if let Err(e) = pipe.write_all(text.as_bytes()).await {
-                debug!(error = %e, "writing the script to nft");
-            }
-        }
-    };
-    let ((), out) = tokio::join!(feed, child.wait_with_output());
-    let out = out.map_err(spawn_err)?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let failing_line = stdin.and_then(|s| failing_line(&stderr, s));
-    Err(LbError::Nft {
-        netns: netns.to_string(),
-        action,
-        status: out.status.to_string(),
-        stderr,
-        failing_line,
     })
 }
 

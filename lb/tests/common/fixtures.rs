@@ -145,3 +145,27 @@ pub fn all() -> Vec<(&'static str, Ruleset)> {
         ("any_port", any_port()),
     ]
 }
+
+/// `services` TCP services VIP:80 -> :8080 with `backends` backends each; VIPs from
+/// `10.<vip_net>.0.0`, backends from 10.128.0.0.
+pub fn many(services: u32, backends: u32, vip_net: u8) -> Ruleset {
+    let vip_base = u32::from(Ipv4Addr::new(10, vip_net, 0, 0));
+    let be_base = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    Ruleset {
+        table: TABLE.to_string(),
+        vips: vec![],
+        services: (0..services)
+            .map(|s| VirtualService {
+                id: format!("s{s}"),
+                vip: Ipv4Addr::from(vip_base + s),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: 8080,
+                backends: (0..backends)
+                    .map(|b| Ipv4Addr::from(be_base + s * backends + b))
+                    .collect(),
+            })
+            .collect(),
+        local_endpoints: vec![],
+    }
+}

@@ -49,8 +49,13 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique namespace name for this test process.
 pub fn unique_ns() -> String {
+    unique_ns_with("shoal-t-lb")
+}
+
+/// A unique namespace name `<prefix>-<pid>-<n>`.
+pub fn unique_ns_with(prefix: &str) -> String {
     format!(
-        "shoal-t-lb-{}-{}",
+        "{prefix}-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
@@ -78,11 +83,23 @@ pub struct NsGuard {
 impl NsGuard {
     /// Creates a fresh namespace with `lo` up and registers it for removal.
     pub fn create(&mut self) -> String {
-        let name = unique_ns();
-        shoal_netns::create(&name).unwrap_or_else(|e| panic!("creating {name}: {e}"));
-        self.names.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        self.create_with("shoal-t-lb")
+    }
+
+    /// Like [`NsGuard::create`] with the name `<prefix>-<pid>-<n>`.
+    pub fn create_with(&mut self, prefix: &str) -> String {
+        let name = unique_ns_with(prefix);
+        self.create_named(&name);
         name
+    }
+
+    /// Creates the namespace `name` (which must not exist) and registers it for removal.
+    pub fn create_named(&mut self, name: &str) {
+        shoal_netns::create(name).unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        if !self.names.iter().any(|n| n == name) {
+            self.names.push(name.to_string());
+        }
+        ip(&["-n", name, "link", "set", "lo", "up"]);
     }
 }
 
