@@ -294,6 +294,90 @@ impl Agent {
         }
     }
 
+    /// Applies the VIP ruleset of each network in `nets` whose ruleset changed.
+    async fn sync_lb(
+        &mut self,
+        st: &ClusterState,
+        specs: &BTreeMap<String, shoal_mesh::NetworkSpec>,
+        nets: &HashSet<String>,
+        errors: &mut Vec<String>,
+    ) {
+        for net_id in nets {
+            let Some(spec) = specs.get(net_id) else {
+                continue;
+            };
+            let rs = desired::lb_ruleset(st, &self.node_id, net_id);
+            if self.lb_applied.get(net_id) == Some(&rs) {
+                continue;
+            }
+            match shoal_lb::apply(&spec.netns, &rs).await {
+                Ok(()) => {
+                    info!(netns = %spec.netns, services = rs.services.len(), "VIP ruleset applied");
+                    self.lb_applied.insert(net_id.clone(), rs);
+                }
+                Err(e) => {
+                    self.lb_applied.remove(net_id);
+                    errors.push(format!("ruleset of {}: {e}", spec.netns));
+                }
+            }
+        }
+    }
+
+    /// Serves each local container the view of its networks (one record table per distinct
+    /// set of networks); with `attach_new`, attaches containers not served yet.
+    async fn sync_dns(
+        &mut self,
+        st: &ClusterState,
+        local: &[(Task, i64)],
+        stopping: &HashSet<String>,
+        ok_networks: &HashSet<String>,
+        attach_new: bool,
+        errors: &mut Vec<String>,
+    ) {
+        let mut views: BTreeMap<Vec<String>, (View, Arc<shoal_dns::Records>)> = BTreeMap::new();
+        for (t, _) in local {
+            if stopping.contains(&t.id) || t.desired_state != TaskState::Running {
+                continue;
+            }
+            if !attach_new && !self.dns_views.contains_key(&t.id) {
+                continue;
+            }
+            let ns = self.runtime.netns(&t.id);
+            if !t
+                .networks
+                .iter()
+                .all(|n| ok_networks.contains(&n.network_id))
+                || !shoal_netns::exists(&ns)
+            {
+                continue;
+            }
+            let ids: Vec<String> = t.networks.iter().map(|n| n.network_id.clone()).collect();
+            let (view, records) = views
+                .entry(ids.clone())
+                .or_insert_with(|| {
+                    let v = desired::dns_view(st, &ids);
+                    let r = Arc::new(v.to_records());
+                    (v, r)
+                })
+                .clone();
+            match self.dns_views.get(&t.id) {
+                Some(old) if *old == view => {}
+                Some(_) => match self.resolver.update(&t.id, records) {
+                    Ok(()) => {
+                        self.dns_views.insert(t.id.clone(), view);
+                    }
+                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
+                },
+                None => match self.resolver.attach(&t.id, &ns, records).await {
+                    Ok(()) => {
+                        self.dns_views.insert(t.id.clone(), view);
+                    }
+                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
+                },
+            }
+        }
+    }
+
     async fn reconcile(
         &mut self,
         st: &ClusterState,
@@ -306,6 +390,25 @@ impl Agent {
             .cloned()
             .collect();
         let stopping = self.stopping.lock().expect("lock").clone();
+        let rt = self.runtime.clone();
+        let has_ns = move |id: &str| {
+            let ns = rt.netns(id);
+            shoal_netns::exists(&ns).then_some(ns)
+        };
+        // 0. Fast path: what changed for networks and containers already in place (tasks
+        //    joining or leaving DNS answers and backends) is applied before any slower link
+        //    work of this pass.
+        let known: HashSet<String> = self.lb_applied.keys().cloned().collect();
+        let specs = desired::mesh_specs(
+            st,
+            &self.node_id,
+            &self.cfg.netns_prefix,
+            self.underlay.as_ref(),
+            &has_ns,
+        );
+        self.sync_lb(st, &specs, &known, errors).await;
+        self.sync_dns(st, &local, &stopping, &known, false, errors)
+            .await;
         // 1. Namespaces for new tasks.
         for (t, _) in &local {
             if t.desired_state == TaskState::Running
@@ -316,11 +419,6 @@ impl Agent {
             }
         }
         // 2. Overlay networks and endpoints.
-        let rt = self.runtime.clone();
-        let has_ns = move |id: &str| {
-            let ns = rt.netns(id);
-            shoal_netns::exists(&ns).then_some(ns)
-        };
         let specs = desired::mesh_specs(
             st,
             &self.node_id,
@@ -352,62 +450,10 @@ impl Agent {
         }
         self.lb_applied.retain(|id, _| specs.contains_key(id));
         // 3. VIP rulesets, applied when they changed.
-        for net_id in &ok_networks {
-            let rs = desired::lb_ruleset(st, &self.node_id, net_id);
-            if self.lb_applied.get(net_id) == Some(&rs) {
-                continue;
-            }
-            match shoal_lb::apply(&specs[net_id].netns, &rs).await {
-                Ok(()) => {
-                    info!(netns = %specs[net_id].netns, services = rs.services.len(), "VIP ruleset applied");
-                    self.lb_applied.insert(net_id.clone(), rs);
-                }
-                Err(e) => {
-                    self.lb_applied.remove(net_id);
-                    errors.push(format!("ruleset of {}: {e}", specs[net_id].netns));
-                }
-            }
-        }
-        // 4. DNS views of local containers (one record table per distinct network set).
-        let mut views: BTreeMap<Vec<String>, (View, Arc<shoal_dns::Records>)> = BTreeMap::new();
-        for (t, _) in &local {
-            if stopping.contains(&t.id) || t.desired_state != TaskState::Running {
-                continue;
-            }
-            let ns = self.runtime.netns(&t.id);
-            if !shoal_netns::exists(&ns)
-                || !t
-                    .networks
-                    .iter()
-                    .all(|n| ok_networks.contains(&n.network_id))
-            {
-                continue;
-            }
-            let ids: Vec<String> = t.networks.iter().map(|n| n.network_id.clone()).collect();
-            let (view, records) = views
-                .entry(ids.clone())
-                .or_insert_with(|| {
-                    let v = desired::dns_view(st, &ids);
-                    let r = Arc::new(v.to_records());
-                    (v, r)
-                })
-                .clone();
-            match self.dns_views.get(&t.id) {
-                Some(old) if *old == view => {}
-                Some(_) => match self.resolver.update(&t.id, records) {
-                    Ok(()) => {
-                        self.dns_views.insert(t.id.clone(), view);
-                    }
-                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
-                },
-                None => match self.resolver.attach(&t.id, &ns, records).await {
-                    Ok(()) => {
-                        self.dns_views.insert(t.id.clone(), view);
-                    }
-                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
-                },
-            }
-        }
+        self.sync_lb(st, &specs, &ok_networks, errors).await;
+        // 4. DNS views of local containers, new ones attached.
+        self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
+            .await;
         // 5. Start processes of attached tasks.
         for (t, rev) in &local {
             if t.desired_state != TaskState::Running

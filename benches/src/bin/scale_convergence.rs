@@ -68,6 +68,13 @@ fn shoal(args: &[&str]) -> anyhow::Result<String> {
 struct LabGuard;
 impl Drop for LabGuard {
     fn drop(&mut self) {
+        // SHOAL_BENCH_LOGS=DIR keeps the agents' logs for a look at where time went.
+        if let Ok(dir) = std::env::var("SHOAL_BENCH_LOGS") {
+            for i in 1..=9 {
+                let from = format!("/run/shoal/lab/{LAB}/node{i}/agent.log");
+                let _ = std::fs::copy(&from, format!("{dir}/node{i}.log"));
+            }
+        }
         let _ = shoal(&["lab", "down", "--name", LAB]);
     }
 }
@@ -97,19 +104,15 @@ fn ask(sock: &UdpSocket, id: u16, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     }
 }
 
-/// Number of backends in the VIP's any-port TCP chain, read from the kernel.
-fn lb_backends(netns: &str, chain: &str) -> usize {
-    let Ok(out) = Command::new("ip")
-        .args([
-            "netns", "exec", netns, "nft", "list", "chain", "ip", "shoal_lb", chain,
-        ])
-        .output()
-    else {
+/// Number of backends in the VIP's any-port TCP chain, read from the kernel in-process
+/// (libnftables, no process start, so polling does not load the machine under test).
+async fn lb_backends(netns: &str, chain: &str) -> usize {
+    let Ok(Some(text)) = shoal_lb::list_table(netns, "shoal_lb").await else {
         return 0;
     };
-    String::from_utf8_lossy(&out.stdout)
-        .split("mod ")
+    text.split(&format!("chain {chain} {{"))
         .nth(1)
+        .and_then(|c| c.split("mod ").nth(1))
         .and_then(|s| s.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
@@ -137,7 +140,7 @@ impl Bench {
     }
 
     /// Waits until every node shows `want` tasks in DNS and backends; returns both times.
-    fn wait_all(
+    async fn wait_all(
         &mut self,
         t0: Instant,
         want: usize,
@@ -151,7 +154,7 @@ impl Bench {
                     dns_done[o] = Some(t0.elapsed());
                 }
                 if lb_done[o].is_none()
-                    && lb_backends(&self.observers[o].netns, &self.chain) == want
+                    && lb_backends(&self.observers[o].netns, &self.chain).await == want
                 {
                     lb_done[o] = Some(t0.elapsed());
                 }
@@ -164,7 +167,7 @@ impl Bench {
             if t0.elapsed() > limit {
                 bail!("not converged on every node to {want} within {limit:?}");
             }
-            std::thread::sleep(Duration::from_millis(1));
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
@@ -284,7 +287,8 @@ async fn main() -> anyhow::Result<()> {
         chain: format!("svc_{}_tcp_any", &svc.id[..12]),
         id: 1,
     };
-    b.wait_all(Instant::now(), 3, Duration::from_secs(60))?;
+    b.wait_all(Instant::now(), 3, Duration::from_secs(60))
+        .await?;
 
     let (mut dns_t, mut lb_t) = (vec![], vec![]);
     let (mut up_t, mut down_t) = (vec![], vec![]);
@@ -303,6 +307,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let (d, l) = b
             .wait_all(t0, want as usize, Duration::from_secs(10))
+            .await
             .with_context(|| format!("event {i}"))?;
         dns_t.push(d);
         lb_t.push(l);
