@@ -14,6 +14,7 @@
 //! retry 600, expire 86400, and MINIMUM and TTL both `negative_ttl` (RFC 2308).
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use hickory_proto::op::{Header, Message, MessageType, OpCode};
@@ -21,7 +22,7 @@ use hickory_proto::rr::{DNSClass, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
 use crate::DnsConfig;
-use crate::records::Records;
+use crate::records::{Records, SrvTarget};
 
 /// Largest UDP payload this server advertises and honours (loopback only, no fragmentation).
 pub const MAX_UDP_PAYLOAD: u16 = 4096;
@@ -31,6 +32,9 @@ pub const MIN_UDP_PAYLOAD: u16 = 512;
 const HEADER_LEN: usize = 12;
 const OPT_LEN: usize = 11;
 const A_RR_LEN: usize = 16;
+/// Priority and weight of every SRV record: all targets equal (RFC 2782).
+const SRV_PRIORITY: u16 = 0;
+const SRV_WEIGHT: u16 = 1;
 const RCODE_FORMERR: u8 = 1;
 const RCODE_SERVFAIL: u8 = 2;
 const RCODE_NXDOMAIN: u8 = 3;
@@ -150,15 +154,16 @@ impl Handler {
             _ => None,
         };
         let a = key.and_then(|k| records.a.get(k));
-        let ptr = match (a, key) {
-            (None, Some(k)) => reverse_v4(k).and_then(|ip| records.ptr.get(&ip)),
+        let srv = key.and_then(|k| records.srv.get(k));
+        let ptr = match (a.is_none() && srv.is_none(), key) {
+            (true, Some(k)) => reverse_v4(k).and_then(|ip| records.ptr.get(&ip)),
             _ => None,
         };
-        if a.is_none() && ptr.is_none() && may_forward {
+        let exists = a.is_some() || ptr.is_some() || srv.is_some();
+        if !exists && may_forward {
             return Outcome::Forward;
         }
 
-        let exists = a.is_some() || ptr.is_some();
         self.begin(
             out,
             query,
@@ -189,6 +194,20 @@ impl Handler {
             }
             answers = names.len();
         }
+        let mut srv_start = None;
+        if let Some(targets) = srv.filter(|_| wants(RecordType::SRV)) {
+            srv_start = Some(out.len());
+            for t in targets {
+                out.extend_from_slice(&[0xC0, HEADER_LEN as u8, 0, 33, 0, 1]);
+                out.extend_from_slice(&self.ttl.to_be_bytes());
+                out.extend_from_slice(&(6 + t.wire.len() as u16).to_be_bytes());
+                out.extend_from_slice(&SRV_PRIORITY.to_be_bytes());
+                out.extend_from_slice(&SRV_WEIGHT.to_be_bytes());
+                out.extend_from_slice(&t.port.to_be_bytes());
+                out.extend_from_slice(&t.wire);
+            }
+            answers += targets.len();
+        }
         let mut authorities = 0;
         if answers == 0 {
             match p.last_label {
@@ -201,7 +220,20 @@ impl Handler {
             out.extend_from_slice(&self.soa_rdata);
             authorities = 1;
         }
+        let additional_start = out.len();
+        let mut additionals = 0usize;
+        if let (Some(start), Some(targets)) = (srv_start, srv) {
+            additionals = self.srv_additional(out, records, targets, start);
+        }
         let opt = usize::from(p.edns.is_some());
+        // RFC 2181 9: additional data that does not fit is dropped without TC; TC only
+        // when the answer section itself does not fit.
+        if additionals > 0
+            && (out.len() + opt * OPT_LEN > limit || additionals + opt > usize::from(u16::MAX))
+        {
+            out.truncate(additional_start);
+            additionals = 0;
+        }
         if out.len() + opt * OPT_LEN > limit || answers > usize::from(u16::MAX) {
             out.truncate(p.q_end);
             out[2] |= 0x02; // TC
@@ -211,8 +243,48 @@ impl Handler {
         if opt == 1 {
             push_opt(out, 0);
         }
-        set_counts(out, answers as u16, authorities, opt as u16);
+        set_counts(out, answers as u16, authorities, (additionals + opt) as u16);
         Outcome::Reply
+    }
+
+    /// The A records of every SRV target the view knows (each target once), owner names
+    /// compressed to the target names in the SRV records starting at `srv_start`. Returns
+    /// the number of records written.
+    fn srv_additional(
+        &self,
+        out: &mut Vec<u8>,
+        records: &Records,
+        targets: &[SrvTarget],
+        srv_start: usize,
+    ) -> usize {
+        let mut written = 0;
+        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(targets.len());
+        let mut at = srv_start;
+        for t in targets {
+            // Name pointer, type, class, TTL, RDLENGTH, priority, weight, port.
+            let target_at = at + 18;
+            at = target_at + t.wire.len();
+            if !seen.insert(&t.key) {
+                continue;
+            }
+            let Some(entry) = records.a.get(&t.key) else {
+                continue;
+            };
+            for ip in &entry.ips {
+                match u16::try_from(target_at) {
+                    Ok(off) if off <= 0x3FFF => {
+                        out.extend_from_slice(&(0xC000 | off).to_be_bytes())
+                    }
+                    _ => out.extend_from_slice(&t.wire),
+                }
+                out.extend_from_slice(&[0, 1, 0, 1]);
+                out.extend_from_slice(&self.ttl.to_be_bytes());
+                out.extend_from_slice(&[0, 4]);
+                out.extend_from_slice(&ip.octets());
+                written += 1;
+            }
+        }
+        written
     }
 
     /// SERVFAIL for `query` (after every upstream failed); `false` when the query cannot be

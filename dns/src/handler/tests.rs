@@ -394,3 +394,175 @@ fn timing_local_answer() {
         println!("handle() {what}: {per:?} per query");
     }
 }
+
+fn srv_view() -> Records {
+    let mut b = Records::builder();
+    b.a("web.1.abc", &[ip(3)], false)
+        .a("web.2.abc", &[ip(4), ip(5)], false)
+        .srv(
+            "_80._tcp.web",
+            &[
+                ("web.1.abc".into(), 80),
+                ("Web.2.abc.".into(), 8080),
+                ("web.1.abc".into(), 81),
+                ("unknown.host".into(), 80),
+            ],
+        )
+        .a("web", &[ip(2)], false);
+    // Answers that fit in 512 bytes only without their additional records, and answers
+    // that do not fit at all.
+    let hosts: Vec<(String, u16)> = (0..12)
+        .map(|i| (format!("h{i:02}.some-long-name.x"), 80))
+        .collect();
+    for (name, _) in &hosts {
+        b.a(name, &[ip(7), ip(8), ip(9)], false);
+    }
+    b.srv("_80._tcp.mid", &hosts);
+    let lots: Vec<(String, u16)> = (0..40)
+        .map(|i| (format!("h{i:02}.some-long-name.x"), 80))
+        .collect();
+    b.srv("_80._tcp.lots", &lots);
+    b.build()
+}
+
+fn srv_answers(m: &Message) -> Vec<(String, u16, u16, u16, u32)> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::SRV(s) => (s.target.to_ascii(), s.port, s.priority, s.weight, r.ttl),
+            other => panic!("not SRV: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn srv_answer_with_additional_a_records() {
+    let (h, r) = (handler(true), srv_view());
+    for t in [Transport::Udp, Transport::Tcp] {
+        let m = ask(&h, &r, &query("_80._TCP.Web", RecordType::SRV, None), t);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative && !m.metadata.truncation);
+        assert_eq!(m.queries[0].name().to_ascii(), "_80._TCP.Web.");
+        assert!(
+            m.answers
+                .iter()
+                .all(|a| a.name.to_ascii() == "_80._TCP.Web.")
+        );
+        assert_eq!(
+            srv_answers(&m),
+            vec![
+                ("web.1.abc.".to_string(), 80, 0, 1, 5),
+                ("web.2.abc.".to_string(), 8080, 0, 1, 5),
+                ("web.1.abc.".to_string(), 81, 0, 1, 5),
+                ("unknown.host.".to_string(), 80, 0, 1, 5),
+            ]
+        );
+        // Each known target's A records once; unknown targets have none.
+        let add: Vec<(String, Ipv4Addr, u32)> = m
+            .additionals
+            .iter()
+            .map(|r| match &r.data {
+                RData::A(a) => (r.name.to_ascii(), a.0, r.ttl),
+                other => panic!("not A: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            add,
+            vec![
+                ("web.1.abc.".to_string(), ip(3), 5),
+                ("web.2.abc.".to_string(), ip(4), 5),
+                ("web.2.abc.".to_string(), ip(5), 5),
+            ]
+        );
+        assert!(m.authorities.is_empty());
+    }
+    // With EDNS: the OPT comes after the additional A records.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.web", RecordType::SRV, Some(1232)),
+        Transport::Udp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (4, 3));
+    assert!(m.edns.is_some());
+    // ANY: A and SRV.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.web", RecordType::ANY, None),
+        Transport::Udp,
+    );
+    assert_eq!(m.answers.len(), 4);
+}
+
+#[test]
+fn srv_nodata_and_unknown() {
+    let r = srv_view();
+    // SRV for a name with only A records, A for a name with only SRV: NODATA + SOA.
+    for (name, rtype) in [("web", RecordType::SRV), ("_80._tcp.web", RecordType::A)] {
+        let m = ask(
+            &handler(true),
+            &r,
+            &query(name, rtype, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(m.answers.is_empty() && m.additionals.is_empty());
+        assert_eq!(soa_of(&m).1, 7);
+    }
+    // Unknown: forwarded, or NXDOMAIN.
+    let q = query("_53._udp.nothing", RecordType::SRV, None);
+    let mut out = Vec::new();
+    assert_eq!(
+        handler(true).handle(&q, &r, Transport::Udp, &mut out),
+        Outcome::Forward
+    );
+    let m = ask(&handler(false), &r, &q, Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn srv_truncation_drops_additional_first() {
+    let (h, r) = (handler(false), srv_view());
+    // 12 SRV records fit in 512 bytes; their 36 A records do not: dropped, no TC.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.mid", RecordType::SRV, None),
+        Transport::Udp,
+    );
+    assert!(!m.metadata.truncation);
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 0));
+    // With a large enough EDNS buffer, or over TCP, all of it.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.mid", RecordType::SRV, Some(4096)),
+        Transport::Udp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 36));
+    assert!(m.edns.is_some());
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.mid", RecordType::SRV, None),
+        Transport::Tcp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 36));
+    // 40 SRV records do not fit in 512: TC, question only.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.lots", RecordType::SRV, None),
+        Transport::Udp,
+    );
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty() && m.additionals.is_empty());
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.lots", RecordType::SRV, None),
+        Transport::Tcp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (40, 36));
+}
