@@ -89,6 +89,8 @@ struct Parsed {
     last_label: Option<u16>,
     /// EDNS: (client payload size, version) when the query had an OPT record.
     edns: Option<(u16, u8)>,
+    /// The DO bit of the OPT record.
+    dnssec_ok: bool,
 }
 
 enum ParseError {
@@ -336,6 +338,42 @@ pub fn handle_to_vec(
     }
 }
 
+/// What the cache of upstream answers needs to know about a forwarded query.
+pub(crate) struct CacheKey {
+    /// Flags byte (EDNS present, DO, CD, RD) followed by the question (name lowercased,
+    /// type, class) in wire form.
+    pub(crate) key: Box<[u8]>,
+    /// End of the question in the query (and in a reply to it).
+    pub(crate) q_end: usize,
+    /// Largest answer the client takes over its transport.
+    pub(crate) limit: usize,
+}
+
+/// The cache key of `query` (`None` when it does not parse as a normal query).
+pub(crate) fn cache_key(query: &[u8], transport: Transport) -> Option<CacheKey> {
+    let p = parse(query).ok()?;
+    let mut key = Vec::with_capacity(1 + p.q_end - HEADER_LEN);
+    key.push(
+        u8::from(p.edns.is_some())
+            | u8::from(p.dnssec_ok) << 1
+            | u8::from(p.cd) << 2
+            | u8::from(p.rd) << 3,
+    );
+    // Label lengths (< 64) are never ASCII letters; type and class are copied as they are.
+    let name_end = p.q_end - 4;
+    key.extend(
+        query[HEADER_LEN..name_end]
+            .iter()
+            .map(u8::to_ascii_lowercase),
+    );
+    key.extend_from_slice(&query[name_end..p.q_end]);
+    Some(CacheKey {
+        key: key.into_boxed_slice(),
+        q_end: p.q_end,
+        limit: limit(transport, p.edns),
+    })
+}
+
 /// Size limit of the answer for this transport and client EDNS.
 fn limit(transport: Transport, edns: Option<(u16, u8)>) -> usize {
     match transport {
@@ -382,10 +420,12 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
         }
     }
     let mut edns = None;
+    let mut dnssec_ok = false;
     if header.counts.additionals > 0 {
         let (_, e, _) =
             Message::read_records(&mut dec, header.counts.additionals.into(), true, md.op_code)
                 .map_err(|_| reply(RCODE_FORMERR))?;
+        dnssec_ok = e.as_ref().is_some_and(|e| e.flags().dnssec_ok);
         edns = e.map(|e| (e.max_payload(), e.version()));
     }
 
@@ -400,6 +440,7 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
         key_buf: [0; 256],
         last_label: None,
         edns,
+        dnssec_ok,
     };
     // Walk the raw question name: lowercase dotted key and the offset of its last label.
     let mut i = HEADER_LEN;

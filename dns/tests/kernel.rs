@@ -458,9 +458,11 @@ async fn forwarding_failover_and_servfail() {
     let good = upstream(Some(Ipv4Addr::new(192, 0, 2, 7))).await;
     let dead = upstream(None).await;
     let ns = Ns::new();
+    // Without the cache: every query must reach the upstreams (see `upstream_answers_are_cached`).
     let config = |upstreams: Vec<SocketAddr>| DnsConfig {
         upstreams,
         upstream_timeout: Duration::from_millis(400),
+        cache_size: 0,
         ..DnsConfig::default()
     };
 
