@@ -155,8 +155,16 @@ impl Handler {
             (true, Some(len)) => Some(&p.key_buf[..len]),
             _ => None,
         };
+        let wants = |t: RecordType| p.qtype == t || p.qtype == RecordType::ANY;
         let a = key.and_then(|k| records.a.get(k));
-        let srv = key.and_then(|k| records.srv.get(k));
+        // A name with A records needs its SRV records only for SRV and ANY: the hot path
+        // (A, AAAA of a service name) does one hash lookup.
+        let srv = match key {
+            Some(k) if (a.is_none() || wants(RecordType::SRV)) && !records.srv.is_empty() => {
+                records.srv.get(k)
+            }
+            _ => None,
+        };
         let ptr = match (a.is_none() && srv.is_none(), key) {
             (true, Some(k)) => reverse_v4(k).and_then(|ip| records.ptr.get(&ip)),
             _ => None,
@@ -174,7 +182,6 @@ impl Handler {
             may_forward,
         );
         let mut answers = 0usize;
-        let wants = |t: RecordType| p.qtype == t || p.qtype == RecordType::ANY;
         if let Some(entry) = a.filter(|_| wants(RecordType::A)) {
             let start = out.len();
             for ip in &entry.ips {

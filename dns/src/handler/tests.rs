@@ -567,13 +567,18 @@ fn fuzz_one_million() {
 #[test]
 #[ignore = "timing; run in release"]
 fn timing_local_answer() {
-    let (h, r) = (handler(true), view());
+    let (h, r, srv) = (handler(true), view(), srv_view());
     for (what, q) in [
         ("A, no EDNS", query("tasks.web", RecordType::A, None)),
         ("A, EDNS", query("tasks.web", RecordType::A, Some(1232))),
         ("AAAA NODATA", query("web", RecordType::AAAA, None)),
         ("PTR", query("3.0.0.10.in-addr.arpa", RecordType::PTR, None)),
+        (
+            "SRV + additional",
+            query("_80._tcp.web", RecordType::SRV, None),
+        ),
     ] {
+        let r = if what.starts_with("SRV") { &srv } else { &r };
         let mut out = Vec::with_capacity(512);
         let n = 1_000_000;
         let start = std::time::Instant::now();
