@@ -354,6 +354,9 @@ pub(crate) struct CacheKey {
     pub(crate) q_end: usize,
     /// Largest answer the client takes over its transport.
     pub(crate) limit: usize,
+    /// Largest UDP answer an upstream may send to this query as forwarded: the client's
+    /// EDNS payload size (at least 512), or 512 without EDNS.
+    pub(crate) udp_payload: usize,
 }
 
 /// The cache key of `query` (`None` when it does not parse as a normal query).
@@ -378,6 +381,10 @@ pub(crate) fn cache_key(query: &[u8], transport: Transport) -> Option<CacheKey> 
         key: key.into_boxed_slice(),
         q_end: p.q_end,
         limit: limit(transport, p.edns),
+        udp_payload: p
+            .edns
+            .map_or(MIN_UDP_PAYLOAD, |(size, _)| size.max(MIN_UDP_PAYLOAD))
+            .into(),
     })
 }
 

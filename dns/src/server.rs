@@ -432,12 +432,17 @@ async fn forward(
 ) -> Option<Vec<u8>> {
     let original = query.clone();
     let client_id = [query[0], query[1]];
+    // The upstream sees the client's EDNS size: no UDP answer can be larger (a buffer
+    // per pending forward, so not 64 KiB each).
+    let reply_max = key
+        .as_ref()
+        .map_or(usize::from(u16::MAX), |k| k.udp_payload);
     for upstream in &shared.config.upstreams {
         let id: u16 = rand::random();
         query[..2].copy_from_slice(&id.to_be_bytes());
         let attempt = async {
             match transport {
-                Transport::Udp => exchange_udp(*upstream, &query).await,
+                Transport::Udp => exchange_udp(*upstream, &query, reply_max).await,
                 Transport::Tcp => exchange_tcp(*upstream, &query).await,
             }
         };
@@ -480,14 +485,15 @@ fn is_reply_to(reply: &[u8], query: &[u8]) -> bool {
     }
 }
 
-async fn exchange_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+async fn exchange_udp(upstream: SocketAddr, query: &[u8], max: usize) -> io::Result<Vec<u8>> {
     let sock = UdpSocket::bind(unspecified_for(upstream)).await?;
     sock.connect(upstream).await?;
     sock.send(query).await?;
-    let mut buf = vec![0u8; 65536];
+    // One more byte than allowed: a larger datagram is seen as such and ignored.
+    let mut buf = vec![0u8; max + 1];
     loop {
         let n = sock.recv(&mut buf).await?;
-        if is_reply_to(&buf[..n], query) {
+        if n <= max && is_reply_to(&buf[..n], query) {
             buf.truncate(n);
             return Ok(buf);
         }
