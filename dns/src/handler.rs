@@ -12,6 +12,10 @@
 //! queried name (`web.` for `web`, `arpa.` for reverse names, the root for the root), with
 //! MNAME `ns.shoal.internal.`, RNAME `hostmaster.shoal.internal.`, serial 1, refresh 3600,
 //! retry 600, expire 86400, and MINIMUM and TTL both `negative_ttl` (RFC 2308).
+//!
+//! SRV answers (priority 0, weight 1) carry the A records of their targets in the
+//! additional section; over UDP those are dropped first when the answer does not fit, and
+//! TC is set only when the SRV records themselves do not fit (RFC 2181 9).
 
 use std::cell::Cell;
 use std::collections::HashSet;
