@@ -110,7 +110,7 @@ impl Cache {
         if self.capacity == 0 {
             return;
         }
-        let Some((ttls, ttl)) = analyse(reply) else {
+        let Some(Analysis { ttls, ttl, len }) = analyse(reply) else {
             return;
         };
         if reply.len() < key.q_end
@@ -137,7 +137,7 @@ impl Cache {
         inner.map.insert(
             key.key.clone(),
             Entry {
-                reply: reply.into(),
+                reply: strip_opt_options(&reply[..len]),
                 ttls,
                 stored: now,
                 expires: now + Duration::from_secs(ttl.into()),
@@ -154,9 +154,20 @@ impl Cache {
     }
 }
 
-/// Whether an upstream reply may be cached: the TTL offsets of its records and how long
-/// to keep it, or `None`.
-pub(crate) fn analyse(reply: &[u8]) -> Option<(Box<[u16]>, u32)> {
+/// What [`analyse`] found in a cacheable reply.
+pub(crate) struct Analysis {
+    /// Offsets of the TTL field of every record but OPT.
+    ttls: Box<[u16]>,
+    /// How long to keep it (seconds).
+    ttl: u32,
+    /// Where the message ends (trailing bytes are not kept).
+    len: usize,
+}
+
+/// Whether an upstream reply may be cached, and how. EDNS options (cookies of the first
+/// client, padding, ...) must not be replayed to others: an OPT record with options is
+/// only accepted as the last record, so that they can be cut off.
+pub(crate) fn analyse(reply: &[u8]) -> Option<Analysis> {
     if reply.len() < HEADER_LEN || reply.len() > usize::from(u16::MAX) {
         return None;
     }
@@ -174,14 +185,19 @@ pub(crate) fn analyse(reply: &[u8]) -> Option<(Box<[u16]>, u32)> {
     let mut ttls = Vec::with_capacity(an + ns + ar);
     let mut min_ttl = u32::MAX;
     let mut soa: Option<u32> = None;
-    for i in 0..an + ns + ar {
+    let total = an + ns + ar;
+    for i in 0..total {
         at = skip_name(reply, at)?;
         let fixed = reply.get(at..at + 10)?;
         let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
         let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
         let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
         let rdata = reply.get(at + 10..at + 10 + rdlen)?;
-        if rtype != TYPE_OPT {
+        if rtype == TYPE_OPT {
+            if rdlen > 0 && i + 1 != total {
+                return None;
+            }
+        } else {
             ttls.push(u16::try_from(at + 4).ok()?);
             min_ttl = min_ttl.min(ttl);
             let in_authority = i >= an && i < an + ns;
@@ -198,7 +214,41 @@ pub(crate) fn analyse(reply: &[u8]) -> Option<(Box<[u16]>, u32)> {
     } else {
         min_ttl.min(MAX_TTL)
     };
-    (ttl > 0).then(|| (ttls.into_boxed_slice(), ttl))
+    (ttl > 0).then(|| Analysis {
+        ttls: ttls.into_boxed_slice(),
+        ttl,
+        len: at,
+    })
+}
+
+/// `msg` (walked by [`analyse`]) without the options of its OPT record, if it has one
+/// (then it is the last record).
+fn strip_opt_options(msg: &[u8]) -> Box<[u8]> {
+    let mut out = msg.to_vec();
+    let ar = u16::from_be_bytes([msg[10], msg[11]]);
+    if ar == 0 {
+        return out.into_boxed_slice();
+    }
+    // The last record: find it by walking again (cheap; only on insert).
+    let count = |i: usize| usize::from(u16::from_be_bytes([msg[i], msg[i + 1]]));
+    let total = count(6) + count(8) + count(10);
+    let Some(mut at) = skip_name(msg, HEADER_LEN).map(|a| a + 4) else {
+        return out.into_boxed_slice();
+    };
+    for i in 0..total {
+        let Some(fixed_at) = skip_name(msg, at) else {
+            break;
+        };
+        let rtype = u16::from_be_bytes([msg[fixed_at], msg[fixed_at + 1]]);
+        let rdlen = usize::from(u16::from_be_bytes([msg[fixed_at + 8], msg[fixed_at + 9]]));
+        if rtype == TYPE_OPT && i + 1 == total {
+            out.truncate(fixed_at + 10);
+            out[fixed_at + 8..fixed_at + 10].copy_from_slice(&[0, 0]);
+            break;
+        }
+        at = fixed_at + 10 + rdlen;
+    }
+    out.into_boxed_slice()
 }
 
 /// The offset after the (possibly compressed) name at `at`.
@@ -404,6 +454,40 @@ mod tests {
         assert!(!cache.get(&key(&small), &small, t0, &mut out));
         let tcp = cache_key(&small, Transport::Tcp).unwrap();
         assert!(cache.get(&tcp, &small, t0, &mut out));
+    }
+
+    #[test]
+    fn edns_options_are_not_replayed() {
+        let cache = Cache::new(10);
+        let t0 = Instant::now();
+        let q = query("example.com.", RecordType::A, Some((1232, false)));
+        let mut r = reply(&q, &[(1, 60)], None);
+        // A COOKIE option (client and server cookie) in the upstream's OPT, and junk after
+        // the message.
+        let opt_rdlen = r.len() - 2;
+        assert_eq!(&r[opt_rdlen..], &[0, 0]);
+        let cookie = [
+            0, 10, 0, 16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+        ];
+        r[opt_rdlen..].copy_from_slice(&(cookie.len() as u16).to_be_bytes());
+        r.extend_from_slice(&cookie);
+        assert!(
+            Message::from_vec(&r)
+                .unwrap()
+                .edns
+                .unwrap()
+                .options()
+                .as_ref()
+                .len()
+                == 1
+        );
+        r.extend_from_slice(&[0xFF; 3]);
+        cache.insert(&key(&q), &r, t0);
+        let mut out = Vec::new();
+        assert!(cache.get(&key(&q), &q, t0, &mut out));
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.edns.unwrap().options().as_ref().is_empty());
+        assert_eq!(out.len(), r.len() - 3 - cookie.len());
     }
 
     #[test]
