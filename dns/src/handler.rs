@@ -12,8 +12,13 @@
 //! queried name (`web.` for `web`, `arpa.` for reverse names, the root for the root), with
 //! MNAME `ns.shoal.internal.`, RNAME `hostmaster.shoal.internal.`, serial 1, refresh 3600,
 //! retry 600, expire 86400, and MINIMUM and TTL both `negative_ttl` (RFC 2308).
+//!
+//! SRV answers (priority 0, weight 1) carry the A records of their targets in the
+//! additional section; over UDP those are dropped first when the answer does not fit, and
+//! TC is set only when the SRV records themselves do not fit (RFC 2181 9).
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use hickory_proto::op::{Header, Message, MessageType, OpCode};
@@ -21,7 +26,7 @@ use hickory_proto::rr::{DNSClass, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
 use crate::DnsConfig;
-use crate::records::Records;
+use crate::records::{Records, SrvTarget};
 
 /// Largest UDP payload this server advertises and honours (loopback only, no fragmentation).
 pub const MAX_UDP_PAYLOAD: u16 = 4096;
@@ -31,6 +36,9 @@ pub const MIN_UDP_PAYLOAD: u16 = 512;
 const HEADER_LEN: usize = 12;
 const OPT_LEN: usize = 11;
 const A_RR_LEN: usize = 16;
+/// Priority and weight of every SRV record: all targets equal (RFC 2782).
+const SRV_PRIORITY: u16 = 0;
+const SRV_WEIGHT: u16 = 1;
 const RCODE_FORMERR: u8 = 1;
 const RCODE_SERVFAIL: u8 = 2;
 const RCODE_NXDOMAIN: u8 = 3;
@@ -85,6 +93,8 @@ struct Parsed {
     last_label: Option<u16>,
     /// EDNS: (client payload size, version) when the query had an OPT record.
     edns: Option<(u16, u8)>,
+    /// The DO bit of the OPT record.
+    dnssec_ok: bool,
 }
 
 enum ParseError {
@@ -149,16 +159,25 @@ impl Handler {
             (true, Some(len)) => Some(&p.key_buf[..len]),
             _ => None,
         };
+        let wants = |t: RecordType| p.qtype == t || p.qtype == RecordType::ANY;
         let a = key.and_then(|k| records.a.get(k));
-        let ptr = match (a, key) {
-            (None, Some(k)) => reverse_v4(k).and_then(|ip| records.ptr.get(&ip)),
+        // A name with A records needs its SRV records only for SRV and ANY: the hot path
+        // (A, AAAA of a service name) does one hash lookup.
+        let srv = match key {
+            Some(k) if (a.is_none() || wants(RecordType::SRV)) && !records.srv.is_empty() => {
+                records.srv.get(k)
+            }
             _ => None,
         };
-        if a.is_none() && ptr.is_none() && may_forward {
+        let ptr = match (a.is_none() && srv.is_none(), key) {
+            (true, Some(k)) => reverse_v4(k).and_then(|ip| records.ptr.get(&ip)),
+            _ => None,
+        };
+        let exists = a.is_some() || ptr.is_some() || srv.is_some();
+        if !exists && may_forward {
             return Outcome::Forward;
         }
 
-        let exists = a.is_some() || ptr.is_some();
         self.begin(
             out,
             query,
@@ -167,7 +186,6 @@ impl Handler {
             may_forward,
         );
         let mut answers = 0usize;
-        let wants = |t: RecordType| p.qtype == t || p.qtype == RecordType::ANY;
         if let Some(entry) = a.filter(|_| wants(RecordType::A)) {
             let start = out.len();
             for ip in &entry.ips {
@@ -189,6 +207,20 @@ impl Handler {
             }
             answers = names.len();
         }
+        let mut srv_start = None;
+        if let Some(targets) = srv.filter(|_| wants(RecordType::SRV)) {
+            srv_start = Some(out.len());
+            for t in targets {
+                out.extend_from_slice(&[0xC0, HEADER_LEN as u8, 0, 33, 0, 1]);
+                out.extend_from_slice(&self.ttl.to_be_bytes());
+                out.extend_from_slice(&(6 + t.wire.len() as u16).to_be_bytes());
+                out.extend_from_slice(&SRV_PRIORITY.to_be_bytes());
+                out.extend_from_slice(&SRV_WEIGHT.to_be_bytes());
+                out.extend_from_slice(&t.port.to_be_bytes());
+                out.extend_from_slice(&t.wire);
+            }
+            answers += targets.len();
+        }
         let mut authorities = 0;
         if answers == 0 {
             match p.last_label {
@@ -201,7 +233,20 @@ impl Handler {
             out.extend_from_slice(&self.soa_rdata);
             authorities = 1;
         }
+        let additional_start = out.len();
+        let mut additionals = 0usize;
+        if let (Some(start), Some(targets)) = (srv_start, srv) {
+            additionals = self.srv_additional(out, records, targets, start);
+        }
         let opt = usize::from(p.edns.is_some());
+        // RFC 2181 9: additional data that does not fit is dropped without TC; TC only
+        // when the answer section itself does not fit.
+        if additionals > 0
+            && (out.len() + opt * OPT_LEN > limit || additionals + opt > usize::from(u16::MAX))
+        {
+            out.truncate(additional_start);
+            additionals = 0;
+        }
         if out.len() + opt * OPT_LEN > limit || answers > usize::from(u16::MAX) {
             out.truncate(p.q_end);
             out[2] |= 0x02; // TC
@@ -211,8 +256,48 @@ impl Handler {
         if opt == 1 {
             push_opt(out, 0);
         }
-        set_counts(out, answers as u16, authorities, opt as u16);
+        set_counts(out, answers as u16, authorities, (additionals + opt) as u16);
         Outcome::Reply
+    }
+
+    /// The A records of every SRV target the view knows (each target once), owner names
+    /// compressed to the target names in the SRV records starting at `srv_start`. Returns
+    /// the number of records written.
+    fn srv_additional(
+        &self,
+        out: &mut Vec<u8>,
+        records: &Records,
+        targets: &[SrvTarget],
+        srv_start: usize,
+    ) -> usize {
+        let mut written = 0;
+        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(targets.len());
+        let mut at = srv_start;
+        for t in targets {
+            // Name pointer, type, class, TTL, RDLENGTH, priority, weight, port.
+            let target_at = at + 18;
+            at = target_at + t.wire.len();
+            if !seen.insert(&t.key) {
+                continue;
+            }
+            let Some(entry) = records.a.get(&t.key) else {
+                continue;
+            };
+            for ip in &entry.ips {
+                match u16::try_from(target_at) {
+                    Ok(off) if off <= 0x3FFF => {
+                        out.extend_from_slice(&(0xC000 | off).to_be_bytes())
+                    }
+                    _ => out.extend_from_slice(&t.wire),
+                }
+                out.extend_from_slice(&[0, 1, 0, 1]);
+                out.extend_from_slice(&self.ttl.to_be_bytes());
+                out.extend_from_slice(&[0, 4]);
+                out.extend_from_slice(&ip.octets());
+                written += 1;
+            }
+        }
+        written
     }
 
     /// SERVFAIL for `query` (after every upstream failed); `false` when the query cannot be
@@ -264,6 +349,49 @@ pub fn handle_to_vec(
     }
 }
 
+/// What the cache of upstream answers needs to know about a forwarded query.
+pub(crate) struct CacheKey {
+    /// Flags byte (EDNS present, DO, CD, RD) followed by the question (name lowercased,
+    /// type, class) in wire form.
+    pub(crate) key: Box<[u8]>,
+    /// End of the question in the query (and in a reply to it).
+    pub(crate) q_end: usize,
+    /// Largest answer the client takes over its transport.
+    pub(crate) limit: usize,
+    /// Largest UDP answer an upstream may send to this query as forwarded: the client's
+    /// EDNS payload size (at least 512), or 512 without EDNS.
+    pub(crate) udp_payload: usize,
+}
+
+/// The cache key of `query` (`None` when it does not parse as a normal query).
+pub(crate) fn cache_key(query: &[u8], transport: Transport) -> Option<CacheKey> {
+    let p = parse(query).ok()?;
+    let mut key = Vec::with_capacity(1 + p.q_end - HEADER_LEN);
+    key.push(
+        u8::from(p.edns.is_some())
+            | u8::from(p.dnssec_ok) << 1
+            | u8::from(p.cd) << 2
+            | u8::from(p.rd) << 3,
+    );
+    // Label lengths (< 64) are never ASCII letters; type and class are copied as they are.
+    let name_end = p.q_end - 4;
+    key.extend(
+        query[HEADER_LEN..name_end]
+            .iter()
+            .map(u8::to_ascii_lowercase),
+    );
+    key.extend_from_slice(&query[name_end..p.q_end]);
+    Some(CacheKey {
+        key: key.into_boxed_slice(),
+        q_end: p.q_end,
+        limit: limit(transport, p.edns),
+        udp_payload: p
+            .edns
+            .map_or(MIN_UDP_PAYLOAD, |(size, _)| size.max(MIN_UDP_PAYLOAD))
+            .into(),
+    })
+}
+
 /// Size limit of the answer for this transport and client EDNS.
 fn limit(transport: Transport, edns: Option<(u16, u8)>) -> usize {
     match transport {
@@ -310,10 +438,12 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
         }
     }
     let mut edns = None;
+    let mut dnssec_ok = false;
     if header.counts.additionals > 0 {
         let (_, e, _) =
             Message::read_records(&mut dec, header.counts.additionals.into(), true, md.op_code)
                 .map_err(|_| reply(RCODE_FORMERR))?;
+        dnssec_ok = e.as_ref().is_some_and(|e| e.flags().dnssec_ok);
         edns = e.map(|e| (e.max_payload(), e.version()));
     }
 
@@ -328,6 +458,7 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
         key_buf: [0; 256],
         last_label: None,
         edns,
+        dnssec_ok,
     };
     // Walk the raw question name: lowercase dotted key and the offset of its last label.
     let mut i = HEADER_LEN;

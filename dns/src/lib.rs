@@ -9,6 +9,7 @@
 //! Query handling is a pure function ([`Handler::handle`]) separated from I/O; see the
 //! [`handler`] module for the answer semantics (SOA of negative answers, truncation, EDNS).
 
+mod cache;
 pub mod handler;
 mod mmsg;
 mod records;
@@ -34,6 +35,8 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// Idle client TCP connections are closed after this long.
     pub tcp_idle_timeout: Duration,
+    /// Upstream answers kept (shared by all containers; 0 disables the cache).
+    pub cache_size: usize,
 }
 
 impl Default for DnsConfig {
@@ -44,6 +47,7 @@ impl Default for DnsConfig {
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             tcp_idle_timeout: Duration::from_secs(10),
+            cache_size: 10_000,
         }
     }
 }
@@ -137,5 +141,6 @@ mod tests {
         assert_eq!((c.ttl, c.negative_ttl), (5, 5));
         assert_eq!(c.upstream_timeout, Duration::from_secs(2));
         assert_eq!(c.tcp_idle_timeout, Duration::from_secs(10));
+        assert_eq!(c.cache_size, 10_000);
     }
 }

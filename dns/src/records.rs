@@ -16,13 +16,25 @@ pub(crate) struct AEntry {
     pub(crate) shuffle: bool,
 }
 
+/// One SRV target: its name in wire form (uncompressed, absolute) and normal form (to find
+/// its A records), and the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SrvTarget {
+    pub(crate) wire: Box<[u8]>,
+    pub(crate) key: Box<[u8]>,
+    pub(crate) port: u16,
+}
+
 /// Immutable lookup snapshot for one container's view: A records by name, PTR records by
-/// address, and whether names outside the view may be forwarded upstream.
+/// address, SRV records by name, and whether names outside the view may be forwarded
+/// upstream.
 #[derive(Debug, Clone, Default)]
 pub struct Records {
     pub(crate) a: HashMap<Box<[u8]>, AEntry>,
     /// PTR targets per address, each already in wire form (uncompressed labels).
     pub(crate) ptr: HashMap<Ipv4Addr, Vec<Box<[u8]>>>,
+    /// SRV targets per name (`_80._tcp.web`), in insertion order.
+    pub(crate) srv: HashMap<Box<[u8]>, Vec<SrvTarget>>,
     pub(crate) forward: bool,
 }
 
@@ -52,9 +64,21 @@ impl Records {
         self.a.len()
     }
 
-    /// True when the view has neither A nor PTR records.
+    /// True when the view has no A, PTR or SRV records.
     pub fn is_empty(&self) -> bool {
-        self.a.is_empty() && self.ptr.is_empty()
+        self.a.is_empty() && self.ptr.is_empty() && self.srv.is_empty()
+    }
+
+    /// The SRV targets of `name` (any case, with or without trailing dot) as (target name
+    /// without trailing dot, port), in insertion order.
+    pub fn lookup_srv(&self, name: &str) -> Option<Vec<(String, u16)>> {
+        let key = normalise(name)?;
+        self.srv.get(key.as_bytes()).map(|targets| {
+            targets
+                .iter()
+                .map(|t| (String::from_utf8_lossy(&t.key).into_owned(), t.port))
+                .collect()
+        })
     }
 
     /// The A records of `name` (any case, with or without trailing dot), in insertion order.
@@ -103,6 +127,42 @@ impl RecordsBuilder {
         let names = self.records.ptr.entry(ip).or_default();
         if !names.contains(&wire) {
             names.push(wire);
+        }
+        self
+    }
+
+    /// Adds SRV records for `name` (e.g. `_80._tcp.web`): one per (target host name, port),
+    /// priority 0 and equal weight. Calling twice appends (duplicate pairs kept once);
+    /// invalid target names are skipped with a warning. Answers carry, in the additional
+    /// section, the A records this view has for the targets (names added with
+    /// [`RecordsBuilder::a`]).
+    pub fn srv(&mut self, name: &str, targets: &[(String, u16)]) -> &mut Self {
+        let Some(key) = normalise(name) else {
+            tracing::warn!(name, "skipping SRV records for an invalid DNS name");
+            return self;
+        };
+        let entry = self
+            .records
+            .srv
+            .entry(key.into_bytes().into_boxed_slice())
+            .or_default();
+        for (target, port) in targets {
+            let Some(tkey) = normalise(target) else {
+                tracing::warn!(
+                    name,
+                    target,
+                    "skipping an SRV target with an invalid DNS name"
+                );
+                continue;
+            };
+            let t = SrvTarget {
+                wire: to_wire(&tkey),
+                key: tkey.into_bytes().into_boxed_slice(),
+                port: *port,
+            };
+            if !entry.contains(&t) {
+                entry.push(t);
+            }
         }
         self
     }
@@ -180,5 +240,32 @@ mod tests {
         assert!(!r.forward_allowed());
         assert!(Records::empty().forward_allowed());
         assert!(Records::empty().is_empty());
+    }
+
+    #[test]
+    fn srv_targets() {
+        let r = Records::builder()
+            .srv(
+                "_80._TCP.web",
+                &[("web.1.abc".into(), 80), ("Web.2.abc.".into(), 80)],
+            )
+            .srv(
+                "_80._tcp.web.",
+                &[("web.1.abc".into(), 80), ("bad name".into(), 1)],
+            )
+            .build();
+        assert_eq!(
+            r.lookup_srv("_80._tcp.WEB"),
+            Some(vec![
+                ("web.1.abc".to_string(), 80),
+                ("web.2.abc".to_string(), 80)
+            ])
+        );
+        assert_eq!(
+            &*r.srv[&b"_80._tcp.web"[..]][1].wire,
+            b"\x03web\x012\x03abc\x00"
+        );
+        assert!(!r.is_empty());
+        assert_eq!(r.lookup_srv("web"), None);
     }
 }

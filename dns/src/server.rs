@@ -6,6 +6,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -15,7 +16,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::handler::{Handler, Outcome, Transport, question_end};
+use crate::cache::Cache;
+use crate::handler::{CacheKey, Handler, Outcome, Transport, cache_key, question_end};
 use crate::mmsg;
 use crate::records::Records;
 use crate::{DnsConfig, DnsError};
@@ -51,6 +53,8 @@ struct Inner {
 struct Shared {
     handler: Handler,
     config: DnsConfig,
+    /// Upstream answers, for every container.
+    cache: Cache,
 }
 
 struct Attachment {
@@ -66,6 +70,7 @@ impl Resolver {
             inner: Arc::new(Inner {
                 shared: Arc::new(Shared {
                     handler: Handler::new(&config),
+                    cache: Cache::new(config.cache_size),
                     config,
                 }),
                 attached: Mutex::new(HashMap::new()),
@@ -246,10 +251,17 @@ async fn serve_udp(
                             match shared.handler.handle(query, &view, Transport::Udp, out) {
                                 Outcome::Reply => mmsg::Action::Reply,
                                 Outcome::Forward => {
+                                    let key = cache_key(query, Transport::Udp);
+                                    if let Some(key) = &key
+                                        && shared.cache.get(key, query, Instant::now(), out)
+                                    {
+                                        return mmsg::Action::Reply;
+                                    }
                                     let shared = shared.clone();
                                     let query = query.to_vec();
                                     forwards.spawn(async move {
-                                        let reply = forward(&shared, query, Transport::Udp).await?;
+                                        let reply =
+                                            forward(&shared, query, Transport::Udp, key).await?;
                                         Some((reply, peer))
                                     });
                                     mmsg::Action::None
@@ -314,70 +326,132 @@ async fn serve_tcp(
     conns.shutdown().await;
 }
 
-/// One client TCP connection: length-prefixed queries answered in order until the client
-/// closes, sends garbage, or stays idle for `tcp_idle_timeout`.
-async fn serve_conn(mut stream: TcpStream, view: Arc<ArcSwap<Records>>, shared: Arc<Shared>) {
+/// One client TCP connection: length-prefixed queries, each answered as soon as it is
+/// ready (RFC 7766 6.2.1.1: local answers and cache hits at once, forwards when their
+/// upstream answers, so the order may differ from the queries'). Ends when the client
+/// closes (after the pending forwards are answered), sends garbage, a write stalls for
+/// `tcp_idle_timeout`, or no query arrives for `tcp_idle_timeout` while no forward is
+/// pending.
+async fn serve_conn(stream: TcpStream, view: Arc<ArcSwap<Records>>, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let idle = shared.config.tcp_idle_timeout;
-    let mut len = [0u8; 2];
-    let mut query = Vec::new();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
     let mut frame = Vec::with_capacity(4096);
+    let mut forwards: JoinSet<Option<Vec<u8>>> = JoinSet::new();
+    let mut deadline = tokio::time::Instant::now() + idle;
+    let mut eof = false;
     loop {
-        if !matches!(timeout(idle, stream.read_exact(&mut len)).await, Ok(Ok(_))) {
-            return;
-        }
-        query.resize(usize::from(u16::from_be_bytes(len)), 0);
-        if !matches!(
-            timeout(idle, stream.read_exact(&mut query)).await,
-            Ok(Ok(_))
-        ) {
-            return;
-        }
-        let outcome = shared
-            .handler
-            .handle(&query, &view.load(), Transport::Tcp, &mut out);
-        let reply: &[u8] = match outcome {
-            Outcome::Reply => &out,
-            Outcome::Ignore => return,
-            Outcome::Forward => match forward(&shared, query.clone(), Transport::Tcp).await {
-                Some(r) => {
-                    out = r;
-                    &out
+        // Every complete query in the buffer.
+        let mut used = 0;
+        while let Some(len) = buf
+            .get(used..used + 2)
+            .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
+            && buf.len() >= used + 2 + len
+        {
+            let query = &buf[used + 2..used + 2 + len];
+            used += 2 + len;
+            deadline = tokio::time::Instant::now() + idle;
+            match shared
+                .handler
+                .handle(query, &view.load(), Transport::Tcp, &mut out)
+            {
+                Outcome::Reply => {}
+                Outcome::Ignore => return,
+                Outcome::Forward => {
+                    let key = cache_key(query, Transport::Tcp);
+                    let hit = key
+                        .as_ref()
+                        .is_some_and(|k| shared.cache.get(k, query, Instant::now(), &mut out));
+                    if !hit {
+                        let (shared, query) = (shared.clone(), query.to_vec());
+                        forwards.spawn(async move {
+                            forward(&shared, query, Transport::Tcp, key).await
+                        });
+                        continue;
+                    }
                 }
-                None => return,
+            }
+            if !write_frame(&mut wr, &out, &mut frame, idle).await {
+                return;
+            }
+        }
+        buf.drain(..used);
+        if eof && forwards.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(done) = forwards.join_next(), if !forwards.is_empty() => {
+                if let Ok(Some(reply)) = done {
+                    if !write_frame(&mut wr, &reply, &mut frame, idle).await {
+                        return;
+                    }
+                    deadline = tokio::time::Instant::now() + idle;
+                }
+            }
+            read = rd.read_buf(&mut buf), if !eof => match read {
+                Ok(0) => eof = true,
+                Ok(_) => {}
+                Err(_) => return,
             },
-        };
-        let Ok(n) = u16::try_from(reply.len()) else {
-            return;
-        };
-        frame.clear();
-        frame.extend_from_slice(&n.to_be_bytes());
-        frame.extend_from_slice(reply);
-        if !matches!(timeout(idle, stream.write_all(&frame)).await, Ok(Ok(_))) {
-            return;
+            _ = tokio::time::sleep_until(deadline), if forwards.is_empty() => return,
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
         }
     }
 }
 
+/// Writes one length-prefixed message; false when it is too large or the write fails or
+/// stalls for `idle`.
+async fn write_frame(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    msg: &[u8],
+    frame: &mut Vec<u8>,
+    idle: std::time::Duration,
+) -> bool {
+    let Ok(n) = u16::try_from(msg.len()) else {
+        return false;
+    };
+    frame.clear();
+    frame.extend_from_slice(&n.to_be_bytes());
+    frame.extend_from_slice(msg);
+    matches!(timeout(idle, wr.write_all(frame)).await, Ok(Ok(_)))
+}
+
 /// Forwards `query` (as received, with a fresh random id) to the upstreams in order over
 /// the client's transport, each with `upstream_timeout`; relays the first answer with the
-/// client's id. All failed: SERVFAIL. `None`: nothing to send.
-async fn forward(shared: &Shared, mut query: Vec<u8>, transport: Transport) -> Option<Vec<u8>> {
+/// client's id and stores it in the cache (`key`) when it may be cached. All failed:
+/// SERVFAIL. `None`: nothing to send.
+async fn forward(
+    shared: &Shared,
+    mut query: Vec<u8>,
+    transport: Transport,
+    key: Option<CacheKey>,
+) -> Option<Vec<u8>> {
     let original = query.clone();
     let client_id = [query[0], query[1]];
+    // The upstream sees the client's EDNS size: no UDP answer can be larger (a buffer
+    // per pending forward, so not 64 KiB each).
+    let reply_max = key
+        .as_ref()
+        .map_or(usize::from(u16::MAX), |k| k.udp_payload);
     for upstream in &shared.config.upstreams {
         let id: u16 = rand::random();
         query[..2].copy_from_slice(&id.to_be_bytes());
         let attempt = async {
             match transport {
-                Transport::Udp => exchange_udp(*upstream, &query).await,
+                Transport::Udp => exchange_udp(*upstream, &query, reply_max).await,
                 Transport::Tcp => exchange_tcp(*upstream, &query).await,
             }
         };
         match timeout(shared.config.upstream_timeout, attempt).await {
             Ok(Ok(mut reply)) => {
                 reply[..2].copy_from_slice(&client_id);
+                if let Some(key) = &key {
+                    shared.cache.insert(key, &reply, Instant::now());
+                }
                 return Some(reply);
             }
             Ok(Err(e)) => debug!(%upstream, error = %e, "upstream failed"),
@@ -411,14 +485,15 @@ fn is_reply_to(reply: &[u8], query: &[u8]) -> bool {
     }
 }
 
-async fn exchange_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+async fn exchange_udp(upstream: SocketAddr, query: &[u8], max: usize) -> io::Result<Vec<u8>> {
     let sock = UdpSocket::bind(unspecified_for(upstream)).await?;
     sock.connect(upstream).await?;
     sock.send(query).await?;
-    let mut buf = vec![0u8; 65536];
+    // One more byte than allowed: a larger datagram is seen as such and ignored.
+    let mut buf = vec![0u8; max + 1];
     loop {
         let n = sock.recv(&mut buf).await?;
-        if is_reply_to(&buf[..n], query) {
+        if n <= max && is_reply_to(&buf[..n], query) {
             buf.truncate(n);
             return Ok(buf);
         }

@@ -56,7 +56,7 @@ impl Ns {
     /// A fresh namespace whose `lo` stays down (127.0.0.11 cannot be bound there).
     fn without_lo() -> Ns {
         let name = format!(
-            "shoal-t-dns-{}-{}",
+            "shoal-t-dns4-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
@@ -458,9 +458,11 @@ async fn forwarding_failover_and_servfail() {
     let good = upstream(Some(Ipv4Addr::new(192, 0, 2, 7))).await;
     let dead = upstream(None).await;
     let ns = Ns::new();
+    // Without the cache: every query must reach the upstreams (see `upstream_answers_are_cached`).
     let config = |upstreams: Vec<SocketAddr>| DnsConfig {
         upstreams,
         upstream_timeout: Duration::from_millis(400),
+        cache_size: 0,
         ..DnsConfig::default()
     };
 
@@ -776,5 +778,361 @@ async fn bursts_from_many_clients() {
     })
     .await
     .unwrap();
+    resolver.detach("c1").await;
+}
+
+fn srv_view() -> Arc<Records> {
+    Arc::new(
+        Records::builder()
+            .a("web", &[ip(2)], false)
+            .a("web.1.abc", &[ip(3)], false)
+            .a("web.2.abc", &[ip(4)], false)
+            .srv(
+                "_80._tcp.web",
+                &[("web.1.abc".into(), 80), ("web.2.abc".into(), 8080)],
+            )
+            .build(),
+    )
+}
+
+#[tokio::test]
+async fn srv_with_additional_records_via_dig() {
+    require_root!("srv_with_additional_records_via_dig");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver.attach("c1", &ns.name, srv_view()).await.unwrap();
+    for extra in [&[][..], &["+tcp"][..]] {
+        let mut args = extra.to_vec();
+        args.extend(["SRV", "_80._tcp.web"]);
+        let text = ns.dig(&args).await;
+        assert_eq!(status(&text), "NOERROR", "{text}");
+        assert!(text.contains("flags: qr aa rd;"), "{text}");
+        assert!(
+            text.contains("_80._tcp.web.\t\t5\tIN\tSRV\t0 1 80 web.1.abc.")
+                && text.contains("_80._tcp.web.\t\t5\tIN\tSRV\t0 1 8080 web.2.abc."),
+            "{text}"
+        );
+        assert!(
+            text.contains("ADDITIONAL SECTION:\nweb.1.abc.\t\t5\tIN\tA\t10.0.0.3\nweb.2.abc.\t\t5\tIN\tA\t10.0.0.4"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        ns.dig_short(&["SRV", "_80._TCP.Web."]).await,
+        vec!["0 1 80 web.1.abc.", "0 1 8080 web.2.abc."]
+    );
+    // SRV for a name with only A records: NODATA with SOA; unknown: NXDOMAIN.
+    let text = ns.dig(&["SRV", "web"]).await;
+    assert_eq!(
+        (status(&text), answer_count(&text)),
+        ("NOERROR", 0),
+        "{text}"
+    );
+    assert!(
+        text.contains("AUTHORITY SECTION:\nweb.\t\t\t5\tIN\tSOA"),
+        "{text}"
+    );
+    let text = ns.dig(&["SRV", "_81._tcp.web"]).await;
+    assert_eq!(status(&text), "NXDOMAIN", "{text}");
+    resolver.detach("c1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_are_cached() {
+    require_root!("upstream_answers_are_cached");
+    let good = upstream(Some(Ipv4Addr::new(192, 0, 2, 7))).await;
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig {
+        upstreams: vec![good.addr],
+        upstream_timeout: Duration::from_millis(1000),
+        ..DnsConfig::default()
+    });
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let text = ns.dig(&["example.com"]).await;
+    assert!(
+        text.contains("example.com.\t\t60\tIN\tA\t192.0.2.7"),
+        "{text}"
+    );
+    assert_eq!(good.seen.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Same question in another case, over UDP and TCP: from the cache, TTL decreased,
+    // the client's letter case and id (dig checks both).
+    for extra in [&[][..], &["+tcp"][..]] {
+        let mut args = extra.to_vec();
+        args.push("ExAmple.COM");
+        let text = ns.dig(&args).await;
+        assert_eq!(status(&text), "NOERROR", "{text}");
+        let ttl: u32 = text
+            .lines()
+            .find(|l| l.starts_with("ExAmple.COM.") && l.contains("\tA\t"))
+            .and_then(|l| l.split('\t').filter(|f| !f.is_empty()).nth(1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!((55..=59).contains(&ttl), "ttl {ttl}: {text}");
+    }
+    assert_eq!(
+        good.seen.load(Ordering::SeqCst),
+        1,
+        "the cache did not answer"
+    );
+    // Another type is another key; a view that may not forward never sees cached data.
+    assert!(ns.dig_short(&["example.com", "AAAA"]).await.is_empty());
+    assert_eq!(good.seen.load(Ordering::SeqCst), 2);
+    resolver
+        .update("c1", Arc::new(Records::builder().forward(false).build()))
+        .unwrap();
+    let text = ns.dig(&["example.com"]).await;
+    assert_eq!(status(&text), "NXDOMAIN", "{text}");
+    resolver.detach("c1").await;
+}
+
+/// A fake upstream on 127.0.0.1 that answers every A query after `delay` with an address
+/// derived from the first label (`qN.…` gets 198.18.N/256.N%256), TTL 60, each query
+/// in its own task (so any number can be pending). Over UDP and TCP.
+struct SlowUpstream {
+    addr: SocketAddr,
+    seen: Arc<AtomicUsize>,
+    max_pending: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SlowUpstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn address_for(name: &str) -> Ipv4Addr {
+    let n: u16 = name
+        .strip_prefix('q')
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8)
+}
+
+fn slow_reply(query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let name = q.queries.first()?.name().to_ascii();
+    fake_reply(query, address_for(&name))
+}
+
+async fn slow_upstream(delay: Duration) -> SlowUpstream {
+    let (udp, tcp) = loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+            break (udp, tcp);
+        }
+    };
+    // Room for thousands of queries arriving at once.
+    let size = 16usize << 20;
+    nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBufForce, &size).unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let udp = Arc::new(UdpSocket::from_std(udp).unwrap());
+    let addr = udp.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let pending = Arc::new(AtomicUsize::new(0));
+    let max_pending = Arc::new(AtomicUsize::new(0));
+    let (seen_udp, pending_udp, max_udp) = (seen.clone(), pending.clone(), max_pending.clone());
+    let udp_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let mut answers = tokio::task::JoinSet::new();
+        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            seen_udp.fetch_add(1, Ordering::SeqCst);
+            let now = pending_udp.fetch_add(1, Ordering::SeqCst) + 1;
+            max_udp.fetch_max(now, Ordering::SeqCst);
+            let (query, udp, pending) = (buf[..n].to_vec(), udp.clone(), pending_udp.clone());
+            answers.spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Some(reply) = slow_reply(&query) {
+                    let _ = udp.send_to(&reply, peer).await;
+                }
+                pending.fetch_sub(1, Ordering::SeqCst);
+            });
+            while answers.try_join_next().is_some() {}
+        }
+    });
+    let seen_tcp = seen.clone();
+    let tcp_task = tokio::spawn(async move {
+        let mut held = tokio::task::JoinSet::new();
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            let seen = seen_tcp.clone();
+            held.spawn(async move {
+                let mut len = [0u8; 2];
+                while stream.read_exact(&mut len).await.is_ok() {
+                    let mut buf = vec![0u8; u16::from_be_bytes(len).into()];
+                    if stream.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    let Some(reply) = slow_reply(&buf) else {
+                        return;
+                    };
+                    let mut frame = (reply.len() as u16).to_be_bytes().to_vec();
+                    frame.extend_from_slice(&reply);
+                    if stream.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            while held.try_join_next().is_some() {}
+        }
+    });
+    SlowUpstream {
+        addr,
+        seen,
+        max_pending,
+        tasks: vec![udp_task, tcp_task],
+    }
+}
+
+fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(hickory_proto::op::Query::query(
+        hickory_proto::rr::Name::from_ascii(name).unwrap(),
+        RecordType::A,
+    ));
+    m.to_vec().unwrap()
+}
+
+/// 5,000 forwarded queries pending at once (Docker caps at 1024): all answered, correctly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_concurrent_forwards() {
+    require_root!("five_thousand_concurrent_forwards");
+    const SOCKETS: usize = 100;
+    const PER_SOCKET: usize = 50;
+    const TOTAL: usize = SOCKETS * PER_SOCKET;
+    let delay = Duration::from_millis(500);
+    let slow = slow_upstream(delay).await;
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig {
+        upstreams: vec![slow.addr],
+        upstream_timeout: Duration::from_secs(10),
+        ..DnsConfig::default()
+    });
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let name = ns.name.clone();
+    let (answered, elapsed) = tokio::task::spawn_blocking(move || {
+        let socks: Vec<std::net::UdpSocket> = shoal_netns::run_in(&name, || {
+            (0..SOCKETS)
+                .map(|_| {
+                    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                    s.connect(("127.0.0.11", 53)).unwrap();
+                    s
+                })
+                .collect()
+        })
+        .unwrap();
+        let start = Instant::now();
+        for k in 0..PER_SOCKET {
+            for (c, sock) in socks.iter().enumerate() {
+                let n = c * PER_SOCKET + k;
+                sock.send(&a_query(n as u16, &format!("q{n}.example.")))
+                    .unwrap();
+            }
+        }
+        let mut answered = 0;
+        let mut buf = [0u8; 4096];
+        for (c, sock) in socks.iter().enumerate() {
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut seen = [false; PER_SOCKET];
+            for _ in 0..PER_SOCKET {
+                let len = sock.recv(&mut buf).expect("answer lost");
+                let m = Message::from_vec(&buf[..len]).unwrap();
+                let n = usize::from(m.metadata.id);
+                assert_eq!(n / PER_SOCKET, c, "answer for another socket");
+                assert!(!seen[n % PER_SOCKET], "duplicate answer");
+                seen[n % PER_SOCKET] = true;
+                assert_eq!(
+                    m.metadata.response_code,
+                    hickory_proto::op::ResponseCode::NoError
+                );
+                assert_eq!(m.queries[0].name().to_ascii(), format!("q{n}.example."));
+                match m.answers.as_slice() {
+                    [r] => assert_eq!(r.data, RData::A(A(address_for(&format!("q{n}."))))),
+                    other => panic!("{n}: {other:?}"),
+                }
+                answered += 1;
+            }
+        }
+        (answered, start.elapsed())
+    })
+    .await
+    .unwrap();
+    let max_pending = slow.max_pending.load(Ordering::SeqCst);
+    eprintln!(
+        "{answered} forwarded answers in {elapsed:?}; at most {max_pending} pending at the upstream"
+    );
+    assert_eq!(answered, TOTAL);
+    assert_eq!(slow.seen.load(Ordering::SeqCst), TOTAL);
+    // They really were pending together, far beyond Docker's 1024.
+    assert!(max_pending > 2048, "max pending {max_pending}");
+    resolver.detach("c1").await;
+}
+
+/// RFC 7766: on one TCP connection a local answer does not wait for an earlier forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_local_answer_overtakes_slow_forward() {
+    require_root!("tcp_local_answer_overtakes_slow_forward");
+    let slow = slow_upstream(Duration::from_millis(800)).await;
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig {
+        upstreams: vec![slow.addr],
+        ..DnsConfig::default()
+    });
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    let name = ns.name.clone();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut stream =
+            shoal_netns::run_in(&name, || std::net::TcpStream::connect(("127.0.0.11", 53)))
+                .unwrap()
+                .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut frames = Vec::new();
+        for (id, qname) in [
+            (1u16, "q7.example."),
+            (2, "web."),
+            (3, "q8.example."),
+            (4, "tasks.web."),
+        ] {
+            let bytes = a_query(id, qname);
+            frames.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            frames.extend_from_slice(&bytes);
+        }
+        let start = Instant::now();
+        stream.write_all(&frames).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).unwrap();
+            let mut buf = vec![0u8; u16::from_be_bytes(len).into()];
+            stream.read_exact(&mut buf).unwrap();
+            let m = Message::from_vec(&buf).unwrap();
+            got.push((m.metadata.id, m.answers.len(), start.elapsed()));
+        }
+        got
+    })
+    .await
+    .unwrap();
+    eprintln!("{got:?}");
+    let ids: Vec<u16> = got.iter().map(|g| g.0).collect();
+    // Local answers first, at once; the forwards after the upstream's delay.
+    assert_eq!(&ids[..2], &[2, 4], "{got:?}");
+    let mut late = ids[2..].to_vec();
+    late.sort();
+    assert_eq!(late, [1, 3], "{got:?}");
+    assert!(got[1].2 < Duration::from_millis(400), "{got:?}");
+    assert!(got[2].2 >= Duration::from_millis(700), "{got:?}");
+    assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>()[2..], [1, 1]);
+    assert_eq!(slow.seen.load(Ordering::SeqCst), 2);
     resolver.detach("c1").await;
 }

@@ -313,51 +313,178 @@ fn errors() {
     assert!(!h.servfail(&[1, 2, 3], &mut out));
 }
 
-/// Thousands of random and mutated packets: never a panic, every reply parses, keeps the
-/// query id and respects the UDP size limit.
-#[test]
-fn fuzz_random_and_mutated_packets() {
-    let mut rng = StdRng::seed_from_u64(0x5_0A1);
-    let (h1, h2, r) = (handler(false), handler(true), view());
-    let seeds: Vec<Vec<u8>> = vec![
+/// A random but well-formed query: names from the view (SRV, A, PTR) or random labels,
+/// any type, with or without EDNS (random size, DO bit, version 0 or 1).
+fn random_query(rng: &mut StdRng) -> Vec<u8> {
+    const NAMES: [&str; 9] = [
+        "web",
+        "tasks.web",
+        "many",
+        "_80._tcp.web",
+        "_80._tcp.mid",
+        "_80._tcp.lots",
+        "web.1.abc",
+        "3.0.0.10.in-addr.arpa",
+        "h03.some-long-name.x",
+    ];
+    const TYPES: [RecordType; 8] = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::PTR,
+        RecordType::ANY,
+        RecordType::SOA,
+        RecordType::TXT,
+        RecordType::NS,
+    ];
+    let name = if rng.random_bool(0.8) {
+        NAMES[rng.random_range(0..NAMES.len())].to_string()
+    } else {
+        (0..rng.random_range(1..5))
+            .map(|_| {
+                (0..rng.random_range(1..12))
+                    .map(|_| char::from(rng.random_range(b'a'..=b'z')))
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let mut m = Message::query();
+    m.metadata.id = rng.random();
+    m.metadata.recursion_desired = rng.random();
+    m.metadata.checking_disabled = rng.random();
+    m.add_query(Query::query(
+        Name::from_ascii(&name).unwrap(),
+        TYPES[rng.random_range(0..TYPES.len())],
+    ));
+    if rng.random_bool(0.6) {
+        let mut e = Edns::new();
+        e.set_max_payload(rng.random_range(0..6000));
+        e.set_dnssec_ok(rng.random());
+        e.set_version(u8::from(rng.random_bool(0.1)));
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+/// Flips, overwrites, truncates, inserts and splices bytes.
+fn mutate(rng: &mut StdRng, p: &mut Vec<u8>, other: &[u8]) {
+    for _ in 0..rng.random_range(1..6) {
+        match rng.random_range(0..5) {
+            0 if !p.is_empty() => {
+                let at = rng.random_range(0..p.len());
+                p[at] ^= 1 << rng.random_range(0..8);
+            }
+            1 if !p.is_empty() => {
+                let at = rng.random_range(0..p.len());
+                p[at] = rng.random();
+            }
+            2 => {
+                let at = rng.random_range(0..=p.len());
+                p.truncate(at);
+            }
+            3 if !other.is_empty() => {
+                let from = rng.random_range(0..other.len());
+                let to = rng.random_range(from..=other.len());
+                let at = rng.random_range(0..=p.len());
+                p.splice(at..at, other[from..to].iter().copied());
+            }
+            _ => {
+                let at = rng.random_range(0..=p.len());
+                p.insert(at, rng.random());
+            }
+        }
+    }
+}
+
+/// An upstream-like answer to `query` (A records with random TTLs, or NXDOMAIN + SOA).
+fn upstream_reply(rng: &mut StdRng, query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+    m.metadata.recursion_desired = q.metadata.recursion_desired;
+    m.metadata.checking_disabled = q.metadata.checking_disabled;
+    let question = q.queries.first()?.clone();
+    let name = question.name().clone();
+    m.add_query(question);
+    if rng.random_bool(0.7) {
+        for d in 0..rng.random_range(1..5u8) {
+            m.add_answer(hickory_proto::rr::Record::from_rdata(
+                name.clone(),
+                rng.random_range(0..100),
+                RData::A(hickory_proto::rr::rdata::A::new(192, 0, 2, d)),
+            ));
+        }
+    } else {
+        m.metadata.response_code = ResponseCode::NXDomain;
+        let soa = hickory_proto::rr::rdata::SOA::new(
+            Name::from_ascii("ns.x.").unwrap(),
+            Name::from_ascii("h.x.").unwrap(),
+            1,
+            2,
+            3,
+            4,
+            rng.random_range(0..100),
+        );
+        m.add_authority(hickory_proto::rr::Record::from_rdata(
+            Name::root(),
+            rng.random_range(0..100),
+            RData::SOA(soa),
+        ));
+    }
+    if let Some(e) = q.edns {
+        m.set_edns(e);
+    }
+    m.to_vec().ok()
+}
+
+/// `inputs` random, generated and mutated packets (seeded by `seed`) into both handlers,
+/// over UDP and TCP, against a view with A, PTR and SRV records; forwarded queries also
+/// go through the cache with (possibly mutated) upstream answers. Never a panic; every
+/// reply parses, keeps the query id and respects the UDP size limit; a cached answer
+/// parses whenever the stored one did. Returns the number of replies.
+fn fuzz(inputs: u32, seed: u64) -> u32 {
+    use crate::cache::Cache;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (h1, h2) = (handler(false), handler(true));
+    let views = [view(), srv_view()];
+    let cache = Cache::new(64);
+    let t0 = std::time::Instant::now();
+    let mut seeds: Vec<Vec<u8>> = vec![
         query("web", RecordType::A, None),
         query("tasks.web", RecordType::A, Some(1232)),
         query("many", RecordType::A, Some(700)),
         query("3.0.0.10.in-addr.arpa", RecordType::PTR, None),
         query("nothing.here", RecordType::AAAA, Some(4096)),
+        query("_80._tcp.web", RecordType::SRV, None),
+        query("_80._tcp.mid", RecordType::SRV, Some(512)),
+        query("_80._tcp.lots", RecordType::ANY, Some(1400)),
     ];
     let mut out = Vec::new();
+    let mut cached = Vec::new();
     let mut replies = 0;
-    for i in 0..60_000u32 {
-        let packet: Vec<u8> = if i % 3 == 0 {
-            let len = rng.random_range(0..600);
-            (0..len).map(|_| rng.random::<u8>()).collect()
-        } else {
-            let mut p = seeds[i as usize % seeds.len()].clone();
-            for _ in 0..rng.random_range(1..6) {
-                match rng.random_range(0..4) {
-                    0 if !p.is_empty() => {
-                        let at = rng.random_range(0..p.len());
-                        p[at] ^= 1 << rng.random_range(0..8);
-                    }
-                    1 if !p.is_empty() => {
-                        let at = rng.random_range(0..p.len());
-                        p[at] = rng.random();
-                    }
-                    2 => {
-                        let at = rng.random_range(0..=p.len());
-                        p.truncate(at);
-                    }
-                    _ => {
-                        let at = rng.random_range(0..=p.len());
-                        p.insert(at, rng.random());
-                    }
-                }
+    for i in 0..inputs {
+        let packet: Vec<u8> = match i % 4 {
+            0 => {
+                let len = rng.random_range(0..600);
+                (0..len).map(|_| rng.random::<u8>()).collect()
             }
-            p
+            1 => random_query(&mut rng),
+            _ => {
+                let k = rng.random_range(0..seeds.len());
+                let mut p = seeds[k].clone();
+                let other = &seeds[rng.random_range(0..seeds.len())];
+                mutate(&mut rng, &mut p, other);
+                p
+            }
         };
-        for (h, t) in [(&h1, Transport::Udp), (&h2, Transport::Tcp)] {
-            if h.handle(&packet, &r, t, &mut out) == Outcome::Reply {
+        let (h, t) = match i % 3 {
+            0 => (&h1, Transport::Udp),
+            1 => (&h2, Transport::Udp),
+            _ => (&h2, Transport::Tcp),
+        };
+        let r = &views[(i as usize / 3) % 2];
+        match h.handle(&packet, r, t, &mut out) {
+            Outcome::Reply => {
                 replies += 1;
                 assert!(out.len() >= 12);
                 assert_eq!(out[..2], packet[..2]);
@@ -368,29 +495,269 @@ fn fuzz_random_and_mutated_packets() {
                     panic!("reply does not parse ({e}): query {packet:02x?} reply {out:02x?}");
                 }
             }
+            Outcome::Forward => {
+                let Some(key) = cache_key(&packet, t) else {
+                    panic!("forwarded query without a cache key: {packet:02x?}");
+                };
+                // Building and parsing upstream answers costs more than handle(): only
+                // every fourth forward goes through the cache.
+                if i % 4 != 1 {
+                    continue;
+                }
+                let now = t0 + std::time::Duration::from_millis(u64::from(i) * 3);
+                if let Some(mut reply) = upstream_reply(&mut rng, &packet) {
+                    if rng.random_bool(0.3) {
+                        mutate(&mut rng, &mut reply, &packet);
+                    }
+                    // The shared cache (eviction, replacement): no panic, right id.
+                    cache.insert(&key, &reply, now);
+                    if cache.get(&key, &packet, now, &mut cached) {
+                        assert_eq!(cached[..2], packet[..2]);
+                        assert!(cached.len() <= key.limit);
+                    }
+                    // A fresh one: what comes out parses if what went in did.
+                    let fresh = Cache::new(1);
+                    fresh.insert(&key, &reply, now);
+                    let later = now + std::time::Duration::from_millis(1500);
+                    if fresh.get(&key, &packet, later, &mut cached)
+                        && Message::from_vec(&reply).is_ok()
+                        && let Err(e) = Message::from_vec(&cached)
+                    {
+                        panic!("cached answer does not parse ({e}): {reply:02x?} -> {cached:02x?}");
+                    }
+                }
+            }
+            Outcome::Ignore => {}
+        }
+        // Some replies become seeds too (responses exercise the silent path).
+        if i % 5000 == 0 && !out.is_empty() && seeds.len() < 32 {
+            seeds.push(out.clone());
         }
     }
-    assert!(replies > 10_000, "too few replies: {replies}");
+    replies
+}
+
+fn fuzz_on_two_threads(inputs: u32) {
+    let replies: Vec<u32> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..2u64)
+            .map(|k| s.spawn(move || fuzz(inputs / 2, 0x5_0A1 + k)))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let total: u32 = replies.iter().sum();
+    assert!(total > inputs / 4, "too few replies: {total}");
+}
+
+/// 200,000 inputs (a few seconds in a debug build).
+#[test]
+fn fuzz_random_and_mutated_packets() {
+    fuzz_on_two_threads(200_000);
+}
+
+/// A million inputs: about 25 s of a debug build on this 2-core machine when idle (over a
+/// minute while other builds run), so run it in release (a few seconds):
+/// `cargo test --release -p shoal-dns --lib fuzz_one_million -- --ignored`.
+#[test]
+#[ignore = "1M inputs; run in release"]
+fn fuzz_one_million() {
+    fuzz_on_two_threads(1_000_000);
 }
 
 /// Cost of the query path (run with `--release -- --ignored --nocapture`).
 #[test]
 #[ignore = "timing; run in release"]
 fn timing_local_answer() {
-    let (h, r) = (handler(true), view());
+    let (h, r, srv) = (handler(true), view(), srv_view());
     for (what, q) in [
         ("A, no EDNS", query("tasks.web", RecordType::A, None)),
         ("A, EDNS", query("tasks.web", RecordType::A, Some(1232))),
         ("AAAA NODATA", query("web", RecordType::AAAA, None)),
         ("PTR", query("3.0.0.10.in-addr.arpa", RecordType::PTR, None)),
+        (
+            "SRV + additional",
+            query("_80._tcp.web", RecordType::SRV, None),
+        ),
     ] {
+        let r = if what.starts_with("SRV") { &srv } else { &r };
         let mut out = Vec::with_capacity(512);
         let n = 1_000_000;
         let start = std::time::Instant::now();
         for _ in 0..n {
-            std::hint::black_box(h.handle(std::hint::black_box(&q), &r, Transport::Udp, &mut out));
+            std::hint::black_box(h.handle(std::hint::black_box(&q), r, Transport::Udp, &mut out));
         }
         let per = start.elapsed() / n;
         println!("handle() {what}: {per:?} per query");
     }
+}
+
+fn srv_view() -> Records {
+    let mut b = Records::builder();
+    b.a("web.1.abc", &[ip(3)], false)
+        .a("web.2.abc", &[ip(4), ip(5)], false)
+        .srv(
+            "_80._tcp.web",
+            &[
+                ("web.1.abc".into(), 80),
+                ("Web.2.abc.".into(), 8080),
+                ("web.1.abc".into(), 81),
+                ("unknown.host".into(), 80),
+            ],
+        )
+        .a("web", &[ip(2)], false);
+    // Answers that fit in 512 bytes only without their additional records, and answers
+    // that do not fit at all.
+    let hosts: Vec<(String, u16)> = (0..12)
+        .map(|i| (format!("h{i:02}.some-long-name.x"), 80))
+        .collect();
+    for (name, _) in &hosts {
+        b.a(name, &[ip(7), ip(8), ip(9)], false);
+    }
+    b.srv("_80._tcp.mid", &hosts);
+    let lots: Vec<(String, u16)> = (0..40)
+        .map(|i| (format!("h{i:02}.some-long-name.x"), 80))
+        .collect();
+    b.srv("_80._tcp.lots", &lots);
+    b.build()
+}
+
+fn srv_answers(m: &Message) -> Vec<(String, u16, u16, u16, u32)> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::SRV(s) => (s.target.to_ascii(), s.port, s.priority, s.weight, r.ttl),
+            other => panic!("not SRV: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn srv_answer_with_additional_a_records() {
+    let (h, r) = (handler(true), srv_view());
+    for t in [Transport::Udp, Transport::Tcp] {
+        let m = ask(&h, &r, &query("_80._TCP.Web", RecordType::SRV, None), t);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative && !m.metadata.truncation);
+        assert_eq!(m.queries[0].name().to_ascii(), "_80._TCP.Web.");
+        assert!(
+            m.answers
+                .iter()
+                .all(|a| a.name.to_ascii() == "_80._TCP.Web.")
+        );
+        assert_eq!(
+            srv_answers(&m),
+            vec![
+                ("web.1.abc.".to_string(), 80, 0, 1, 5),
+                ("web.2.abc.".to_string(), 8080, 0, 1, 5),
+                ("web.1.abc.".to_string(), 81, 0, 1, 5),
+                ("unknown.host.".to_string(), 80, 0, 1, 5),
+            ]
+        );
+        // Each known target's A records once; unknown targets have none.
+        let add: Vec<(String, Ipv4Addr, u32)> = m
+            .additionals
+            .iter()
+            .map(|r| match &r.data {
+                RData::A(a) => (r.name.to_ascii(), a.0, r.ttl),
+                other => panic!("not A: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            add,
+            vec![
+                ("web.1.abc.".to_string(), ip(3), 5),
+                ("web.2.abc.".to_string(), ip(4), 5),
+                ("web.2.abc.".to_string(), ip(5), 5),
+            ]
+        );
+        assert!(m.authorities.is_empty());
+    }
+    // With EDNS: the OPT comes after the additional A records.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.web", RecordType::SRV, Some(1232)),
+        Transport::Udp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (4, 3));
+    assert!(m.edns.is_some());
+    // ANY: A and SRV.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.web", RecordType::ANY, None),
+        Transport::Udp,
+    );
+    assert_eq!(m.answers.len(), 4);
+}
+
+#[test]
+fn srv_nodata_and_unknown() {
+    let r = srv_view();
+    // SRV for a name with only A records, A for a name with only SRV: NODATA + SOA.
+    for (name, rtype) in [("web", RecordType::SRV), ("_80._tcp.web", RecordType::A)] {
+        let m = ask(
+            &handler(true),
+            &r,
+            &query(name, rtype, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(m.answers.is_empty() && m.additionals.is_empty());
+        assert_eq!(soa_of(&m).1, 7);
+    }
+    // Unknown: forwarded, or NXDOMAIN.
+    let q = query("_53._udp.nothing", RecordType::SRV, None);
+    let mut out = Vec::new();
+    assert_eq!(
+        handler(true).handle(&q, &r, Transport::Udp, &mut out),
+        Outcome::Forward
+    );
+    let m = ask(&handler(false), &r, &q, Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn srv_truncation_drops_additional_first() {
+    let (h, r) = (handler(false), srv_view());
+    // 12 SRV records fit in 512 bytes; their 36 A records do not: dropped, no TC.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.mid", RecordType::SRV, None),
+        Transport::Udp,
+    );
+    assert!(!m.metadata.truncation);
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 0));
+    // With a large enough EDNS buffer, or over TCP, all of it.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.mid", RecordType::SRV, Some(4096)),
+        Transport::Udp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 36));
+    assert!(m.edns.is_some());
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.mid", RecordType::SRV, None),
+        Transport::Tcp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 36));
+    // 40 SRV records do not fit in 512: TC, question only.
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.lots", RecordType::SRV, None),
+        Transport::Udp,
+    );
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty() && m.additionals.is_empty());
+    let m = ask(
+        &h,
+        &r,
+        &query("_80._tcp.lots", RecordType::SRV, None),
+        Transport::Tcp,
+    );
+    assert_eq!((m.answers.len(), m.additionals.len()), (40, 36));
 }
