@@ -91,6 +91,12 @@ fn node_id(state_dir: &Path) -> anyhow::Result<String> {
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // Every forwarded DNS query holds a socket until answered: no fixed cap like Docker's
+    // 1024, so lift the soft file limit to the hard one.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let node_id = node_id(&cfg.state_dir)?;

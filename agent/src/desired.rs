@@ -50,6 +50,8 @@ pub struct View {
     /// name -> (addresses, shuffle per answer)
     pub a: BTreeMap<String, (Vec<Ipv4Addr>, bool)>,
     pub ptr: BTreeMap<Ipv4Addr, Vec<String>>,
+    /// `_PORT._PROTO.SVC` -> (target host name, port), one per serving task.
+    pub srv: BTreeMap<String, Vec<(String, u16)>>,
     pub forward: bool,
 }
 
@@ -74,6 +76,9 @@ impl View {
             for n in names {
                 b.ptr(*ip, n);
             }
+        }
+        for (name, targets) in &self.srv {
+            b.srv(name, targets);
         }
         b.forward(self.forward);
         b.build()
@@ -122,6 +127,27 @@ pub fn dns_view(state: &ClusterState, network_ids: &[String]) -> View {
                     .entry(vip)
                     .or_default()
                     .push(format!("{}.{}", svc.name, net.name));
+            }
+            // SRV for the service's ports (Docker's SRV handler never answers): one record
+            // per serving task, its target the task's network-qualified name (an A record of
+            // this view, sent along in the additional section).
+            for p in &svc.ports {
+                let targets: Vec<(String, u16)> = tasks
+                    .iter()
+                    .map(|(t, _)| (format!("{}.{}", t.name(), net.name), p.target))
+                    .collect();
+                for name in &names {
+                    for qualified in [name.clone(), format!("{name}.{}", net.name)] {
+                        let key = format!("_{}._{}.{qualified}", p.target, p.protocol)
+                            .to_ascii_lowercase();
+                        let e = v.srv.entry(key).or_default();
+                        for t in &targets {
+                            if !e.contains(t) {
+                                e.push(t.clone());
+                            }
+                        }
+                    }
+                }
             }
             for (t, ip) in &tasks {
                 for n in [t.name(), t.full_name()] {
@@ -372,7 +398,12 @@ mod tests {
             }],
             replicas: 2,
             endpoint_mode: EndpointMode::Vip,
-            ports: vec![],
+            ports: vec![PortConfig {
+                published: 8080,
+                target: 80,
+                protocol: Protocol::Tcp,
+                mode: PublishMode::Ingress,
+            }],
             command: vec!["x".into()],
             env: vec![],
             health: None,
@@ -462,6 +493,11 @@ mod tests {
         assert!(v.forward);
         assert_eq!(v.ptr[&"10.0.1.2".parse().unwrap()], ["web.appnet"]);
         assert_eq!(v.ptr[&"10.0.1.3".parse().unwrap()], ["web.1.t1.appnet"]);
+        // SRV for declared ports: one record per serving task.
+        let srv = &v.srv["_80._tcp.web"];
+        assert_eq!(srv.len(), 2);
+        assert!(srv.contains(&("web.1.appnet".to_string(), 80)));
+        assert_eq!(v.srv["_80._tcp.www.appnet"].len(), 2);
     }
 
     #[test]

@@ -413,6 +413,8 @@ fn one_node_on_etcd() {
         "appnet,alias=backend",
         "--replicas",
         "2",
+        "--publish",
+        "published=8081,target=8080",
         "--",
         "shoal",
         "whoami",
@@ -447,6 +449,15 @@ fn one_node_on_etcd() {
         .stdout;
     assert_eq!(ipv4s(&a), ipv4s(&b));
     assert_eq!(ipv4s(&a).len(), 1);
+    // SRV for the service's port: one record per task, their A records in the additional
+    // section (Docker's SRV handler never answers).
+    let r = lab
+        .exec("api.2", &["dig", "@127.0.0.11", "SRV", "_8080._tcp.api"])
+        .ok()
+        .stdout;
+    assert_eq!(r.matches(" 8080 api.").count(), 2, "{r}");
+    let additional = r.split("ADDITIONAL SECTION:").nth(1).unwrap_or_default();
+    assert_eq!(ipv4s(additional), task_ips, "{r}");
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
         let r = lab
