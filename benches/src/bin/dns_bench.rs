@@ -232,21 +232,15 @@ impl Netns {
         Ok(())
     }
 
-    /// Server and client addresses on `lo`, and an empty resolv.conf for processes started
-    /// with `ip netns exec` (no upstream to forward to, even by mistake).
+    /// Server and client addresses on `lo`. (No /etc/netns/NAME/resolv.conf: removing that
+    /// directory once hung in the kernel's shrink_dcache_parent here; the namespace has no
+    /// route out anyway and neither server is given an upstream.)
     fn with_addresses(self) -> anyhow::Result<Netns> {
         for k in 1..=NETWORKS {
             self.ip(&["addr", "add", &format!("{}/32", gateway(k)), "dev", "lo"])?;
             self.ip(&["addr", "add", &format!("{}/32", client(k)), "dev", "lo"])?;
         }
-        let etc = self.etc_dir();
-        std::fs::create_dir_all(&etc)?;
-        std::fs::write(etc.join("resolv.conf"), "# no upstream servers\n")?;
         Ok(self)
-    }
-
-    fn etc_dir(&self) -> PathBuf {
-        Path::new("/etc/netns").join(&self.name)
     }
 
     fn exec(&self, core: usize, program: &str) -> Command {
@@ -267,7 +261,6 @@ impl Drop for Netns {
             }
         }
         let _ = shoal_netns::delete(&self.name);
-        let _ = std::fs::remove_dir_all(self.etc_dir());
     }
 }
 
@@ -303,7 +296,14 @@ impl Drop for Server {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            Server::Daemon(p) => kill(*p),
+            Server::Daemon(p) => {
+                kill(*p);
+                // This process is a child subreaper: the orphaned daemon is ours to reap.
+                // SAFETY: plain syscall on our own (adopted) child.
+                unsafe {
+                    libc::waitpid(*p, std::ptr::null_mut(), 0);
+                }
+            }
         }
     }
 }
@@ -405,16 +405,15 @@ fn dnsperf(
     cmd.args(["-s", &addr.to_string(), "-a", &client(1).to_string(), "-d"])
         .arg(file)
         .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdin(Stdio::null());
     let (c0, s0, k0) = (
         proc_cpu(server.pid())?,
         core_ticks(SERVER_CORE),
         core_ticks(CLIENT_CORE),
     );
     let started = Instant::now();
-    let (ok, stdout, stderr, client_cpu) = run_with_rusage(cmd).context("running dnsperf")?;
+    let (ok, stdout, stderr, client_cpu) =
+        run_with_rusage(cmd, &file.with_extension("out")).context("running dnsperf")?;
     let lifetime = started.elapsed().as_secs_f64();
     let (c1, s1, k1) = (
         proc_cpu(server.pid())?,
@@ -460,22 +459,19 @@ fn dnsperf(
     })
 }
 
-/// Runs `cmd` (stdout and stderr piped) to completion; returns success, its output and the
-/// CPU time it used (`ip netns exec` and `taskset` exec into the program: same process).
-fn run_with_rusage(mut cmd: Command) -> anyhow::Result<(bool, Vec<u8>, Vec<u8>, Duration)> {
-    use std::io::Read;
-    let mut child = cmd.spawn()?;
+/// Runs `cmd` to completion with its stdout and stderr going to files next to `out` (not
+/// pipes: nothing of this process, which may be the server, runs while it works); returns
+/// success, its output and the CPU time it used (`ip netns exec` and `taskset` exec into the
+/// program: same process).
+fn run_with_rusage(
+    mut cmd: Command,
+    out: &Path,
+) -> anyhow::Result<(bool, Vec<u8>, Vec<u8>, Duration)> {
+    let err = out.with_extension("err");
+    cmd.stdout(std::fs::File::create(out)?)
+        .stderr(std::fs::File::create(&err)?);
+    let child = cmd.spawn()?;
     let pid = child.id() as i32;
-    let mut out = child.stdout.take().context("stdout")?;
-    let mut err = child.stderr.take().context("stderr")?;
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let mut stderr = Vec::new();
-    let _ = err.read_to_end(&mut stderr);
-    let stdout = reader.join().unwrap_or_default();
     let mut status = 0;
     // SAFETY: zeroed rusage is valid; wait4 reaps our own child and fills both out-params.
     let ru = unsafe {
@@ -489,6 +485,9 @@ fn run_with_rusage(mut cmd: Command) -> anyhow::Result<(bool, Vec<u8>, Vec<u8>, 
     drop(child);
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let (stdout, stderr) = (std::fs::read(out)?, std::fs::read(&err)?);
+    let _ = std::fs::remove_file(out);
+    let _ = std::fs::remove_file(&err);
     Ok((ok, stdout, stderr, tv(ru.ru_utime) + tv(ru.ru_stime)))
 }
 
@@ -801,6 +800,11 @@ fn main() -> anyhow::Result<()> {
         "{AARDVARK} missing: apt-get install aardvark-dns"
     );
     raise_fd_limit();
+    // aardvark-dns daemonizes; as subreaper this process adopts and reaps it.
+    // SAFETY: plain prctl.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+    }
     // Other work on this shared machine competes for the two cores. The benchmark and all it
     // starts (servers, dnsperf: the policy is inherited) run SCHED_FIFO, the same for all
     // three servers; the kernel's RT throttling still leaves 5% of each core to the rest.
@@ -1083,7 +1087,7 @@ fn main() -> anyhow::Result<()> {
          {rounds} rounds of {seconds} s runs, servers interleaved; each figure is the median over the rounds (lost queries: the sum), every round is listed below.\n\
          {tables}\n{mem_lines}\n\n## Targets\n\n{targets}\n\
          ## How\n\n\
-         - Each server in a fresh network namespace `shoal-b-dns-PID-sN` (only `lo` up, with 10.k.0.1 and 10.k.0.2 on it, an empty resolv.conf under /etc/netns), dnsperf in the same namespace: no packet leaves it.\n\
+         - Each server in a fresh network namespace `shoal-b-dns-PID-sN` (only `lo` up, with 10.k.0.1 and 10.k.0.2 on it, no route out), dnsperf in the same namespace: no packet leaves it.\n\
          - Server pinned to core {SERVER_CORE}, dnsperf (one sender and one receiver thread, `-T 1`) to core {CLIENT_CORE}: `ip netns exec NS taskset -c {CLIENT_CORE} dnsperf -s ADDR -a 10.1.0.2 -d QUERIES ...`.\n\
          - shoal-dns: this benchmark process, pinned to core {SERVER_CORE}, `Resolver::attach` on a tokio runtime with ONE worker thread, listening on 127.0.0.11:53; `Records` with forwarding off, no upstreams.\n\
          - aardvark-dns ({}): `AARDVARK_NO_PROXY=1 taskset -c {SERVER_CORE} aardvark-dns --config DIR -p 53 run`, one config file per network (`net1..3`: first line the listening address 10.k.0.1, then `ID IPV4  NAME` lines, one per address); it answers by the requester's address, so the client 10.1.0.2 is a container on all three networks. dnsperf asks 10.1.0.1. UDP only (1.4 has no TCP). `AARDVARK_NO_PROXY`: a missing name is NXDOMAIN, never forwarded.\n\
