@@ -435,10 +435,12 @@ fn dnsperf(
     let mut latencies = Vec::new();
     for l in text.lines().filter(|l| l.starts_with("> ")) {
         let w: Vec<&str> = l.split_whitespace().collect();
-        if w.len() == 5 && w[1] != "T" && w[1] != "I" {
-            if let Ok(s) = w[4].parse::<f64>() {
-                latencies.push(Duration::from_secs_f64(s));
-            }
+        if w.len() == 5
+            && w[1] != "T"
+            && w[1] != "I"
+            && let Ok(s) = w[4].parse::<f64>()
+        {
+            latencies.push(Duration::from_secs_f64(s));
         }
     }
     latencies.sort();
