@@ -1104,9 +1104,9 @@ fn main() -> anyhow::Result<()> {
          | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | -Q | QPS @50% | p50 ms | p99 ms | lost @50% | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
          Anchors from DESIGN.md (dnsperf, 2 cores, local names; earlier runs): aardvark-dns about 111k QPS per core, dnsmasq about 150k, unbound about 156k; Docker's resolver about 9k QPS.\n\n\
          Reproduce (root): `scripts/deps.sh && cargo run --release -p shoal-benches --bin dns_bench -- --seconds {seconds} --rounds {rounds} --containers {containers} --fifo {fifo}`\n",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        // Not available_parallelism(): this process is pinned to one core.
+        // SAFETY: sysconf has no preconditions.
+        unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
         entries.len(),
         version(AARDVARK, &["--version"]),
         version("dnsmasq", &["--version"]),
