@@ -22,6 +22,7 @@
 //! Services are map elements and backends live in per-service chains, so a later incremental
 //! mode only has to add/delete elements and replace one chain's rule.
 
+pub mod ipvs;
 mod model;
 mod nft;
 
