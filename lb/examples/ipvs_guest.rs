@@ -270,7 +270,7 @@ fn run() -> Result<(), String> {
         service: mh.clone(),
         dests: vec![],
     });
-    want_s.sort_by(|a, b| a.service.key.cmp(&b.service.key));
+    want_s.sort_by_key(|a| a.service.key);
     check(&mut c, &want_s, "sh (sh-port) and mh services")?;
 
     // 5. A changed ruleset: a backend gone, one new, a service gone, the fwmark service's
@@ -297,7 +297,7 @@ fn run() -> Result<(), String> {
     let want2 = ipvs::desired_services(&rs2, &wrr).map_err(e("desired 2"))?;
     let ops = ipvs::apply_plan(&mut c, &want2).map_err(e("apply 2"))?;
     let mark = fwmark_for(ip("10.0.0.101"), Protocol::Tcp);
-    let expect = vec![
+    let expect = [
         Op::DelService(ServiceKey::udp(ip("10.0.0.100"), 53)),
         Op::DelService(ServiceKey::tcp(ip("10.0.0.111"), 80)),
         Op::DelService(ServiceKey::udp(ip("10.0.0.110"), 53)),

@@ -403,7 +403,7 @@ impl IpvsClient {
             dests.sort();
             out.push(ServiceWithDests { service, dests });
         }
-        out.sort_by(|a, b| a.service.key.cmp(&b.service.key));
+        out.sort_by_key(|a| a.service.key);
         Ok(out)
     }
 

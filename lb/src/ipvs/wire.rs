@@ -395,7 +395,7 @@ pub fn flush(fam: u16, seq: u32) -> Vec<u8> {
 }
 
 /// Finds the nested attribute `ty` in a genetlink payload (genlmsghdr + attributes).
-fn nested<'a>(payload: &'a [u8], ty: u16) -> Result<&'a [u8], IpvsError> {
+fn nested(payload: &[u8], ty: u16) -> Result<&[u8], IpvsError> {
     let body = payload
         .get(GENL_HDRLEN..)
         .ok_or_else(|| IpvsError::Decode("short genetlink message".into()))?;
