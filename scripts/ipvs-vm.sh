@@ -17,7 +17,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$repo/target}
 cache=$target/ipvs-vm
 kpkg=${SHOAL_IPVS_KERNEL_PKG:-linux-image-cloud-amd64}
-timeout_s=${SHOAL_IPVS_VM_TIMEOUT:-120}
+timeout_s=${SHOAL_IPVS_VM_TIMEOUT:-180}
 mkdir -p "$cache"
 log() { echo "ipvs-vm: $*" >&2; }
 die() {
@@ -143,6 +143,8 @@ done
 ip link set lo up
 ip link set dummy0 up
 ip addr add 10.0.0.1/24 dev dummy0
+# The traffic step's VIP is a local address (as kube-proxy's IPVS mode binds VIPs to a dummy).
+ip addr add 10.0.0.120/32 dev dummy0
 echo "guest: kernel $(cat /proc/sys/kernel/osrelease), $(ls /proc/net/ip_vs 2>/dev/null || echo no) /proc/net/ip_vs"
 /ipvs_guest 2>&1 || echo "IPVS-TEST: FAIL guest exited with $?"
 poweroff -f

@@ -322,7 +322,11 @@ fn run() -> Result<(), String> {
     check(&mut c, &want2, "ruleset 2 (diff applied)")?;
     show();
 
-    // 6. Delete and flush.
+    // 6. Traffic: a local client reaches VIP 10.0.0.120 (TCP 80 and UDP 53) through IPVS,
+    //    DNATed to listeners of this guest on 10.0.0.1 (8080 / 5353).
+    traffic(&mut c)?;
+
+    // 7. Delete and flush.
     c.del_dest(&web, &Dest::masq(ip("10.0.0.6").into(), 8080, 1).key())
         .map_err(e("del dest"))?;
     c.del_service(&ServiceKey::tcp(ip("10.0.0.102"), 443))
@@ -336,6 +340,68 @@ fn run() -> Result<(), String> {
     let bad = ruleset(vec![vs("x", "10.0.0.1", Protocol::Tcp, 0, 80, &[])]);
     if ipvs::desired_services(&bad, &opts).is_ok() {
         return Err("port 0 with target port accepted".into());
+    }
+    Ok(())
+}
+
+fn traffic(c: &mut IpvsClient) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+    use std::time::Duration;
+    let e = |s: &'static str| move |err: std::io::Error| format!("traffic: {s}: {err}");
+    let t = Duration::from_secs(3);
+    let rs = ruleset(vec![
+        vs("t", "10.0.0.120", Protocol::Tcp, 80, 8080, &["10.0.0.1"]),
+        vs("u", "10.0.0.120", Protocol::Udp, 53, 5353, &["10.0.0.1"]),
+    ]);
+    let want = ipvs::desired_services(&rs, &IpvsOptions::default())
+        .map_err(|e| format!("traffic: {e}"))?;
+    for s in &want {
+        c.add_service(&s.service)
+            .map_err(|e| format!("traffic: {e}"))?;
+        for d in &s.dests {
+            c.add_dest(&s.service.key, d)
+                .map_err(|e| format!("traffic: {e}"))?;
+        }
+    }
+    let l = TcpListener::bind("10.0.0.1:8080").map_err(e("bind tcp"))?;
+    let server = std::thread::spawn(move || -> std::io::Result<SocketAddr> {
+        let (mut s, peer) = l.accept()?;
+        s.write_all(b"hello from 10.0.0.1:8080")?;
+        Ok(peer)
+    });
+    let vip: SocketAddr = "10.0.0.120:80".parse().unwrap();
+    let mut conn = TcpStream::connect_timeout(&vip, t).map_err(e("connect to VIP"))?;
+    conn.set_read_timeout(Some(t)).map_err(e("timeout"))?;
+    let mut got = String::new();
+    conn.read_to_string(&mut got).map_err(e("read"))?;
+    let peer = server
+        .join()
+        .map_err(|_| "traffic: server panicked".to_string())?
+        .map_err(e("accept"))?;
+    if got != "hello from 10.0.0.1:8080" {
+        return Err(format!("traffic: TCP via VIP got {got:?}"));
+    }
+    println!("ok: TCP 10.0.0.120:80 -> backend 10.0.0.1:8080 (server saw {peer})");
+    let u = UdpSocket::bind("10.0.0.1:5353").map_err(e("bind udp"))?;
+    u.set_read_timeout(Some(t)).map_err(e("timeout"))?;
+    let cl = UdpSocket::bind("0.0.0.0:0").map_err(e("bind udp client"))?;
+    cl.set_read_timeout(Some(t)).map_err(e("timeout"))?;
+    cl.send_to(b"ping", "10.0.0.120:53").map_err(e("send"))?;
+    let mut buf = [0u8; 64];
+    let (n, from) = u.recv_from(&mut buf).map_err(e("udp server recv"))?;
+    u.send_to(&buf[..n], from).map_err(e("udp server send"))?;
+    let (n, reply_from) = cl.recv_from(&mut buf).map_err(e("udp client recv"))?;
+    if &buf[..n] != b"ping" || reply_from.to_string() != "10.0.0.120:53" {
+        return Err(format!(
+            "traffic: UDP reply {:?} from {reply_from}",
+            &buf[..n]
+        ));
+    }
+    println!("ok: UDP 10.0.0.120:53 -> backend 10.0.0.1:5353, reply from the VIP");
+    for s in &want {
+        c.del_service(&s.service.key)
+            .map_err(|e| format!("traffic: {e}"))?;
     }
     Ok(())
 }
