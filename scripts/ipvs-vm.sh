@@ -145,6 +145,7 @@ ip link set dummy0 up
 ip addr add 10.0.0.1/24 dev dummy0
 # The traffic step's VIP is a local address (as kube-proxy's IPVS mode binds VIPs to a dummy).
 ip addr add 10.0.0.120/32 dev dummy0
+ip -6 addr add fd00::1/64 dev dummy0
 echo "guest: kernel $(cat /proc/sys/kernel/osrelease), $(ls /proc/net/ip_vs 2>/dev/null || echo no) /proc/net/ip_vs"
 /ipvs_guest 2>&1 || echo "IPVS-TEST: FAIL guest exited with $?"
 poweroff -f

@@ -41,6 +41,13 @@ fn ruleset(services: Vec<VirtualService>) -> Ruleset {
     }
 }
 
+fn bracket(a: IpAddr) -> String {
+    match a {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    }
+}
+
 /// Our listing in `ipvsadm -Sn` syntax.
 fn as_save(list: &[ServiceWithDests]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -51,8 +58,9 @@ fn as_save(list: &[ServiceWithDests]) -> BTreeSet<String> {
                 addr,
                 port,
             } => format!(
-                "-{} {addr}:{port}",
-                if protocol == Protocol::Tcp { "t" } else { "u" }
+                "-{} {}:{port}",
+                if protocol == Protocol::Tcp { "t" } else { "u" },
+                bracket(addr)
             ),
             ServiceKey::Fwmark { mark, .. } => format!("-f {mark}"),
         };
@@ -77,7 +85,9 @@ fn as_save(list: &[ServiceWithDests]) -> BTreeSet<String> {
             };
             out.insert(format!(
                 "-a {k} -r {}:{} {fwd} -w {}",
-                d.addr, d.port, d.weight
+                bracket(d.addr),
+                d.port,
+                d.weight
             ));
         }
     }
@@ -326,7 +336,27 @@ fn run() -> Result<(), String> {
     //    DNATed to listeners of this guest on 10.0.0.1 (8080 / 5353).
     traffic(&mut c)?;
 
-    // 7. Delete and flush.
+    // 7. IPv6: a service and a destination (fd00::1/64 is on dummy0).
+    let v6 = ServiceKey::Addr {
+        protocol: Protocol::Tcp,
+        addr: "fd00::100".parse().unwrap(),
+        port: 80,
+    };
+    let v6svc = Service::new(v6, Scheduler::Sh);
+    let v6dest = Dest::masq("fd00::2".parse().unwrap(), 8080, 2);
+    c.add_service(&v6svc).map_err(e("add ipv6 service"))?;
+    c.add_dest(&v6, &v6dest).map_err(e("add ipv6 dest"))?;
+    let mut want_v6 = want2.clone();
+    want_v6.push(ServiceWithDests {
+        service: v6svc,
+        dests: vec![v6dest],
+    });
+    want_v6.sort_by_key(|a| a.service.key);
+    check(&mut c, &want_v6, "ipv6 service and destination")?;
+    c.del_service(&v6).map_err(e("del ipv6 service"))?;
+    check(&mut c, &want2, "ipv6 service deleted")?;
+
+    // 8. Delete and flush.
     c.del_dest(&web, &Dest::masq(ip("10.0.0.6").into(), 8080, 1).key())
         .map_err(e("del dest"))?;
     c.del_service(&ServiceKey::tcp(ip("10.0.0.102"), 443))

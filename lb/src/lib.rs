@@ -1,4 +1,5 @@
-//! VIP load balancing for Shoal's overlay networks: the nftables dataplane.
+//! VIP load balancing for Shoal's overlay networks: the nftables dataplane (this module) and
+//! the IPVS dataplane ([`ipvs`]: same [`Ruleset`] input, programmed over generic netlink).
 //!
 //! Each overlay network has, on each node, one network namespace where all of that network's
 //! container veths end. One nft table (`ip` family) in that namespace sends traffic for a

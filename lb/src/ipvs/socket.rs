@@ -7,6 +7,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use super::IpvsError;
 use super::wire::{self, NlMsg};
 
+/// Seconds to wait for the kernel's reply before failing with a timeout.
+const RECV_TIMEOUT_S: libc::time_t = 10;
+
 pub struct NlSocket {
     fd: OwnedFd,
     buf: Vec<u8>,
@@ -65,7 +68,24 @@ impl NlSocket {
         if r < 0 {
             return Err(io_err("bind"));
         }
-        // Extended ACKs are not needed; errors are reported by errno.
+        // A kernel that never answers must not hang the caller: recv times out (EAGAIN).
+        let tv = libc::timeval {
+            tv_sec: RECV_TIMEOUT_S,
+            tv_usec: 0,
+        };
+        // SAFETY: tv is a valid timeval of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io_err("setsockopt SO_RCVTIMEO"));
+        }
         Ok(NlSocket {
             fd,
             buf: vec![0u8; 64 * 1024],
