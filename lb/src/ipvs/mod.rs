@@ -238,7 +238,7 @@ pub enum IpvsError {
     #[error("IPVS {op} {what}: already exists")]
     Exists { op: &'static str, what: String },
     /// SET/DEL/GET of a service (ESRCH) or destination (ENOENT) that is not there.
-    #[error("IPVS {op} {what}: no such {}", if *.errno == libc::ESRCH { "service" } else { "service or destination" })]
+    #[error("IPVS {op} {what}: no such {}", if *.errno == libc::ESRCH { "service" } else { "destination" })]
     NotFound {
         op: &'static str,
         what: String,
@@ -525,4 +525,74 @@ pub fn apply(netns: &str, rs: &Ruleset, opts: &IpvsOptions) -> Result<Vec<Op>, I
     let desired = desired_services(rs, opts)?;
     let mut c = IpvsClient::open_in(netns)?;
     apply_plan(&mut c, &desired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping() {
+        let e = |n| IpvsError::from_errno("add service", "tcp 10.0.0.1:80".into(), n);
+        assert!(matches!(e(libc::EEXIST), IpvsError::Exists { .. }));
+        assert!(matches!(
+            e(libc::ESRCH),
+            IpvsError::NotFound {
+                errno: libc::ESRCH,
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(libc::ENOENT),
+            IpvsError::NotFound {
+                errno: libc::ENOENT,
+                ..
+            }
+        ));
+        assert_eq!(
+            e(libc::ESRCH).to_string(),
+            "IPVS add service tcp 10.0.0.1:80: no such service"
+        );
+        match e(libc::EINVAL) {
+            IpvsError::Kernel { source, .. } => {
+                assert_eq!(source.raw_os_error(), Some(libc::EINVAL))
+            }
+            other => panic!("{other:?}"),
+        }
+        // ENOENT on NEW/SET_SERVICE: the scheduler is missing.
+        let s = Service::new(
+            ServiceKey::tcp(Ipv4Addr::new(10, 0, 0, 1), 80),
+            Scheduler::Mh,
+        );
+        match scheduler_error(Err(e(libc::ENOENT)), &s) {
+            Err(IpvsError::UnknownScheduler { scheduler, .. }) => assert_eq!(scheduler, "mh"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            scheduler_error(Err(e(libc::ESRCH)), &s),
+            Err(IpvsError::NotFound { .. })
+        ));
+        let no = IpvsError::NoIpvs { netns: "n1".into() };
+        assert!(no.to_string().contains("this kernel has no IPVS"));
+    }
+
+    #[test]
+    fn keys_display_and_schedulers() {
+        assert_eq!(
+            ServiceKey::udp(Ipv4Addr::new(10, 0, 0, 1), 53).to_string(),
+            "udp 10.0.0.1:53"
+        );
+        let v6 = ServiceKey::Addr {
+            protocol: Protocol::Tcp,
+            addr: "fd00::1".parse().unwrap(),
+            port: 80,
+        };
+        assert_eq!(v6.to_string(), "tcp [fd00::1]:80");
+        assert!(v6.is_ipv6());
+        assert_eq!(Service::new(v6, Scheduler::Rr).netmask, 128);
+        for s in ["rr", "wrr", "sh", "mh", "wlc"] {
+            assert_eq!(Scheduler::from_name(s).name(), s);
+        }
+        assert_eq!(Scheduler::from_name("wlc"), Scheduler::Other("wlc".into()));
+    }
 }
