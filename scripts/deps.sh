@@ -19,6 +19,12 @@ have conntrack || need+=(conntrack)
 have ping      || need+=(iputils-ping)
 have ps        || need+=(procps)
 have cc        || need+=(gcc)
+# IPVS tests in a qemu VM (scripts/ipvs-vm.sh): the kernel itself is NOT installed on the host,
+# its .deb is downloaded into target/ipvs-vm/ and unpacked there (see below).
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
+have ipvsadm || [ -x /usr/sbin/ipvsadm ] || need+=(ipvsadm)
+have depmod  || [ -x /usr/sbin/depmod ]  || need+=(kmod)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "deps: missing packages: ${need[*]} (run as root so they can be installed)" >&2
@@ -28,6 +34,9 @@ if ((${#need[@]})); then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
+# Debian's cloud kernel (has IPVS) for the VM tests: `apt-get download` + `dpkg-deb -x` into
+# the cargo target dir; /boot and the host's initramfs are left alone.
+bash "$(dirname "$0")/ipvs-vm.sh" fetch >/dev/null
 if ! have cargo; then
   echo "deps: cargo not found: install a Rust toolchain >= 1.88 (rustup) first" >&2
   exit 1

@@ -1,4 +1,5 @@
-//! VIP load balancing for Shoal's overlay networks: the nftables dataplane.
+//! VIP load balancing for Shoal's overlay networks: the nftables dataplane (this module) and
+//! the IPVS dataplane ([`ipvs`]: same [`Ruleset`] input, programmed over generic netlink).
 //!
 //! Each overlay network has, on each node, one network namespace where all of that network's
 //! container veths end. One nft table (`ip` family) in that namespace sends traffic for a
@@ -22,6 +23,7 @@
 //! Services are map elements and backends live in per-service chains, so a later incremental
 //! mode only has to add/delete elements and replace one chain's rule.
 
+pub mod ipvs;
 mod model;
 mod nft;
 
