@@ -251,6 +251,13 @@ impl Drop for Lab {
     }
 }
 
+/// Every IPv4 address in a command's output (dig +short, getent, ...).
+pub fn ipv4s(out: &str) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    out.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
 /// What the host looks like (namespaces and nft ruleset), to compare before and after.
 pub fn host_snapshot() -> (String, String) {
     let ns = Command::new("ip")

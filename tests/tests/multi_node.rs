@@ -5,13 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use shoal_tests::{Lab, require_kernel};
-
-fn ipv4s(out: &str) -> BTreeSet<Ipv4Addr> {
-    out.split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect()
-}
+use shoal_tests::{Lab, ipv4s, require_kernel};
 
 fn task_of(out: &str) -> Option<String> {
     out.lines()

@@ -5,18 +5,12 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use shoal_tests::{Lab, host_snapshot, require_kernel};
+use shoal_tests::{Lab, host_snapshot, ipv4s, require_kernel};
 
 fn task_names(out: &str) -> Vec<String> {
     out.lines()
         .filter_map(|l| l.strip_prefix("Task: "))
         .map(str::to_string)
-        .collect()
-}
-
-fn ipv4s(out: &str) -> BTreeSet<Ipv4Addr> {
-    out.split_whitespace()
-        .filter_map(|w| w.parse().ok())
         .collect()
 }
 
