@@ -304,26 +304,30 @@ impl Agent {
     async fn sync_lb(
         &mut self,
         st: &ClusterState,
-        specs: &BTreeMap<String, shoal_mesh::NetworkSpec>,
         nets: &HashSet<String>,
         errors: &mut Vec<String>,
     ) {
         for net_id in nets {
-            let Some(spec) = specs.get(net_id) else {
+            let Some(net) = st.network_by_id(net_id) else {
                 continue;
             };
+            let netns = desired::network_netns(&self.cfg.netns_prefix, net);
+            if !shoal_netns::exists(&netns) {
+                self.lb_applied.remove(net_id);
+                continue;
+            }
             let rs = desired::lb_ruleset(st, &self.node_id, net_id);
             if self.lb_applied.get(net_id) == Some(&rs) {
                 continue;
             }
-            match shoal_lb::apply(&spec.netns, &rs).await {
+            match shoal_lb::apply(&netns, &rs).await {
                 Ok(()) => {
-                    info!(netns = %spec.netns, services = rs.services.len(), "VIP ruleset applied");
+                    info!(netns = %netns, services = rs.services.len(), "VIP ruleset applied");
                     self.lb_applied.insert(net_id.clone(), rs);
                 }
                 Err(e) => {
                     self.lb_applied.remove(net_id);
-                    errors.push(format!("ruleset of {}: {e}", spec.netns));
+                    errors.push(format!("ruleset of {netns}: {e}"));
                 }
             }
         }
@@ -405,14 +409,7 @@ impl Agent {
         //    joining or leaving DNS answers and backends) is applied before any slower link
         //    work of this pass.
         let known: HashSet<String> = self.lb_applied.keys().cloned().collect();
-        let specs = desired::mesh_specs(
-            st,
-            &self.node_id,
-            &self.cfg.netns_prefix,
-            self.underlay.as_ref(),
-            &has_ns,
-        );
-        self.sync_lb(st, &specs, &known, errors).await;
+        self.sync_lb(st, &known, errors).await;
         self.sync_dns(st, &local, &stopping, &known, false, errors)
             .await;
         // 1. Namespaces for new tasks.
@@ -456,7 +453,7 @@ impl Agent {
         }
         self.lb_applied.retain(|id, _| specs.contains_key(id));
         // 3. VIP rulesets, applied when they changed.
-        self.sync_lb(st, &specs, &ok_networks, errors).await;
+        self.sync_lb(st, &ok_networks, errors).await;
         // 4. DNS views of local containers, new ones attached.
         self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
             .await;
