@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cluster::{Cluster, NODES, encode};
 use crate::config::{AgentConfig, StoreKind};
@@ -45,6 +45,8 @@ pub struct Agent {
     dns_views: HashMap<String, View>,
     /// network id -> the ruleset applied in its namespace
     lb_applied: HashMap<String, shoal_lb::Ruleset>,
+    /// Programs the LB tables incrementally (adopting existing ones after a restart).
+    lb: shoal_lb::Syncer,
     started: HashSet<String>,
     stopping: Arc<Mutex<HashSet<String>>>,
     search: Vec<String>,
@@ -187,6 +189,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         resolver,
         dns_views: HashMap::new(),
         lb_applied: HashMap::new(),
+        lb: shoal_lb::Syncer::new(shoal_lb::Applier::global().clone()),
         started: HashSet::new(),
         stopping: Arc::new(Mutex::new(HashSet::new())),
         search,
@@ -314,15 +317,16 @@ impl Agent {
             let netns = desired::network_netns(&self.cfg.netns_prefix, net);
             if !shoal_netns::exists(&netns) {
                 self.lb_applied.remove(net_id);
+                self.lb.forget(&netns);
                 continue;
             }
             let rs = desired::lb_ruleset(st, &self.node_id, net_id);
             if self.lb_applied.get(net_id) == Some(&rs) {
                 continue;
             }
-            match shoal_lb::apply(&netns, &rs).await {
-                Ok(()) => {
-                    info!(netns = %netns, services = rs.services.len(), "VIP ruleset applied");
+            match self.lb.sync(&netns, &rs).await {
+                Ok(r) => {
+                    debug!(netns = %netns, services = rs.services.len(), kind = ?r.kind, "VIP ruleset synced");
                     self.lb_applied.insert(net_id.clone(), rs);
                 }
                 Err(e) => {
@@ -446,6 +450,7 @@ impl Agent {
         for ns in shoal_netns::list().unwrap_or_default() {
             if ns.starts_with(&net_prefix) && !wanted_ns.contains(ns.as_str()) {
                 info!(netns = %ns, "removing overlay network namespace no longer used on this node");
+                self.lb.forget(&ns);
                 if let Err(e) = shoal_mesh::remove_network(&ns).await {
                     errors.push(format!("removing {ns}: {e}"));
                 }

@@ -295,6 +295,7 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
                 port: 0,
                 target_port: 0,
                 backends: backends.clone(),
+                ..Default::default()
             });
         }
     }

@@ -24,6 +24,7 @@ fn ruleset(services: u32, backends: u32) -> Ruleset {
                 backends: (0..backends)
                     .map(|b| addr(Ipv4Addr::new(10, 128, 0, 0), s * backends + b))
                     .collect(),
+                ..Default::default()
             })
             .collect(),
         local_endpoints: vec![],

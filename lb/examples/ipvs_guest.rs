@@ -29,6 +29,7 @@ fn vs(id: &str, vip: &str, p: Protocol, port: u16, tport: u16, b: &[&str]) -> Vi
         port,
         target_port: tport,
         backends: b.iter().map(|s| ip(s)).collect(),
+        ..Default::default()
     }
 }
 

@@ -28,6 +28,7 @@ fn main() {
                 backends: (0..backends)
                     .map(|b| addr(be_base, s * backends + b))
                     .collect(),
+                ..Default::default()
             })
             .collect(),
         local_endpoints: vec![],

@@ -3,14 +3,28 @@
 //!
 //! Each overlay network has, on each node, one network namespace where all of that network's
 //! container veths end. One nft table (`ip` family) in that namespace sends traffic for a
-//! service's virtual IP to one of its backends, keeping the client's address:
+//! service's virtual IP to one of its backends, keeping the client's address. Everything that
+//! depends on services and backends lives in a few big named maps, so that a change is a
+//! map-element update whose cost does not grow with the number of services:
 //!
-//! - `map services` (`ipv4_addr . inet_proto . inet_service : verdict`) holds one element per
-//!   service port, `goto`-ing the service's chain. It is consulted from `nat prerouting`
-//!   (priority dstnat) and `nat output` (so the namespace itself reaches VIPs).
-//! - chain `svc_<id>_<proto>_<port>` picks a backend with
-//!   `dnat ip to numgen random mod N map { 0 : a . port, ... }`. A service without backends has
-//!   an empty chain (a comment says so).
+//! - `map services` (`vip . proto . port : verdict`) and `map any_port` (`vip . proto :
+//!   verdict`, Swarm's every-port VIPs) are consulted from `nat prerouting` (priority dstnat)
+//!   and `nat output`. A service with active backends `goto`s a shared selection chain; one
+//!   without gets `accept`, so it stays addressed to the VIP and is rejected in filter input.
+//! - selection chains, one per method and slot count, shared by all services using it:
+//!   `rnd_N` = `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod N map
+//!   @backends` (random among N), `hash_256` = the same keyed by `jhash` of the flow with a
+//!   fixed seed into a 256-slot table (consistent hashing: every node picks the same backend
+//!   for a flow, and a backend change moves only its own slots), and `any_` variants over
+//!   `map any_backends` that keep the destination port.
+//! - `map backends` (`vip . proto . port . slot : backend . target_port`) and
+//!   `map any_backends` (`vip . proto . slot : backend`) hold the slots.
+//! - client-IP affinity: `aff_<sel>` chains first look the client up in the dynamic map
+//!   `affinity` (`client . vip . proto : backend`, per-element timeout) and DNAT there
+//!   (target port from `map target_ports`), else fall through to `<sel>`; filter chains
+//!   `record_in`/`record_out` (after the DNAT) refresh the entry through `map
+//!   affinity_services` -> `rec_<timeout>`. Affinity is per client and VIP (all ports of the
+//!   service), like IPVS persistence.
 //! - `filter input` rejects whatever still reaches a VIP (`set vips`): nothing was DNATed, so
 //!   the port is not a service port or the service has no backends. TCP gets a reset, anything
 //!   else ICMP port unreachable, so clients fail at once instead of timing out.
@@ -18,10 +32,11 @@
 //!   its own connection to a VIP): `ct status dnat ip saddr . ip daddr @hairpin`, with one
 //!   `ep . ep` element per local endpoint.
 //!
-//! Desired state is data: [`Ruleset`] is turned into a sorted [`Model`] that both [`render`]
-//! (the nft script, one atomic transaction) and [`trace`] (where would this packet go) read.
-//! Services are map elements and backends live in per-service chains, so a later incremental
-//! mode only has to add/delete elements and replace one chain's rule.
+//! Desired state is data: [`Ruleset`] is turned into a sorted [`Model`] that [`render`] (the
+//! whole table, one atomic transaction), [`Model::diff`] (element updates between two models,
+//! one transaction), [`Model::from_nft_json`] (adoption of the kernel's table after a
+//! restart) and [`trace`] (where would this packet go) read. [`Syncer`] keeps the last model
+//! per namespace and applies diffs, falling back to a full replace when an update fails.
 
 pub mod ipvs;
 mod model;
@@ -29,8 +44,13 @@ mod nft;
 
 use std::net::Ipv4Addr;
 
-pub use model::{ANY_PORT, Model, ServiceChain, ServiceKey, chain_name};
-pub use nft::{Applier, BACKEND_ENV, apply, check, delete_table, list_table};
+pub use model::{
+    ANY_PORT, Dispatch, HASH_SEED, HASH_SLOTS, MAX_AFFINITY_SECS, Model, ServiceKey, TABLE_COMMENT,
+    chain_rules, hash_slots,
+};
+pub use nft::{
+    Applier, BACKEND_ENV, SyncKind, SyncReport, Syncer, apply, check, delete_table, list_table,
+};
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +88,41 @@ pub struct VirtualService {
     pub target_port: u16,
     /// May be empty: then VIP:port rejects at once (TCP reset / ICMP port unreachable).
     pub backends: Vec<Ipv4Addr>,
+    /// Backends being drained: no new flows (also not through affinity), established flows
+    /// continue, UDP conntrack entries are kept. Listed here or in `backends` (here wins).
+    pub draining: Vec<Ipv4Addr>,
+    /// How a new flow picks its backend.
+    pub selection: Selection,
+    /// Client-IP session affinity: a client's new flows to this VIP go to the backend its
+    /// last flow went to, for this many seconds after that flow started.
+    pub affinity: Option<u32>,
+}
+
+impl Default for VirtualService {
+    fn default() -> Self {
+        VirtualService {
+            id: String::new(),
+            vip: Ipv4Addr::UNSPECIFIED,
+            protocol: Protocol::Tcp,
+            port: 0,
+            target_port: 0,
+            backends: vec![],
+            draining: vec![],
+            selection: Selection::Random,
+            affinity: None,
+        }
+    }
+}
+
+/// Backend selection of a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Selection {
+    /// Uniformly random per new flow (kube-proxy's nftables mode, Swarm's IPVS rr in effect).
+    #[default]
+    Random,
+    /// By a hash of the flow (addresses and ports) into a fixed slot table: every node picks
+    /// the same backend for the same flow; a backend change moves only that backend's flows.
+    Consistent,
 }
 
 /// Everything one network namespace's LB table must do.
@@ -119,6 +174,16 @@ pub enum LbError {
         /// First line of our script that nft complained about (1-based number, text).
         failing_line: Option<(usize, String)>,
     },
+}
+
+/// Deletes the UDP conntrack entries in `netns` of flows to `(vip, port)` (port 0: any)
+/// answered by the removed backend, so their clients' next packets pick a live backend.
+pub(crate) async fn conntrack_cleanup(
+    _netns: &str,
+    _removed: &[(Ipv4Addr, Protocol, u16, Ipv4Addr)],
+) -> Result<usize, LbError> {
+    // Filled in by the conntrack netlink client.
+    Ok(0)
 }
 
 /// Renders the whole table as one nft script: `table ip T {}` + `delete table ip T` + the full

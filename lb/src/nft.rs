@@ -3,12 +3,15 @@
 
 mod libnft;
 mod process;
+mod sync;
 
 use std::sync::{Arc, Once, OnceLock};
 
 use tracing::{debug, info, instrument, warn};
 
 use crate::{LbError, Ruleset, render, validate};
+
+pub use sync::{SyncKind, SyncReport, Syncer};
 
 /// Environment variable: `process` makes the process-wide [`Applier`] spawn `nft` even when
 /// libnftables is there (an escape hatch; anything else or unset: in-process when possible).
@@ -28,6 +31,8 @@ enum Cmd {
     Script { text: String, dry_run: bool },
     /// `nft list table ip TABLE`.
     ListTable(String),
+    /// `nft -j list OBJECT` (e.g. `table ip T`, `map ip T affinity`).
+    ListJson(String),
 }
 
 /// Runs the LB's nft commands, either in-process (libnftables, one cached context per
@@ -179,6 +184,36 @@ impl Applier {
         }
     }
 
+    /// `nft -j list OBJECT` (`OBJECT` e.g. `table ip T`), or None when it does not exist.
+    async fn list_json(&self, netns: &str, object: String) -> Result<Option<String>, LbError> {
+        match self.run(netns, "list", Cmd::ListJson(object)).await {
+            Ok(out) => Ok(Some(out)),
+            Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs an nft script of our own making (one transaction).
+    async fn run_script(
+        &self,
+        netns: &str,
+        action: &'static str,
+        text: String,
+    ) -> Result<(), LbError> {
+        self.run(
+            netns,
+            action,
+            Cmd::Script {
+                text,
+                dry_run: false,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Runs `cmd` in `netns`; returns its standard output, or nft's refusal as
     /// [`LbError::Nft`].
     async fn run(&self, netns: &str, action: &'static str, cmd: Cmd) -> Result<String, LbError> {
@@ -196,6 +231,11 @@ impl Applier {
                 Cmd::ListTable(table) => {
                     process::run(netns, &["list", "table", "ip", table], None).await?
                 }
+                Cmd::ListJson(what) => {
+                    let mut args = vec!["-j", "list"];
+                    args.extend(what.split(' '));
+                    process::run(netns, &args, None).await?
+                }
             },
             Backend::InProcess(contexts) => {
                 let (contexts, ns, c) = (contexts.clone(), netns.to_string(), cmd.clone());
@@ -210,6 +250,9 @@ impl Applier {
                     ),
                     Cmd::ListTable(table) => {
                         contexts.run(&ns, &libnft::Cmd::Line(&format!("list table ip {table}")))
+                    }
+                    Cmd::ListJson(what) => {
+                        contexts.run(&ns, &libnft::Cmd::JsonLine(&format!("list {what}")))
                     }
                 })
                 .await
@@ -267,7 +310,7 @@ fn finish(netns: &str, action: &'static str, cmd: &Cmd, out: Output) -> Result<S
     let stderr = out.stderr.trim().to_string();
     let failing_line = match cmd {
         Cmd::Script { text, .. } => failing_line(&stderr, text),
-        Cmd::ListTable(_) => None,
+        Cmd::ListTable(_) | Cmd::ListJson(_) => None,
     };
     Err(LbError::Nft {
         netns: netns.to_string(),

@@ -186,8 +186,11 @@ fn recreated_namespace_gets_a_fresh_context() {
     rt.block_on(lib.apply(&ns, &fixtures::one_service()))
         .unwrap();
     let text = nft_list(&ns).expect("the table is in the new namespace");
-    assert!(text.contains("svc_web_tcp_80"), "{text}");
-    assert!(!text.contains("svc_dns_udp_53"), "{text}");
+    assert!(
+        text.contains("10.96.0.10 . tcp . 80 : goto rnd_tcp_3"),
+        "{text}"
+    );
+    assert!(!text.contains("10.96.0.20 . udp . 53"), "{text}");
     assert_eq!(
         rt.block_on(lib.list_table(&ns, TABLE)).unwrap().as_deref(),
         Some(text.as_str())

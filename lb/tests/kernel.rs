@@ -33,6 +33,7 @@ fn web(protocol: Protocol, backends: Vec<Ipv4Addr>) -> VirtualService {
         port: 80,
         target_port: TARGET_PORT,
         backends,
+        ..Default::default()
     }
 }
 
@@ -246,8 +247,8 @@ fn apply_is_idempotent_and_delete_is_too() {
         .expect("table exists");
     assert_eq!(first, second);
     for name in [
-        "svc_web_tcp_80",
-        "svc_dns_udp_53",
+        "10.96.0.10 . tcp . 80 : goto rnd_tcp_2",
+        "10.96.0.20 . 53 . 0 : 10.0.1.7 . 5353",
         "map services",
         "set hairpin",
     ] {
@@ -256,8 +257,12 @@ fn apply_is_idempotent_and_delete_is_too() {
     // A changed ruleset replaces the table whole: nothing of the old one remains.
     block_on(apply(&ns, &fixtures::one_service())).unwrap();
     let third = block_on(list_table(&ns, TABLE)).unwrap().unwrap();
-    assert!(!third.contains("svc_dns_udp_53"), "{third}");
-    assert!(third.contains("svc_web_tcp_80"), "{third}");
+    assert!(!third.contains("10.96.0.20"), "{third}");
+    assert!(!third.contains("rnd_tcp_2"), "{third}");
+    assert!(
+        third.contains("10.96.0.10 . tcp . 80 : goto rnd_tcp_3"),
+        "{third}"
+    );
 
     block_on(delete_table(&ns, TABLE)).unwrap();
     assert_eq!(block_on(list_table(&ns, TABLE)).unwrap(), None);

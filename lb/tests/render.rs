@@ -8,7 +8,10 @@ mod common;
 use std::path::PathBuf;
 
 use common::fixtures::{self, ip};
-use shoal_lb::{LbError, Packet, Protocol, Ruleset, Trace, render, trace, validate};
+use shoal_lb::{
+    Dispatch, HASH_SLOTS, LbError, Model, Packet, Protocol, Ruleset, Selection, Trace, render,
+    trace, validate,
+};
 
 fn golden(name: &str, rs: &Ruleset) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -251,10 +254,119 @@ fn validate_rejects_unsafe_names_and_duplicates() {
     let err = validate(&rs).unwrap_err().to_string();
     assert!(err.contains("both claim 10.96.0.10:80/tcp"), "{err}");
 
+    // One id on two VIPs is fine: ids no longer name chains.
     let mut rs = fixtures::one_service();
-    let mut same_chain = rs.services[0].clone();
-    same_chain.vip = ip("10.96.0.99");
-    rs.services.push(same_chain);
+    let mut same_id = rs.services[0].clone();
+    same_id.vip = ip("10.96.0.99");
+    rs.services.push(same_id);
+    assert!(validate(&rs).is_ok());
+
+    let mut rs = fixtures::one_service();
+    rs.services[0].affinity = Some(0);
     let err = validate(&rs).unwrap_err().to_string();
-    assert!(err.contains("chain svc_web_tcp_80"), "{err}");
+    assert!(
+        err.contains("affinity timeout 0 s must be 1-86400"),
+        "{err}"
+    );
+}
+
+fn golden_text(name: &str, got: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.nft"));
+    if std::env::var_os("SHOAL_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    assert_eq!(got, want, "{name} differs from {}", path.display());
+}
+
+#[test]
+fn golden_affinity_and_draining() {
+    golden("affinity_draining", &fixtures::affinity_draining());
+}
+
+#[test]
+fn diff_of_equal_models_is_nothing() {
+    let m = Model::from_ruleset(&fixtures::several());
+    assert_eq!(m.diff(&m.clone()), None);
+}
+
+#[test]
+fn golden_diff_one_backend_added() {
+    let before = fixtures::one_service();
+    let mut after = before.clone();
+    after.services[0].backends.push(ip("10.0.1.4"));
+    let d = Model::from_ruleset(&before)
+        .diff(&Model::from_ruleset(&after))
+        .unwrap();
+    golden_text("diff_add_backend", &d);
+}
+
+#[test]
+fn golden_diff_service_removed_and_chains_collected() {
+    let before = fixtures::affinity_draining();
+    let mut after = before.clone();
+    after.services.retain(|s| s.affinity.is_none());
+    let d = Model::from_ruleset(&before)
+        .diff(&Model::from_ruleset(&after))
+        .unwrap();
+    golden_text("diff_remove_affinity_service", &d);
+}
+
+/// A backend change touches the elements of its service only: the update is the same size
+/// with 10 or 5,000 services.
+#[test]
+fn diff_cost_does_not_grow_with_the_number_of_services() {
+    let sizes: Vec<(usize, usize)> = [10u32, 5_000]
+        .into_iter()
+        .map(|n| {
+            let before = fixtures::many(n, 10, 96);
+            let mut after = before.clone();
+            after.services[3].backends.pop();
+            let d = Model::from_ruleset(&before)
+                .diff(&Model::from_ruleset(&after))
+                .unwrap();
+            (d.lines().count(), d.len())
+        })
+        .collect();
+    assert_eq!(sizes[0].0, sizes[1].0, "lines: {sizes:?}");
+    // Addresses of the bigger table are a few characters longer at most.
+    assert!(sizes[1].1 < sizes[0].1 + 64, "bytes: {sizes:?}");
+}
+
+#[test]
+fn consistent_services_fill_every_slot_and_trace_to_all_backends() {
+    let mut rs = fixtures::one_service();
+    rs.services[0].selection = Selection::Consistent;
+    let m = Model::from_ruleset(&rs);
+    assert_eq!(m.backends.len(), HASH_SLOTS as usize);
+    assert_eq!(
+        m.services.values().next(),
+        Some(&Dispatch::Chain(format!("hash_tcp_{HASH_SLOTS}")))
+    );
+    match trace(&rs, &pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 80)) {
+        Trace::Dnat { candidates, .. } => assert_eq!(candidates.len(), 3),
+        other => panic!("expected dnat, got {other:?}"),
+    }
+}
+
+#[test]
+fn draining_backends_get_no_new_flows_and_all_draining_rejects() {
+    let mut rs = fixtures::one_service();
+    rs.services[0].draining = vec![ip("10.0.1.1")];
+    match trace(&rs, &pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 80)) {
+        Trace::Dnat { candidates, .. } => assert_eq!(
+            candidates,
+            vec![(ip("10.0.1.2"), 8080), (ip("10.0.1.3"), 8080)]
+        ),
+        other => panic!("expected dnat, got {other:?}"),
+    }
+    rs.services[0].draining = rs.services[0].backends.clone();
+    assert_eq!(
+        trace(&rs, &pkt("10.0.9.9", "10.96.0.10", Protocol::Tcp, 80)),
+        Trace::Reject
+    );
 }

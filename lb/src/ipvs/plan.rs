@@ -198,6 +198,7 @@ mod tests {
             port,
             target_port: tport,
             backends: b.iter().map(|s| ip(s)).collect(),
+            ..Default::default()
         }
     }
 

@@ -14,6 +14,8 @@
 //! const char *nft_ctx_get_error_buffer(struct nft_ctx *ctx);
 //! int nft_run_cmd_from_buffer(struct nft_ctx *nft, const char *buf);
 //! int nft_run_cmd_from_filename(struct nft_ctx *nft, const char *filename);
+//! unsigned int nft_ctx_output_get_flags(struct nft_ctx *ctx);
+//! void nft_ctx_output_set_flags(struct nft_ctx *ctx, unsigned int flags);
 //! ```
 //!
 //! Loading at run time (not linking) keeps the build free of `libnftables-dev`, and a machine
@@ -66,6 +68,11 @@ type CtxInt = unsafe extern "C" fn(*mut NftCtx) -> c_int;
 type CtxBuf = unsafe extern "C" fn(*mut NftCtx) -> *const c_char;
 type CtxSetBool = unsafe extern "C" fn(*mut NftCtx, bool);
 type CtxRun = unsafe extern "C" fn(*mut NftCtx, *const c_char) -> c_int;
+type CtxGetFlags = unsafe extern "C" fn(*mut NftCtx) -> u32;
+type CtxSetFlags = unsafe extern "C" fn(*mut NftCtx, u32);
+
+/// `NFT_CTX_OUTPUT_JSON`: list in JSON (`nft -j`).
+const NFT_CTX_OUTPUT_JSON: u32 = 1 << 4;
 
 /// `NFT_CTX_DEFAULT`: a context with a netlink socket.
 const NFT_CTX_DEFAULT: u32 = 0;
@@ -81,6 +88,8 @@ pub(crate) struct Lib {
     get_error_buffer: CtxBuf,
     run_cmd_from_buffer: CtxRun,
     run_cmd_from_filename: CtxRun,
+    output_get_flags: CtxGetFlags,
+    output_set_flags: CtxSetFlags,
 }
 
 /// Loads `soname` with `dlopen` and resolves every function, or says why not.
@@ -128,6 +137,12 @@ pub(crate) fn load(soname: &str) -> Result<Lib, String> {
             )?),
             run_cmd_from_filename: std::mem::transmute::<*mut c_void, CtxRun>(sym(
                 c"nft_run_cmd_from_filename",
+            )?),
+            output_get_flags: std::mem::transmute::<*mut c_void, CtxGetFlags>(sym(
+                c"nft_ctx_output_get_flags",
+            )?),
+            output_set_flags: std::mem::transmute::<*mut c_void, CtxSetFlags>(sym(
+                c"nft_ctx_output_set_flags",
             )?),
         })
     }
@@ -193,6 +208,8 @@ pub(crate) enum Cmd<'a> {
     Script { text: &'a str, dry_run: bool },
     /// A one-line command, as `nft CMD` runs it.
     Line(&'a str),
+    /// A one-line command with JSON output, as `nft -j CMD` runs it.
+    JsonLine(&'a str),
 }
 
 impl Ctx {
@@ -202,6 +219,18 @@ impl Ctx {
                 let c = CString::new(*line).map_err(std::io::Error::other)?;
                 // SAFETY: exclusive use of a live context; `c` outlives the call.
                 unsafe { (self.lib.run_cmd_from_buffer)(self.ptr, c.as_ptr()) }
+            }
+            Cmd::JsonLine(line) => {
+                let c = CString::new(*line).map_err(std::io::Error::other)?;
+                // SAFETY: exclusive use of a live context; `c` outlives the call. The output
+                // flags are restored before the context's mutex is released.
+                unsafe {
+                    let flags = (self.lib.output_get_flags)(self.ptr);
+                    (self.lib.output_set_flags)(self.ptr, flags | NFT_CTX_OUTPUT_JSON);
+                    let rc = (self.lib.run_cmd_from_buffer)(self.ptr, c.as_ptr());
+                    (self.lib.output_set_flags)(self.ptr, flags);
+                    rc
+                }
             }
             Cmd::Script { text, dry_run } => {
                 // A script goes through a file, not nft_run_cmd_from_buffer: nft 1.0.6 reports
@@ -230,7 +259,7 @@ impl Ctx {
         };
         let stderr = match cmd {
             Cmd::Script { .. } => rename_script(&stderr),
-            Cmd::Line(_) => stderr,
+            Cmd::Line(_) | Cmd::JsonLine(_) => stderr,
         };
         Ok(Outcome { rc, stdout, stderr })
     }

@@ -27,6 +27,7 @@ pub fn svc(
         port,
         target_port,
         backends: backends.iter().map(|b| ip(b)).collect(),
+        ..Default::default()
     }
 }
 
@@ -135,6 +136,31 @@ pub fn any_port() -> Ruleset {
     }
 }
 
+/// Client-IP affinity (a specific port and an any-port service on one VIP, with different
+/// timeouts: the longer one records), a consistent-hash UDP service, and draining backends.
+pub fn affinity_draining() -> Ruleset {
+    let mut web = svc(
+        "web",
+        "10.96.0.10",
+        Protocol::Tcp,
+        80,
+        8080,
+        &["10.0.1.1", "10.0.1.2", "10.0.1.3"],
+    );
+    web.affinity = Some(600);
+    web.draining = vec![ip("10.0.1.3")];
+    let mut all = svc("web", "10.96.0.10", Protocol::Tcp, 0, 0, &["10.0.1.1"]);
+    all.affinity = Some(10_800);
+    let mut dns = svc("dns", "10.96.0.20", Protocol::Udp, 53, 53, &["10.0.1.7"]);
+    dns.draining = vec![ip("10.0.1.7")];
+    Ruleset {
+        table: TABLE.to_string(),
+        vips: vec![],
+        services: vec![web, all, dns],
+        local_endpoints: vec![],
+    }
+}
+
 /// The named fixtures, for tests that run all of them.
 pub fn all() -> Vec<(&'static str, Ruleset)> {
     vec![
@@ -143,6 +169,7 @@ pub fn all() -> Vec<(&'static str, Ruleset)> {
         ("several", several()),
         ("hairpin", hairpin()),
         ("any_port", any_port()),
+        ("affinity_draining", affinity_draining()),
     ]
 }
 
@@ -164,6 +191,7 @@ pub fn many(services: u32, backends: u32, vip_net: u8) -> Ruleset {
                 backends: (0..backends)
                     .map(|b| Ipv4Addr::from(be_base + s * backends + b))
                     .collect(),
+                ..Default::default()
             })
             .collect(),
         local_endpoints: vec![],

@@ -1,0 +1,358 @@
+//! Incremental programming of LB tables: the last applied [`Model`] per namespace, element
+//! diffs, adoption of an existing table after a restart, and the clean-ups that follow a
+//! backend's removal (affinity entries, UDP conntrack entries).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use super::Applier;
+use crate::{LbError, Model, Protocol, Ruleset, validate};
+
+/// How a sync changed the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    /// The table already was as desired.
+    Unchanged,
+    /// Element updates (and at most a few selection chains) in one transaction.
+    Incremental,
+    /// The whole table replaced in one transaction: first sync of a namespace without an
+    /// adoptable table, or an incremental update failed.
+    Full,
+}
+
+/// What one [`Syncer::sync`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncReport {
+    pub kind: SyncKind,
+    /// The table found in the kernel was read back and updated in place (first sync after a
+    /// restart).
+    pub adopted: bool,
+    /// (vip, protocol, port, backend) no longer served, neither active nor draining: their
+    /// UDP conntrack entries are deleted. Port 0: every port.
+    pub removed: Vec<(Ipv4Addr, Protocol, u16, Ipv4Addr)>,
+    /// Affinity entries deleted because their backend left the active set.
+    pub affinity_deleted: usize,
+    /// UDP conntrack entries deleted (their backend was removed).
+    pub conntrack_deleted: usize,
+    /// Why an incremental update was refused (then `kind` is [`SyncKind::Full`]).
+    pub fallback: Option<String>,
+}
+
+/// Keeps each namespace's LB table in the desired state at the cost of what changed.
+///
+/// The first sync of a namespace reads the table back from the kernel (`nft -j list`) and,
+/// when it has this layout, updates it in place: an agent restart changes nothing that need
+/// not change (and the packet path's affinity entries survive). Later syncs diff against the
+/// last applied model. Any failed update is followed by a full replace of the table.
+#[derive(Debug)]
+pub struct Syncer {
+    applier: Applier,
+    applied: HashMap<String, Model>,
+    conntrack_cleanup: bool,
+}
+
+impl Syncer {
+    pub fn new(applier: Applier) -> Syncer {
+        Syncer {
+            applier,
+            applied: HashMap::new(),
+            conntrack_cleanup: true,
+        }
+    }
+
+    /// Leaves UDP conntrack entries of removed backends alone (measurements only).
+    #[doc(hidden)]
+    pub fn without_conntrack_cleanup(mut self) -> Syncer {
+        self.conntrack_cleanup = false;
+        self
+    }
+
+    /// The applier this syncer runs commands through.
+    pub fn applier(&self) -> &Applier {
+        &self.applier
+    }
+
+    /// The model last applied in `netns`.
+    pub fn applied(&self, netns: &str) -> Option<&Model> {
+        self.applied.get(netns)
+    }
+
+    /// Forgets `netns` (its namespace is gone, or its table was deleted): the next sync reads
+    /// the kernel's table again.
+    pub fn forget(&mut self, netns: &str) {
+        self.applied.remove(netns);
+    }
+
+    /// Brings the table in `netns` to `rs`. Invalid input changes nothing. On an error the
+    /// namespace is forgotten, so the next sync starts from what the kernel has.
+    pub async fn sync(&mut self, netns: &str, rs: &Ruleset) -> Result<SyncReport, LbError> {
+        validate(rs)?;
+        let want = Model::from_ruleset(rs);
+        let res = self.sync_model(netns, rs, &want).await;
+        match &res {
+            Ok(_) => {
+                self.applied.insert(netns.to_string(), want);
+            }
+            Err(_) => {
+                self.applied.remove(netns);
+            }
+        }
+        res
+    }
+
+    async fn sync_model(
+        &mut self,
+        netns: &str,
+        rs: &Ruleset,
+        want: &Model,
+    ) -> Result<SyncReport, LbError> {
+        let (have, adopted) = match self.applied.get(netns) {
+            Some(m) => (Some(m.clone()), false),
+            None => {
+                let m = self.read_back(netns, &rs.table).await?;
+                let adopted = m.is_some();
+                (m, adopted)
+            }
+        };
+        let mut report = SyncReport {
+            kind: SyncKind::Unchanged,
+            adopted,
+            removed: vec![],
+            affinity_deleted: 0,
+            conntrack_deleted: 0,
+            fallback: None,
+        };
+        match &have {
+            Some(h) => {
+                if let Some(script) = h.diff(want) {
+                    report.kind = SyncKind::Incremental;
+                    if let Err(e) = self.applier.run_script(netns, "update", script).await {
+                        warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
+                        report.kind = SyncKind::Full;
+                        report.fallback = Some(e.to_string());
+                        self.applier
+                            .run_script(netns, "apply", want.render())
+                            .await?;
+                    }
+                }
+            }
+            None => {
+                report.kind = SyncKind::Full;
+                self.applier
+                    .run_script(netns, "apply", want.render())
+                    .await?;
+            }
+        }
+        if let Some(h) = &have {
+            report.removed = removed_backends(h, rs);
+            if !want.affinity_services.is_empty() && (adopted || lost_active(h, want)) {
+                report.affinity_deleted = self.clean_affinity(netns, want).await?;
+            }
+        }
+        if self.conntrack_cleanup {
+            report.conntrack_deleted = self.clean_conntrack(netns, &report.removed).await?;
+        }
+        match report.kind {
+            SyncKind::Unchanged => debug!(netns, "LB table unchanged"),
+            kind => info!(
+                netns,
+                ?kind,
+                adopted,
+                removed = report.removed.len(),
+                affinity_deleted = report.affinity_deleted,
+                conntrack_deleted = report.conntrack_deleted,
+                "LB table synced"
+            ),
+        }
+        Ok(report)
+    }
+
+    /// The kernel's table as a model, or None when there is none or it is not of this layout.
+    async fn read_back(&self, netns: &str, table: &str) -> Result<Option<Model>, LbError> {
+        let Some(json) = self
+            .applier
+            .list_json(netns, format!("table ip {table}"))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let m = Model::from_nft_json(table, &json);
+        if m.is_none() {
+            info!(
+                netns,
+                table, "existing LB table has another layout: replacing it"
+            );
+        }
+        Ok(m)
+    }
+
+    /// Deletes affinity entries whose backend no longer serves their VIP (removed or
+    /// draining): otherwise the client's next flow would still go there.
+    async fn clean_affinity(&self, netns: &str, want: &Model) -> Result<usize, LbError> {
+        let Some(json) = self
+            .applier
+            .list_json(netns, format!("map ip {} affinity", want.table))
+            .await?
+        else {
+            return Ok(0);
+        };
+        let stale = stale_affinity(&json, want);
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let n = stale.len();
+        let text = format!(
+            "delete element ip {} affinity {{ {} }}\n",
+            want.table,
+            stale.join(", ")
+        );
+        // An entry may time out between the listing and the delete: then the delete fails
+        // as a whole; deleting one by one is the fallback.
+        if self
+            .applier
+            .run_script(netns, "update", text)
+            .await
+            .is_err()
+        {
+            for e in &stale {
+                let text = format!("delete element ip {} affinity {{ {e} }}\n", want.table);
+                let _ = self.applier.run_script(netns, "update", text).await;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn clean_conntrack(
+        &self,
+        netns: &str,
+        removed: &[(Ipv4Addr, Protocol, u16, Ipv4Addr)],
+    ) -> Result<usize, LbError> {
+        let udp: Vec<_> = removed
+            .iter()
+            .filter(|(_, p, _, _)| *p == Protocol::Udp)
+            .copied()
+            .collect();
+        if udp.is_empty() {
+            return Ok(0);
+        }
+        crate::conntrack_cleanup(netns, &udp).await
+    }
+}
+
+/// Backends the old model served that `rs` neither serves nor drains, per service port.
+fn removed_backends(have: &Model, rs: &Ruleset) -> Vec<(Ipv4Addr, Protocol, u16, Ipv4Addr)> {
+    let mut old: BTreeSet<(Ipv4Addr, Protocol, u16, Ipv4Addr)> = have
+        .backends
+        .iter()
+        .map(|((v, p, port, _), (b, _))| (*v, *p, *port, *b))
+        .collect();
+    old.extend(
+        have.any_backends
+            .iter()
+            .map(|((v, p, _), b)| (*v, *p, 0, *b)),
+    );
+    let mut kept = BTreeSet::new();
+    for s in &rs.services {
+        for b in s.backends.iter().chain(&s.draining) {
+            kept.insert((s.vip, s.protocol, s.port, *b));
+        }
+    }
+    old.difference(&kept).copied().collect()
+}
+
+/// Whether some (vip, proto) lost an active backend between the two models.
+fn lost_active(have: &Model, want: &Model) -> bool {
+    want.affinity_services.keys().any(|(vip, p)| {
+        !have
+            .backends_of(*vip, *p)
+            .is_subset(&want.backends_of(*vip, *p))
+    })
+}
+
+/// Elements of the `affinity` map (nft JSON) whose backend is not an active backend of their
+/// VIP in `want`, written as nft element keys.
+fn stale_affinity(json: &str, want: &Model) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<Value>(json) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    let Some(objs) = v.get("nftables").and_then(|n| n.as_array()) else {
+        return out;
+    };
+    for o in objs {
+        let Some(elems) = o
+            .get("map")
+            .and_then(|m| m.get("elem"))
+            .and_then(|e| e.as_array())
+        else {
+            continue;
+        };
+        for e in elems {
+            let Some(pair) = e.as_array() else { continue };
+            let (Some(k), Some(val)) = (pair.first(), pair.get(1)) else {
+                continue;
+            };
+            let k = k.get("elem").and_then(|e| e.get("val")).unwrap_or(k);
+            let parts: Vec<&str> = k
+                .get("concat")
+                .and_then(|c| c.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            let (Some(client), Some(vip), Some(proto), Some(backend)) = (
+                parts.first().and_then(|s| s.parse::<Ipv4Addr>().ok()),
+                parts.get(1).and_then(|s| s.parse::<Ipv4Addr>().ok()),
+                parts.get(2).and_then(|s| match *s {
+                    "tcp" => Some(Protocol::Tcp),
+                    "udp" => Some(Protocol::Udp),
+                    _ => None,
+                }),
+                val.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()),
+            ) else {
+                continue;
+            };
+            if !want.backends_of(vip, proto).contains(&backend) {
+                out.push(format!("{client} . {vip} . {proto}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_affinity_entries_are_those_of_inactive_backends() {
+        let rs = Ruleset {
+            table: "t".into(),
+            services: vec![crate::VirtualService {
+                id: "web".into(),
+                vip: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                target_port: 8080,
+                backends: vec!["10.0.1.1".parse().unwrap(), "10.0.1.2".parse().unwrap()],
+                draining: vec!["10.0.1.2".parse().unwrap()],
+                affinity: Some(60),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let want = Model::from_ruleset(&rs);
+        let json = r#"{"nftables": [{"map": {"name": "affinity", "elem": [
+            [{"elem": {"val": {"concat": ["1.1.1.1", "10.96.0.10", "tcp"]}, "timeout": 60, "expires": 50}}, "10.0.1.1"],
+            [{"elem": {"val": {"concat": ["1.1.1.2", "10.96.0.10", "tcp"]}, "timeout": 60, "expires": 50}}, "10.0.1.2"],
+            [{"elem": {"val": {"concat": ["1.1.1.3", "10.96.0.10", "tcp"]}, "timeout": 60, "expires": 50}}, "10.0.1.9"]
+        ]}}]}"#;
+        assert_eq!(
+            stale_affinity(json, &want),
+            vec![
+                "1.1.1.2 . 10.96.0.10 . tcp".to_string(),
+                "1.1.1.3 . 10.96.0.10 . tcp".to_string()
+            ]
+        );
+    }
+}
