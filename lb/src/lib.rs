@@ -22,9 +22,14 @@
 //! (the nft script, one atomic transaction) and [`trace`] (where would this packet go) read.
 //! Services are map elements and backends live in per-service chains, so a later incremental
 //! mode only has to add/delete elements and replace one chain's rule.
+//!
+//! [`conntrack`] deletes the conntrack entries of a removed UDP backend (ctnetlink), so its
+//! clients move to a live backend on their next packet.
 
+pub mod conntrack;
 pub mod ipvs;
 mod model;
+mod netlink;
 mod nft;
 
 use std::net::Ipv4Addr;
