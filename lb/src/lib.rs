@@ -37,9 +37,14 @@
 //! one transaction), [`Model::from_nft_json`] (adoption of the kernel's table after a
 //! restart) and [`trace`] (where would this packet go) read. [`Syncer`] keeps the last model
 //! per namespace and applies diffs, falling back to a full replace when an update fails.
+//!
+//! [`conntrack`] deletes the conntrack entries of a removed UDP backend (ctnetlink), so its
+//! clients move to a live backend on their next packet.
 
+pub mod conntrack;
 pub mod ipvs;
 mod model;
+mod netlink;
 mod nft;
 
 use std::net::Ipv4Addr;
@@ -145,6 +150,9 @@ pub enum LbError {
     /// The ruleset cannot be rendered safely (bad identifier, duplicate service, ...).
     #[error("invalid LB ruleset: {0}")]
     Invalid(String),
+    /// Deleting conntrack entries failed.
+    #[error("conntrack: {0}")]
+    Conntrack(String),
     /// The namespace could not be opened or entered.
     #[error(transparent)]
     Netns(#[from] shoal_netns::Error),
@@ -179,11 +187,34 @@ pub enum LbError {
 /// Deletes the UDP conntrack entries in `netns` of flows to `(vip, port)` (port 0: any)
 /// answered by the removed backend, so their clients' next packets pick a live backend.
 pub(crate) async fn conntrack_cleanup(
-    _netns: &str,
-    _removed: &[(Ipv4Addr, Protocol, u16, Ipv4Addr)],
+    netns: &str,
+    removed: &[(Ipv4Addr, Protocol, u16, Ipv4Addr)],
 ) -> Result<usize, LbError> {
-    // Filled in by the conntrack netlink client.
-    Ok(0)
+    let (ns, removed) = (netns.to_string(), removed.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let filters: Vec<conntrack::CtFilter> = removed
+            .into_iter()
+            .map(|(vip, proto, port, backend)| {
+                let mut f = conntrack::CtFilter::backend(proto, vip, port, backend);
+                if port == ANY_PORT {
+                    f.orig_dport = None;
+                }
+                f
+            })
+            .collect();
+        // One dump, then a delete per matching entry.
+        let mut client = conntrack::CtClient::open_in(&ns)?;
+        let mut n = 0;
+        for e in client.list()? {
+            if filters.iter().any(|f| f.matches(&e)) && client.delete(&e)? {
+                n += 1;
+            }
+        }
+        Ok::<usize, conntrack::CtError>(n)
+    })
+    .await
+    .map_err(|e| LbError::Library(format!("conntrack clean-up in {netns:?}: {e}")))?
+    .map_err(|e| LbError::Conntrack(e.to_string()))
 }
 
 /// Renders the whole table as one nft script: `table ip T {}` + `delete table ip T` + the full

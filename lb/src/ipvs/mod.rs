@@ -279,6 +279,12 @@ pub enum IpvsError {
     Netns(#[from] shoal_netns::Error),
 }
 
+impl From<crate::netlink::DecodeError> for IpvsError {
+    fn from(e: crate::netlink::DecodeError) -> IpvsError {
+        IpvsError::Decode(e.0)
+    }
+}
+
 impl IpvsError {
     fn from_errno(op: &'static str, what: String, errno: i32) -> IpvsError {
         match errno {
@@ -306,13 +312,13 @@ impl IpvsClient {
     /// such as `/proc/self/ns/net`): the socket is created on a thread inside it and stays
     /// there. [`IpvsError::NoIpvs`] when the kernel has no IPVS.
     pub fn open_in(netns: &str) -> Result<IpvsClient, IpvsError> {
-        let sock = shoal_netns::run_in(netns, socket::NlSocket::open)??;
+        let sock = shoal_netns::run_in(netns, socket::open)??;
         IpvsClient::with_socket(sock, netns)
     }
 
     /// Opens a client in the calling thread's network namespace.
     pub fn open() -> Result<IpvsClient, IpvsError> {
-        IpvsClient::with_socket(socket::NlSocket::open()?, "(current)")
+        IpvsClient::with_socket(socket::open()?, "(current)")
     }
 
     fn with_socket(sock: socket::NlSocket, netns: &str) -> Result<IpvsClient, IpvsError> {

@@ -1,22 +1,16 @@
-//! Byte layouts: netlink + generic netlink headers, attributes, the genetlink controller's
-//! CTRL_CMD_GETFAMILY, and the IPVS family's messages (linux/ip_vs.h). Pure: builds and parses
-//! byte vectors, no sockets.
+//! Byte layouts: the generic netlink header (plain netlink is in `src/netlink.rs`), the
+//! genetlink controller's CTRL_CMD_GETFAMILY, and the IPVS family's messages (linux/ip_vs.h).
+//! Pure: builds and parses byte vectors, no sockets.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{Dest, DestKey, FwdMethod, IpvsError, Scheduler, Service, ServiceKey};
-use crate::Protocol;
+use crate::{Protocol, netlink};
 
-// linux/netlink.h
-pub const NLMSG_HDRLEN: usize = 16;
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_MULTI: u16 = 0x2;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_DUMP: u16 = 0x300;
-pub const NLMSG_ERROR: u16 = 2;
-pub const NLMSG_DONE: u16 = 3;
-pub const NLA_F_NESTED: u16 = 0x8000;
-pub const NLA_TYPE_MASK: u16 = 0x3fff;
+pub use crate::netlink::{
+    Msg, NLA_F_NESTED, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_MULTI, NLM_F_REQUEST,
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NlMsg,
+};
 
 // linux/genetlink.h
 pub const GENL_HDRLEN: usize = 4;
@@ -69,133 +63,24 @@ pub const AF_INET6: u16 = libc::AF_INET6 as u16;
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// One message being built: nlmsghdr + genlmsghdr + attributes. The length is patched in
-/// [`Msg::finish`].
-pub struct Msg {
-    buf: Vec<u8>,
-    nests: Vec<usize>,
-}
-
-impl Msg {
-    pub fn new(family: u16, flags: u16, seq: u32, cmd: u8, version: u8) -> Msg {
-        let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, patched later
-        buf.extend_from_slice(&family.to_ne_bytes()); // nlmsg_type
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel fills it
-        buf.push(cmd);
-        buf.push(version);
-        buf.extend_from_slice(&0u16.to_ne_bytes()); // reserved
-        Msg { buf, nests: vec![] }
-    }
-
-    pub fn attr(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
-        let len = 4 + payload.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(payload);
-        self.buf.resize(align4(self.buf.len()), 0);
-        self
-    }
-
-    pub fn u16(&mut self, ty: u16, v: u16) -> &mut Self {
-        self.attr(ty, &v.to_ne_bytes())
-    }
-
-    pub fn u32(&mut self, ty: u16, v: u32) -> &mut Self {
-        self.attr(ty, &v.to_ne_bytes())
-    }
-
-    /// NUL-terminated string.
-    pub fn str(&mut self, ty: u16, s: &str) -> &mut Self {
-        let mut v = s.as_bytes().to_vec();
-        v.push(0);
-        self.attr(ty, &v)
-    }
-
-    pub fn begin_nest(&mut self, ty: u16) -> &mut Self {
-        self.nests.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-        self
-    }
-
-    pub fn end_nest(&mut self) -> &mut Self {
-        let start = self.nests.pop().expect("end_nest without begin_nest");
-        let len = (self.buf.len() - start) as u16;
-        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        self
-    }
-
-    pub fn finish(mut self) -> Vec<u8> {
-        assert!(self.nests.is_empty(), "unclosed nest");
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
-    }
-}
-
-/// A received netlink message.
-#[derive(Debug, PartialEq, Eq)]
-pub struct NlMsg<'a> {
-    pub ty: u16,
-    pub flags: u16,
-    pub seq: u32,
-    pub payload: &'a [u8],
+/// A generic-netlink message: nlmsghdr (type = the family id) + genlmsghdr.
+fn genl(family: u16, flags: u16, seq: u32, cmd: u8, version: u8) -> Msg {
+    Msg::new(family, flags, seq, [cmd, version, 0, 0]) // genlmsghdr: cmd, version, reserved
 }
 
 /// Splits a datagram into netlink messages.
-pub fn split_msgs(mut b: &[u8]) -> Result<Vec<NlMsg<'_>>, IpvsError> {
-    let mut out = vec![];
-    while b.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || len > b.len() {
-            return Err(IpvsError::Decode(format!(
-                "netlink message length {len} in a {}-byte datagram",
-                b.len()
-            )));
-        }
-        out.push(NlMsg {
-            ty: u16::from_ne_bytes(b[4..6].try_into().unwrap()),
-            flags: u16::from_ne_bytes(b[6..8].try_into().unwrap()),
-            seq: u32::from_ne_bytes(b[8..12].try_into().unwrap()),
-            payload: &b[NLMSG_HDRLEN..len],
-        });
-        b = &b[align4(len).min(b.len())..];
-    }
-    Ok(out)
+pub fn split_msgs(b: &[u8]) -> Result<Vec<NlMsg<'_>>, IpvsError> {
+    Ok(netlink::split_msgs(b)?)
 }
 
 /// The errno of an NLMSG_ERROR payload (0 = ACK), as a positive number.
 pub fn error_code(payload: &[u8]) -> Result<i32, IpvsError> {
-    if payload.len() < 4 {
-        return Err(IpvsError::Decode("short NLMSG_ERROR".into()));
-    }
-    Ok(-i32::from_ne_bytes(payload[0..4].try_into().unwrap()))
+    Ok(netlink::error_code(payload)?)
 }
 
 /// Iterates attributes: (type without the NESTED/BYTEORDER bits, payload).
-pub fn attrs(mut b: &[u8]) -> Result<Vec<(u16, &[u8])>, IpvsError> {
-    let mut out = vec![];
-    while b.len() >= 4 {
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            return Err(IpvsError::Decode(format!(
-                "attribute {ty} length {len} in {} bytes",
-                b.len()
-            )));
-        }
-        out.push((ty, &b[4..len]));
-        b = &b[align4(len).min(b.len())..];
-    }
-    Ok(out)
+pub fn attrs(b: &[u8]) -> Result<Vec<(u16, &[u8])>, IpvsError> {
+    Ok(netlink::attrs(b)?)
 }
 
 fn get_u16(v: &[u8], what: &str) -> Result<u16, IpvsError> {
@@ -248,7 +133,7 @@ pub fn proto_num(p: Protocol) -> u16 {
 
 /// CTRL_CMD_GETFAMILY for `name`.
 pub fn get_family(seq: u32, name: &str) -> Vec<u8> {
-    let mut m = Msg::new(
+    let mut m = genl(
         GENL_ID_CTRL,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -341,43 +226,43 @@ const DUMP: u16 = NLM_F_REQUEST | NLM_F_DUMP;
 const V: u8 = IPVS_GENL_VERSION;
 
 pub fn new_service(fam: u16, seq: u32, s: &Service) -> Vec<u8> {
-    let mut m = Msg::new(fam, ACK, seq, IPVS_CMD_NEW_SERVICE, V);
+    let mut m = genl(fam, ACK, seq, IPVS_CMD_NEW_SERVICE, V);
     put_service(&mut m, s);
     m.finish()
 }
 
 pub fn set_service(fam: u16, seq: u32, s: &Service) -> Vec<u8> {
-    let mut m = Msg::new(fam, ACK, seq, IPVS_CMD_SET_SERVICE, V);
+    let mut m = genl(fam, ACK, seq, IPVS_CMD_SET_SERVICE, V);
     put_service(&mut m, s);
     m.finish()
 }
 
 pub fn del_service(fam: u16, seq: u32, key: &ServiceKey) -> Vec<u8> {
-    let mut m = Msg::new(fam, ACK, seq, IPVS_CMD_DEL_SERVICE, V);
+    let mut m = genl(fam, ACK, seq, IPVS_CMD_DEL_SERVICE, V);
     put_key_nest(&mut m, key);
     m.finish()
 }
 
 pub fn dump_services(fam: u16, seq: u32) -> Vec<u8> {
-    Msg::new(fam, DUMP, seq, IPVS_CMD_GET_SERVICE, V).finish()
+    genl(fam, DUMP, seq, IPVS_CMD_GET_SERVICE, V).finish()
 }
 
 pub fn new_dest(fam: u16, seq: u32, key: &ServiceKey, d: &Dest) -> Vec<u8> {
-    let mut m = Msg::new(fam, ACK, seq, IPVS_CMD_NEW_DEST, V);
+    let mut m = genl(fam, ACK, seq, IPVS_CMD_NEW_DEST, V);
     put_key_nest(&mut m, key);
     put_dest(&mut m, d, true);
     m.finish()
 }
 
 pub fn set_dest(fam: u16, seq: u32, key: &ServiceKey, d: &Dest) -> Vec<u8> {
-    let mut m = Msg::new(fam, ACK, seq, IPVS_CMD_SET_DEST, V);
+    let mut m = genl(fam, ACK, seq, IPVS_CMD_SET_DEST, V);
     put_key_nest(&mut m, key);
     put_dest(&mut m, d, true);
     m.finish()
 }
 
 pub fn del_dest(fam: u16, seq: u32, key: &ServiceKey, d: &DestKey) -> Vec<u8> {
-    let mut m = Msg::new(fam, ACK, seq, IPVS_CMD_DEL_DEST, V);
+    let mut m = genl(fam, ACK, seq, IPVS_CMD_DEL_DEST, V);
     put_key_nest(&mut m, key);
     let stub = Dest::masq(d.addr, d.port, 0);
     put_dest(&mut m, &stub, false);
@@ -385,13 +270,13 @@ pub fn del_dest(fam: u16, seq: u32, key: &ServiceKey, d: &DestKey) -> Vec<u8> {
 }
 
 pub fn dump_dests(fam: u16, seq: u32, key: &ServiceKey) -> Vec<u8> {
-    let mut m = Msg::new(fam, DUMP, seq, IPVS_CMD_GET_DEST, V);
+    let mut m = genl(fam, DUMP, seq, IPVS_CMD_GET_DEST, V);
     put_key_nest(&mut m, key);
     m.finish()
 }
 
 pub fn flush(fam: u16, seq: u32) -> Vec<u8> {
-    Msg::new(fam, ACK, seq, IPVS_CMD_FLUSH, V).finish()
+    genl(fam, ACK, seq, IPVS_CMD_FLUSH, V).finish()
 }
 
 /// Finds the nested attribute `ty` in a genetlink payload (genlmsghdr + attributes).
