@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use serde_json::Value;
 
-use crate::{LbError, Packet, Protocol, Ruleset, Selection, Trace};
+use crate::{LbError, Packet, Protocol, Ruleset, Selection, Trace, VirtualService};
 
 /// Comment on the table: says who owns it and which layout it has. An agent adopts a table
 /// (updates it in place) only when this comment matches; bump the number whenever the base
@@ -30,6 +30,12 @@ const LAYOUT_CHAIN: &str = "layout_2";
 /// Slots of a consistent-hash service: a flow's hash picks a slot, the slot names a backend.
 /// Fixed, so that a backend change moves only the slots of the backends that changed.
 pub const HASH_SLOTS: u32 = 256;
+/// Random-selection chains `rnd_{tcp,udp,any}_1..=PERMANENT_RND` and the hash chains are
+/// part of every table: a backend count change then only changes map elements. (Adding a
+/// chain with a rule makes nft load and the kernel validate the whole table: 30-300 ms at
+/// 1,000-10,000 services.) Larger counts and affinity chains come and go with their users.
+pub const PERMANENT_RND: usize = 32;
+
 /// Seed of the flow hash: the same on every node, so every node picks the same slot.
 pub const HASH_SEED: u32 = 0x5348_4f4c;
 
@@ -280,27 +286,28 @@ impl Model {
         sorted.sort_by(|a, b| {
             (a.vip, a.protocol, a.port, &a.id).cmp(&(b.vip, b.protocol, b.port, &b.id))
         });
+        sorted.dedup_by_key(|s| (s.vip, s.protocol, s.port));
+        let mut m = Model::from_services(&rs.table, sorted);
+        m.vips.extend(rs.vips.iter().copied());
+        m.hairpin = rs.local_endpoints.iter().copied().collect();
+        m.chains.extend(permanent_chains());
+        m
+    }
+
+    /// The part of a model that `services` (sorted, one per key) make: their map elements,
+    /// their VIPs and the selection chains they use. A set of whole (vip, protocol) groups
+    /// gives exactly those groups' elements of the full model.
+    pub(crate) fn from_services<'a>(
+        table: &str,
+        services: impl IntoIterator<Item = &'a VirtualService>,
+    ) -> Model {
         let mut m = Model {
-            table: rs.table.clone(),
-            vips: rs.vips.iter().copied().collect(),
-            hairpin: rs.local_endpoints.iter().copied().collect(),
+            table: table.to_string(),
             ..Model::default()
         };
-        let mut seen = BTreeSet::new();
-        for s in sorted {
-            if !seen.insert((s.vip, s.protocol, s.port)) {
-                continue;
-            }
+        for s in services {
             m.vips.insert(s.vip);
-            let draining: BTreeSet<_> = s.draining.iter().collect();
-            let active: Vec<Ipv4Addr> = s
-                .backends
-                .iter()
-                .filter(|b| !draining.contains(b))
-                .copied()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let active = active_backends(s);
             let any = s.port == ANY_PORT;
             let dispatch = if active.is_empty() {
                 Dispatch::NoBackends
@@ -332,7 +339,7 @@ impl Model {
                 Dispatch::Chain(chain)
             };
             let slots = match s.selection {
-                Selection::Random => active.clone(),
+                Selection::Random => active,
                 Selection::Consistent => hash_slots(&active),
             };
             if any {
@@ -353,6 +360,56 @@ impl Model {
         m.chains
             .retain(|c| !c.starts_with("rec_") || used_recs.contains(c));
         m
+    }
+
+    /// Removes every element of these (vip, protocol) groups.
+    pub(crate) fn remove_groups(&mut self, groups: &BTreeSet<(Ipv4Addr, Protocol)>) {
+        for &(v, p) in groups {
+            let keys: Vec<_> = self
+                .services
+                .range((v, p, 0)..=(v, p, u16::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                self.services.remove(&k);
+            }
+            self.any_port.remove(&(v, p));
+            let keys: Vec<_> = self
+                .backends
+                .range((v, p, 0, 0)..=(v, p, u16::MAX, u32::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                self.backends.remove(&k);
+            }
+            let keys: Vec<_> = self
+                .any_backends
+                .range((v, p, 0)..=(v, p, u32::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                self.any_backends.remove(&k);
+            }
+            let keys: Vec<_> = self
+                .target_ports
+                .range((v, p, 0)..=(v, p, u16::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                self.target_ports.remove(&k);
+            }
+            self.affinity_services.remove(&(v, p));
+        }
+    }
+
+    /// Adds the map elements of a partial model (see [`Model::from_services`]).
+    pub(crate) fn insert_elements(&mut self, part: Model) {
+        self.services.extend(part.services);
+        self.any_port.extend(part.any_port);
+        self.backends.extend(part.backends);
+        self.any_backends.extend(part.any_backends);
+        self.target_ports.extend(part.target_ports);
+        self.affinity_services.extend(part.affinity_services);
     }
 
     /// The elements of each map and set, as nft writes them (`key` or `key : value`).
@@ -461,17 +518,16 @@ impl Model {
     /// differs. Any element the kernel does not have as `self` says makes nft refuse the
     /// whole transaction (and the caller falls back to a full replace).
     pub fn diff(&self, to: &Model) -> Option<String> {
+        let mut o = chains_added(&to.table, &self.chains, &to.chains);
+        o.push_str(&self.elements_diff(to));
+        o.push_str(&chains_deleted(&to.table, &self.chains, &to.chains));
+        (!o.is_empty()).then_some(o)
+    }
+
+    /// Element deletes, then element adds, of every map and set (chains left out).
+    pub(crate) fn elements_diff(&self, to: &Model) -> String {
         let t = &to.table;
         let mut o = String::new();
-        // `aff_X` jumps to `X`: X must exist first.
-        let mut fresh: Vec<&String> = to.chains.difference(&self.chains).collect();
-        fresh.sort_by_key(|c| (c.starts_with("aff_"), *c));
-        for c in fresh {
-            let _ = writeln!(o, "add chain ip {t} {c}");
-            for r in chain_rules(c).expect("model holds only known chain names") {
-                let _ = writeln!(o, "add rule ip {t} {c} {r}");
-            }
-        }
         let (old, new) = (self.elements(), to.elements());
         for ((name, a), (_, b)) in old.iter().zip(new.iter()) {
             let gone: Vec<&String> = a
@@ -493,16 +549,7 @@ impl Model {
                 write_chunked(&mut o, "add", t, name, added.into_iter());
             }
         }
-        // All flushes first: `aff_X` jumps to `X`, and a chain something still jumps to
-        // cannot be deleted.
-        let stale: Vec<&String> = self.chains.difference(&to.chains).collect();
-        for c in &stale {
-            let _ = writeln!(o, "flush chain ip {t} {c}");
-        }
-        for c in &stale {
-            let _ = writeln!(o, "delete chain ip {t} {c}");
-        }
-        (!o.is_empty()).then_some(o)
+        o
     }
 
     /// Reads a table back from `nft -j list table ip T` output. None when the JSON does not
@@ -680,6 +727,67 @@ impl Model {
         );
         out
     }
+}
+
+/// `add chain` + `add rule` for the chains `to` has and `from` has not.
+pub(crate) fn chains_added(t: &str, from: &BTreeSet<String>, to: &BTreeSet<String>) -> String {
+    let mut o = String::new();
+    // `aff_X` jumps to `X`: X must exist first.
+    let mut fresh: Vec<&String> = to.difference(from).collect();
+    fresh.sort_by_key(|c| (c.starts_with("aff_"), *c));
+    for c in fresh {
+        let _ = writeln!(o, "add chain ip {t} {c}");
+        for r in chain_rules(c).expect("model holds only known chain names") {
+            let _ = writeln!(o, "add rule ip {t} {c} {r}");
+        }
+    }
+    o
+}
+
+/// `flush chain` + `delete chain` for the chains `from` has and `to` has not.
+pub(crate) fn chains_deleted(t: &str, from: &BTreeSet<String>, to: &BTreeSet<String>) -> String {
+    let mut o = String::new();
+    // All flushes first: `aff_X` jumps to `X`, and a chain something still jumps to cannot
+    // be deleted.
+    let stale: Vec<&String> = from.difference(to).collect();
+    for c in &stale {
+        let _ = writeln!(o, "flush chain ip {t} {c}");
+    }
+    for c in &stale {
+        let _ = writeln!(o, "delete chain ip {t} {c}");
+    }
+    o
+}
+
+/// Whether a service uses only permanent selection chains (no affinity, random or
+/// consistent with at most [`PERMANENT_RND`] active backends).
+pub(crate) fn uses_only_permanent_chains(s: &VirtualService) -> bool {
+    !matches!(s.affinity, Some(t) if t > 0)
+        && (s.selection == Selection::Consistent || active_backends(s).len() <= PERMANENT_RND)
+}
+
+/// The active (not draining) backends of a service, sorted and deduplicated.
+fn active_backends(s: &VirtualService) -> Vec<Ipv4Addr> {
+    let draining: BTreeSet<_> = s.draining.iter().collect();
+    s.backends
+        .iter()
+        .filter(|b| !draining.contains(b))
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The selection chains every table has (see [`PERMANENT_RND`]).
+pub(crate) fn permanent_chains() -> BTreeSet<String> {
+    let mut c = BTreeSet::new();
+    for p in ["tcp", "udp", "any"] {
+        for n in 1..=PERMANENT_RND {
+            c.insert(format!("rnd_{p}_{n}"));
+        }
+        c.insert(format!("hash_{p}_{HASH_SLOTS}"));
+    }
+    c
 }
 
 fn rec_timeout(chain: &str) -> u32 {

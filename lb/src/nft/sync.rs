@@ -2,14 +2,15 @@
 //! diffs, adoption of an existing table after a restart, and the clean-ups that follow a
 //! backend's removal (affinity entries, UDP conntrack entries).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use super::Applier;
-use crate::{LbError, Model, Protocol, Ruleset, validate};
+use crate::model::{chains_added, chains_deleted, permanent_chains, uses_only_permanent_chains};
+use crate::{LbError, Model, Protocol, Ruleset, ServiceKey, VirtualService, validate};
 
 /// How a sync changed the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,8 +51,80 @@ pub struct SyncReport {
 #[derive(Debug)]
 pub struct Syncer {
     applier: Applier,
-    applied: HashMap<String, Model>,
+    applied: HashMap<String, NsState>,
     conntrack_cleanup: bool,
+}
+
+/// What a namespace's table holds, as model and as the input it was made from.
+#[derive(Debug)]
+struct NsState {
+    model: Model,
+    services: BTreeMap<ServiceKey, VirtualService>,
+    vips_in: Vec<Ipv4Addr>,
+    local_in: Vec<Ipv4Addr>,
+}
+
+impl SyncReport {
+    fn new(adopted: bool) -> SyncReport {
+        SyncReport {
+            kind: SyncKind::Unchanged,
+            adopted,
+            removed: vec![],
+            affinity_deleted: 0,
+            conntrack_deleted: 0,
+            fallback: None,
+        }
+    }
+}
+
+/// Keys of services added, removed or changed between the last input and `sorted`.
+fn changed_keys(
+    sorted: &[&VirtualService],
+    last: &BTreeMap<ServiceKey, VirtualService>,
+) -> Vec<ServiceKey> {
+    let mut out = vec![];
+    let mut a = sorted.iter().peekable();
+    let mut b = last.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(s), None) => {
+                out.push((s.vip, s.protocol, s.port));
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.push(**k);
+                b.next();
+            }
+            (Some(s), Some((k, old))) => {
+                let ka = (s.vip, s.protocol, s.port);
+                match ka.cmp(k) {
+                    std::cmp::Ordering::Less => {
+                        out.push(ka);
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(**k);
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if ***s != **old {
+                            out.push(ka);
+                        }
+                        a.next();
+                        b.next();
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn sorted_contains(sorted: &[&VirtualService], k: &ServiceKey) -> bool {
+    sorted
+        .binary_search_by(|s| (s.vip, s.protocol, s.port).cmp(k))
+        .is_ok()
 }
 
 impl Syncer {
@@ -77,7 +150,7 @@ impl Syncer {
 
     /// The model last applied in `netns`.
     pub fn applied(&self, netns: &str) -> Option<&Model> {
-        self.applied.get(netns)
+        self.applied.get(netns).map(|st| &st.model)
     }
 
     /// Forgets `netns` (its namespace is gone, or its table was deleted): the next sync reads
@@ -88,55 +161,66 @@ impl Syncer {
 
     /// Brings the table in `netns` to `rs`. Invalid input changes nothing. On an error the
     /// namespace is forgotten, so the next sync starts from what the kernel has.
+    ///
+    /// Cost: the first sync of a namespace builds the whole model (and reads the kernel's
+    /// table back); later ones compare `rs` with the last one service by service and rebuild
+    /// and diff only the (VIP, protocol) groups that changed.
     pub async fn sync(&mut self, netns: &str, rs: &Ruleset) -> Result<SyncReport, LbError> {
         validate(rs)?;
-        let want = Model::from_ruleset(rs);
-        let res = self.sync_model(netns, rs, &want).await;
-        match &res {
-            Ok(_) => {
-                self.applied.insert(netns.to_string(), want);
+        let mut sorted: Vec<&VirtualService> = rs.services.iter().collect();
+        sorted.sort_by(|a, b| {
+            (a.vip, a.protocol, a.port, &a.id).cmp(&(b.vip, b.protocol, b.port, &b.id))
+        });
+        sorted.dedup_by_key(|s| (s.vip, s.protocol, s.port));
+        let prev = self
+            .applied
+            .remove(netns)
+            .filter(|st| st.model.table == rs.table);
+        let res = match prev {
+            Some(st) => self.sync_delta(netns, rs, &sorted, st).await,
+            None => self.sync_first(netns, rs, &sorted).await,
+        };
+        match res {
+            Ok((st, report)) => {
+                self.applied.insert(netns.to_string(), st);
+                self.log(netns, &report);
+                Ok(report)
             }
-            Err(_) => {
-                self.applied.remove(netns);
-            }
+            Err(e) => Err(e),
         }
-        res
     }
 
-    async fn sync_model(
-        &mut self,
+    fn log(&self, netns: &str, report: &SyncReport) {
+        match report.kind {
+            SyncKind::Unchanged => debug!(netns, "LB table unchanged"),
+            kind => info!(
+                netns,
+                ?kind,
+                adopted = report.adopted,
+                removed = report.removed.len(),
+                affinity_deleted = report.affinity_deleted,
+                conntrack_deleted = report.conntrack_deleted,
+                "LB table synced"
+            ),
+        }
+    }
+
+    /// First sync of a namespace: adopt the kernel's table (element diff) or replace it.
+    async fn sync_first(
+        &self,
         netns: &str,
         rs: &Ruleset,
-        want: &Model,
-    ) -> Result<SyncReport, LbError> {
-        let (have, adopted) = match self.applied.get(netns) {
-            Some(m) => (Some(m.clone()), false),
-            None => {
-                let m = self.read_back(netns, &rs.table).await?;
-                let adopted = m.is_some();
-                (m, adopted)
-            }
-        };
-        let mut report = SyncReport {
-            kind: SyncKind::Unchanged,
-            adopted,
-            removed: vec![],
-            affinity_deleted: 0,
-            conntrack_deleted: 0,
-            fallback: None,
-        };
+        sorted: &[&VirtualService],
+    ) -> Result<(NsState, SyncReport), LbError> {
+        let want = Model::from_ruleset(rs);
+        let have = self.read_back(netns, &rs.table).await?;
+        let mut report = SyncReport::new(have.is_some());
         match &have {
             Some(h) => {
-                if let Some(script) = h.diff(want) {
+                if let Some(script) = h.diff(&want) {
                     report.kind = SyncKind::Incremental;
-                    if let Err(e) = self.applier.run_script(netns, "update", script).await {
-                        warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
-                        report.kind = SyncKind::Full;
-                        report.fallback = Some(e.to_string());
-                        self.applier
-                            .run_script(netns, "apply", want.render())
-                            .await?;
-                    }
+                    self.update_or_replace(netns, script, &want, &mut report)
+                        .await?;
                 }
             }
             None => {
@@ -147,27 +231,172 @@ impl Syncer {
             }
         }
         if let Some(h) = &have {
-            report.removed = removed_backends(h, rs);
-            if !want.affinity_services.is_empty() && (adopted || lost_active(h, want)) {
-                report.affinity_deleted = self.clean_affinity(netns, want).await?;
+            report.removed = removed_backends(h, sorted.iter().copied());
+            if !want.affinity_services.is_empty() {
+                report.affinity_deleted = self.clean_affinity(netns, &want).await?;
             }
         }
+        self.finish(netns, &mut report).await?;
+        let st = NsState {
+            model: want,
+            services: sorted
+                .iter()
+                .map(|s| ((s.vip, s.protocol, s.port), (*s).clone()))
+                .collect(),
+            vips_in: rs.vips.clone(),
+            local_in: rs.local_endpoints.clone(),
+        };
+        Ok((st, report))
+    }
+
+    /// Later syncs: only the (VIP, protocol) groups whose services changed are rebuilt.
+    async fn sync_delta(
+        &self,
+        netns: &str,
+        rs: &Ruleset,
+        sorted: &[&VirtualService],
+        mut st: NsState,
+    ) -> Result<(NsState, SyncReport), LbError> {
+        let mut report = SyncReport::new(false);
+        let changed = changed_keys(sorted, &st.services);
+        let vips_changed = rs.vips != st.vips_in;
+        let local_changed = rs.local_endpoints != st.local_in;
+        if changed.is_empty() && !vips_changed && !local_changed {
+            return Ok((st, report));
+        }
+        let groups: BTreeSet<(Ipv4Addr, Protocol)> =
+            changed.iter().map(|(v, p, _)| (*v, *p)).collect();
+        let new_in_groups: Vec<&VirtualService> = groups
+            .iter()
+            .flat_map(|&(v, p)| {
+                let lo = sorted.partition_point(|s| (s.vip, s.protocol) < (v, p));
+                let hi = sorted.partition_point(|s| (s.vip, s.protocol) <= (v, p));
+                sorted[lo..hi].iter().copied()
+            })
+            .collect();
+        let old_in_groups: Vec<&VirtualService> = groups
+            .iter()
+            .flat_map(|&(v, p)| {
+                st.services
+                    .range((v, p, 0)..=(v, p, u16::MAX))
+                    .map(|(_, s)| s)
+            })
+            .collect();
+        let mut old_part = Model::from_services(&rs.table, old_in_groups.iter().copied());
+        let mut new_part = Model::from_services(&rs.table, new_in_groups.iter().copied());
+
+        // Sets: compared whole, only when they can have changed.
+        let keys_came_or_went = changed
+            .iter()
+            .any(|k| st.services.contains_key(k) != sorted_contains(sorted, k));
+        let new_vips = if vips_changed || keys_came_or_went {
+            let mut v: BTreeSet<Ipv4Addr> = rs.vips.iter().copied().collect();
+            v.extend(sorted.iter().map(|s| s.vip));
+            Some(v)
+        } else {
+            None
+        };
+        old_part.vips.clear();
+        new_part.vips.clear();
+        if let Some(v) = &new_vips {
+            old_part.vips = st.model.vips.clone();
+            new_part.vips = v.clone();
+        }
+        if local_changed {
+            old_part.hairpin = st.model.hairpin.clone();
+            new_part.hairpin = rs.local_endpoints.iter().copied().collect();
+        }
+
+        // Chains: recomputed over every service only when a non-permanent one is involved.
+        let permanent = permanent_chains();
+        let new_chains =
+            if old_part.chains.is_subset(&permanent) && new_part.chains.is_subset(&permanent) {
+                st.model.chains.clone()
+            } else {
+                let others = sorted
+                    .iter()
+                    .copied()
+                    .filter(|s| !uses_only_permanent_chains(s));
+                let mut c = Model::from_services(&rs.table, others).chains;
+                c.extend(permanent);
+                c
+            };
+
+        let mut script = chains_added(&rs.table, &st.model.chains, &new_chains);
+        script.push_str(&old_part.elements_diff(&new_part));
+        script.push_str(&chains_deleted(&rs.table, &st.model.chains, &new_chains));
+        report.removed = removed_backends(&old_part, new_in_groups.iter().copied());
+        let lost = lost_active(&old_part, &new_part);
+        let affinity = !new_part.affinity_services.is_empty();
+
+        if !script.is_empty() {
+            report.kind = SyncKind::Incremental;
+            if let Err(e) = self.applier.run_script(netns, "update", script).await {
+                // Start over from the desired state as a whole.
+                warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
+                let want = Model::from_ruleset(rs);
+                report.kind = SyncKind::Full;
+                report.fallback = Some(e.to_string());
+                self.applier
+                    .run_script(netns, "apply", want.render())
+                    .await?;
+                st.model = want;
+            }
+        }
+        if report.kind != SyncKind::Full {
+            st.model.remove_groups(&groups);
+            st.model.insert_elements(new_part);
+            if let Some(v) = new_vips {
+                st.model.vips = v;
+            }
+            if local_changed {
+                st.model.hairpin = rs.local_endpoints.iter().copied().collect();
+            }
+            st.model.chains = new_chains;
+        }
+        for k in &changed {
+            st.services.remove(k);
+        }
+        for s in new_in_groups {
+            st.services.insert((s.vip, s.protocol, s.port), s.clone());
+        }
+        if vips_changed {
+            st.vips_in = rs.vips.clone();
+        }
+        if local_changed {
+            st.local_in = rs.local_endpoints.clone();
+        }
+        if affinity && lost {
+            report.affinity_deleted = self.clean_affinity(netns, &st.model).await?;
+        }
+        self.finish(netns, &mut report).await?;
+        Ok((st, report))
+    }
+
+    /// Runs an element update; when nft refuses it, replaces the whole table instead.
+    async fn update_or_replace(
+        &self,
+        netns: &str,
+        script: String,
+        want: &Model,
+        report: &mut SyncReport,
+    ) -> Result<(), LbError> {
+        if let Err(e) = self.applier.run_script(netns, "update", script).await {
+            warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
+            report.kind = SyncKind::Full;
+            report.fallback = Some(e.to_string());
+            self.applier
+                .run_script(netns, "apply", want.render())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, netns: &str, report: &mut SyncReport) -> Result<(), LbError> {
         if self.conntrack_cleanup {
             report.conntrack_deleted = self.clean_conntrack(netns, &report.removed).await?;
         }
-        match report.kind {
-            SyncKind::Unchanged => debug!(netns, "LB table unchanged"),
-            kind => info!(
-                netns,
-                ?kind,
-                adopted,
-                removed = report.removed.len(),
-                affinity_deleted = report.affinity_deleted,
-                conntrack_deleted = report.conntrack_deleted,
-                "LB table synced"
-            ),
-        }
-        Ok(report)
+        Ok(())
     }
 
     /// The kernel's table as a model, or None when there is none or it is not of this layout.
@@ -242,8 +471,11 @@ impl Syncer {
     }
 }
 
-/// Backends the old model served that `rs` neither serves nor drains, per service port.
-fn removed_backends(have: &Model, rs: &Ruleset) -> Vec<(Ipv4Addr, Protocol, u16, Ipv4Addr)> {
+/// Backends the old model served that `services` neither serve nor drain, per service port.
+fn removed_backends<'a>(
+    have: &Model,
+    services: impl Iterator<Item = &'a VirtualService>,
+) -> Vec<(Ipv4Addr, Protocol, u16, Ipv4Addr)> {
     let mut old: BTreeSet<(Ipv4Addr, Protocol, u16, Ipv4Addr)> = have
         .backends
         .iter()
@@ -255,7 +487,7 @@ fn removed_backends(have: &Model, rs: &Ruleset) -> Vec<(Ipv4Addr, Protocol, u16,
             .map(|((v, p, _), b)| (*v, *p, 0, *b)),
     );
     let mut kept = BTreeSet::new();
-    for s in &rs.services {
+    for s in services {
         for b in s.backends.iter().chain(&s.draining) {
             kept.insert((s.vip, s.protocol, s.port, *b));
         }
