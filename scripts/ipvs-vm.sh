@@ -51,7 +51,7 @@ if [ "${1:-}" = fetch ]; then
   exit 0
 fi
 
-for t in qemu-system-x86_64 busybox ipvsadm depmod; do
+for t in qemu-system-x86_64 busybox ipvsadm depmod nft ip; do
   command -v "$t" >/dev/null ||
     die "$t not found: run the project's install step (make deps / scripts/deps.sh installs qemu-system-x86 busybox-static ipvsadm kmod)"
 done
@@ -93,7 +93,7 @@ t1=$(date +%s.%N)
 # --- initramfs -----------------------------------------------------------------------------
 root=$cache/initramfs
 rm -rf "$root"
-mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,lib/modules}
+mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run/netns,lib/modules}
 cp "$busybox_bin" "$root/bin/busybox"
 for a in sh mount insmod ip poweroff mkdir cat echo sleep ls; do
   ln -s busybox "$root/bin/$a"
@@ -117,23 +117,34 @@ add_mod() {
   seen[$m]=1
   order+=("${line%%:*}")
 }
-for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_mh dummy; do add_mod "$m"; done
+# nf_tables, nat and masquerade for the IPVS companion table; veth for the guest's
+# client/backend namespaces.
+for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_mh dummy nf_tables nft_chain_nat nft_masq veth; do
+  add_mod "$m"
+done
 : >"$root/modules.order"
 for f in "${order[@]}"; do
   case $f in *crc32c-intel* | *crc32c_intel*) continue ;; esac
   cp "$kroot/lib/modules/$kver/$f" "$root/lib/modules/"
   basename "$f" >>"$root/modules.order"
 done
-# ipvsadm and its shared libraries (same paths as on the host).
+# ipvsadm, nft (the guest applies the IPVS companion table with `nft -f -`: the static guest
+# cannot dlopen libnftables, SHOAL_LB_NFT=process) and iproute2's ip (veth pairs into named
+# namespaces, which busybox's ip cannot do), each with its shared libraries (same paths as on
+# the host, found with ldd).
 mkdir -p "$root/sbin"
-cp "$(command -v ipvsadm)" "$root/sbin/ipvsadm"
-for lib in $(ldd "$(command -v ipvsadm)" | grep -o '/[^ ]*'); do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
+for b in ipvsadm nft ip; do
+  src=$(command -v "$b") || die "$b not found: run the project's install step (scripts/deps.sh)"
+  cp "$src" "$root/sbin/$b"
+  for lib in $(ldd "$src" | grep -o '/[^ ]*'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
 done
 cp "$guest" "$root/ipvs_guest"
 cat >"$root/init" <<'EOF'
 #!/bin/sh
+export PATH=/sbin:/bin SHOAL_LB_NFT=process
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null

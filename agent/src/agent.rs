@@ -324,6 +324,23 @@ impl Agent {
             if self.lb_applied.get(net_id) == Some(&rs) {
                 continue;
             }
+            if self.cfg.lb.dataplane == crate::config::Dataplane::Ipvs {
+                // IPVS services (diff against the kernel's table, so a failed run converges on
+                // the next pass) + the companion nft table. Without IPVS in the kernel: the
+                // clear NoIpvs error, reported on every pass.
+                let opts = self.cfg.lb.ipvs_options();
+                match shoal_lb::ipvs::sync(&netns, &rs, &opts).await {
+                    Ok(ops) => {
+                        debug!(netns = %netns, services = rs.services.len(), ipvs_ops = ops.len(), "VIP ruleset synced (IPVS)");
+                        self.lb_applied.insert(net_id.clone(), rs);
+                    }
+                    Err(e) => {
+                        self.lb_applied.remove(net_id);
+                        errors.push(format!("IPVS ruleset of {netns}: {e}"));
+                    }
+                }
+                continue;
+            }
             match self.lb.sync(&netns, &rs).await {
                 Ok(r) => {
                     debug!(netns = %netns, services = rs.services.len(), kind = ?r.kind, "VIP ruleset synced");

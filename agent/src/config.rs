@@ -30,6 +30,46 @@ pub struct AgentConfig {
     pub lease_ttl_secs: u64,
     /// Underlay interface for VXLAN (default: the one holding advertise_addr).
     pub underlay_dev: Option<String>,
+    /// How VIPs are load-balanced.
+    pub lb: LbSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LbSettings {
+    /// `nftables` (default: one nft table per network namespace) or `ipvs` (the kernel's IP
+    /// Virtual Server plus a small companion nft table; needs the ip_vs modules).
+    pub dataplane: Dataplane,
+    /// IPVS scheduler of services with random selection (`rr`, `wrr`, `lc`, `sh`, ...);
+    /// services with consistent selection always use `mh`. Only read with `dataplane = "ipvs"`.
+    pub ipvs_scheduler: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    #[default]
+    Nftables,
+    Ipvs,
+}
+
+impl Default for LbSettings {
+    fn default() -> Self {
+        LbSettings {
+            dataplane: Dataplane::Nftables,
+            ipvs_scheduler: "rr".into(),
+        }
+    }
+}
+
+impl LbSettings {
+    /// The IPVS dataplane's options from these settings.
+    pub fn ipvs_options(&self) -> shoal_lb::ipvs::IpvsOptions {
+        shoal_lb::ipvs::IpvsOptions {
+            scheduler: shoal_lb::ipvs::Scheduler::from_name(&self.ipvs_scheduler),
+            flags: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,6 +120,7 @@ impl Default for AgentConfig {
             kill_timeout_secs: 5,
             lease_ttl_secs: 3,
             underlay_dev: None,
+            lb: LbSettings::default(),
         }
     }
 }
@@ -133,6 +174,17 @@ impl AgentConfig {
         if self.store.kind == StoreKind::Etcd && self.store.endpoints.is_empty() {
             anyhow::bail!("store.kind = \"etcd\" needs store.endpoints");
         }
+        let sched = &self.lb.ipvs_scheduler;
+        if sched.is_empty()
+            || sched.len() > 15
+            || !sched
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            anyhow::bail!(
+                "lb.ipvs_scheduler {sched:?} must be an IPVS scheduler name such as \"rr\", \"wrr\", \"lc\" or \"sh\""
+            );
+        }
         Ok(())
     }
 }
@@ -159,5 +211,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("netns_prefix"), "{e}");
+    }
+
+    #[test]
+    fn lb_dataplane() {
+        let c = AgentConfig::parse("").unwrap();
+        assert_eq!(c.lb, LbSettings::default());
+        assert_eq!(c.lb.dataplane, Dataplane::Nftables);
+        assert_eq!(c.lb.ipvs_scheduler, "rr");
+        let c = AgentConfig::parse("[lb]\ndataplane = \"nftables\"\n").unwrap();
+        assert_eq!(c.lb.dataplane, Dataplane::Nftables);
+        let c =
+            AgentConfig::parse("[lb]\ndataplane = \"ipvs\"\nipvs_scheduler = \"wlc\"\n").unwrap();
+        assert_eq!(c.lb.dataplane, Dataplane::Ipvs);
+        assert_eq!(
+            c.lb.ipvs_options(),
+            shoal_lb::ipvs::IpvsOptions {
+                scheduler: shoal_lb::ipvs::Scheduler::Other("wlc".into()),
+                flags: 0
+            }
+        );
+        assert_eq!(
+            AgentConfig::parse("[lb]\ndataplane = \"ipvs\"\n")
+                .unwrap()
+                .lb
+                .ipvs_options()
+                .scheduler,
+            shoal_lb::ipvs::Scheduler::Rr
+        );
+        // An unknown dataplane names the field and the accepted values.
+        let e = AgentConfig::parse("[lb]\ndataplane = \"ebpf\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dataplane")
+                && e.contains("ebpf")
+                && e.contains("nftables")
+                && e.contains("ipvs"),
+            "{e}"
+        );
+        let e = AgentConfig::parse("[lb]\nscheduler = \"rr\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scheduler"), "{e}");
+        let e = AgentConfig::parse("[lb]\nipvs_scheduler = \"r r\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ipvs_scheduler"), "{e}");
     }
 }

@@ -437,8 +437,317 @@ fn traffic(c: &mut IpvsClient) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs `/sbin/ip ARGS` (iproute2, copied into the initramfs: busybox's `ip` cannot create
+/// veth pairs into named namespaces).
+fn ipr(args: &[&str]) -> Result<(), String> {
+    let o = Command::new("/sbin/ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip {args:?}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a program inside a namespace; its standard output.
+fn run_in_ns(ns: &str, prog: &str, args: &[&str]) -> Result<String, String> {
+    use shoal_netns::CommandExt as _;
+    let o = Command::new(prog)
+        .args(args)
+        .in_netns(ns)
+        .map_err(|e| format!("{prog} in {ns}: {e}"))?
+        .output()
+        .map_err(|e| format!("running {prog} in {ns}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{prog} {args:?} in {ns}: {} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+const LB: &str = "lbns";
+const CLIENT: &str = "client";
+
+/// Every TCP/UDP listener a backend namespace has: answers with `<name>:<port>`.
+fn serve(ns: &str, name: &str, tcp: &[u16], udp: &[u16]) -> Result<(), String> {
+    use std::io::Write;
+    use std::net::{TcpListener, UdpSocket};
+    for &port in tcp {
+        let l = shoal_netns::run_in(ns, move || TcpListener::bind(("0.0.0.0", port)))
+            .map_err(|e| format!("{ns}: {e}"))?
+            .map_err(|e| format!("{ns}: bind tcp {port}: {e}"))?;
+        let id = format!("{name}:{port}");
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(id.as_bytes());
+            }
+        });
+    }
+    for &port in udp {
+        let u = shoal_netns::run_in(ns, move || UdpSocket::bind(("0.0.0.0", port)))
+            .map_err(|e| format!("{ns}: {e}"))?
+            .map_err(|e| format!("{ns}: bind udp {port}: {e}"))?;
+        let id = format!("{name}:{port}");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = u.recv_from(&mut buf) {
+                let _ = u.send_to(id.as_bytes(), from);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A TCP connection from namespace `ns` to `addr`: what the server wrote.
+fn tcp_get(ns: &str, addr: &str) -> Result<String, String> {
+    use std::io::Read;
+    let sa: std::net::SocketAddr = addr.parse().unwrap();
+    shoal_netns::run_in(ns, move || -> std::io::Result<String> {
+        let t = std::time::Duration::from_secs(3);
+        let mut c = std::net::TcpStream::connect_timeout(&sa, t)?;
+        c.set_read_timeout(Some(t))?;
+        let mut got = String::new();
+        c.read_to_string(&mut got)?;
+        Ok(got)
+    })
+    .map_err(|e| format!("{ns}: {e}"))?
+    .map_err(|e| format!("TCP {ns} -> {addr}: {e}"))
+}
+
+/// One UDP datagram from namespace `ns` to `addr`: the answer and where it came from.
+fn udp_get(ns: &str, addr: &str) -> Result<(String, String), String> {
+    let sa: std::net::SocketAddr = addr.parse().unwrap();
+    shoal_netns::run_in(ns, move || -> std::io::Result<(String, String)> {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        u.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        u.send_to(b"ping", sa)?;
+        let mut buf = [0u8; 64];
+        let (n, from) = u.recv_from(&mut buf)?;
+        Ok((
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            from.to_string(),
+        ))
+    })
+    .map_err(|e| format!("{ns}: {e}"))?
+    .map_err(|e| format!("UDP {ns} -> {addr}: {e}"))
+}
+
+/// The IPVS dataplane as the agent runs it (`ipvs::sync`: services + sysctls + companion nft
+/// table) in a namespace `lbns` routing between a client and two backends over veths:
+///
+/// ```text
+/// client 10.1.0.2 -- 10.1.0.1 [lbns] 10.2.1.1 -- 10.2.1.2 backend1
+///                     VIPs 10.3.0.10-13 10.2.2.1 -- 10.2.2.2 backend2
+/// ```
+fn dataplane() -> Result<(), String> {
+    for ns in [LB, CLIENT, "backend1", "backend2"] {
+        shoal_netns::create(ns).map_err(|e| format!("create {ns}: {e}"))?;
+        ipr(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    let link = |ns: &str, dev: &str, lb_addr: &str, addr: &str, gw: &str| -> Result<(), String> {
+        ipr(&[
+            "-n", LB, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        ipr(&["-n", LB, "addr", "add", lb_addr, "dev", dev])?;
+        ipr(&["-n", LB, "link", "set", dev, "up"])?;
+        ipr(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+        ipr(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ipr(&["-n", ns, "route", "add", "default", "via", gw])
+    };
+    link(CLIENT, "c0", "10.1.0.1/24", "10.1.0.2/24", "10.1.0.1")?;
+    link("backend1", "b1", "10.2.1.1/24", "10.2.1.2/24", "10.2.1.1")?;
+    link("backend2", "b2", "10.2.2.1/24", "10.2.2.2/24", "10.2.2.1")?;
+    // VIPs are local routes on lo, as the mesh makes them.
+    for vip in ["10.3.0.10", "10.3.0.11", "10.3.0.12", "10.3.0.13"] {
+        ipr(&[
+            "-n",
+            LB,
+            "route",
+            "add",
+            "local",
+            &format!("{vip}/32"),
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ])?;
+    }
+    serve("backend1", "b1", &[7001, 7002, 8080], &[7003])?;
+    serve("backend2", "b2", &[8080, 8443], &[])?;
+
+    let both = &["10.2.1.2", "10.2.2.2"];
+    let any_tcp = vs("any", "10.3.0.10", Protocol::Tcp, 0, 0, &["10.2.1.2"]);
+    let any_udp = vs("any", "10.3.0.10", Protocol::Udp, 0, 0, &["10.2.1.2"]);
+    // A specific port on the every-port VIP: its own service, not marked.
+    let tls = vs("tls", "10.3.0.10", Protocol::Tcp, 443, 8443, &["10.2.2.2"]);
+    let mut mh = vs("mh", "10.3.0.11", Protocol::Tcp, 80, 8080, both);
+    mh.selection = shoal_lb::Selection::Consistent;
+    let mut aff = vs("aff", "10.3.0.12", Protocol::Tcp, 80, 8080, both);
+    aff.affinity = Some(120);
+    let mut drain = vs("drain", "10.3.0.13", Protocol::Tcp, 80, 8080, both);
+    drain.draining = vec![ip("10.2.2.2")];
+    let mut rs = ruleset(vec![any_tcp, any_udp, tls, mh, aff, drain]);
+    // backend1 is a local endpoint: hairpin masquerade when it reaches itself via a VIP.
+    rs.local_endpoints = vec![ip("10.2.1.2")];
+    let opts = IpvsOptions::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let ops = rt
+        .block_on(ipvs::sync(LB, &rs, &opts))
+        .map_err(|e| format!("ipvs::sync: {e}"))?;
+    println!("ok: ipvs::sync in {LB}: {} operations", ops.len());
+    let again = rt
+        .block_on(ipvs::sync(LB, &rs, &opts))
+        .map_err(|e| format!("ipvs::sync again: {e}"))?;
+    if !again.is_empty() {
+        return Err(format!("second ipvs::sync did {again:?}"));
+    }
+    println!("ok: second ipvs::sync is a no-op");
+    for (k, v) in ipvs::SYSCTLS {
+        let got = shoal_netns::get_sysctl(LB, k).map_err(|e| e.to_string())?;
+        if got != v {
+            return Err(format!("sysctl {k} = {got} in {LB}, wanted {v}"));
+        }
+    }
+    println!("ok: sysctls set in {LB} (vs.conntrack=1, ...)");
+    let table = run_in_ns(LB, "nft", &["list", "table", "ip", ipvs::COMPANION_TABLE])?;
+    print!("{table}");
+    let adm = run_in_ns(LB, "/sbin/ipvsadm", &["-Ln"])?;
+    print!("{adm}");
+    let svc_line = |vip: &str| -> Result<String, String> {
+        adm.lines()
+            .find(|l| l.contains(&format!("{vip}:80 ")))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .ok_or_else(|| format!("no service {vip}:80 in ipvsadm -Ln"))
+    };
+    let l = svc_line("10.3.0.11")?;
+    if !l.starts_with("TCP 10.3.0.11:80 mh") || !l.contains("mh-port") {
+        return Err(format!("consistent service not mh: {l:?}"));
+    }
+    println!("ok: Consistent -> {l:?}");
+    let l = svc_line("10.3.0.12")?;
+    if !l.contains("persistent 120") {
+        return Err(format!("affinity service not persistent 120: {l:?}"));
+    }
+    println!("ok: affinity 120 s -> {l:?}");
+    // The draining backend of 10.3.0.13:80: `-> 10.2.2.2:8080 Masq 0 ...`.
+    let block: Vec<String> = adm
+        .lines()
+        .skip_while(|l| !l.contains("10.3.0.13:80 "))
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("->"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    if !block
+        .iter()
+        .any(|l| l.starts_with("-> 10.2.2.2:8080 Masq 0 "))
+        || !block
+            .iter()
+            .any(|l| l.starts_with("-> 10.2.1.2:8080 Masq 1 "))
+    {
+        return Err(format!("draining weights of 10.3.0.13:80: {block:?}"));
+    }
+    println!("ok: draining backend has weight 0: {block:?}");
+    let mark = fwmark_for(ip("10.3.0.10"), Protocol::Tcp);
+    let fwm = format!("FWM {mark} rr");
+    if !adm
+        .lines()
+        .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == fwm)
+    {
+        return Err(format!("no line {fwm:?} in ipvsadm -Ln"));
+    }
+    println!("ok: port-0 service is {fwm:?}");
+
+    // Traffic. Port-0 service: any port reaches the same port of the backend (fwmark set by
+    // the companion table), TCP and UDP; the specific port 443 goes to its own service.
+    for port in [7001, 7002] {
+        let got = tcp_get(CLIENT, &format!("10.3.0.10:{port}"))?;
+        if got != format!("b1:{port}") {
+            return Err(format!("TCP 10.3.0.10:{port} (fwmark) got {got:?}"));
+        }
+        println!("ok: client -> TCP 10.3.0.10:{port} -> {got} (fwmark service)");
+    }
+    let (got, from) = udp_get(CLIENT, "10.3.0.10:7003")?;
+    if got != "b1:7003" || from != "10.3.0.10:7003" {
+        return Err(format!("UDP 10.3.0.10:7003 got {got:?} from {from}"));
+    }
+    println!("ok: client -> UDP 10.3.0.10:7003 -> {got}, reply from {from} (fwmark service)");
+    let got = tcp_get(CLIENT, "10.3.0.10:443")?;
+    if got != "b2:8443" {
+        return Err(format!("TCP 10.3.0.10:443 (own service) got {got:?}"));
+    }
+    println!("ok: client -> TCP 10.3.0.10:443 -> {got} (specific port not marked)");
+    // mh answers.
+    let got = tcp_get(CLIENT, "10.3.0.11:80")?;
+    println!("ok: client -> mh 10.3.0.11:80 -> {got}");
+    // Persistence: rr would alternate; every connection goes to the first one's backend.
+    let first = tcp_get(CLIENT, "10.3.0.12:80")?;
+    for _ in 0..5 {
+        let got = tcp_get(CLIENT, "10.3.0.12:80")?;
+        if got != first {
+            return Err(format!("persistent service: {first:?} then {got:?}"));
+        }
+    }
+    println!("ok: client -> persistent 10.3.0.12:80: 6 connections all to {first}");
+    // Draining: rr over {b1 weight 1, b2 weight 0} only ever picks b1.
+    for _ in 0..6 {
+        let got = tcp_get(CLIENT, "10.3.0.13:80")?;
+        if got != "b1:8080" {
+            return Err(format!("draining backend got a new connection: {got:?}"));
+        }
+    }
+    println!("ok: client -> 10.3.0.13:80: 6 connections, none to the draining backend");
+    // Hairpin: backend1 reaches itself through the VIP (masquerade of the companion table on
+    // IPVS's NAT, visible to netfilter with vs.conntrack=1).
+    let got = tcp_get("backend1", "10.3.0.13:80")?;
+    if got != "b1:8080" {
+        return Err(format!("hairpin backend1 -> 10.3.0.13:80 got {got:?}"));
+    }
+    println!("ok: hairpin backend1 -> 10.3.0.13:80 -> itself ({got})");
+    // Without the companion's mark the any-port VIP has no service: the backend is not
+    // reached (nothing listens on the VIP itself: refused).
+    rt.block_on(shoal_lb::delete_table(LB, ipvs::COMPANION_TABLE))
+        .map_err(|e| format!("delete companion: {e}"))?;
+    match tcp_get(CLIENT, "10.3.0.10:7001") {
+        Err(e) => println!("ok: without the companion table 10.3.0.10:7001 fails ({e})"),
+        Ok(got) => return Err(format!("without fwmarks 10.3.0.10:7001 still got {got:?}")),
+    }
+    // ... and hairpin fails without its masquerade (the backend would get its own address as
+    // source on eth0: a martian, dropped).
+    match tcp_get("backend1", "10.3.0.13:80") {
+        Err(e) => println!("ok: without the companion table hairpin fails ({e})"),
+        Ok(got) => return Err(format!("hairpin without masquerade still got {got:?}")),
+    }
+    // The next sync converges: the companion table is back, IPVS untouched.
+    let ops = rt
+        .block_on(ipvs::sync(LB, &rs, &opts))
+        .map_err(|e| format!("ipvs::sync after delete: {e}"))?;
+    if !ops.is_empty() {
+        return Err(format!(
+            "sync after deleting the companion table did {ops:?}"
+        ));
+    }
+    let got = tcp_get(CLIENT, "10.3.0.10:7002")?;
+    if got != "b1:7002" {
+        return Err(format!("after re-sync 10.3.0.10:7002 got {got:?}"));
+    }
+    println!("ok: re-sync restores the companion table ({got})");
+    Ok(())
+}
+
 fn main() {
-    match run() {
+    let r = run().and_then(|()| dataplane());
+    match r {
         Ok(()) => println!("IPVS-TEST: PASS"),
         Err(reason) => println!("IPVS-TEST: FAIL {}", reason.replace('\n', " | ")),
     }

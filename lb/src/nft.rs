@@ -214,6 +214,20 @@ impl Applier {
         .map(|_| ())
     }
 
+    /// Runs a script of this crate's making (e.g. the IPVS companion table) as one
+    /// transaction (`dry_run`: nft's check mode).
+    pub(crate) async fn run_crate_script(
+        &self,
+        netns: &str,
+        text: String,
+        dry_run: bool,
+    ) -> Result<(), LbError> {
+        let action = if dry_run { "check" } else { "apply" };
+        self.run(netns, action, Cmd::Script { text, dry_run })
+            .await
+            .map(|_| ())
+    }
+
     /// Runs `cmd` in `netns`; returns its standard output, or nft's refusal as
     /// [`LbError::Nft`].
     async fn run(&self, netns: &str, action: &'static str, cmd: Cmd) -> Result<String, LbError> {

@@ -14,21 +14,29 @@
 //! - port 0 ("every port of the protocol", Swarm's VIP semantics) becomes a **firewall-mark
 //!   service**: IPVS matches a fwmark service before any address service, and its destinations
 //!   have port 0, meaning "the packet's own destination port". The mark is
-//!   [`fwmark_for`]`(vip, protocol)`; marking the packets (`meta mark set ...` for the VIP and
-//!   protocol, excluding the ports that have their own service) is the caller's job, e.g. a
-//!   small nft rule — this module only programs IPVS.
+//!   [`fwmark_for`]`(vip, protocol)`, set by the companion nft table ([`companion_script`]);
+//! - `Consistent` selection → `mh` with port hashing, `affinity` → persistence, draining
+//!   backends → weight 0.
+//!
+//! [`sync`] is the dataplane's applier (what the agent calls with `lb.dataplane = "ipvs"`):
+//! IPVS services through the planner, the sysctls IPVS's NAT needs, and the companion table.
 //!
 //! The kernel in the development VM has no IPVS: [`IpvsClient::open_in`] then returns
 //! [`IpvsError::NoIpvs`]. `scripts/ipvs-vm.sh` boots Debian's cloud kernel (which has it) under
 //! qemu to test against a real one.
 
+mod companion;
 mod plan;
 mod socket;
 pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-pub use plan::{IpvsOptions, Op, apply_plan, desired_services, fwmark_for, plan};
+pub use companion::{COMPANION_COMMENT, COMPANION_TABLE, companion_script};
+pub use plan::{
+    FWMARK_BASE, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED_MH_PORT, IP_VS_SVC_F_SCHED_SH_PORT,
+    IpvsOptions, Op, apply_plan, desired_services, fwmark_for, plan,
+};
 
 use crate::{Protocol, Ruleset};
 
@@ -277,6 +285,18 @@ pub enum IpvsError {
     Invalid(String),
     #[error(transparent)]
     Netns(#[from] shoal_netns::Error),
+    /// A sysctl IPVS needs could not be set in the namespace.
+    #[error("IPVS: setting {key}={value} in network namespace {netns:?}: {source}")]
+    Sysctl {
+        netns: String,
+        key: &'static str,
+        value: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The companion nft table (fwmarks, hairpin masquerade) was refused.
+    #[error("IPVS companion nft table: {0}")]
+    Companion(#[source] crate::LbError),
 }
 
 impl From<crate::netlink::DecodeError> for IpvsError {
@@ -531,6 +551,99 @@ pub fn apply(netns: &str, rs: &Ruleset, opts: &IpvsOptions) -> Result<Vec<Op>, I
     let desired = desired_services(rs, opts)?;
     let mut c = IpvsClient::open_in(netns)?;
     apply_plan(&mut c, &desired)
+}
+
+/// The sysctls [`sync`] sets in the namespace (IPVS ones exist once `ip_vs` is loaded):
+///
+/// - `net.ipv4.vs.conntrack=1`: IPVS keeps conntrack entries for its NAT connections, so
+///   netfilter sees them (the companion's hairpin masquerade works on them);
+/// - `net.ipv4.vs.expire_nodest_conn=1`: a packet of a connection whose destination was
+///   removed expires that connection (dropped, the client retries) instead of being sent to
+///   nowhere until its IPVS timeout;
+/// - `net.ipv4.vs.expire_quiescent_template=1`: a draining (weight 0) destination gets no new
+///   connections through a persistence template either (as the nft dataplane's affinity);
+/// - `net.ipv4.ip_forward=1`: replies of remote backends are forwarded back to the clients
+///   (the mesh sets it too).
+pub const SYSCTLS: [(&str, &str); 4] = [
+    ("net/ipv4/vs/conntrack", "1"),
+    ("net/ipv4/vs/expire_nodest_conn", "1"),
+    ("net/ipv4/vs/expire_quiescent_template", "1"),
+    ("net/ipv4/ip_forward", "1"),
+];
+
+fn set_sysctls(netns: &str) -> Result<(), IpvsError> {
+    shoal_netns::run_in(netns, || {
+        for (key, value) in SYSCTLS {
+            let file = format!("/proc/sys/{key}");
+            let res = match std::fs::read_to_string(&file) {
+                Ok(cur) if cur.trim() == value => Ok(()),
+                _ => std::fs::write(&file, value),
+            };
+            res.map_err(|source| (key, value, source))?;
+        }
+        Ok(())
+    })?
+    .map_err(|(key, value, source)| IpvsError::Sysctl {
+        netns: netns.to_string(),
+        key,
+        value,
+        source,
+    })
+}
+
+/// The IPVS dataplane's applier: makes namespace `netns` serve `rs` through IPVS.
+///
+/// 1. [`desired_services`] (pure; invalid input fails before anything is touched, as does
+///    [`crate::validate`]);
+/// 2. on tokio's blocking pool: opens an [`IpvsClient`] inside `netns` ([`IpvsError::NoIpvs`]
+///    on a kernel without IPVS — nothing else is done then), sets [`SYSCTLS`], and runs the
+///    planner ([`apply_plan`]: only what differs from the kernel's table is changed);
+/// 3. replaces the companion nft table ([`companion_script`], one transaction through
+///    [`crate::Applier::global`]); the same transaction deletes the nft dataplane's table
+///    `rs.table` if it is there (a node switched from the nft dataplane).
+///
+/// IPVS has no transactions: an error stops the run and what was done before it stays; the
+/// planner compares with the kernel's table on every call, so the next call converges (the
+/// agent retries on its next pass). Services come before the companion table, so a new
+/// port-0 service exists before its packets are marked. Returns the IPVS operations done.
+pub async fn sync(netns: &str, rs: &Ruleset, opts: &IpvsOptions) -> Result<Vec<Op>, IpvsError> {
+    crate::validate(rs).map_err(|e| IpvsError::Invalid(e.to_string()))?;
+    if rs.table == COMPANION_TABLE {
+        return Err(IpvsError::Invalid(format!(
+            "table name {COMPANION_TABLE:?} is the IPVS companion's"
+        )));
+    }
+    let desired = desired_services(rs, opts)?;
+    let ns = netns.to_string();
+    let ops = tokio::task::spawn_blocking(move || {
+        let mut c = IpvsClient::open_in(&ns)?;
+        set_sysctls(&ns)?;
+        apply_plan(&mut c, &desired)
+    })
+    .await
+    .map_err(|e| IpvsError::Io {
+        what: "blocking task",
+        source: std::io::Error::other(e.to_string()),
+    })??;
+    let t = &rs.table;
+    let script = format!(
+        "table ip {t} {{}}\ndelete table ip {t}\n{}",
+        companion_script(rs)
+    );
+    crate::Applier::global()
+        .run_crate_script(netns, script, false)
+        .await
+        .map_err(IpvsError::Companion)?;
+    Ok(ops)
+}
+
+/// Checks the companion table of `rs` in nft's check mode (`nft -c`) inside `netns`: parsed
+/// and validated by the kernel, nothing changed. Needs nf_tables, not IPVS.
+pub async fn check_companion(netns: &str, rs: &Ruleset) -> Result<(), IpvsError> {
+    crate::Applier::global()
+        .run_crate_script(netns, companion_script(rs), true)
+        .await
+        .map_err(IpvsError::Companion)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use super::{
     Dest, DestKey, IpvsClient, IpvsError, Scheduler, Service, ServiceKey, ServiceWithDests,
 };
-use crate::{Protocol, Ruleset};
+use crate::{Protocol, Ruleset, Selection};
 
 /// One change to the kernel's IPVS table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +38,18 @@ impl Default for IpvsOptions {
     }
 }
 
+/// `IP_VS_SVC_F_PERSISTENT` (linux/ip_vs.h): persistent service (client affinity).
+pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x0001;
+/// `IP_VS_SVC_F_SCHED_SH_PORT` (= `IP_VS_SVC_F_SCHED2`, linux/ip_vs.h): `sh` hashes on ports too.
+pub const IP_VS_SVC_F_SCHED_SH_PORT: u32 = 0x0010;
+/// `IP_VS_SVC_F_SCHED_MH_PORT` (= `IP_VS_SVC_F_SCHED2`): `mh` hashes on addresses AND ports.
+/// Not in the uapi header (6.1's linux/ip_vs.h has only the SH flags): the kernel defines it
+/// in net/netfilter/ipvs/ip_vs_mh.c as `IP_VS_SVC_F_SCHED2`, ipvsadm in its own copy.
+pub const IP_VS_SVC_F_SCHED_MH_PORT: u32 = 0x0010;
+/// The scheduler-private flag bits (`IP_VS_SVC_F_SCHED1..3`): meaningful only for the
+/// scheduler they were given with, so a per-service scheduler replaces them.
+const SCHED_FLAGS: u32 = 0x0008 | 0x0010 | 0x0020;
+
 /// Base of the firewall marks of port-0 services.
 pub const FWMARK_BASE: u32 = 0x1000_0000;
 
@@ -51,10 +63,19 @@ pub fn fwmark_for(vip: Ipv4Addr, protocol: Protocol) -> u32 {
 }
 
 /// The IPVS services a [`Ruleset`] asks for (pure). Specific ports: `(proto, vip, port)`
-/// services with masquerading destinations `backend:target_port`, weight 1. Port 0: a
-/// fwmark service ([`fwmark_for`]) whose destinations have port 0 (same port as the packet).
-/// `vips` and `local_endpoints` have no IPVS meaning (IPVS drops what no service matches
-/// only if the VIP is local; hairpin masquerade is nft's job).
+/// services with masquerading destinations `backend:target_port`. Port 0: a fwmark service
+/// ([`fwmark_for`]) whose destinations have port 0 (same port as the packet).
+///
+/// - scheduler: `opts.scheduler` with `opts.flags` for [`Selection::Random`];
+///   [`Selection::Consistent`] → `mh` with [`IP_VS_SVC_F_SCHED_MH_PORT`] (Maglev hashing of
+///   addresses and ports; the scheduler bits of `opts.flags` are dropped, others kept);
+/// - `affinity: Some(t)` (t > 0) → persistent service ([`IP_VS_SVC_F_PERSISTENT`], timeout
+///   `t` s, netmask `255.255.255.255`: per client address);
+/// - active backends get weight 1, draining ones weight 0 (quiesced: kept with their
+///   connections, no new ones). A backend in both lists is draining.
+///
+/// `vips` and `local_endpoints` have no IPVS meaning here (the companion nft table,
+/// [`companion_script`](super::companion_script), does hairpin masquerade).
 pub fn desired_services(
     rs: &Ruleset,
     opts: &IpvsOptions,
@@ -95,12 +116,30 @@ pub fn desired_services(
                 vs.id
             )));
         }
-        let mut service = Service::new(key, opts.scheduler.clone());
-        service.flags = opts.flags;
+        let mut service = match vs.selection {
+            Selection::Random => {
+                let mut s = Service::new(key, opts.scheduler.clone());
+                s.flags = opts.flags;
+                s
+            }
+            Selection::Consistent => {
+                let mut s = Service::new(key, Scheduler::Mh);
+                s.flags = (opts.flags & !SCHED_FLAGS) | IP_VS_SVC_F_SCHED_MH_PORT;
+                s
+            }
+        };
+        if let Some(t) = vs.affinity.filter(|t| *t > 0) {
+            service.flags |= IP_VS_SVC_F_PERSISTENT;
+            service.timeout = t;
+            service.netmask = u32::MAX;
+        }
+        let draining: BTreeSet<Ipv4Addr> = vs.draining.iter().copied().collect();
         let dests: BTreeSet<Dest> = vs
             .backends
             .iter()
+            .filter(|b| !draining.contains(b))
             .map(|b| Dest::masq(IpAddr::V4(*b), port, 1))
+            .chain(draining.iter().map(|b| Dest::masq(IpAddr::V4(*b), port, 0)))
             .collect();
         out.insert(
             key,
@@ -281,6 +320,130 @@ mod tests {
             vs("10.0.0.1", Protocol::Udp, 0, 0, &[]),
         ]);
         assert_eq!(desired_services(&r, &o).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn consistent_selection_is_mh_with_port_hashing() {
+        let mut v = vs("10.0.0.100", Protocol::Tcp, 80, 8080, &["10.0.0.2"]);
+        v.selection = Selection::Consistent;
+        let mut any = vs("10.0.0.101", Protocol::Udp, 0, 0, &["10.0.0.2"]);
+        any.selection = Selection::Consistent;
+        let random = vs("10.0.0.102", Protocol::Tcp, 80, 80, &["10.0.0.2"]);
+        // The default scheduler's private flags (sh-fallback|sh-port) do not leak into mh;
+        // other flags (one-packet) are kept.
+        let opts = IpvsOptions {
+            scheduler: Scheduler::Sh,
+            flags: 0x8 | 0x10 | 0x4,
+        };
+        let got = desired_services(&rs(vec![v, any, random]), &opts).unwrap();
+        let by_key: BTreeMap<ServiceKey, &Service> =
+            got.iter().map(|s| (s.service.key, &s.service)).collect();
+        let mh = by_key[&ServiceKey::tcp(ip("10.0.0.100"), 80)];
+        assert_eq!(mh.scheduler, Scheduler::Mh);
+        assert_eq!(mh.flags, IP_VS_SVC_F_SCHED_MH_PORT | 0x4);
+        assert_eq!(IP_VS_SVC_F_SCHED_MH_PORT, 0x10, "IP_VS_SVC_F_SCHED2");
+        let fw = by_key[&ServiceKey::Fwmark {
+            ipv6: false,
+            mark: fwmark_for(ip("10.0.0.101"), Protocol::Udp),
+        }];
+        assert_eq!(
+            (fw.scheduler.clone(), fw.flags),
+            (Scheduler::Mh, 0x10 | 0x4)
+        );
+        let sh = by_key[&ServiceKey::tcp(ip("10.0.0.102"), 80)];
+        assert_eq!((sh.scheduler.clone(), sh.flags), (Scheduler::Sh, 0x1c));
+        // Default options: Random is rr without flags, Consistent mh with the port flag.
+        let mut c = vs("10.0.0.100", Protocol::Tcp, 80, 80, &[]);
+        c.selection = Selection::Consistent;
+        let got = desired_services(&rs(vec![c]), &IpvsOptions::default()).unwrap();
+        let mut want = Service::new(ServiceKey::tcp(ip("10.0.0.100"), 80), Scheduler::Mh);
+        want.flags = 0x10;
+        assert_eq!(got[0].service, want);
+    }
+
+    #[test]
+    fn affinity_is_a_persistent_service() {
+        let mut v = vs("10.0.0.100", Protocol::Tcp, 80, 8080, &["10.0.0.2"]);
+        v.affinity = Some(600);
+        let mut any = vs("10.0.0.101", Protocol::Tcp, 0, 0, &["10.0.0.2"]);
+        any.affinity = Some(30);
+        any.selection = Selection::Consistent;
+        let mut zero = vs("10.0.0.102", Protocol::Tcp, 80, 80, &[]);
+        zero.affinity = Some(0); // as the nft dataplane: no affinity
+        let got = desired_services(&rs(vec![v, any, zero]), &IpvsOptions::default()).unwrap();
+        let mut p = Service::new(ServiceKey::tcp(ip("10.0.0.100"), 80), Scheduler::Rr);
+        p.flags = IP_VS_SVC_F_PERSISTENT;
+        p.timeout = 600;
+        p.netmask = 0xffff_ffff;
+        assert_eq!(got[0].service, p);
+        assert_eq!(
+            got[1].service,
+            Service::new(ServiceKey::tcp(ip("10.0.0.102"), 80), Scheduler::Rr)
+        );
+        let f = &got[2].service;
+        assert_eq!(
+            (f.scheduler.clone(), f.flags, f.timeout, f.netmask),
+            (Scheduler::Mh, 0x10 | 0x1, 30, 0xffff_ffff)
+        );
+        // Switching affinity on is one UpdateService, destinations untouched.
+        let before = desired_services(
+            &rs(vec![vs(
+                "10.0.0.100",
+                Protocol::Tcp,
+                80,
+                8080,
+                &["10.0.0.2"],
+            )]),
+            &IpvsOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(plan(&before, &got[..1]), vec![Op::UpdateService(p)]);
+    }
+
+    #[test]
+    fn draining_backends_get_weight_zero() {
+        let mut v = vs(
+            "10.0.0.100",
+            Protocol::Tcp,
+            80,
+            8080,
+            &["10.0.0.2", "10.0.0.3", "10.0.0.4"],
+        );
+        // .3 in both lists: draining; .5 only draining: kept at weight 0 as well.
+        v.draining = vec![ip("10.0.0.5"), ip("10.0.0.3")];
+        let mut any = vs("10.0.0.101", Protocol::Udp, 0, 0, &["10.0.0.2"]);
+        any.draining = vec![ip("10.0.0.2")];
+        let got = desired_services(&rs(vec![v, any]), &IpvsOptions::default()).unwrap();
+        assert_eq!(
+            got[0].dests,
+            vec![
+                d("10.0.0.2", 8080, 1),
+                d("10.0.0.3", 8080, 0),
+                d("10.0.0.4", 8080, 1),
+                d("10.0.0.5", 8080, 0),
+            ]
+        );
+        assert_eq!(got[1].dests, vec![d("10.0.0.2", 0, 0)]);
+        // Draining an existing backend is a weight update, never a delete.
+        let before = desired_services(
+            &rs(vec![vs(
+                "10.0.0.100",
+                Protocol::Tcp,
+                80,
+                8080,
+                &["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"],
+            )]),
+            &IpvsOptions::default(),
+        )
+        .unwrap();
+        let k = ServiceKey::tcp(ip("10.0.0.100"), 80);
+        assert_eq!(
+            plan(&before, &got[..1]),
+            vec![
+                Op::UpdateDest(k, d("10.0.0.3", 8080, 0)),
+                Op::UpdateDest(k, d("10.0.0.5", 8080, 0)),
+            ]
+        );
     }
 
     #[test]
