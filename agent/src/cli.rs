@@ -240,6 +240,13 @@ pub enum LabCmd {
         name: String,
         node: String,
     },
+    /// Restart a node's agent (SIGTERM, then start it again): tasks keep running and the new
+    /// agent adopts them and the kernel state
+    Restart {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        node: String,
+    },
     /// Run a command in a task (web.1), a node (node1) or the client
     Exec {
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
@@ -608,6 +615,10 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Start { name, node } => {
             crate::lab::start(&name, &node).await?;
             eprintln!("{node} started");
+        }
+        LabCmd::Restart { name, node } => {
+            crate::lab::restart(&name, &node).await?;
+            eprintln!("{node}: agent restarted");
         }
         LabCmd::Status { name } => {
             let lab = crate::lab::Lab::load(&name)?;

@@ -355,6 +355,19 @@ pub async fn start(name: &str, node: &str) -> anyhow::Result<()> {
     wait_all_ready(&lab).await
 }
 
+/// `shoal lab restart NODE`: stops the node's agent with SIGTERM (it leaves tasks and kernel
+/// state alone) and starts it again; the new agent adopts both.
+pub async fn restart(name: &str, node: &str) -> anyhow::Result<()> {
+    let lab = Lab::load(name)?;
+    let n = lab
+        .node(node)
+        .with_context(|| format!("no node {node:?} in lab {name:?}"))?;
+    if pid_alive(n.pid) {
+        stop_pid(n.pid, Duration::from_secs(10));
+    }
+    start(name, node).await
+}
+
 fn unsafe_setsid(cmd: &mut Command) {
     // SAFETY: setsid(2) is async-signal-safe; the daemon must not get the CLI's signals.
     unsafe {

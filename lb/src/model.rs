@@ -906,7 +906,7 @@ pub(crate) fn validate(rs: &Ruleset) -> Result<(), LbError> {
             rs.table
         )));
     }
-    let mut keys = BTreeMap::new();
+    let mut keys = Vec::with_capacity(rs.services.len());
     for s in &rs.services {
         if !is_service_id(&s.id) {
             return Err(LbError::Invalid(format!(
@@ -929,10 +929,16 @@ pub(crate) fn validate(rs: &Ruleset) -> Result<(), LbError> {
                 s.id
             )));
         }
-        if let Some(other) = keys.insert((s.vip, s.protocol, s.port), &s.id) {
+        keys.push(((s.vip, s.protocol, s.port), &s.id));
+    }
+    // A sorted vector, not a map: this runs on every sync of every namespace.
+    keys.sort_unstable();
+    for w in keys.windows(2) {
+        if w[0].0 == w[1].0 {
+            let (vip, protocol, port) = w[0].0;
             return Err(LbError::Invalid(format!(
-                "services {other:?} and {:?} both claim {}:{}/{}",
-                s.id, s.vip, s.port, s.protocol
+                "services {:?} and {:?} both claim {vip}:{port}/{protocol}",
+                w[0].1, w[1].1
             )));
         }
     }

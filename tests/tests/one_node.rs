@@ -597,3 +597,124 @@ fn exits_are_replaced_and_health_gates_dns() {
     let t = lab.tasks("web");
     assert_eq!(t[0]["health"], "unhealthy", "{t:?}");
 }
+
+/// One HTTP/1.1 keep-alive exchange on an open connection: the status line and body.
+fn http_on(s: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")?;
+    let mut r = std::io::BufReader::new(s.try_clone()?);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(format!("{}{}", status, String::from_utf8_lossy(&body)))
+}
+
+/// Agent restart with connections open through a VIP: none is reset, the new agent adopts
+/// the LB table without changing it (same listing), and the VIP keeps balancing.
+#[test]
+fn agent_restart_keeps_connections_and_ruleset() {
+    if !require_kernel("agent_restart_keeps_connections_and_ruleset") {
+        return;
+    }
+    let lab = Lab::up(1, "embedded");
+    lab.shoal(&["network", "create", "appnet"]).ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--replicas",
+        "3",
+        "--",
+        "shoal",
+        "whoami",
+        "--port",
+        "80",
+    ])
+    .ok();
+    let tasks = lab.wait_for("3 running web tasks", Duration::from_secs(30), || {
+        let t = lab.running_tasks("web");
+        (t.len() == 3).then_some(t)
+    });
+    let svc: serde_json::Value =
+        serde_json::from_str(&lab.shoal(&["service", "inspect", "web"]).ok().stdout).unwrap();
+    let vip: Ipv4Addr = svc["networks"][0]["vip"].as_str().unwrap().parse().unwrap();
+    let net_id = svc["networks"][0]["network_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let task_id = tasks[0]["id"].as_str().unwrap().to_string();
+    let all = shoal_netns::list().unwrap();
+    let find = |infix: String| {
+        all.iter()
+            .find(|n| n.contains(&lab.name) && n.contains(&infix))
+            .unwrap_or_else(|| panic!("no namespace with {infix} in {all:?}"))
+            .clone()
+    };
+    let net_ns = find(format!("n-{}", &net_id[..12]));
+    let task_ns = find(format!("t-{}", &task_id[..12]));
+    let listing = || {
+        let out = std::process::Command::new("ip")
+            // -a: with object handles, so a replaced (re-created) table would show.
+            .args([
+                "netns", "exec", &net_ns, "nft", "-a", "list", "table", "ip", "shoal_lb",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before = listing();
+
+    // Six keep-alive connections from inside web.1 to the VIP, one exchange each.
+    let mut conns: Vec<std::net::TcpStream> = shoal_netns::run_in(&task_ns, || {
+        (0..6)
+            .map(|_| std::net::TcpStream::connect((vip, 80)).unwrap())
+            .collect()
+    })
+    .unwrap();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let a = http_on(c).unwrap_or_else(|e| panic!("connection {i} before restart: {e}"));
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    }
+
+    lab.shoal(&["lab", "restart", "--name", &lab.name, "node1"])
+        .ok();
+    // Give the new agent a few reconciliation passes.
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, c) in conns.iter_mut().enumerate() {
+        let a = http_on(c).unwrap_or_else(|e| panic!("connection {i} after restart: {e}"));
+        assert!(a.starts_with("HTTP/1.1 200"), "connection {i}: {a}");
+    }
+    assert_eq!(
+        listing(),
+        before,
+        "the LB table was changed or re-created across the restart"
+    );
+    // New connections still spread over the three replicas.
+    let seen: BTreeSet<String> = (0..30)
+        .flat_map(|_| {
+            task_names(
+                &lab.exec("web.1", &["curl", "-s", "--max-time", "5", "http://web/"])
+                    .ok()
+                    .stdout,
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}

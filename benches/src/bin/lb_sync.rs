@@ -306,11 +306,11 @@ fn main() -> anyhow::Result<()> {
             ),
             (
                 "iptables per-service chains, iptables-nft-restore",
-                iptables("iptables-nft-restore", n, rounds, changes.min(50)),
+                iptables("iptables-nft-restore", n, rounds, changes.min(20)),
             ),
             (
                 "iptables per-service chains, iptables-legacy-restore",
-                iptables("iptables-legacy-restore", n, legacy_rounds, changes.min(50)),
+                iptables("iptables-legacy-restore", n, legacy_rounds, changes.min(20)),
             ),
         ];
         for (label, r) in runs {
@@ -335,7 +335,7 @@ fn main() -> anyhow::Result<()> {
          Command: `cargo run --release -p shoal-benches --bin lb_sync -- --rounds {rounds} --changes {changes}` (root).\n\
          Each service VIP:80/tcp with {BACKENDS} backends. Full sync: median of {rounds} loads into an empty namespace. \
          One backend change: a backend removed from a random service and put back, {changes} times each way for Shoal \
-         (whole desired ruleset handed to `Syncer::sync`: model, diff and one nft transaction), up to 50 times each way \
+         (whole desired ruleset handed to `Syncer::sync`: model, diff and one nft transaction), up to 20 times each way \
          for the iptables anchor (`--noflush` restore of the changed service's chains, kube-proxy's partial sync). \
          Load average at the end: {}\n\n{table}\n\
          Targets (issue 5): full sync under 100 ms (1,000 services) and under 1 s (10,000); one change p99 under 5 ms, \
