@@ -12,7 +12,8 @@ use crate::client::{Client, seg, socket_path};
 use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
 use crate::config::StoreKind;
 use crate::model::{
-    EndpointMode, HealthCheck, Network, Node, PortConfig, Service, Task, parse_duration_ms,
+    EndpointMode, HealthCheck, LbOptions, Network, Node, PortConfig, Service, Task,
+    parse_duration_ms,
 };
 
 #[derive(Parser, Debug)]
@@ -193,6 +194,14 @@ pub struct ServiceCreateArgs {
     /// Consecutive failed checks that make a task unhealthy
     #[arg(long, default_value_t = 3)]
     pub health_retries: u32,
+    /// How the VIP picks a task for a new connection: random, or consistent (by a hash of
+    /// the connection: every node picks the same task)
+    #[arg(long, default_value = "random")]
+    pub lb: String,
+    /// Client-IP session affinity: a client's new connections go to the task its last one
+    /// went to, for this long (e.g. 10m, 3h; max 24h)
+    #[arg(long)]
+    pub affinity_timeout: Option<String>,
     /// The command each task runs
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -407,6 +416,23 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                     }),
                     None => None,
                 };
+                let lb = LbOptions {
+                    selection: a.lb.parse()?,
+                    affinity_secs: match &a.affinity_timeout {
+                        Some(d) => {
+                            let ms = parse_duration_ms(d)?;
+                            if ms < 1000 || ms % 1000 != 0 {
+                                bail!(
+                                    "--affinity-timeout {d}: use whole seconds (e.g. 30s, 10m, 3h)"
+                                );
+                            }
+                            Some(u32::try_from(ms / 1000).map_err(|_| {
+                                anyhow::anyhow!("--affinity-timeout {d} is out of range (1s-24h)")
+                            })?)
+                        }
+                        None => None,
+                    },
+                };
                 let req = ServiceCreate {
                     name: a.name,
                     networks,
@@ -416,6 +442,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                     command: a.command,
                     env: a.env,
                     health,
+                    lb,
                 };
                 let svc: Service = c.post("/v1/services", &req).await?;
                 println!("{}", svc.id);

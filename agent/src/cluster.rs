@@ -124,6 +124,8 @@ pub struct ServiceCreate {
     pub env: Vec<String>,
     #[serde(default)]
     pub health: Option<crate::model::HealthCheck>,
+    #[serde(default)]
+    pub lb: crate::model::LbOptions,
 }
 
 fn one() -> u32 {
@@ -451,6 +453,7 @@ impl Cluster {
         if let Some(h) = &req.health {
             h.validate()?;
         }
+        req.lb.validate()?;
         let key = format!("{SERVICES}{}", req.name);
         for attempt in 0..MAX_RETRIES {
             if attempt > 0 {
@@ -508,6 +511,7 @@ impl Cluster {
                 command: req.command.clone(),
                 env: req.env.clone(),
                 health: req.health.clone(),
+                lb: req.lb,
             };
             ops.push(Op::Put(key.clone(), encode(&svc)));
             if self.store.txn(cmps, ops).await?.succeeded {

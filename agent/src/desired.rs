@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::model::{EndpointMode, Network, Service, Task};
+use crate::model::{EndpointMode, LbSelection, Network, Service, Task, TaskState};
 use crate::state::ClusterState;
 
 /// The nft table that holds a network's VIPs in its namespace.
@@ -287,6 +287,28 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
             .map(|(_, ip)| ip)
             .collect();
         backends.sort();
+        // Tasks being stopped (the grace period between leaving DNS and SIGTERM) drain:
+        // no new connections, established ones (UDP flows too) continue.
+        let mut draining: Vec<Ipv4Addr> = state
+            .task_list()
+            .filter(|t| {
+                t.service_id == svc.id
+                    && t.state == TaskState::Running
+                    && t.desired_state != TaskState::Running
+                    && state.alive.contains(&t.node_id)
+            })
+            .filter_map(|t| {
+                t.networks
+                    .iter()
+                    .find(|n| n.network_id == network_id)
+                    .map(|n| n.ip)
+            })
+            .collect();
+        draining.sort();
+        let selection = match svc.lb.selection {
+            LbSelection::Random => shoal_lb::Selection::Random,
+            LbSelection::Consistent => shoal_lb::Selection::Consistent,
+        };
         for protocol in [shoal_lb::Protocol::Tcp, shoal_lb::Protocol::Udp] {
             services.push(shoal_lb::VirtualService {
                 id: svc.id[..svc.id.len().min(12)].to_string(),
@@ -295,7 +317,9 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
                 port: 0,
                 target_port: 0,
                 backends: backends.clone(),
-                ..Default::default()
+                draining: draining.clone(),
+                selection,
+                affinity: svc.lb.affinity_secs,
             });
         }
     }
@@ -408,6 +432,7 @@ mod tests {
             command: vec!["x".into()],
             env: vec![],
             health: None,
+            lb: Default::default(),
         };
         let db = Service {
             id: "s2".into(),
@@ -424,6 +449,7 @@ mod tests {
             command: vec!["x".into()],
             env: vec![],
             health: None,
+            lb: Default::default(),
         };
         let t1 = task(
             "t1",
@@ -526,6 +552,29 @@ mod tests {
         assert_eq!(be, ["10.0.1.3", "10.0.1.4"]);
         let local: Vec<String> = rs.local_endpoints.iter().map(|i| i.to_string()).collect();
         assert_eq!(local, ["10.0.1.3"], "only serving local tasks need hairpin");
+    }
+
+    #[test]
+    fn lb_ruleset_drains_stopping_tasks_and_carries_lb_options() {
+        let mut st = fixture();
+        // t2 is being stopped (grace period): it drains; t1 still serves.
+        st.tasks.get_mut("t2").unwrap().0.desired_state = TaskState::Shutdown;
+        let web = &mut st.services.get_mut("web").unwrap().0;
+        web.lb = crate::model::LbOptions {
+            selection: LbSelection::Consistent,
+            affinity_secs: Some(600),
+        };
+        let rs = lb_ruleset(&st, "me", "n1aaaaaaaaaaaa");
+        for s in &rs.services {
+            assert_eq!(s.backends, vec!["10.0.1.3".parse::<Ipv4Addr>().unwrap()]);
+            assert_eq!(s.draining, vec!["10.0.1.4".parse::<Ipv4Addr>().unwrap()]);
+            assert_eq!(s.selection, shoal_lb::Selection::Consistent);
+            assert_eq!(s.affinity, Some(600));
+        }
+        // A stopping task on a dead node does not drain: it is gone.
+        st.alive.remove("other-node");
+        let rs = lb_ruleset(&st, "me", "n1aaaaaaaaaaaa");
+        assert!(rs.services.iter().all(|s| s.draining.is_empty()));
     }
 
     #[test]

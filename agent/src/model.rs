@@ -229,6 +229,58 @@ pub struct Service {
     pub env: Vec<String>,
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// How the VIP picks a task for a new connection.
+    #[serde(default)]
+    pub lb: LbOptions,
+}
+
+/// `--lb random|consistent` and `--affinity-timeout DURATION` of a service.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LbOptions {
+    #[serde(default)]
+    pub selection: LbSelection,
+    /// Client-IP session affinity: seconds a client keeps going to the task its last
+    /// connection went to (kube-proxy's `sessionAffinity: ClientIP`); None: off.
+    #[serde(default)]
+    pub affinity_secs: Option<u32>,
+}
+
+impl LbOptions {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(t) = self.affinity_secs
+            && !(1..=86_400).contains(&t)
+        {
+            return Err(invalid(format!(
+                "--affinity-timeout {t}s is out of range (1s-24h)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LbSelection {
+    /// A random task per new connection.
+    #[default]
+    Random,
+    /// By a hash of the connection's addresses and ports: every node picks the same task, and
+    /// a task leaving moves only its own connections.
+    Consistent,
+}
+
+impl FromStr for LbSelection {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        match s {
+            "random" => Ok(LbSelection::Random),
+            "consistent" => Ok(LbSelection::Consistent),
+            _ => Err(invalid(format!(
+                "invalid --lb {s:?}: use random or consistent"
+            ))),
+        }
+    }
 }
 
 /// `--health-cmd CMD [--health-interval D] [--health-retries N]`: the command runs in the
