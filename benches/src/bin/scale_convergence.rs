@@ -104,16 +104,16 @@ fn ask(sock: &UdpSocket, id: u16, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     }
 }
 
-/// Number of backends in the VIP's any-port TCP chain, read from the kernel in-process
-/// (libnftables, no process start, so polling does not load the machine under test).
-async fn lb_backends(netns: &str, chain: &str) -> usize {
+/// Number of backends of the VIP's any-port TCP entry (`VIP . tcp : goto rnd_any_N` in map
+/// `any_port`), read from the kernel in-process (libnftables, no process start, so polling
+/// does not load the machine under test).
+async fn lb_backends(netns: &str, vip: &str) -> usize {
     let Ok(Some(text)) = shoal_lb::list_table(netns, "shoal_lb").await else {
         return 0;
     };
-    text.split(&format!("chain {chain} {{"))
+    text.split(&format!("{vip} . tcp : goto rnd_any_"))
         .nth(1)
-        .and_then(|c| c.split("mod ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
+        .map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -127,7 +127,7 @@ struct Observer {
 
 struct Bench {
     observers: Vec<Observer>,
-    chain: String,
+    vip: String,
     id: u16,
 }
 
@@ -154,7 +154,7 @@ impl Bench {
                     dns_done[o] = Some(t0.elapsed());
                 }
                 if lb_done[o].is_none()
-                    && lb_backends(&self.observers[o].netns, &self.chain).await == want
+                    && lb_backends(&self.observers[o].netns, &self.vip).await == want
                 {
                     lb_done[o] = Some(t0.elapsed());
                 }
@@ -284,7 +284,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut b = Bench {
         observers,
-        chain: format!("svc_{}_tcp_any", &svc.id[..12]),
+        vip: svc.networks[0]
+            .vip
+            .context("web has no VIP")?
+            .to_string(),
         id: 1,
     };
     b.wait_all(Instant::now(), 3, Duration::from_secs(60))
