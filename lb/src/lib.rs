@@ -37,6 +37,9 @@
 //! one transaction), [`Model::from_nft_json`] (adoption of the kernel's table after a
 //! restart) and [`trace`] (where would this packet go) read. [`Syncer`] keeps the last model
 //! per namespace and applies diffs, falling back to a full replace when an update fails.
+//! In a namespace without the table, its first sync lets nft create only the structure
+//! ([`Model::render_structure`]) and loads the map elements itself over nfnetlink in one
+//! batch ([`load_elements`]), skipping nft's per-element userspace cost.
 //!
 //! [`conntrack`] deletes the conntrack entries of a removed UDP backend (ctnetlink), so its
 //! clients move to a live backend on their next packet.
@@ -54,7 +57,8 @@ pub use model::{
     chain_rules, hash_slots,
 };
 pub use nft::{
-    Applier, BACKEND_ENV, SyncKind, SyncReport, Syncer, apply, check, delete_table, list_table,
+    Applier, BACKEND_ENV, ElementLoad, SyncKind, SyncReport, Syncer, apply, check, delete_table,
+    list_table, load_elements,
 };
 
 /// Transport protocol of a service port.
@@ -168,6 +172,16 @@ pub enum LbError {
     /// are [`LbError::Nft`]).
     #[error("libnftables: {0}")]
     Library(String),
+    /// Loading map elements over nfnetlink ([`load_elements`]) failed: the kernel refused
+    /// the elements of `map` (its errno is the source), or the socket failed (`map` None).
+    #[error("loading LB map elements in network namespace {netns:?}: {what}: {source}")]
+    Elements {
+        netns: String,
+        map: Option<String>,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// `nft` (or libnftables) ran and refused the script or command.
     #[error(
         "nft {action} in network namespace {netns:?} failed ({status}): {stderr}{}",

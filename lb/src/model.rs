@@ -135,6 +135,12 @@ const MAPS: [(&str, &str); 10] = [
 // `add rule` naming such a map would fail; and a DNAT whose map data has `tcp dport` gets an
 // implicit `meta l4proto tcp`, which is right only in a TCP-only chain.
 
+/// Names of the maps and sets whose elements the model holds, in render order.
+#[cfg(test)]
+pub(crate) fn map_names() -> Vec<&'static str> {
+    MAPS.iter().map(|(n, _)| *n).collect()
+}
+
 /// Dynamic map filled by the packet path: client . VIP . protocol -> backend.
 const AFFINITY_MAP: &str = "\tmap affinity {
 \t\ttypeof ip saddr . ip daddr . meta l4proto : ip daddr
@@ -485,6 +491,17 @@ impl Model {
 
     /// The nft script that replaces the whole table (see [`crate::render`]).
     pub fn render(&self) -> String {
+        self.render_table(true)
+    }
+
+    /// [`Model::render`] without any `elements = ...` line: the table with its maps, sets,
+    /// chains and rules, all maps and sets empty (the same one-transaction replace). The
+    /// elements are then loaded over nfnetlink ([`crate::load_elements`]).
+    pub fn render_structure(&self) -> String {
+        self.render_table(false)
+    }
+
+    fn render_table(&self, with_elements: bool) -> String {
         let t = &self.table;
         let mut o = String::new();
         // Creating the table first makes the delete valid when it does not exist yet; all
@@ -493,10 +510,14 @@ impl Model {
         let _ = writeln!(o, "delete table ip {t}");
         let _ = writeln!(o, "table ip {t} {{");
         let _ = writeln!(o, "\tcomment \"{TABLE_COMMENT}\"");
-        for ((name, decl), (ename, elems)) in MAPS.iter().zip(self.elements()) {
-            debug_assert_eq!(*name, ename);
+        // The structure alone does not format the elements at all.
+        let mut elements = with_elements.then(|| self.elements().into_iter());
+        for (name, decl) in MAPS.iter() {
             let _ = writeln!(o, "\t{decl}");
-            write_elements(&mut o, elems.iter().map(|(k, v)| join_kv(k, v)));
+            if let Some((ename, elems)) = elements.as_mut().and_then(|e| e.next()) {
+                debug_assert_eq!(*name, ename);
+                write_elements(&mut o, elems.iter().map(|(k, v)| join_kv(k, v)));
+            }
             let _ = writeln!(o, "\t}}");
         }
         o.push_str(AFFINITY_MAP);
@@ -988,6 +1009,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The structure is the full script without its `elements = ...` blocks, nothing else.
+    #[test]
+    fn render_structure_is_render_without_elements() {
+        let web = VirtualService {
+            id: "web".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            target_port: 8080,
+            backends: ips(3),
+            affinity: Some(60),
+            ..Default::default()
+        };
+        let one = VirtualService {
+            id: "one".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 11),
+            backends: ips(1),
+            ..Default::default()
+        };
+        let m = Model::from_ruleset(&Ruleset {
+            table: "t".into(),
+            vips: vec![],
+            services: vec![web, one],
+            local_endpoints: ips(1),
+        });
+        let full = m.render();
+        let mut stripped = String::new();
+        let mut in_block = false;
+        for l in full.lines() {
+            if in_block {
+                in_block = l != "\t\t}";
+            } else if l.starts_with("\t\telements = {") {
+                in_block = !l.ends_with('}');
+            } else {
+                stripped.push_str(l);
+                stripped.push('\n');
+            }
+        }
+        assert!(full.contains("elements = {"));
+        assert_eq!(m.render_structure(), stripped);
+        assert!(!m.render_structure().contains("elements"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Plain netlink shared by our two hand-written kernel clients, IPVS ([`crate::ipvs`], generic
-//! netlink) and conntrack ([`crate::conntrack`], nfnetlink): the message and attribute layouts
+//! Plain netlink shared by our hand-written kernel clients, IPVS ([`crate::ipvs`], generic
+//! netlink), conntrack ([`crate::conntrack`], nfnetlink) and the nf_tables element loader
+//! (`nft::elements`, an nfnetlink batch): the message and attribute layouts
 //! of linux/netlink.h (pure, no sockets) and a blocking socket of any netlink protocol with
 //! the request/reply loop: ACKed requests end at their NLMSG_ERROR, dumps at NLMSG_DONE.
 //!
@@ -92,6 +93,11 @@ impl Msg {
         let len = (self.buf.len() - start) as u16;
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
         self
+    }
+
+    /// Bytes written so far, header included.
+    pub fn size(&self) -> usize {
+        self.buf.len()
     }
 
     pub fn finish(mut self) -> Vec<u8> {
@@ -242,6 +248,67 @@ impl NlSocket {
             fd,
             buf: vec![0u8; 64 * 1024],
         })
+    }
+
+    /// Sets an integer socket option.
+    pub fn set_int_opt(
+        &self,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: libc::c_int,
+        what: &'static str,
+    ) -> Result<(), SocketError> {
+        // SAFETY: value is a valid c_int of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io_err(what));
+        }
+        Ok(())
+    }
+
+    /// Sends `buf` (one or several netlink messages, e.g. an nfnetlink batch) to the kernel
+    /// in ONE sendto: the kernel processes a batch only as one datagram. The send buffer
+    /// must hold it (`SO_SNDBUF`/`SO_SNDBUFFORCE`), else EMSGSIZE.
+    pub fn send_datagram(&self, buf: &[u8]) -> io::Result<()> {
+        match self.send::<()>(buf) {
+            Ok(()) => Ok(()),
+            Err(ReqError::Io(_, e)) => Err(e),
+            Err(_) => unreachable!("send returns only I/O errors"),
+        }
+    }
+
+    /// Receives one datagram; with `wait` false, None when nothing is queued. Blocking
+    /// receives time out after the socket's receive timeout (an `io::Error`).
+    pub fn recv_datagram(&mut self, wait: bool) -> io::Result<Option<&[u8]>> {
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        loop {
+            // SAFETY: buf is a live, writable buffer of its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    flags,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(&self.buf[..n as usize]));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock if !wait => return Ok(None),
+                _ => return Err(e),
+            }
+        }
     }
 
     fn send<E>(&self, msg: &[u8]) -> Result<(), ReqError<E>> {

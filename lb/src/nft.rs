@@ -1,6 +1,7 @@
 //! Running nft scripts and commands inside a network namespace: in-process through
 //! libnftables when it can be loaded (see `libnft`), else by spawning `nft`.
 
+mod elements;
 mod libnft;
 mod process;
 mod sync;
@@ -11,6 +12,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{LbError, Ruleset, render, validate};
 
+pub use elements::{ElementLoad, load_elements};
 pub use sync::{SyncKind, SyncReport, Syncer};
 
 /// Environment variable: `process` makes the process-wide [`Applier`] spawn `nft` even when

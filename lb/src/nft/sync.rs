@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use super::Applier;
+use super::{Applier, load_elements};
 use crate::model::{chains_added, chains_deleted, permanent_chains, uses_only_permanent_chains};
 use crate::{LbError, Model, Protocol, Ruleset, ServiceKey, VirtualService, validate};
 
@@ -19,8 +19,9 @@ pub enum SyncKind {
     Unchanged,
     /// Element updates (and at most a few selection chains) in one transaction.
     Incremental,
-    /// The whole table replaced in one transaction: first sync of a namespace without an
-    /// adoptable table, or an incremental update failed.
+    /// The whole table replaced in one transaction (first sync of a namespace with a table
+    /// of another layout, or an incremental update failed), or created (first sync of a
+    /// namespace without the table: structure through nft, elements over nfnetlink).
     Full,
 }
 
@@ -38,7 +39,9 @@ pub struct SyncReport {
     pub affinity_deleted: usize,
     /// UDP conntrack entries deleted (their backend was removed).
     pub conntrack_deleted: usize,
-    /// Why an incremental update was refused (then `kind` is [`SyncKind::Full`]).
+    /// Why an incremental update was refused, or why the elements of a new table could not be
+    /// loaded over nfnetlink (then `kind` is [`SyncKind::Full`] and the whole table was
+    /// applied through nft).
     pub fallback: Option<String>,
 }
 
@@ -53,6 +56,16 @@ pub struct Syncer {
     applier: Applier,
     applied: HashMap<String, NsState>,
     conntrack_cleanup: bool,
+}
+
+/// What the first sync of a namespace finds in the kernel.
+enum Found {
+    /// No table of that name.
+    Absent,
+    /// A table of that name not of this layout (or not readable as such).
+    Foreign,
+    /// A table of this layout, read back.
+    Adoptable(Box<Model>),
 }
 
 /// What a namespace's table holds, as model and as the input it was made from.
@@ -213,23 +226,33 @@ impl Syncer {
         sorted: &[&VirtualService],
     ) -> Result<(NsState, SyncReport), LbError> {
         let want = Model::from_ruleset(rs);
-        let have = self.read_back(netns, &rs.table).await?;
-        let mut report = SyncReport::new(have.is_some());
-        match &have {
-            Some(h) => {
+        let found = self.read_back(netns, &rs.table).await?;
+        let mut report = SyncReport::new(matches!(found, Found::Adoptable(_)));
+        let have = match found {
+            Found::Adoptable(h) => {
                 if let Some(script) = h.diff(&want) {
                     report.kind = SyncKind::Incremental;
                     self.update_or_replace(netns, script, &want, &mut report)
                         .await?;
                 }
+                Some(*h)
             }
-            None => {
+            Found::Absent => {
+                report.kind = SyncKind::Full;
+                self.load_fresh(netns, &want, &mut report).await?;
+                None
+            }
+            Found::Foreign => {
+                // A table of another layout is replaced atomically (one nft transaction):
+                // the two-step load of `load_fresh` would leave packets a moment with
+                // empty maps where a working table was.
                 report.kind = SyncKind::Full;
                 self.applier
                     .run_script(netns, "apply", want.render())
                     .await?;
+                None
             }
-        }
+        };
         if let Some(h) = &have {
             report.removed = removed_backends(h, sorted.iter().copied());
             if !want.affinity_services.is_empty() {
@@ -373,6 +396,42 @@ impl Syncer {
         Ok((st, report))
     }
 
+    /// Creates the table in a namespace that has none: nft creates the structure (tables,
+    /// maps, sets, chains, rules: `render_structure`), then the elements go over nfnetlink in
+    /// one batch (`load_elements`), which skips nft's per-element parsing and evaluation, most
+    /// of a full load's time. Two transactions, so packets may meet the table with empty maps
+    /// in between: harmless only because there was no table before (every VIP was
+    /// unserved anyway), which is why an existing table is always replaced through nft in one
+    /// transaction instead. When the element load fails, the whole table is applied through
+    /// nft (one transaction, replacing the empty structure) and `report.fallback` says why.
+    async fn load_fresh(
+        &self,
+        netns: &str,
+        want: &Model,
+        report: &mut SyncReport,
+    ) -> Result<(), LbError> {
+        self.applier
+            .run_script(netns, "apply", want.render_structure())
+            .await?;
+        match load_elements(netns, want).await {
+            Ok(load) => {
+                debug!(
+                    netns,
+                    elements = load.elements,
+                    messages = load.messages,
+                    bytes = load.bytes,
+                    "LB elements loaded over nfnetlink"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                warn!(netns, error = %e, "loading LB elements over nfnetlink failed: applying the whole table through nft");
+                report.fallback = Some(e.to_string());
+                self.applier.run_script(netns, "apply", want.render()).await
+            }
+        }
+    }
+
     /// Runs an element update; when nft refuses it, replaces the whole table instead.
     async fn update_or_replace(
         &self,
@@ -399,23 +458,25 @@ impl Syncer {
         Ok(())
     }
 
-    /// The kernel's table as a model, or None when there is none or it is not of this layout.
-    async fn read_back(&self, netns: &str, table: &str) -> Result<Option<Model>, LbError> {
+    /// The kernel's table: absent, of another layout, or as a model.
+    async fn read_back(&self, netns: &str, table: &str) -> Result<Found, LbError> {
         let Some(json) = self
             .applier
             .list_json(netns, format!("table ip {table}"))
             .await?
         else {
-            return Ok(None);
+            return Ok(Found::Absent);
         };
-        let m = Model::from_nft_json(table, &json);
-        if m.is_none() {
-            info!(
-                netns,
-                table, "existing LB table has another layout: replacing it"
-            );
+        match Model::from_nft_json(table, &json) {
+            Some(m) => Ok(Found::Adoptable(Box::new(m))),
+            None => {
+                info!(
+                    netns,
+                    table, "existing LB table has another layout: replacing it"
+                );
+                Ok(Found::Foreign)
+            }
         }
-        Ok(m)
     }
 
     /// Deletes affinity entries whose backend no longer serves their VIP (removed or
