@@ -195,6 +195,12 @@ pub struct NlSocket {
     buf: Vec<u8>,
 }
 
+impl std::fmt::Debug for NlSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NlSocket")
+    }
+}
+
 impl NlSocket {
     /// Opens and binds a socket of `protocol` (`libc::NETLINK_GENERIC`,
     /// `libc::NETLINK_NETFILTER`, ...).

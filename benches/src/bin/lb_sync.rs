@@ -104,6 +104,8 @@ impl Lcg {
 struct Figures {
     full: Duration,
     change: Vec<Duration>,
+    /// A backend replaced by another address, the count unchanged (Shoal only).
+    replace: Vec<Duration>,
 }
 
 fn shoal(
@@ -162,6 +164,21 @@ fn shoal(
         change.push(t.elapsed());
     }
     change.sort();
+    // A backend replaced (a task rescheduled): the count, hence the service's verdict, stays.
+    let mut replace = vec![];
+    for i in 0..changes {
+        let svc = rng.next(n) as usize;
+        let old = cur.services[svc].backends[0];
+        cur.services[svc].backends[0] =
+            Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + 1);
+        let t = Instant::now();
+        let r = rt.block_on(s.sync(&ns.0, &cur))?;
+        replace.push(t.elapsed());
+        anyhow::ensure!(r.kind == SyncKind::Incremental, "replace {i}: {r:?}");
+        cur.services[svc].backends[0] = old;
+        rt.block_on(s.sync(&ns.0, &cur))?;
+    }
+    replace.sort();
     // A sync that finds nothing to do: the cost of comparing the desired ruleset.
     let mut idle = vec![];
     for _ in 0..50 {
@@ -178,6 +195,7 @@ fn shoal(
     Ok(Figures {
         full: fulls[fulls.len() / 2],
         change,
+        replace,
     })
 }
 
@@ -287,6 +305,7 @@ fn iptables(bin: &str, n: u32, rounds: usize, changes: usize) -> anyhow::Result<
     Ok(Figures {
         full: fulls[fulls.len() / 2],
         change,
+        replace: vec![],
     })
 }
 
@@ -308,13 +327,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut table = String::from(
-        "| layout / applier | services | full sync (ms) | one backend change p50 / p99 / max (ms) |\n|---|---|---|---|\n",
+        "| layout / applier | services | full sync (ms) | one backend removed or added p50 / p99 / max (ms) | one backend replaced, count kept p50 / p99 (ms) |\n|---|---|---|---|---|\n",
     );
     for n in [1_000u32, 10_000] {
         let legacy_rounds = rounds;
         let runs: Vec<(&str, anyhow::Result<Figures>)> = vec![
             (
-                "shoal nft maps, Syncer (libnftables)",
+                "shoal nft maps, Syncer (libnftables structure + nfnetlink elements)",
                 shoal(&rt, n, rounds, changes),
             ),
             (
@@ -329,13 +348,22 @@ fn main() -> anyhow::Result<()> {
         for (label, r) in runs {
             let line = match r {
                 Ok(fig) => format!(
-                    "| {label} | {n} | {} | {} / {} / {} |",
+                    "| {label} | {n} | {} | {} / {} / {} | {} |",
                     f(fig.full),
                     f(quantile(&fig.change, 0.5)),
                     f(quantile(&fig.change, 0.99)),
                     f(*fig.change.last().unwrap_or(&Duration::ZERO)),
+                    if fig.replace.is_empty() {
+                        "same as a change".to_string()
+                    } else {
+                        format!(
+                            "{} / {}",
+                            f(quantile(&fig.replace, 0.5)),
+                            f(quantile(&fig.replace, 0.99))
+                        )
+                    },
                 ),
-                Err(e) => format!("| {label} | {n} | failed: {e} | |"),
+                Err(e) => format!("| {label} | {n} | failed: {e} | | |"),
             };
             println!("{line}");
             table.push_str(&line);
@@ -346,9 +374,9 @@ fn main() -> anyhow::Result<()> {
     let report = format!(
         "# LB sync cost: Shoal's map layout vs iptables per-service chains\n\n\
          Command: `cargo run --release -p shoal-benches --bin lb_sync -- --rounds {rounds} --changes {changes}` (root).\n\
-         Each service VIP:80/tcp with {BACKENDS} backends. Full sync: median of {rounds} loads into an empty namespace. \
+         Each service VIP:80/tcp with {BACKENDS} backends. Full sync: median of {rounds} loads into an empty namespace (structure through in-process libnftables, then every element in one nfnetlink batch). \
          One backend change: a backend removed from a random service and put back, {changes} times each way for Shoal \
-         (whole desired ruleset handed to `Syncer::sync`: model, diff and one nft transaction), up to 20 times each way \
+         (whole desired ruleset handed to `Syncer::sync`: it compares it service by service, and sends the element changes of the changed service in one nfnetlink batch; a removed or added backend changes the service's selection chain, a verdict-map element, which makes the kernel validate the table's jumps at commit: that part grows with the number of services. A replaced backend (same count) touches only the slot's element), up to 20 times each way \
          for the iptables anchor (`--noflush` restore of the changed service's chains, kube-proxy's partial sync). \
          Load average at the end: {}\n\n{table}\n\
          Targets (issue 5): full sync under 100 ms (1,000 services) and under 1 s (10,000); one change p99 under 5 ms, \

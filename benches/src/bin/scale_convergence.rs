@@ -113,7 +113,11 @@ async fn lb_backends(netns: &str, vip: &str) -> usize {
     };
     text.split(&format!("{vip} . tcp : goto rnd_any_"))
         .nth(1)
-        .map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>())
+        .map(|s| {
+            s.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -284,10 +288,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut b = Bench {
         observers,
-        vip: svc.networks[0]
-            .vip
-            .context("web has no VIP")?
-            .to_string(),
+        vip: svc.networks[0].vip.context("web has no VIP")?.to_string(),
         id: 1,
     };
     b.wait_all(Instant::now(), 3, Duration::from_secs(60))

@@ -65,6 +65,7 @@ const NF_ACCEPT: i32 = 1;
 
 // linux/netfilter/nf_tables.h
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
 // enum nft_set_elem_list_attributes
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -91,7 +92,7 @@ const IPPROTO_UDP: u8 = 17;
 pub(crate) const MAX_MSG: usize = 60 * 1024;
 
 /// Key or data bytes of one element: at most three 4-byte fields.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Bytes {
     b: [u8; 12],
     len: u8,
@@ -156,7 +157,7 @@ impl Bytes {
 }
 
 /// What an element maps its key to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Data<'a> {
     /// A set element.
     None,
@@ -168,7 +169,7 @@ enum Data<'a> {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Elem<'a> {
     key: Bytes,
     data: Data<'a>,
@@ -328,9 +329,18 @@ fn batch_msg(ty: u16, seq: u32) -> Vec<u8> {
 }
 
 fn elem_msg(table: &str, map: &str, seq: u32) -> Msg {
+    elem_msg_of(NFT_MSG_NEWSETELEM, table, map, seq)
+}
+
+fn elem_msg_of(ty: u16, table: &str, map: &str, seq: u32) -> Msg {
+    let flags = if ty == NFT_MSG_NEWSETELEM {
+        NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK
+    } else {
+        NLM_F_REQUEST | NLM_F_ACK
+    };
     let mut m = Msg::new(
-        NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM,
-        NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK,
+        NFNL_SUBSYS_NFTABLES << 8 | ty,
+        flags,
         seq,
         [NFPROTO_IPV4, NFNETLINK_V0, 0, 0],
     );
@@ -406,6 +416,108 @@ pub(crate) fn encode(m: &Model, first_seq: u32) -> Batch {
     }
 }
 
+/// The element changes that turn the maps of `old` into those of `new` (two partial or whole
+/// models of one table), as one batch: first `NFT_MSG_DELSETELEM` of every element whose key
+/// is gone or whose data changed (key only), then `NFT_MSG_NEWSETELEM` of every new or
+/// changed element, the same order nft's own transaction has. None when nothing differs.
+/// Pure.
+pub(crate) fn encode_delta(old: &Model, new: &Model, first_seq: u32) -> Option<Batch> {
+    let (a, b) = (map_elements(old), map_elements(new));
+    let mut dels: Vec<(&'static str, Vec<Elem<'_>>)> = vec![];
+    let mut adds: Vec<(&'static str, Vec<Elem<'_>>)> = vec![];
+    for ((map, olds), (_, news)) in a.iter().zip(b.iter()) {
+        let new_set: std::collections::HashSet<&Elem<'_>> = news.iter().collect();
+        let old_set: std::collections::HashSet<&Elem<'_>> = olds.iter().collect();
+        let gone: Vec<Elem<'_>> = olds
+            .iter()
+            .filter(|e| !new_set.contains(e))
+            // A changed value is a delete of the key and an add; the delete needs the key only.
+            .map(|e| Elem {
+                key: e.key,
+                data: Data::None,
+            })
+            .collect();
+        let came: Vec<Elem<'_>> = news
+            .iter()
+            .filter(|e| !old_set.contains(e))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            dels.push((map, gone));
+        }
+        if !came.is_empty() {
+            adds.push((map, came));
+        }
+    }
+    if dels.is_empty() && adds.is_empty() {
+        return None;
+    }
+    let mut bytes = batch_msg(NFNL_MSG_BATCH_BEGIN, first_seq);
+    let mut msgs = vec![];
+    let mut elements = 0;
+    let mut seq = first_seq;
+    for (ty, groups) in [(NFT_MSG_DELSETELEM, &dels), (NFT_MSG_NEWSETELEM, &adds)] {
+        for (map, elems) in groups {
+            seq += 1;
+            let mut msg = elem_msg_of(ty, &new.table, map, seq);
+            let mut in_msg = 0;
+            for e in elems {
+                if in_msg > 0 && msg.size() + e.encoded_len() > MAX_MSG {
+                    flush(msg, map, &mut bytes, &mut msgs);
+                    seq += 1;
+                    msg = elem_msg_of(ty, &new.table, map, seq);
+                    in_msg = 0;
+                }
+                put_elem(&mut msg, e);
+                in_msg += 1;
+            }
+            elements += elems.len();
+            flush(msg, map, &mut bytes, &mut msgs);
+        }
+    }
+    bytes.extend_from_slice(&batch_msg(NFNL_MSG_BATCH_END, seq + 1));
+    Some(Batch {
+        table: new.table.clone(),
+        bytes,
+        first_seq,
+        msgs,
+        elements,
+    })
+}
+
+/// A namespace's nfnetlink socket kept between element updates (see [`open_socket`]).
+pub(crate) type SharedSocket = std::sync::Arc<std::sync::Mutex<Option<NlSocket>>>;
+
+/// Applies the element changes from `old` to `new` (see [`encode_delta`]) in one nfnetlink
+/// batch: one transaction, all or nothing. Returns the number of element operations. Uses
+/// (and on first use opens) the socket in `sock`; drops it after an error.
+pub(crate) async fn apply_delta(
+    netns: &str,
+    sock: &SharedSocket,
+    old: &Model,
+    new: &Model,
+) -> Result<usize, LbError> {
+    let Some(batch) = encode_delta(old, new, 1) else {
+        return Ok(0);
+    };
+    let n = batch.elements;
+    let (ns, sock) = (netns.to_string(), sock.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut guard = sock.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(open_socket(&ns)?);
+        }
+        let res = send_on(&ns, guard.as_mut().expect("opened above"), &batch);
+        if res.is_err() {
+            *guard = None;
+        }
+        res
+    })
+    .await
+    .map_err(|e| LbError::Library(format!("element update in {netns:?}: {e}")))??;
+    Ok(n)
+}
+
 fn socket_error(netns: &str, e: SocketError) -> LbError {
     LbError::Elements {
         netns: netns.to_string(),
@@ -422,8 +534,16 @@ pub(crate) fn send(netns: &str, batch: &Batch) -> Result<(), LbError> {
     if batch.msgs.is_empty() {
         return Ok(());
     }
+    let mut sock = open_socket(netns)?;
+    send_on(netns, &mut sock, batch)
+}
+
+/// A nfnetlink socket in `netns` for [`send_on`]. Keep it for later batches: closing a
+/// nfnetlink socket after a transaction that deleted something waits for the kernel (8-25 ms
+/// measured here), far longer than an element update takes.
+pub(crate) fn open_socket(netns: &str) -> Result<NlSocket, LbError> {
     let sock = shoal_netns::run_in(netns, || NlSocket::open(libc::NETLINK_NETFILTER))?;
-    let mut sock = sock.map_err(|e| socket_error(netns, e))?;
+    let sock = sock.map_err(|e| socket_error(netns, e))?;
     // An error answer without the refused message (which may be 60 KiB) in it.
     sock.set_int_opt(
         SOL_NETLINK,
@@ -432,6 +552,14 @@ pub(crate) fn send(netns: &str, batch: &Batch) -> Result<(), LbError> {
         "setsockopt NETLINK_CAP_ACK",
     )
     .map_err(|e| socket_error(netns, e))?;
+    Ok(sock)
+}
+
+/// Sends the batch on `sock` (see [`send`]).
+pub(crate) fn send_on(netns: &str, sock: &mut NlSocket, batch: &Batch) -> Result<(), LbError> {
+    if batch.msgs.is_empty() {
+        return Ok(());
+    }
     // The batch must fit the send buffer in one piece (nft raises it the same way). FORCE
     // needs CAP_NET_ADMIN, which loading rules needs anyway; the plain option is capped by
     // net.core.wmem_max. The kernel doubles the value given.
@@ -462,7 +590,7 @@ pub(crate) fn send(netns: &str, batch: &Batch) -> Result<(), LbError> {
             ),
             source,
         })?;
-    collect_acks(netns, batch, &mut sock)
+    collect_acks(netns, batch, sock)
 }
 
 /// Reads the kernel's answers: one per element message (`NLMSG_ERROR`, 0 for success), and
@@ -786,5 +914,54 @@ mod tests {
         let batch = encode(&m, 1);
         assert!(batch.msgs.is_empty());
         assert_eq!(batch.elements, 0);
+    }
+
+    #[test]
+    fn delta_deletes_then_adds_only_what_changed() {
+        let one = |backends: Vec<Ipv4Addr>| {
+            Model::from_ruleset(&Ruleset {
+                table: "shoal_lb".into(),
+                services: vec![VirtualService {
+                    id: "web".into(),
+                    vip: ip("10.96.0.10"),
+                    port: 80,
+                    target_port: 8080,
+                    backends,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let three = one(vec![ip("10.0.1.1"), ip("10.0.1.2"), ip("10.0.1.3")]);
+        let two = one(vec![ip("10.0.1.1"), ip("10.0.1.2")]);
+        assert!(encode_delta(&three, &three, 1).is_none());
+        let b = encode_delta(&three, &two, 1).unwrap();
+        // Deletes: the services element (its verdict changes) and slot 2; adds: the services
+        // element with its new chain. Slots 0 and 1 are untouched.
+        assert_eq!(b.msgs, vec!["services", "backends_tcp", "services"]);
+        assert_eq!(b.elements, 3);
+        let types: Vec<u16> = {
+            let mut v = vec![];
+            let mut off = 0;
+            while off + 6 <= b.bytes.len() {
+                let len = u32::from_ne_bytes(b.bytes[off..off + 4].try_into().unwrap()) as usize;
+                v.push(u16::from_ne_bytes(
+                    b.bytes[off + 4..off + 6].try_into().unwrap(),
+                ));
+                off += (len + 3) & !3;
+            }
+            v
+        };
+        let sub = |m| NFNL_SUBSYS_NFTABLES << 8 | m;
+        assert_eq!(
+            types,
+            vec![
+                NFNL_MSG_BATCH_BEGIN,
+                sub(NFT_MSG_DELSETELEM),
+                sub(NFT_MSG_DELSETELEM),
+                sub(NFT_MSG_NEWSETELEM),
+                NFNL_MSG_BATCH_END
+            ]
+        );
     }
 }

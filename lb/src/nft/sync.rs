@@ -75,6 +75,8 @@ struct NsState {
     services: BTreeMap<ServiceKey, VirtualService>,
     vips_in: Vec<Ipv4Addr>,
     local_in: Vec<Ipv4Addr>,
+    /// nfnetlink socket for element updates, opened on first use, kept while the state is.
+    sock: super::elements::SharedSocket,
 }
 
 impl SyncReport {
@@ -268,6 +270,7 @@ impl Syncer {
                 .collect(),
             vips_in: rs.vips.clone(),
             local_in: rs.local_endpoints.clone(),
+            sock: Default::default(),
         };
         Ok((st, report))
     }
@@ -345,16 +348,35 @@ impl Syncer {
                 c
             };
 
-        let mut script = chains_added(&rs.table, &st.model.chains, &new_chains);
-        script.push_str(&old_part.elements_diff(&new_part));
-        script.push_str(&chains_deleted(&rs.table, &st.model.chains, &new_chains));
         report.removed = removed_backends(&old_part, new_in_groups.iter().copied());
         let lost = lost_active(&old_part, &new_part);
         let affinity = !new_part.affinity_services.is_empty();
 
-        if !script.is_empty() {
-            report.kind = SyncKind::Incremental;
-            if let Err(e) = self.applier.run_script(netns, "update", script).await {
+        // Element changes only (the usual case): one nfnetlink batch of our own, whose cost
+        // does not depend on the table's size (libnftables would first list the table's sets
+        // for its cache). With chains to add or delete: one nft transaction.
+        let res = if new_chains == st.model.chains {
+            match super::elements::apply_delta(netns, &st.sock, &old_part, &new_part).await {
+                Ok(0) => Ok(false),
+                Ok(_) => Ok(true),
+                Err(e) => Err(e),
+            }
+        } else {
+            let mut script = chains_added(&rs.table, &st.model.chains, &new_chains);
+            script.push_str(&old_part.elements_diff(&new_part));
+            script.push_str(&chains_deleted(&rs.table, &st.model.chains, &new_chains));
+            self.applier
+                .run_script(netns, "update", script)
+                .await
+                .map(|()| true)
+        };
+        match res {
+            Ok(changed) => {
+                if changed {
+                    report.kind = SyncKind::Incremental;
+                }
+            }
+            Err(e) => {
                 // Start over from the desired state as a whole.
                 warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
                 let want = Model::from_ruleset(rs);
