@@ -36,12 +36,7 @@ fn serving_ips<'a>(
     state
         .task_list()
         .filter(move |t| t.service_id == svc.id && state.serving(t))
-        .filter_map(move |t| {
-            t.networks
-                .iter()
-                .find(|n| n.network_id == network_id)
-                .map(|n| (t, n.ip))
-        })
+        .filter_map(move |t| t.ip_on(network_id).map(|ip| (t, ip)))
 }
 
 /// A DNS view in plain data: what a container on exactly these networks may resolve.
@@ -197,7 +192,7 @@ fn remote_endpoints(
         .task_list()
         .filter(|t| t.node_id != node_id && state.alive.contains(&t.node_id))
         .filter_map(|t| {
-            let ip = t.networks.iter().find(|n| n.network_id == network_id)?.ip;
+            let ip = t.ip_on(network_id)?;
             let vtep = state.nodes.get(&t.node_id)?.0.addr?;
             Some(shoal_mesh::RemoteEndpoint {
                 ip,
@@ -297,12 +292,7 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
                     && t.desired_state != TaskState::Running
                     && state.alive.contains(&t.node_id)
             })
-            .filter_map(|t| {
-                t.networks
-                    .iter()
-                    .find(|n| n.network_id == network_id)
-                    .map(|n| n.ip)
-            })
+            .filter_map(|t| t.ip_on(network_id))
             .collect();
         draining.sort();
         let selection = match svc.lb.selection {
@@ -327,12 +317,7 @@ pub fn lb_ruleset(state: &ClusterState, node_id: &str, network_id: &str) -> shoa
     // Hairpin masquerade matters only for local tasks that can be picked as backends.
     let mut local: Vec<Ipv4Addr> = local_tasks(state, node_id)
         .filter(|t| state.serving(t))
-        .filter_map(|t| {
-            t.networks
-                .iter()
-                .find(|n| n.network_id == network_id)
-                .map(|n| n.ip)
-        })
+        .filter_map(|t| t.ip_on(network_id))
         .collect();
     local.sort();
     shoal_lb::Ruleset {

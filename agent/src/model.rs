@@ -406,6 +406,13 @@ impl Task {
     pub fn hostname(&self) -> String {
         self.id[..self.id.len().min(12)].to_string()
     }
+    /// The task's address on a network, if it is attached to it.
+    pub fn ip_on(&self, network_id: &str) -> Option<Ipv4Addr> {
+        self.networks
+            .iter()
+            .find(|n| n.network_id == network_id)
+            .map(|n| n.ip)
+    }
     /// A task is a backend and in DNS only while it runs, is meant to, and (with a health
     /// check) has been found healthy. Node liveness is judged by the caller.
     pub fn is_serving(&self) -> bool {

@@ -16,6 +16,35 @@ pub fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// The value after `name` on the command line, or `default` when the flag is absent. A value
+/// that does not parse stops the program with a message naming the flag.
+pub fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    match args.iter().position(|a| a == name) {
+        None => default,
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .unwrap_or_else(|| panic!("{name} needs a value"));
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} {v:?}: not a valid value"))
+        }
+    }
+}
+
+/// Median (mean of the middle two for an even count); 0 for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// Writes `benches/reports/<name>.md` (or `$SHOAL_REPORT_DIR/<name>.md`) and returns its path.
 pub fn write_report(name: &str, text: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::var("SHOAL_REPORT_DIR")

@@ -198,39 +198,6 @@ pub enum LbError {
     },
 }
 
-/// Deletes the UDP conntrack entries in `netns` of flows to `(vip, port)` (port 0: any)
-/// answered by the removed backend, so their clients' next packets pick a live backend.
-pub(crate) async fn conntrack_cleanup(
-    netns: &str,
-    removed: &[(Ipv4Addr, Protocol, u16, Ipv4Addr)],
-) -> Result<usize, LbError> {
-    let (ns, removed) = (netns.to_string(), removed.to_vec());
-    tokio::task::spawn_blocking(move || {
-        let filters: Vec<conntrack::CtFilter> = removed
-            .into_iter()
-            .map(|(vip, proto, port, backend)| {
-                let mut f = conntrack::CtFilter::backend(proto, vip, port, backend);
-                if port == ANY_PORT {
-                    f.orig_dport = None;
-                }
-                f
-            })
-            .collect();
-        // One dump, then a delete per matching entry.
-        let mut client = conntrack::CtClient::open_in(&ns)?;
-        let mut n = 0;
-        for e in client.list()? {
-            if filters.iter().any(|f| f.matches(&e)) && client.delete(&e)? {
-                n += 1;
-            }
-        }
-        Ok::<usize, conntrack::CtError>(n)
-    })
-    .await
-    .map_err(|e| LbError::Library(format!("conntrack clean-up in {netns:?}: {e}")))?
-    .map_err(|e| LbError::Conntrack(e.to_string()))
-}
-
 /// Renders the whole table as one nft script: `table ip T {}` + `delete table ip T` + the full
 /// definition, which `nft -f` runs as ONE transaction (the old table stays if anything fails).
 /// Pure and deterministic: every list is sorted and deduplicated.

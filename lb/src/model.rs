@@ -288,15 +288,12 @@ impl Model {
     /// Builds the model. Services sharing a key: the one with the smallest id wins
     /// ([`crate::validate`] reports such rulesets before they are applied).
     pub fn from_ruleset(rs: &Ruleset) -> Model {
-        let mut sorted: Vec<_> = rs.services.iter().collect();
-        sorted.sort_by(|a, b| {
-            (a.vip, a.protocol, a.port, &a.id).cmp(&(b.vip, b.protocol, b.port, &b.id))
-        });
+        let mut sorted = sorted_services(rs);
         sorted.dedup_by_key(|s| (s.vip, s.protocol, s.port));
         let mut m = Model::from_services(&rs.table, sorted);
         m.vips.extend(rs.vips.iter().copied());
         m.hairpin = rs.local_endpoints.iter().copied().collect();
-        m.chains.extend(permanent_chains());
+        m.chains.extend(permanent_chains().iter().cloned());
         m
     }
 
@@ -371,39 +368,14 @@ impl Model {
     /// Removes every element of these (vip, protocol) groups.
     pub(crate) fn remove_groups(&mut self, groups: &BTreeSet<(Ipv4Addr, Protocol)>) {
         for &(v, p) in groups {
-            let keys: Vec<_> = self
-                .services
-                .range((v, p, 0)..=(v, p, u16::MAX))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in keys {
-                self.services.remove(&k);
-            }
+            remove_range(&mut self.services, (v, p, 0)..=(v, p, u16::MAX));
             self.any_port.remove(&(v, p));
-            let keys: Vec<_> = self
-                .backends
-                .range((v, p, 0, 0)..=(v, p, u16::MAX, u32::MAX))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in keys {
-                self.backends.remove(&k);
-            }
-            let keys: Vec<_> = self
-                .any_backends
-                .range((v, p, 0)..=(v, p, u32::MAX))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in keys {
-                self.any_backends.remove(&k);
-            }
-            let keys: Vec<_> = self
-                .target_ports
-                .range((v, p, 0)..=(v, p, u16::MAX))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in keys {
-                self.target_ports.remove(&k);
-            }
+            remove_range(
+                &mut self.backends,
+                (v, p, 0, 0)..=(v, p, u16::MAX, u32::MAX),
+            );
+            remove_range(&mut self.any_backends, (v, p, 0)..=(v, p, u32::MAX));
+            remove_range(&mut self.target_ports, (v, p, 0)..=(v, p, u16::MAX));
             self.affinity_services.remove(&(v, p));
         }
     }
@@ -799,16 +771,27 @@ fn active_backends(s: &VirtualService) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// The selection chains every table has (see [`PERMANENT_RND`]).
-pub(crate) fn permanent_chains() -> BTreeSet<String> {
-    let mut c = BTreeSet::new();
-    for p in ["tcp", "udp", "any"] {
-        for n in 1..=PERMANENT_RND {
-            c.insert(format!("rnd_{p}_{n}"));
-        }
-        c.insert(format!("hash_{p}_{HASH_SLOTS}"));
+/// Removes the entries of `map` whose keys fall in `range` (a contiguous run: no full scan).
+fn remove_range<K: Ord + Copy, V>(map: &mut BTreeMap<K, V>, range: std::ops::RangeInclusive<K>) {
+    let keys: Vec<K> = map.range(range).map(|(k, _)| *k).collect();
+    for k in keys {
+        map.remove(&k);
     }
-    c
+}
+
+/// The selection chains every table has (see [`PERMANENT_RND`]), built once.
+pub(crate) fn permanent_chains() -> &'static BTreeSet<String> {
+    static CHAINS: std::sync::OnceLock<BTreeSet<String>> = std::sync::OnceLock::new();
+    CHAINS.get_or_init(|| {
+        let mut c = BTreeSet::new();
+        for p in ["tcp", "udp", "any"] {
+            for n in 1..=PERMANENT_RND {
+                c.insert(format!("rnd_{p}_{n}"));
+            }
+            c.insert(format!("hash_{p}_{HASH_SLOTS}"));
+        }
+        c
+    })
 }
 
 fn rec_timeout(chain: &str) -> u32 {
@@ -841,18 +824,18 @@ fn write_chunked(
     }
 }
 
-fn unwrap_elem(v: &Value) -> &Value {
+pub(crate) fn unwrap_elem(v: &Value) -> &Value {
     v.get("elem").and_then(|e| e.get("val")).unwrap_or(v)
 }
 
-fn concat(v: &Value) -> Vec<&Value> {
+pub(crate) fn concat(v: &Value) -> Vec<&Value> {
     match v.get("concat").and_then(|c| c.as_array()) {
         Some(parts) => parts.iter().collect(),
         None => vec![v],
     }
 }
 
-fn addr(v: &Value) -> Option<Ipv4Addr> {
+pub(crate) fn addr(v: &Value) -> Option<Ipv4Addr> {
     v.as_str()?.parse().ok()
 }
 
@@ -860,7 +843,7 @@ fn num(v: &Value) -> Option<u64> {
     v.as_u64()
 }
 
-fn proto(v: &Value) -> Option<Protocol> {
+pub(crate) fn proto(v: &Value) -> Option<Protocol> {
     match v {
         Value::String(s) if s == "tcp" => Some(Protocol::Tcp),
         Value::String(s) if s == "udp" => Some(Protocol::Udp),
@@ -921,14 +904,27 @@ fn is_service_id(s: &str) -> bool {
 pub const MAX_AFFINITY_SECS: u32 = 86_400;
 
 pub(crate) fn validate(rs: &Ruleset) -> Result<(), LbError> {
-    if !is_table_name(&rs.table) {
+    validate_sorted(&rs.table, &sorted_services(rs))
+}
+
+/// The services of `rs` sorted by key, then id ([`Model::from_ruleset`]'s order).
+pub(crate) fn sorted_services(rs: &Ruleset) -> Vec<&VirtualService> {
+    let mut sorted: Vec<&VirtualService> = rs.services.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.vip, a.protocol, a.port, &a.id).cmp(&(b.vip, b.protocol, b.port, &b.id))
+    });
+    sorted
+}
+
+/// [`validate`] of services already sorted by [`sorted_services`] (duplicates are adjacent:
+/// no second sort on the sync path).
+pub(crate) fn validate_sorted(table: &str, sorted: &[&VirtualService]) -> Result<(), LbError> {
+    if !is_table_name(table) {
         return Err(LbError::Invalid(format!(
-            "table name {:?} must be 1-{MAX_NAME} characters of [A-Za-z0-9_.-]",
-            rs.table
+            "table name {table:?} must be 1-{MAX_NAME} characters of [A-Za-z0-9_.-]"
         )));
     }
-    let mut keys = Vec::with_capacity(rs.services.len());
-    for s in &rs.services {
+    for s in sorted {
         if !is_service_id(&s.id) {
             return Err(LbError::Invalid(format!(
                 "service id {:?} must be 1-{} characters of [a-z0-9_]",
@@ -950,16 +946,12 @@ pub(crate) fn validate(rs: &Ruleset) -> Result<(), LbError> {
                 s.id
             )));
         }
-        keys.push(((s.vip, s.protocol, s.port), &s.id));
     }
-    // A sorted vector, not a map: this runs on every sync of every namespace.
-    keys.sort_unstable();
-    for w in keys.windows(2) {
-        if w[0].0 == w[1].0 {
-            let (vip, protocol, port) = w[0].0;
+    for w in sorted.windows(2) {
+        if (w[0].vip, w[0].protocol, w[0].port) == (w[1].vip, w[1].protocol, w[1].port) {
             return Err(LbError::Invalid(format!(
-                "services {:?} and {:?} both claim {vip}:{port}/{protocol}",
-                w[0].1, w[1].1
+                "services {:?} and {:?} both claim {}:{}/{}",
+                w[0].id, w[1].id, w[0].vip, w[0].port, w[0].protocol
             )));
         }
     }

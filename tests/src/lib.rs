@@ -206,6 +206,41 @@ impl Lab {
         }
     }
 
+    /// Creates service `name` on `network`: `replicas` tasks of `shoal whoami --port 80`,
+    /// and waits (30 s at most) until all of them run; returns them.
+    pub fn whoami_service(
+        &self,
+        name: &str,
+        network: &str,
+        replicas: usize,
+    ) -> Vec<serde_json::Value> {
+        let n = replicas.to_string();
+        self.shoal(&[
+            "service",
+            "create",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--replicas",
+            &n,
+            "--",
+            "shoal",
+            "whoami",
+            "--port",
+            "80",
+        ])
+        .ok();
+        self.wait_for(
+            &format!("{replicas} running {name} tasks"),
+            std::time::Duration::from_secs(30),
+            || {
+                let t = self.running_tasks(name);
+                (t.len() == replicas).then_some(t)
+            },
+        )
+    }
+
     /// Tasks of a service that are running (from `service ps --format json`).
     pub fn running_tasks(&self, service: &str) -> Vec<serde_json::Value> {
         let r = self.shoal(&["service", "ps", service, "--format", "json"]);

@@ -25,26 +25,7 @@ fn one_node_slice_end_to_end() {
 
     lab.shoal(&["network", "create", "--subnet", "10.10.0.0/24", "appnet"])
         .ok();
-    lab.shoal(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--network",
-        "appnet",
-        "--replicas",
-        "3",
-        "--",
-        "shoal",
-        "whoami",
-        "--port",
-        "80",
-    ])
-    .ok();
-    let tasks = lab.wait_for("3 running web tasks", Duration::from_secs(30), || {
-        let t = lab.running_tasks("web");
-        (t.len() == 3).then_some(t)
-    });
+    let tasks = lab.whoami_service("web", "appnet", 3);
     let task_ips: BTreeSet<Ipv4Addr> = tasks
         .iter()
         .map(|t| t["networks"][0]["ip"].as_str().unwrap().parse().unwrap())
@@ -675,26 +656,7 @@ fn agent_restart_keeps_connections_and_ruleset() {
     }
     let lab = Lab::up(1, "embedded");
     lab.shoal(&["network", "create", "appnet"]).ok();
-    lab.shoal(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--network",
-        "appnet",
-        "--replicas",
-        "3",
-        "--",
-        "shoal",
-        "whoami",
-        "--port",
-        "80",
-    ])
-    .ok();
-    let tasks = lab.wait_for("3 running web tasks", Duration::from_secs(30), || {
-        let t = lab.running_tasks("web");
-        (t.len() == 3).then_some(t)
-    });
+    let tasks = lab.whoami_service("web", "appnet", 3);
     let svc: serde_json::Value =
         serde_json::from_str(&lab.shoal(&["service", "inspect", "web"]).ok().stdout).unwrap();
     let vip: Ipv4Addr = svc["networks"][0]["vip"].as_str().unwrap().parse().unwrap();

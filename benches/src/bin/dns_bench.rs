@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use shoal_benches::{quantile, write_report};
+use shoal_benches::{arg, median, quantile, write_report};
 use shoal_dns::{DnsConfig, Records, Resolver};
 
 const SERVICES: u32 = 1000;
@@ -57,14 +57,6 @@ const NOTES: &str = r#"## Where the comparison is not apples to apples
 "#;
 
 static NS_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 // ---------------------------------------------------------------------------------------
 // Data
@@ -715,20 +707,6 @@ struct Summary {
     eq_p99: f64,
     eq_lost: u64,
     eq_sent: u64,
-}
-
-/// Median (mean of the middle two for an even count); 0 for none.
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn ms3(d: Duration) -> String {

@@ -23,20 +23,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_benches::{quantile, write_report};
+use shoal_benches::{arg, median, quantile, write_report};
 use shoal_lb::{Protocol, Ruleset, VirtualService};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKENDS: u8 = 3;
 const PORT: u16 = 8080;
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
@@ -186,11 +178,6 @@ fn run(client: &str, targets: &[SocketAddrV4], conns: u64, secs: u64) -> anyhow:
         rate: lat.len() as f64 / elapsed,
         lat,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_benches::{quantile, write_report};
+use shoal_benches::{arg, quantile, write_report};
 use shoal_lb::{Applier, Protocol, Ruleset, SyncKind, Syncer, VirtualService};
 use shoal_netns::CommandExt as _;
 
@@ -51,14 +51,6 @@ impl Drop for Ns {
             eprintln!("deleting namespace {}: {e}", self.0);
         }
     }
-}
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
 }
 
 fn vip(s: u32) -> Ipv4Addr {
@@ -128,23 +120,6 @@ fn shoal(
         anyhow::ensure!(r.kind == SyncKind::Full, "{r:?}");
     }
     fulls.sort();
-    {
-        // Where a change's time goes outside nft: the model and the diff.
-        let mut other = rs.clone();
-        other.services[n as usize / 2].backends.pop();
-        let t = Instant::now();
-        let a = shoal_lb::Model::from_ruleset(&rs);
-        let t_model = t.elapsed();
-        let b = shoal_lb::Model::from_ruleset(&other);
-        let t = Instant::now();
-        let d = a.diff(&b).unwrap_or_default();
-        println!(
-            "  ({n} services: model {:.2} ms, diff {:.2} ms, {} bytes of nft)",
-            t_model.as_secs_f64() * 1e3,
-            t.elapsed().as_secs_f64() * 1e3,
-            d.len()
-        );
-    }
     let ns = Ns::new()?;
     let mut s = Syncer::new(applier.clone()).without_conntrack_cleanup();
     let mut cur = rs.clone();

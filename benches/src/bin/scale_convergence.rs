@@ -24,17 +24,9 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use shoal::api::TaskLocation;
 use shoal::client::Client;
 use shoal::cluster::ServiceUpdate;
-use shoal_benches::{ms, quantile, write_report};
+use shoal_benches::{arg, ms, quantile, write_report};
 
 const LAB: &str = "bconv";
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn shoal_bin() -> PathBuf {
     std::env::var("SHOAL_BIN")

@@ -328,10 +328,6 @@ fn batch_msg(ty: u16, seq: u32) -> Vec<u8> {
     .finish()
 }
 
-fn elem_msg(table: &str, map: &str, seq: u32) -> Msg {
-    elem_msg_of(NFT_MSG_NEWSETELEM, table, map, seq)
-}
-
 fn elem_msg_of(ty: u16, table: &str, map: &str, seq: u32) -> Msg {
     let flags = if ty == NFT_MSG_NEWSETELEM {
         NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK
@@ -376,44 +372,17 @@ fn flush(mut msg: Msg, map: &'static str, bytes: &mut Vec<u8>, msgs: &mut Vec<&'
     msgs.push(map);
 }
 
+/// One map's elements.
+type MapElems<'a> = (&'static str, Vec<Elem<'a>>);
+
 /// Encodes every element of `m` as `NFT_MSG_NEWSETELEM` messages of at most [`MAX_MSG`]
 /// bytes, framed by a batch begin and end. Pure.
 pub(crate) fn encode(m: &Model, first_seq: u32) -> Batch {
-    let mut bytes = batch_msg(NFNL_MSG_BATCH_BEGIN, first_seq);
-    let mut msgs = vec![];
-    let mut elements = 0;
-    let mut seq = first_seq;
-    for (map, elems) in map_elements(m) {
-        if elems.is_empty() {
-            continue;
-        }
-        seq += 1;
-        let mut msg = elem_msg(&m.table, map, seq);
-        let mut in_msg = 0;
-        for e in &elems {
-            let len = e.encoded_len();
-            if in_msg > 0 && msg.size() + len > MAX_MSG {
-                flush(msg, map, &mut bytes, &mut msgs);
-                seq += 1;
-                msg = elem_msg(&m.table, map, seq);
-                in_msg = 0;
-            }
-            let before = msg.size();
-            put_elem(&mut msg, e);
-            debug_assert_eq!(msg.size() - before, len, "{e:?}");
-            in_msg += 1;
-        }
-        elements += elems.len();
-        flush(msg, map, &mut bytes, &mut msgs);
-    }
-    bytes.extend_from_slice(&batch_msg(NFNL_MSG_BATCH_END, seq + 1));
-    Batch {
-        table: m.table.clone(),
-        bytes,
-        first_seq,
-        msgs,
-        elements,
-    }
+    let adds: Vec<_> = map_elements(m)
+        .into_iter()
+        .filter(|(_, elems)| !elems.is_empty())
+        .collect();
+    frame(&m.table, first_seq, &[(NFT_MSG_NEWSETELEM, adds)])
 }
 
 /// The element changes that turn the maps of `old` into those of `new` (two partial or whole
@@ -423,8 +392,8 @@ pub(crate) fn encode(m: &Model, first_seq: u32) -> Batch {
 /// Pure.
 pub(crate) fn encode_delta(old: &Model, new: &Model, first_seq: u32) -> Option<Batch> {
     let (a, b) = (map_elements(old), map_elements(new));
-    let mut dels: Vec<(&'static str, Vec<Elem<'_>>)> = vec![];
-    let mut adds: Vec<(&'static str, Vec<Elem<'_>>)> = vec![];
+    let mut dels: Vec<MapElems<'_>> = vec![];
+    let mut adds: Vec<MapElems<'_>> = vec![];
     for ((map, olds), (_, news)) in a.iter().zip(b.iter()) {
         let new_set: std::collections::HashSet<&Elem<'_>> = news.iter().collect();
         let old_set: std::collections::HashSet<&Elem<'_>> = olds.iter().collect();
@@ -452,23 +421,36 @@ pub(crate) fn encode_delta(old: &Model, new: &Model, first_seq: u32) -> Option<B
     if dels.is_empty() && adds.is_empty() {
         return None;
     }
+    Some(frame(
+        &new.table,
+        first_seq,
+        &[(NFT_MSG_DELSETELEM, dels), (NFT_MSG_NEWSETELEM, adds)],
+    ))
+}
+
+/// One batch: begin, then per (message type, map) messages of at most [`MAX_MSG`] bytes each,
+/// then end.
+fn frame(table: &str, first_seq: u32, parts: &[(u16, Vec<MapElems<'_>>)]) -> Batch {
     let mut bytes = batch_msg(NFNL_MSG_BATCH_BEGIN, first_seq);
     let mut msgs = vec![];
     let mut elements = 0;
     let mut seq = first_seq;
-    for (ty, groups) in [(NFT_MSG_DELSETELEM, &dels), (NFT_MSG_NEWSETELEM, &adds)] {
+    for (ty, groups) in parts {
         for (map, elems) in groups {
             seq += 1;
-            let mut msg = elem_msg_of(ty, &new.table, map, seq);
+            let mut msg = elem_msg_of(*ty, table, map, seq);
             let mut in_msg = 0;
             for e in elems {
-                if in_msg > 0 && msg.size() + e.encoded_len() > MAX_MSG {
+                let len = e.encoded_len();
+                if in_msg > 0 && msg.size() + len > MAX_MSG {
                     flush(msg, map, &mut bytes, &mut msgs);
                     seq += 1;
-                    msg = elem_msg_of(ty, &new.table, map, seq);
+                    msg = elem_msg_of(*ty, table, map, seq);
                     in_msg = 0;
                 }
+                let before = msg.size();
                 put_elem(&mut msg, e);
+                debug_assert_eq!(msg.size() - before, len, "{e:?}");
                 in_msg += 1;
             }
             elements += elems.len();
@@ -476,13 +458,13 @@ pub(crate) fn encode_delta(old: &Model, new: &Model, first_seq: u32) -> Option<B
         }
     }
     bytes.extend_from_slice(&batch_msg(NFNL_MSG_BATCH_END, seq + 1));
-    Some(Batch {
-        table: new.table.clone(),
+    Batch {
+        table: table.to_string(),
         bytes,
         first_seq,
         msgs,
         elements,
-    })
+    }
 }
 
 /// A namespace's nfnetlink socket kept between element updates (see [`open_socket`]).
@@ -834,7 +816,7 @@ mod tests {
     #[test]
     #[cfg(target_endian = "little")]
     fn element_message_matches_nft() {
-        let mut m = elem_msg("shoal_lb", "any_port", 7);
+        let mut m = elem_msg_of(NFT_MSG_NEWSETELEM, "shoal_lb", "any_port", 7);
         put_elem(
             &mut m,
             &Elem {

@@ -9,8 +9,12 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use super::{Applier, load_elements};
-use crate::model::{chains_added, chains_deleted, permanent_chains, uses_only_permanent_chains};
-use crate::{LbError, Model, Protocol, Ruleset, ServiceKey, VirtualService, validate};
+use crate::conntrack::{CtClient, CtFilter};
+use crate::model::{
+    self as json, chains_added, chains_deleted, permanent_chains, sorted_services,
+    uses_only_permanent_chains, validate_sorted,
+};
+use crate::{ANY_PORT, LbError, Model, Protocol, Ruleset, ServiceKey, VirtualService};
 
 /// How a sync changed the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,11 +185,8 @@ impl Syncer {
     /// table back); later ones compare `rs` with the last one service by service and rebuild
     /// and diff only the (VIP, protocol) groups that changed.
     pub async fn sync(&mut self, netns: &str, rs: &Ruleset) -> Result<SyncReport, LbError> {
-        validate(rs)?;
-        let mut sorted: Vec<&VirtualService> = rs.services.iter().collect();
-        sorted.sort_by(|a, b| {
-            (a.vip, a.protocol, a.port, &a.id).cmp(&(b.vip, b.protocol, b.port, &b.id))
-        });
+        let mut sorted = sorted_services(rs);
+        validate_sorted(&rs.table, &sorted)?;
         sorted.dedup_by_key(|s| (s.vip, s.protocol, s.port));
         let prev = self
             .applied
@@ -227,15 +228,17 @@ impl Syncer {
         rs: &Ruleset,
         sorted: &[&VirtualService],
     ) -> Result<(NsState, SyncReport), LbError> {
-        let want = Model::from_ruleset(rs);
+        let mut want = Model::from_ruleset(rs);
+        let sock = super::elements::SharedSocket::default();
         let found = self.read_back(netns, &rs.table).await?;
         let mut report = SyncReport::new(matches!(found, Found::Adoptable(_)));
         let have = match found {
             Found::Adoptable(h) => {
-                if let Some(script) = h.diff(&want) {
-                    report.kind = SyncKind::Incremental;
-                    self.update_or_replace(netns, script, &want, &mut report)
-                        .await?;
+                let chains = (h.chains != want.chains).then_some((&h.chains, &want.chains));
+                match self.update(netns, &sock, &h, &want, chains).await {
+                    Ok(true) => report.kind = SyncKind::Incremental,
+                    Ok(false) => {}
+                    Err(e) => want = self.replace(netns, e, rs, &mut report).await?,
                 }
                 Some(*h)
             }
@@ -270,7 +273,7 @@ impl Syncer {
                 .collect(),
             vips_in: rs.vips.clone(),
             local_in: rs.local_endpoints.clone(),
-            sock: Default::default(),
+            sock,
         };
         Ok((st, report))
     }
@@ -333,60 +336,34 @@ impl Syncer {
             new_part.hairpin = rs.local_endpoints.iter().copied().collect();
         }
 
-        // Chains: recomputed over every service only when a non-permanent one is involved.
+        // Chains: recomputed over every service only when a non-permanent one is involved;
+        // None when they stay as they are.
         let permanent = permanent_chains();
         let new_chains =
-            if old_part.chains.is_subset(&permanent) && new_part.chains.is_subset(&permanent) {
-                st.model.chains.clone()
+            if old_part.chains.is_subset(permanent) && new_part.chains.is_subset(permanent) {
+                None
             } else {
                 let others = sorted
                     .iter()
                     .copied()
                     .filter(|s| !uses_only_permanent_chains(s));
                 let mut c = Model::from_services(&rs.table, others).chains;
-                c.extend(permanent);
-                c
+                c.extend(permanent.iter().cloned());
+                Some(c).filter(|c| *c != st.model.chains)
             };
 
         report.removed = removed_backends(&old_part, new_in_groups.iter().copied());
         let lost = lost_active(&old_part, &new_part);
         let affinity = !new_part.affinity_services.is_empty();
 
-        // Element changes only (the usual case): one nfnetlink batch of our own, whose cost
-        // does not depend on the table's size (libnftables would first list the table's sets
-        // for its cache). With chains to add or delete: one nft transaction.
-        let res = if new_chains == st.model.chains {
-            match super::elements::apply_delta(netns, &st.sock, &old_part, &new_part).await {
-                Ok(0) => Ok(false),
-                Ok(_) => Ok(true),
-                Err(e) => Err(e),
-            }
-        } else {
-            let mut script = chains_added(&rs.table, &st.model.chains, &new_chains);
-            script.push_str(&old_part.elements_diff(&new_part));
-            script.push_str(&chains_deleted(&rs.table, &st.model.chains, &new_chains));
-            self.applier
-                .run_script(netns, "update", script)
-                .await
-                .map(|()| true)
-        };
-        match res {
-            Ok(changed) => {
-                if changed {
-                    report.kind = SyncKind::Incremental;
-                }
-            }
-            Err(e) => {
-                // Start over from the desired state as a whole.
-                warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
-                let want = Model::from_ruleset(rs);
-                report.kind = SyncKind::Full;
-                report.fallback = Some(e.to_string());
-                self.applier
-                    .run_script(netns, "apply", want.render())
-                    .await?;
-                st.model = want;
-            }
+        let chains = new_chains.as_ref().map(|c| (&st.model.chains, c));
+        match self
+            .update(netns, &st.sock, &old_part, &new_part, chains)
+            .await
+        {
+            Ok(true) => report.kind = SyncKind::Incremental,
+            Ok(false) => {}
+            Err(e) => st.model = self.replace(netns, e, rs, &mut report).await?,
         }
         if report.kind != SyncKind::Full {
             st.model.remove_groups(&groups);
@@ -397,7 +374,9 @@ impl Syncer {
             if local_changed {
                 st.model.hairpin = rs.local_endpoints.iter().copied().collect();
             }
-            st.model.chains = new_chains;
+            if let Some(c) = new_chains {
+                st.model.chains = c;
+            }
         }
         for k in &changed {
             st.services.remove(k);
@@ -454,23 +433,48 @@ impl Syncer {
         }
     }
 
-    /// Runs an element update; when nft refuses it, replaces the whole table instead.
-    async fn update_or_replace(
+    /// Turns the elements of `old` into those of `new` (whole or partial models of one
+    /// table). Element changes only (the usual case): one nfnetlink batch of our own on the
+    /// namespace's kept socket, whose cost does not depend on the table's size (libnftables
+    /// would first list the table's sets for its cache). With `chains` (from, to) to add or
+    /// delete: one nft transaction. Ok(false) when nothing differed.
+    async fn update(
         &self,
         netns: &str,
-        script: String,
-        want: &Model,
-        report: &mut SyncReport,
-    ) -> Result<(), LbError> {
-        if let Err(e) = self.applier.run_script(netns, "update", script).await {
-            warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
-            report.kind = SyncKind::Full;
-            report.fallback = Some(e.to_string());
-            self.applier
-                .run_script(netns, "apply", want.render())
-                .await?;
+        sock: &super::elements::SharedSocket,
+        old: &Model,
+        new: &Model,
+        chains: Option<(&BTreeSet<String>, &BTreeSet<String>)>,
+    ) -> Result<bool, LbError> {
+        match chains {
+            None => Ok(super::elements::apply_delta(netns, sock, old, new).await? > 0),
+            Some((from, to)) => {
+                let mut script = chains_added(&new.table, from, to);
+                script.push_str(&old.elements_diff(new));
+                script.push_str(&chains_deleted(&new.table, from, to));
+                self.applier.run_script(netns, "update", script).await?;
+                Ok(true)
+            }
         }
-        Ok(())
+    }
+
+    /// After a refused update: the whole table replaced by `rs` in one nft transaction.
+    /// Returns the model now in the kernel.
+    async fn replace(
+        &self,
+        netns: &str,
+        e: LbError,
+        rs: &Ruleset,
+        report: &mut SyncReport,
+    ) -> Result<Model, LbError> {
+        warn!(netns, error = %e, "incremental LB update failed: replacing the whole table");
+        let want = Model::from_ruleset(rs);
+        report.kind = SyncKind::Full;
+        report.fallback = Some(e.to_string());
+        self.applier
+            .run_script(netns, "apply", want.render())
+            .await?;
+        Ok(want)
     }
 
     async fn finish(&self, netns: &str, report: &mut SyncReport) -> Result<(), LbError> {
@@ -537,20 +541,42 @@ impl Syncer {
         Ok(n)
     }
 
+    /// Deletes the UDP conntrack entries in `netns` of flows to `(vip, port)` (port 0: any)
+    /// answered by a removed backend, so their clients' next packets pick a live backend.
+    /// One dump, then a delete per matching entry.
     async fn clean_conntrack(
         &self,
         netns: &str,
         removed: &[(Ipv4Addr, Protocol, u16, Ipv4Addr)],
     ) -> Result<usize, LbError> {
-        let udp: Vec<_> = removed
+        let filters: Vec<CtFilter> = removed
             .iter()
             .filter(|(_, p, _, _)| *p == Protocol::Udp)
-            .copied()
+            .map(|&(vip, proto, port, backend)| {
+                let mut f = CtFilter::backend(proto, vip, port, backend);
+                if port == ANY_PORT {
+                    f.orig_dport = None;
+                }
+                f
+            })
             .collect();
-        if udp.is_empty() {
+        if filters.is_empty() {
             return Ok(0);
         }
-        crate::conntrack_cleanup(netns, &udp).await
+        let ns = netns.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut client = CtClient::open_in(&ns)?;
+            let mut n = 0;
+            for e in client.list()? {
+                if filters.iter().any(|f| f.matches(&e)) && client.delete(&e)? {
+                    n += 1;
+                }
+            }
+            Ok::<usize, crate::conntrack::CtError>(n)
+        })
+        .await
+        .map_err(|e| LbError::Library(format!("conntrack clean-up in {netns:?}: {e}")))?
+        .map_err(|e| LbError::Conntrack(e.to_string()))
     }
 }
 
@@ -610,21 +636,12 @@ fn stale_affinity(json: &str, want: &Model) -> Vec<String> {
             let (Some(k), Some(val)) = (pair.first(), pair.get(1)) else {
                 continue;
             };
-            let k = k.get("elem").and_then(|e| e.get("val")).unwrap_or(k);
-            let parts: Vec<&str> = k
-                .get("concat")
-                .and_then(|c| c.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-                .unwrap_or_default();
+            let parts = json::concat(json::unwrap_elem(k));
             let (Some(client), Some(vip), Some(proto), Some(backend)) = (
-                parts.first().and_then(|s| s.parse::<Ipv4Addr>().ok()),
-                parts.get(1).and_then(|s| s.parse::<Ipv4Addr>().ok()),
-                parts.get(2).and_then(|s| match *s {
-                    "tcp" => Some(Protocol::Tcp),
-                    "udp" => Some(Protocol::Udp),
-                    _ => None,
-                }),
-                val.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()),
+                parts.first().and_then(|v| json::addr(v)),
+                parts.get(1).and_then(|v| json::addr(v)),
+                parts.get(2).and_then(|v| json::proto(v)),
+                json::addr(val),
             ) else {
                 continue;
             };
