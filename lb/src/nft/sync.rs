@@ -192,18 +192,13 @@ impl Syncer {
             .applied
             .remove(netns)
             .filter(|st| st.model.table == rs.table);
-        let res = match prev {
-            Some(st) => self.sync_delta(netns, rs, &sorted, st).await,
-            None => self.sync_first(netns, rs, &sorted).await,
+        let (st, report) = match prev {
+            Some(st) => self.sync_delta(netns, rs, &sorted, st).await?,
+            None => self.sync_first(netns, rs, &sorted).await?,
         };
-        match res {
-            Ok((st, report)) => {
-                self.applied.insert(netns.to_string(), st);
-                self.log(netns, &report);
-                Ok(report)
-            }
-            Err(e) => Err(e),
-        }
+        self.applied.insert(netns.to_string(), st);
+        self.log(netns, &report);
+        Ok(report)
     }
 
     fn log(&self, netns: &str, report: &SyncReport) {
