@@ -413,6 +413,7 @@ mod tests {
                 target: 80,
                 protocol: Protocol::Tcp,
                 mode: PublishMode::Ingress,
+                snat: false,
             }],
             command: vec!["x".into()],
             env: vec![],

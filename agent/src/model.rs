@@ -110,6 +110,10 @@ pub struct PortConfig {
     pub target: u16,
     pub protocol: Protocol,
     pub mode: PublishMode,
+    /// Ingress mode only: SNAT to the receiving node's address instead of keeping the
+    /// client's (Docker's behaviour; for clients behind NATs that reuse ports, see the README).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snat: bool,
 }
 
 impl fmt::Display for PortConfig {
@@ -120,23 +124,23 @@ impl fmt::Display for PortConfig {
             self.published,
             self.target,
             self.protocol,
-            if self.mode == PublishMode::Host {
-                " (host)"
-            } else {
-                ""
+            match (self.mode, self.snat) {
+                (PublishMode::Host, _) => " (host)",
+                (PublishMode::Ingress, true) => " (snat)",
+                (PublishMode::Ingress, false) => "",
             }
         )
     }
 }
 
 impl PortConfig {
-    /// Parses `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]` (the long form of
+    /// Parses `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host][,snat=true]` (the long form of
     /// `--publish`) or the short `P:T[/udp]` / `T[/udp]` form.
     pub fn parse(s: &str) -> Result<Self, Invalid> {
         let s = s.trim();
         if s.contains('=') {
-            let (mut published, mut target, mut protocol, mut mode) =
-                (None, None, Protocol::Tcp, PublishMode::Ingress);
+            let (mut published, mut target, mut protocol, mut mode, mut snat) =
+                (None, None, Protocol::Tcp, PublishMode::Ingress, false);
             for part in s.split(',') {
                 let (k, v) = part
                     .split_once('=')
@@ -156,9 +160,20 @@ impl PortConfig {
                             }
                         }
                     }
+                    "snat" => {
+                        snat = match v.trim() {
+                            "true" | "1" | "yes" => true,
+                            "false" | "0" | "no" => false,
+                            _ => {
+                                return Err(invalid(format!(
+                                    "invalid publish option snat={v:?}: use true or false"
+                                )));
+                            }
+                        }
+                    }
                     other => {
                         return Err(invalid(format!(
-                            "unknown publish option {other:?} (use published, target, protocol, mode)"
+                            "unknown publish option {other:?} (use published, target, protocol, mode, snat)"
                         )));
                     }
                 }
@@ -170,11 +185,17 @@ impl PortConfig {
                     "publish {s:?}: host mode needs published=PORT"
                 )));
             }
+            if mode == PublishMode::Host && snat {
+                return Err(invalid(format!(
+                    "publish {s:?}: snat applies to ingress mode only (host mode never crosses nodes)"
+                )));
+            }
             Ok(PortConfig {
                 published: published.unwrap_or(0),
                 target,
                 protocol,
                 mode,
+                snat,
             })
         } else {
             let (ports, protocol) = match s.split_once('/') {
@@ -190,6 +211,7 @@ impl PortConfig {
                 target,
                 protocol,
                 mode: PublishMode::Ingress,
+                snat: false,
             })
         }
     }
