@@ -54,7 +54,29 @@ pub struct Agent {
     liveness: Arc<Liveness>,
     underlay: Option<desired::Underlay>,
     health: HashMap<String, tokio::task::JoinHandle<()>>,
+    /// Our node record as last written (its `listening` list is kept current).
+    node: Node,
+    /// The published ports applied in the node namespace (None: not programmed yet, or
+    /// removed).
+    publish_applied: Option<shoal_lb::publish::PublishSpec>,
+    /// The node marks applied in the ingress namespace.
+    marks_applied: Option<BTreeMap<[u8; 6], u32>>,
+    /// The node namespace is known to hold no published-port state of ours.
+    node_clean: bool,
 }
+
+/// IPv4 addresses of this namespace.
+fn local_addrs() -> HashSet<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The agent's own namespace (the node's): published ports are programmed here.
+const NODE_NS: &str = "/proc/self/ns/net";
 
 /// The interface holding `addr` in this namespace (the VXLAN underlay).
 fn dev_of(addr: std::net::Ipv4Addr) -> Option<String> {
@@ -120,11 +142,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         addr: cfg.advertise_addr,
         status: NodeStatus::Ready,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        listening: crate::listening::listening(),
     };
     store
         .put(&format!("{NODES}{node_id}"), encode(&node))
         .await
         .context("registering the node")?;
+    // The ingress network comes with the cluster: the first agent creates it.
+    if let Err(e) = cluster.ensure_ingress().await {
+        warn!(error = %e, "ingress network not available; published ports will not work");
+    }
 
     let upstreams = match &cfg.dns.upstreams {
         Some(u) => u.clone(),
@@ -197,6 +224,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         liveness,
         underlay,
         health: HashMap::new(),
+        node: node.clone(),
+        publish_applied: None,
+        marks_applied: None,
+        node_clean: false,
     };
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
@@ -279,6 +310,16 @@ impl Agent {
         if let Err(e) = self.reconcile(st, &mut errors).await {
             errors.push(format!("{e:#}"));
         }
+        // Ports in use on this node, for the publish conflict check.
+        let listening = crate::listening::listening();
+        if listening != self.node.listening {
+            let mut node = self.node.clone();
+            node.listening = listening;
+            match self.cluster.put_node(&node).await {
+                Ok(()) => self.node = node,
+                Err(e) => errors.push(format!("updating the node record: {e}")),
+            }
+        }
         let mut r = self.report.lock().expect("lock");
         r.passes += 1;
         r.dns_attached = self.dns_views.len();
@@ -311,7 +352,7 @@ impl Agent {
         errors: &mut Vec<String>,
     ) {
         for net_id in nets {
-            let Some(net) = st.network_by_id(net_id) else {
+            let Some(net) = st.network_by_id(net_id).filter(|n| !n.ingress) else {
                 continue;
             };
             let netns = desired::network_netns(&self.cfg.netns_prefix, net);
@@ -351,6 +392,73 @@ impl Agent {
                     errors.push(format!("ruleset of {netns}: {e}"));
                 }
             }
+        }
+    }
+
+    /// Programs the published ports of this node when they changed, then deletes UDP
+    /// conntrack entries that would keep sending to old NAT targets.
+    async fn sync_publish(&mut self, st: &ClusterState, errors: &mut Vec<String>) {
+        let addr = self
+            .underlay
+            .as_ref()
+            .map(|u| u.addr)
+            .unwrap_or(shoal_mesh::ingress::NODE_LINK_ADDR);
+        let Some(spec) = desired::publish_spec(st, &self.node_id, addr) else {
+            return;
+        };
+        if self.publish_applied.as_ref() == Some(&spec) {
+            return;
+        }
+        match shoal_lb::publish::apply_publish(shoal_lb::Applier::global(), NODE_NS, Some(&spec))
+            .await
+        {
+            Ok(()) => {
+                info!(ports = spec.ports.len(), "published ports programmed");
+                self.node_clean = false;
+                let before =
+                    self.publish_applied
+                        .take()
+                        .unwrap_or(shoal_lb::publish::PublishSpec {
+                            ports: vec![],
+                            ..spec.clone()
+                        });
+                let local = local_addrs();
+                let is_local = |ip: std::net::Ipv4Addr| ip.is_loopback() || local.contains(&ip);
+                if let Err(e) =
+                    shoal_lb::publish::clean_udp_conntrack(NODE_NS, &before, &spec, &is_local)
+                {
+                    errors.push(format!("published ports: {e}"));
+                }
+                self.publish_applied = Some(spec);
+            }
+            Err(e) => {
+                self.publish_applied = None;
+                errors.push(format!("published ports: {e}"));
+            }
+        }
+    }
+
+    /// Nothing is published: no table in the node namespace, no link to the ingress
+    /// namespace (which the namespace sweep removes).
+    async fn unpublish(&mut self, errors: &mut Vec<String>) {
+        if self.marks_applied.is_none() && self.publish_applied.is_none() && self.node_clean {
+            return;
+        }
+        let res = async {
+            shoal_lb::publish::apply_publish(shoal_lb::Applier::global(), NODE_NS, None).await?;
+            shoal_mesh::ingress::remove_ingress_link(None)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            anyhow::Ok(())
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                self.publish_applied = None;
+                self.marks_applied = None;
+                self.node_clean = true;
+            }
+            Err(e) => errors.push(format!("removing published ports: {e:#}")),
         }
     }
 
@@ -429,8 +537,16 @@ impl Agent {
         // 0. Fast path: what changed for networks and containers already in place (tasks
         //    joining or leaving DNS answers and backends) is applied before any slower link
         //    work of this pass.
-        let known: HashSet<String> = self.lb_applied.keys().cloned().collect();
+        let mut known: HashSet<String> = self.lb_applied.keys().cloned().collect();
+        if self.marks_applied.is_some()
+            && let Some(ing) = desired::ingress_network(st)
+        {
+            known.insert(ing.id.clone());
+        }
         self.sync_lb(st, &known, errors).await;
+        if self.marks_applied.is_some() {
+            self.sync_publish(st, errors).await;
+        }
         self.sync_dns(st, &local, &stopping, &known, false, errors)
             .await;
         // 1. Namespaces for new tasks.
@@ -474,6 +590,40 @@ impl Agent {
             }
         }
         self.lb_applied.retain(|id, _| specs.contains_key(id));
+        // 2b. Ingress plumbing and published ports.
+        let ingress_ok = desired::ingress_network(st).is_some_and(|n| ok_networks.contains(&n.id));
+        match desired::ingress_spec(
+            st,
+            &self.node_id,
+            &self.cfg.netns_prefix,
+            self.underlay.as_ref(),
+            &has_ns,
+        ) {
+            Some(spec) if ingress_ok => match shoal_mesh::ingress::apply_ingress(&spec).await {
+                Ok(_) => {
+                    let marks = desired::ingress_marks(st, &self.node_id);
+                    if self.marks_applied.as_ref() != Some(&marks) {
+                        match shoal_lb::publish::apply_marks(
+                            shoal_lb::Applier::global(),
+                            &spec.netns,
+                            shoal_mesh::VXLAN_IFNAME,
+                            &marks,
+                        )
+                        .await
+                        {
+                            Ok(()) => self.marks_applied = Some(marks),
+                            Err(e) => errors.push(format!("node marks of {}: {e}", spec.netns)),
+                        }
+                    }
+                    if self.marks_applied.is_some() {
+                        self.sync_publish(st, errors).await;
+                    }
+                }
+                Err(e) => errors.push(format!("ingress plumbing: {e}")),
+            },
+            Some(_) => {}
+            None => self.unpublish(errors).await,
+        }
         // 3. VIP rulesets, applied when they changed.
         self.sync_lb(st, &ok_networks, errors).await;
         // 4. DNS views of local containers, new ones attached.

@@ -18,6 +18,8 @@ use crate::store::{Compare, KeyValue, Op, Store, StoreError};
 
 pub const ROOT: &str = "/shoal/";
 pub const NETWORKS: &str = "/shoal/networks/";
+/// Name of the ingress network, created with the cluster.
+pub const INGRESS_NETWORK: &str = "ingress";
 pub const SERVICES: &str = "/shoal/services/";
 pub const TASKS: &str = "/shoal/tasks/";
 pub const NODES: &str = "/shoal/nodes/";
@@ -190,6 +192,14 @@ impl Cluster {
             .collect())
     }
     /// Nodes, with their status from the liveness keys (ready while the agent holds its lease).
+    /// Writes a node record (the agent's own).
+    pub async fn put_node(&self, node: &Node) -> Result<()> {
+        self.store
+            .put(&format!("{NODES}{}", node.id), encode(node))
+            .await?;
+        Ok(())
+    }
+
     pub async fn nodes(&self) -> Result<Vec<Node>> {
         let alive: HashSet<String> = self
             .store
@@ -238,6 +248,11 @@ impl Cluster {
     /// Creates a network. Refuses bad names and CIDRs, duplicates and overlapping subnets.
     pub async fn create_network(&self, req: NetworkCreate) -> Result<Network> {
         validate_name("network", &req.name)?;
+        if req.name == INGRESS_NETWORK {
+            return Err(ClusterError::Conflict(format!(
+                "network name {INGRESS_NETWORK:?} is reserved for the ingress network (created with the cluster)"
+            )));
+        }
         match req.driver.as_deref() {
             None | Some("overlay") => {}
             Some(d) => {
@@ -365,6 +380,66 @@ impl Cluster {
         ))
     }
 
+    /// Creates the ingress network (`ingress`, [`alloc::INGRESS_SUBNET`], a VNI of its own)
+    /// unless it exists; every agent calls this at start, the first one wins.
+    pub async fn ensure_ingress(&self) -> Result<Network> {
+        let key = format!("{NETWORKS}{INGRESS_NETWORK}");
+        for attempt in 0..MAX_RETRIES {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            if let Some((net, _)) = self.get::<Network>(&key).await? {
+                if !net.ingress {
+                    return Err(ClusterError::Conflict(format!(
+                        "a network named {INGRESS_NETWORK:?} exists and is not the ingress network: published ports cannot work until it is removed"
+                    )));
+                }
+                return Ok(net);
+            }
+            let subnet: Ipv4Net = alloc::INGRESS_SUBNET.parse().expect("constant");
+            let gateway = alloc::default_gateway(&subnet);
+            let vnis: HashSet<u32> = self
+                .store
+                .list(ALLOC_VNI)
+                .await?
+                .kvs
+                .iter()
+                .filter_map(|kv| kv.key[ALLOC_VNI.len()..].parse().ok())
+                .collect();
+            let vni = alloc::pick_vni(&vnis)
+                .ok_or_else(|| ClusterError::Conflict("no VNI left".into()))?;
+            let id = new_id();
+            let net = Network {
+                id: id.clone(),
+                name: INGRESS_NETWORK.into(),
+                driver: "overlay".into(),
+                subnet,
+                gateway,
+                vni,
+                attachable: false,
+                internal: false,
+                ingress: true,
+            };
+            let res = self
+                .store
+                .txn(
+                    vec![Compare::Absent(key.clone()), Compare::Absent(vni_key(vni))],
+                    vec![
+                        Op::Put(key.clone(), encode(&net)),
+                        Op::Put(vni_key(vni), id.clone().into_bytes()),
+                        Op::Put(ip_key(&id, gateway), b"gateway".to_vec()),
+                    ],
+                )
+                .await?;
+            if res.succeeded {
+                return Ok(net);
+            }
+        }
+        Err(ClusterError::Conflict(
+            "too many concurrent changes; try again".into(),
+        ))
+    }
+
     /// Removes a network; refused while a service uses it.
     pub async fn remove_network(&self, name: &str) -> Result<()> {
         let key = format!("{NETWORKS}{name}");
@@ -376,6 +451,12 @@ impl Cluster {
                 .get(&key)
                 .await?
                 .ok_or_else(|| ClusterError::NotFound(format!("network {name:?} not found")))?;
+            if net.ingress {
+                return Err(invalid(format!(
+                    "network {name:?} is the ingress network; it lives as long as the cluster"
+                ))
+                .into());
+            }
             let users: Vec<String> = self
                 .services()
                 .await?
@@ -450,6 +531,9 @@ impl Cluster {
             }
         }
         check_ports(&req.ports)?;
+        if !req.ports.is_empty() {
+            self.ensure_ingress().await?;
+        }
         if let Some(h) = &req.health {
             h.validate()?;
         }
@@ -613,9 +697,48 @@ impl Cluster {
                 Some((proto.parse().ok()?, port.parse().ok()?))
             })
             .collect();
+        // Ports another service publishes in host mode (ingress ones hold an allocation key)
+        // and ports processes listen on, on any node: both are refused, never taken over.
+        let others: Vec<Service> = self
+            .services()
+            .await?
+            .into_iter()
+            .filter(|s| s.id != service_id)
+            .collect();
+        let nodes = self.nodes().await?;
+        let conflict = |p: &PortConfig| -> Option<String> {
+            if let Some(s) = others.iter().find(|s| {
+                s.ports
+                    .iter()
+                    .any(|o| o.protocol == p.protocol && o.published == p.published)
+            }) {
+                return Some(format!(
+                    "port {}/{} is already published by service {:?}",
+                    p.published, p.protocol, s.name
+                ));
+            }
+            let busy: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n.listening.contains(&(p.protocol, p.published)))
+                .map(|n| n.name.as_str())
+                .collect();
+            (!busy.is_empty()).then(|| {
+                format!(
+                    "port {}/{} is in use on node(s) {}: a process there listens on it, and publishing would take its traffic",
+                    p.published,
+                    p.protocol,
+                    busy.join(", ")
+                )
+            })
+        };
         let mut out = vec![];
         for p in ports {
             let mut p = *p;
+            if p.published != 0
+                && let Some(msg) = conflict(&p)
+            {
+                return Err(ClusterError::Conflict(msg));
+            }
             if p.mode == PublishMode::Ingress {
                 if p.published == 0 {
                     let free: HashSet<u16> = used
@@ -623,9 +746,18 @@ impl Cluster {
                         .filter(|(pr, _)| *pr == p.protocol)
                         .map(|(_, port)| *port)
                         .collect();
-                    p.published = alloc::pick_port(&free).ok_or_else(|| {
-                        ClusterError::Conflict("no free port left in 30000-32767".into())
-                    })?;
+                    // Skip ports in use in host mode or by a process on some node.
+                    let mut free = free;
+                    loop {
+                        let pick = alloc::pick_port(&free).ok_or_else(|| {
+                            ClusterError::Conflict("no free port left in 30000-32767".into())
+                        })?;
+                        p.published = pick;
+                        if conflict(&p).is_none() {
+                            break;
+                        }
+                        free.insert(pick);
+                    }
                 } else if let Some(owner) = owner_of(p.protocol, p.published) {
                     if owner != service_id {
                         return Err(ClusterError::Conflict(format!(
@@ -714,6 +846,33 @@ impl Cluster {
                     .await?;
                 svc.ports.extend(added);
             }
+            // Tasks started before the service published anything get their ingress
+            // address now (the node attaches it to the running task).
+            let mut task_cmps = vec![];
+            if !svc.ports.is_empty() {
+                let ingress = self.ensure_ingress().await?;
+                for kv in self.store.list(TASKS).await?.kvs {
+                    let mut t: Task = decode(&kv)?;
+                    if t.service_id != svc.id
+                        || t.desired_state != TaskState::Running
+                        || t.ip_on(&ingress.id).is_some()
+                    {
+                        continue;
+                    }
+                    let ip = self
+                        .claim_ip(&ingress, &format!("task:{}", t.id), &mut cmps, &mut ops)
+                        .await?;
+                    t.networks.push(crate::model::TaskNetwork {
+                        network: ingress.name.clone(),
+                        network_id: ingress.id.clone(),
+                        ip,
+                        mac: crate::model::mac_string(crate::model::mac_for(ip)),
+                    });
+                    task_cmps.push(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
+                    ops.push(Op::Put(kv.key.clone(), encode(&t)));
+                }
+            }
+            cmps.extend(task_cmps);
             ops.push(Op::Put(key.clone(), encode(&svc)));
             if self.store.txn(cmps, ops).await?.succeeded {
                 return Ok(svc);
@@ -832,10 +991,22 @@ impl Cluster {
             }
             ops.push(Op::Put(slot_key, id.clone().into_bytes()));
             let mut networks = vec![];
+            let mut attach: Vec<&Network> = vec![];
             for sn in &svc.networks {
                 let Some(net) = nets.values().find(|n| n.id == sn.network_id) else {
                     return Ok(vec![]);
                 };
+                attach.push(net);
+            }
+            // Published ports (either mode) reach tasks through the ingress network, last so
+            // that the task's default route stays on its first own network.
+            if !svc.ports.is_empty() {
+                match nets.values().find(|n| n.ingress) {
+                    Some(ing) => attach.push(ing),
+                    None => return Ok(vec![]),
+                }
+            }
+            for net in attach {
                 let ip = self
                     .claim_ip(net, &format!("task:{id}"), &mut cmps, &mut ops)
                     .await?;

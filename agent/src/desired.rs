@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::model::{EndpointMode, LbSelection, Network, Service, Task, TaskState};
+use crate::model::{EndpointMode, LbSelection, Network, PublishMode, Service, Task, TaskState};
 use crate::state::ClusterState;
 
 /// The nft table that holds a network's VIPs in its namespace.
@@ -220,6 +220,19 @@ pub fn mesh_specs(
         let Some(tns) = task_netns(&t.id) else {
             continue;
         };
+        // Tasks that publish ports answer clients anywhere through the ingress network
+        // (unconnected UDP sockets pick their source address by route): their default route
+        // is there, as Docker's is on docker_gwbridge. Others default to their first network.
+        let default_net = t
+            .networks
+            .iter()
+            .find(|n| {
+                state
+                    .network_by_id(&n.network_id)
+                    .is_some_and(|net| net.ingress)
+            })
+            .or(t.networks.first())
+            .map(|n| n.network_id.clone());
         for (i, tn) in t.networks.iter().enumerate() {
             let Some(net) = state.network_by_id(&tn.network_id) else {
                 continue;
@@ -241,6 +254,7 @@ pub fn mesh_specs(
                         port: VXLAN_PORT,
                         mac: crate::model::vtep_mac(u.addr),
                         remotes: remote_endpoints(state, node_id, &net.id),
+                        peers: vec![],
                     }),
                 });
             spec.endpoints.push(shoal_mesh::EndpointSpec {
@@ -249,8 +263,41 @@ pub fn mesh_specs(
                 ifname: task_ifname(i),
                 ip: tn.ip,
                 mac: crate::model::mac_for(tn.ip),
-                default_route: i == 0,
+                default_route: default_net.as_deref() == Some(tn.network_id.as_str()),
             });
+        }
+    }
+    // The ingress network exists on every node while any port is published: every node
+    // answers published ports and forwards to replicas anywhere.
+    if let Some(ing) = ingress_network(state).filter(|_| any_published(state)) {
+        let spec = out
+            .entry(ing.id.clone())
+            .or_insert_with(|| shoal_mesh::NetworkSpec {
+                netns: network_netns(prefix, ing),
+                subnet: ing.subnet,
+                gateway: ing.gateway,
+                vips: vec![],
+                mtu: OVERLAY_MTU,
+                endpoints: vec![],
+                vxlan: underlay.map(|u| shoal_mesh::VxlanSpec {
+                    vni: ing.vni,
+                    local: u.addr,
+                    underlay_netns: None,
+                    underlay_dev: u.dev.clone(),
+                    port: VXLAN_PORT,
+                    mac: crate::model::vtep_mac(u.addr),
+                    remotes: remote_endpoints(state, node_id, &ing.id),
+                    peers: vec![],
+                }),
+            });
+        if let Some(vx) = &mut spec.vxlan {
+            vx.peers = peer_nodes(state, node_id)
+                .into_iter()
+                .map(|vtep| shoal_mesh::Peer {
+                    vtep,
+                    vtep_mac: crate::model::vtep_mac(vtep),
+                })
+                .collect();
         }
     }
     for spec in out.values_mut() {
@@ -258,6 +305,124 @@ pub fn mesh_specs(
             .sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
     }
     out
+}
+
+/// The cluster's ingress network, once created.
+pub fn ingress_network(state: &ClusterState) -> Option<&Network> {
+    state.networks.values().find(|n| n.ingress)
+}
+
+/// True when some service publishes a port.
+pub fn any_published(state: &ClusterState) -> bool {
+    state.services.values().any(|(s, _)| !s.ports.is_empty())
+}
+
+/// Underlay addresses of the other live nodes, sorted.
+fn peer_nodes(state: &ClusterState, node_id: &str) -> Vec<Ipv4Addr> {
+    let mut v: Vec<Ipv4Addr> = state
+        .nodes
+        .values()
+        .filter(|(n, _)| n.id != node_id && state.alive.contains(&n.id))
+        .filter_map(|(n, _)| n.addr)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The ingress plumbing of this node (link to the node namespace, return path per peer,
+/// local tasks' source routes); None while nothing is published.
+pub fn ingress_spec(
+    state: &ClusterState,
+    node_id: &str,
+    prefix: &str,
+    underlay: Option<&Underlay>,
+    task_netns: &dyn Fn(&str) -> Option<String>,
+) -> Option<shoal_mesh::ingress::IngressSpec> {
+    let ing = ingress_network(state).filter(|_| any_published(state))?;
+    let mut tasks = vec![];
+    for t in local_tasks(state, node_id) {
+        let Some(tns) = task_netns(&t.id) else {
+            continue;
+        };
+        if let Some(i) = t.networks.iter().position(|n| n.network_id == ing.id) {
+            tasks.push(shoal_mesh::ingress::TaskIngress {
+                task_netns: tns,
+                ifname: task_ifname(i),
+                ip: t.networks[i].ip,
+            });
+        }
+    }
+    tasks.sort_by_key(|t| t.ip);
+    Some(shoal_mesh::ingress::IngressSpec {
+        netns: network_netns(prefix, ing),
+        node_netns: None,
+        subnet: ing.subnet,
+        gateway: ing.gateway,
+        peers: if underlay.is_some() {
+            peer_nodes(state, node_id)
+        } else {
+            vec![]
+        },
+        tasks,
+    })
+}
+
+/// The ingress namespace's node marks: each other live node's VTEP MAC -> its mark.
+pub fn ingress_marks(state: &ClusterState, node_id: &str) -> BTreeMap<[u8; 6], u32> {
+    peer_nodes(state, node_id)
+        .into_iter()
+        .map(|ip| {
+            (
+                crate::model::vtep_mac(ip),
+                shoal_mesh::ingress::peer_mark(ip),
+            )
+        })
+        .collect()
+}
+
+/// Published ports as this node programs them: ingress ports to every serving replica's
+/// ingress address, host ports to local serving replicas only.
+pub fn publish_spec(
+    state: &ClusterState,
+    node_id: &str,
+    node_addr: Ipv4Addr,
+) -> Option<shoal_lb::publish::PublishSpec> {
+    use shoal_lb::publish::{PublishKind, PublishedPort};
+    let ing = ingress_network(state).filter(|_| any_published(state))?;
+    let mut ports = vec![];
+    for (svc, _) in state.services.values() {
+        for p in &svc.ports {
+            if p.published == 0 {
+                continue;
+            }
+            let kind = match (p.mode, p.snat) {
+                (PublishMode::Host, _) => PublishKind::Host,
+                (PublishMode::Ingress, true) => PublishKind::IngressSnat,
+                (PublishMode::Ingress, false) => PublishKind::Ingress,
+            };
+            let mut backends: Vec<(Ipv4Addr, u16)> = serving_ips(state, svc, &ing.id)
+                .filter(|(t, _)| kind != PublishKind::Host || t.node_id == node_id)
+                .map(|(_, ip)| (ip, p.target))
+                .collect();
+            backends.sort();
+            ports.push(PublishedPort {
+                protocol: match p.protocol {
+                    crate::model::Protocol::Tcp => shoal_lb::Protocol::Tcp,
+                    crate::model::Protocol::Udp => shoal_lb::Protocol::Udp,
+                },
+                port: p.published,
+                kind,
+                backends,
+            });
+        }
+    }
+    ports.sort_by_key(|p| (p.protocol, p.port));
+    Some(shoal_lb::publish::PublishSpec {
+        node_addr,
+        link: shoal_mesh::ingress::NODE_LINK.to_string(),
+        ports,
+    })
 }
 
 fn vips_of(state: &ClusterState, network_id: &str) -> Vec<Ipv4Addr> {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod desired;
 pub mod health;
 pub mod lab;
+pub mod listening;
 pub mod liveness;
 pub mod model;
 pub mod orchestrator;

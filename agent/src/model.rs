@@ -33,6 +33,10 @@ pub struct Node {
     pub addr: Option<Ipv4Addr>,
     pub status: NodeStatus,
     pub version: String,
+    /// TCP and UDP ports that processes listen on in the node's namespace (kept current by
+    /// the agent): publishing one of them is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening: Vec<(Protocol, u16)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -49,6 +49,7 @@ pub mod ipvs;
 mod model;
 mod netlink;
 mod nft;
+pub mod publish;
 
 use std::net::Ipv4Addr;
 

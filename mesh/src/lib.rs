@@ -29,6 +29,7 @@ use netlink_packet_route::link::{InfoData, InfoVeth};
 use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+pub mod ingress;
 mod nl;
 pub mod plan;
 mod vxlan;
@@ -87,6 +88,16 @@ pub struct VxlanSpec {
     pub mac: [u8; 6],
     /// Every endpoint of this network on other nodes.
     pub remotes: Vec<RemoteEndpoint>,
+    /// Other nodes reachable as next hops on this device (the ingress network's return
+    /// path): per peer an FDB entry and a permanent neighbour `vtep -> vtep_mac`, no route.
+    pub peers: Vec<Peer>,
+}
+
+/// Another node, addressed on the overlay by its underlay address (used only as a next hop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    pub vtep: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
 }
 
 /// An endpoint of the network on another node.
@@ -464,7 +475,7 @@ fn is_host_route(r: &Route) -> bool {
 }
 
 /// Sets a sysctl (slash-separated key) when it differs; notes the change.
-fn ensure_sysctl(
+pub(crate) fn ensure_sysctl(
     ns: &str,
     key: &str,
     value: &str,
@@ -867,12 +878,15 @@ async fn configure_task(
             .gateway(spec.gateway)
             .output_interface(idx)
             .build();
-        add_route(
-            task,
-            msg,
-            format!("adding default via {} dev {ifname}", spec.gateway),
-        )
-        .await?;
+        // Replace: the default may still point at another of the task's interfaces, whose
+        // own pass would remove it only later (the task namespace is ours).
+        task.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(task.err(format!("adding default via {} dev {ifname}", spec.gateway)))?;
         changes.push(format!("+ default via {} dev {ifname}", spec.gateway));
     }
     Ok(())

@@ -377,6 +377,7 @@ mod tests {
                     vtep_mac: [0x02, 0x56, 192, 0, 2, 2],
                 },
             ],
+            peers: vec![],
         });
         s
     }

@@ -270,11 +270,16 @@ async fn fdb(nl: &Nl, dev: u32) -> Result<BTreeSet<([u8; 6], Ipv4Addr)>, MeshErr
         .collect())
 }
 
-/// One `self permanent` entry per distinct remote VTEP: `vtep_mac -> dst vtep`.
+/// One `self permanent` entry per distinct remote VTEP (of endpoints and peers):
+/// `vtep_mac -> dst vtep`.
 async fn sync_fdb(nl: &Nl, dev: u32, vx: &VxlanSpec, ap: &mut Applied) -> Result<(), MeshError> {
     let have = fdb(nl, dev).await?;
-    let want: BTreeSet<([u8; 6], Ipv4Addr)> =
-        vx.remotes.iter().map(|r| (r.vtep_mac, r.vtep)).collect();
+    let want: BTreeSet<([u8; 6], Ipv4Addr)> = vx
+        .remotes
+        .iter()
+        .map(|r| (r.vtep_mac, r.vtep))
+        .chain(vx.peers.iter().map(|p| (p.vtep_mac, p.vtep)))
+        .collect();
     for (mac, dst) in have.difference(&want) {
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Bridge;
@@ -313,7 +318,8 @@ async fn sync_fdb(nl: &Nl, dev: u32, vx: &VxlanSpec, ap: &mut Applied) -> Result
     Ok(())
 }
 
-/// One permanent neighbour entry per remote endpoint (`ip -> vtep_mac`, protocol 83);
+/// One permanent neighbour entry per remote endpoint (`ip -> vtep_mac`, protocol 83) and per
+/// peer (`vtep -> vtep_mac`);
 /// ours that no remote endpoint wants are deleted, foreign ones for other addresses kept.
 async fn sync_neighbours(
     nl: &Nl,
@@ -322,7 +328,12 @@ async fn sync_neighbours(
     ap: &mut Applied,
 ) -> Result<(), MeshError> {
     let msgs = nl.neighbours(AddressFamily::Inet).await?;
-    let want: BTreeMap<Ipv4Addr, [u8; 6]> = vx.remotes.iter().map(|r| (r.ip, r.vtep_mac)).collect();
+    let want: BTreeMap<Ipv4Addr, [u8; 6]> = vx
+        .remotes
+        .iter()
+        .map(|r| (r.ip, r.vtep_mac))
+        .chain(vx.peers.iter().map(|p| (p.vtep, p.vtep_mac)))
+        .collect();
     let mut good = BTreeSet::new();
     for m in msgs.iter().filter(|m| m.header.ifindex == dev) {
         let Some((ip, mac, ours)) = neigh_entry(m) else {

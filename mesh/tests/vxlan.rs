@@ -332,6 +332,7 @@ impl Net {
                 port: 4789,
                 mac: vtep_mac(me.ip),
                 remotes,
+                peers: vec![],
             }),
         }
     }
@@ -976,6 +977,7 @@ async fn underlay_of_the_calling_process() {
                     vtep: ip4(&v[4]),
                     vtep_mac: vtep_mac(ip4(&v[4])),
                 }],
+                peers: vec![],
             }),
         };
         let applied = shoal_netns::run_in(&v[1], move || {
