@@ -396,16 +396,39 @@ impl Agent {
     }
 
     /// Programs the published ports of this node when they changed, then deletes UDP
-    /// conntrack entries that would keep sending to old NAT targets.
-    async fn sync_publish(&mut self, st: &ClusterState, errors: &mut Vec<String>) {
+    /// conntrack entries that would keep sending to old NAT targets. `removals_only` (the
+    /// fast path, before this pass has routed new endpoints): backends and ports only
+    /// leave; new ones wait for the routes to them.
+    async fn sync_publish(
+        &mut self,
+        st: &ClusterState,
+        removals_only: bool,
+        errors: &mut Vec<String>,
+    ) {
         let addr = self
             .underlay
             .as_ref()
             .map(|u| u.addr)
             .unwrap_or(shoal_mesh::ingress::NODE_LINK_ADDR);
-        let Some(spec) = desired::publish_spec(st, &self.node_id, addr) else {
+        let Some(mut spec) = desired::publish_spec(st, &self.node_id, addr) else {
             return;
         };
+        if removals_only {
+            let Some(old) = &self.publish_applied else {
+                return;
+            };
+            spec.ports.retain_mut(|p| {
+                let Some(o) = old
+                    .ports
+                    .iter()
+                    .find(|o| (o.protocol, o.port, o.kind) == (p.protocol, p.port, p.kind))
+                else {
+                    return false;
+                };
+                p.backends.retain(|b| o.backends.contains(b));
+                true
+            });
+        }
         if self.publish_applied.as_ref() == Some(&spec) {
             return;
         }
@@ -425,7 +448,7 @@ impl Agent {
                 let local = local_addrs();
                 let is_local = |ip: std::net::Ipv4Addr| ip.is_loopback() || local.contains(&ip);
                 if let Err(e) =
-                    shoal_lb::publish::clean_udp_conntrack(NODE_NS, &before, &spec, &is_local)
+                    shoal_lb::publish::clean_conntrack(NODE_NS, &before, &spec, &is_local)
                 {
                     errors.push(format!("published ports: {e}"));
                 }
@@ -545,7 +568,7 @@ impl Agent {
         }
         self.sync_lb(st, &known, errors).await;
         if self.marks_applied.is_some() {
-            self.sync_publish(st, errors).await;
+            self.sync_publish(st, true, errors).await;
         }
         self.sync_dns(st, &local, &stopping, &known, false, errors)
             .await;
@@ -616,7 +639,7 @@ impl Agent {
                         }
                     }
                     if self.marks_applied.is_some() {
-                        self.sync_publish(st, errors).await;
+                        self.sync_publish(st, false, errors).await;
                     }
                 }
                 Err(e) => errors.push(format!("ingress plumbing: {e}")),

@@ -42,6 +42,9 @@ const IPCTNL_MSG_CT_DELETE: u8 = 2;
 // enum ctattr_type
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
+/// `IPS_SEEN_REPLY` in `CTA_STATUS`.
+const IPS_SEEN_REPLY: u32 = 1 << 1;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
 // enum ctattr_tuple
@@ -90,6 +93,8 @@ pub struct CtEntry {
     pub id: Option<u32>,
     /// Conntrack zone (`CTA_ZONE`), 0 for the default zone.
     pub zone: u16,
+    /// A reply has been seen (`IPS_SEEN_REPLY`): the flow reached its target.
+    pub replied: bool,
 }
 
 impl fmt::Display for CtEntry {
@@ -420,13 +425,14 @@ fn parse_entry(payload: &[u8]) -> Result<Option<CtEntry>, DecodeError> {
     if nfgenmsg[0] != AF_INET {
         return Ok(None);
     }
-    let (mut orig, mut reply, mut id, mut zone) = (None, None, None, 0);
+    let (mut orig, mut reply, mut id, mut zone, mut status) = (None, None, None, 0, 0);
     for (ty, v) in netlink::attrs(body)? {
         match ty {
             CTA_TUPLE_ORIG => orig = Some(v),
             CTA_TUPLE_REPLY => reply = Some(v),
             CTA_ID => id = Some(be32(v, "CTA_ID")?),
             CTA_ZONE => zone = be16(v, "CTA_ZONE")?,
+            CTA_STATUS => status = be32(v, "CTA_STATUS")?,
             _ => {}
         }
     }
@@ -445,6 +451,7 @@ fn parse_entry(payload: &[u8]) -> Result<Option<CtEntry>, DecodeError> {
         reply,
         id,
         zone,
+        replied: status & IPS_SEEN_REPLY != 0,
     }))
 }
 
@@ -477,6 +484,7 @@ mod tests {
             },
             id: Some(0x0102_0304),
             zone: 0,
+            replied: true,
         }
     }
 

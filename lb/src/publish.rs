@@ -8,7 +8,9 @@
 //! in conntrack. UDP has no connection end, so after every change the node's UDP conntrack
 //! entries of published ports whose NAT target is no longer a backend (or that were never
 //! NATed: datagrams that arrived before the port was published) are deleted
-//! ([`stale_udp_entries`]): the next datagram is NATed afresh (moby#44742).
+//! ([`stale_entries`]): the next datagram is NATed afresh (moby#44742). TCP attempts that
+//! never got an answer from a target that left go too: a client that reuses the source port
+//! soon (they do, under load) would otherwise be sent to the dead target again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -234,57 +236,58 @@ pub async fn apply_marks(
     applier.apply_script(netns, &script).await
 }
 
-/// UDP entries to delete after a change: to a local address (`is_local`) and a port that was
-/// (`before`) or is (`now`) published, whose reply does not come from a current backend of
-/// that port. Flows NATed to a target that left, flows of ports no longer published, and
-/// datagrams conntrack saw before the DNAT existed all go; flows to current backends stay.
-pub fn stale_udp_entries(
+/// Entries to delete after a change, among those to a local address (`is_local`) and a port
+/// that was (`before`) or is (`now`) published. UDP: every flow whose reply does not come
+/// from a current backend of its port (flows NATed to a target that left, flows of ports no
+/// longer published, datagrams conntrack saw before the DNAT existed); a local listener's
+/// own flows on a port no longer published stay. TCP: attempts NATed to a target that is no
+/// longer a backend and that never got a reply. Flows to current backends always stay.
+pub fn stale_entries(
     entries: &[CtEntry],
     before: &PublishSpec,
     now: &PublishSpec,
     is_local: &dyn Fn(Ipv4Addr) -> bool,
 ) -> Vec<CtEntry> {
-    let udp_ports = |s: &PublishSpec| -> BTreeMap<u16, BTreeSet<(Ipv4Addr, u16)>> {
+    type Ports = BTreeMap<(Protocol, u16), BTreeSet<(Ipv4Addr, u16)>>;
+    let ports = |s: &PublishSpec| -> Ports {
         s.ports
             .iter()
-            .filter(|p| p.protocol == Protocol::Udp)
-            .map(|p| (p.port, p.backends.iter().copied().collect()))
+            .map(|p| ((p.protocol, p.port), p.backends.iter().copied().collect()))
             .collect()
     };
-    let (old, new) = (udp_ports(before), udp_ports(now));
+    let (old, new) = (ports(before), ports(now));
     entries
         .iter()
-        .filter(|e| e.protocol == Protocol::Udp && is_local(e.orig.dst))
+        .filter(|e| is_local(e.orig.dst))
         .filter(|e| {
-            let port = e.orig.dport;
+            let key = (e.protocol, e.orig.dport);
             let target = (e.reply.src, e.reply.sport);
             let nated = e.reply.src != e.orig.dst || e.reply.sport != e.orig.dport;
-            match (new.get(&port), old.contains_key(&port)) {
-                // Published now: keep only flows to a current backend.
-                (Some(backends), _) => !backends.contains(&target),
-                // Unpublished: its NATed flows go; a local listener's own flows stay.
-                (None, true) => nated,
-                (None, false) => false,
+            let current = new.get(&key).is_some_and(|b| b.contains(&target));
+            let ours = new.contains_key(&key) || old.contains_key(&key);
+            match e.protocol {
+                Protocol::Udp if new.contains_key(&key) => !current,
+                Protocol::Udp => ours && nated,
+                Protocol::Tcp => ours && nated && !current && !e.replied,
             }
         })
         .copied()
         .collect()
 }
 
-/// Deletes [`stale_udp_entries`] in `netns`; returns how many were deleted.
-pub fn clean_udp_conntrack(
+/// Deletes [`stale_entries`] in `netns`; returns how many were deleted.
+pub fn clean_conntrack(
     netns: &str,
     before: &PublishSpec,
     now: &PublishSpec,
     is_local: &dyn Fn(Ipv4Addr) -> bool,
 ) -> Result<usize, LbError> {
-    let has_udp = |s: &PublishSpec| s.ports.iter().any(|p| p.protocol == Protocol::Udp);
-    if !has_udp(before) && !has_udp(now) {
+    if before.ports.is_empty() && now.ports.is_empty() {
         return Ok(0);
     }
     let ct_err = |e: crate::conntrack::CtError| LbError::Conntrack(e.to_string());
     let mut ct = CtClient::open_in(netns).map_err(ct_err)?;
-    let stale = stale_udp_entries(&ct.list().map_err(ct_err)?, before, now, is_local);
+    let stale = stale_entries(&ct.list().map_err(ct_err)?, before, now, is_local);
     let mut n = 0;
     for e in &stale {
         if ct.delete(e).map_err(ct_err)? {
@@ -295,7 +298,7 @@ pub fn clean_udp_conntrack(
         tracing::info!(
             netns,
             deleted = n,
-            "deleted stale UDP conntrack entries of published ports"
+            "deleted stale conntrack entries of published ports"
         );
     }
     Ok(n)
@@ -401,6 +404,7 @@ mod tests {
             },
             id: None,
             zone: 0,
+            replied: false,
         }
     }
 
@@ -435,7 +439,39 @@ mod tests {
         let listener = entry("192.0.2.11", 99, "192.0.2.11", 99);
         let elsewhere = entry("198.51.100.1", 53, "198.51.100.1", 53);
         let all = [keep, moved, early, unpublished, listener, elsewhere];
-        let stale = stale_udp_entries(&all, &before, &now, &is_local);
+        let stale = stale_entries(&all, &before, &now, &is_local);
         assert_eq!(stale, vec![moved, early, unpublished]);
+    }
+
+    #[test]
+    fn stale_tcp_entries_are_unanswered_attempts_to_a_target_that_left() {
+        let node: Ipv4Addr = "192.0.2.11".parse().unwrap();
+        let is_local = |ip: Ipv4Addr| ip == node;
+        let tcp = |e: CtEntry, replied: bool| CtEntry {
+            protocol: Protocol::Tcp,
+            replied,
+            ..e
+        };
+        let before = spec(vec![port(
+            Protocol::Tcp,
+            80,
+            PublishKind::Ingress,
+            &[("10.255.0.3", 80), ("10.255.0.4", 80)],
+        )]);
+        let now = spec(vec![port(
+            Protocol::Tcp,
+            80,
+            PublishKind::Ingress,
+            &[("10.255.0.3", 80)],
+        )]);
+        let syn_to_gone = tcp(entry("192.0.2.11", 80, "10.255.0.4", 80), false);
+        let est_to_gone = tcp(entry("192.0.2.11", 80, "10.255.0.4", 80), true);
+        let syn_to_live = tcp(entry("192.0.2.11", 80, "10.255.0.3", 80), false);
+        let not_ours = tcp(entry("192.0.2.11", 22, "192.0.2.11", 22), false);
+        let all = [syn_to_gone, est_to_gone, syn_to_live, not_ours];
+        assert_eq!(
+            stale_entries(&all, &before, &now, &is_local),
+            vec![syn_to_gone]
+        );
     }
 }
