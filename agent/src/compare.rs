@@ -881,10 +881,12 @@ impl Default for Options {
     }
 }
 
-/// What this run created (removed again unless `keep`).
+/// What this run may remove again (unless `keep`): the services it created or found as it
+/// would have made them, and the network when it created it.
 #[derive(Debug, Default)]
 struct Created {
     network: bool,
+    services: Vec<&'static str>,
 }
 
 /// Deploys (or reuses) the network and services, measures every target, removes the
@@ -989,11 +991,15 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
                         .collect::<Vec<_>>()
                         .join(" "),
                     svc.replicas,
-                    svc.ports
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    if svc.ports.is_empty() {
+                        "none".to_string()
+                    } else {
+                        svc.ports
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    }
                 );
             }
         }
@@ -1018,6 +1024,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
                 })?;
         }
     }
+    created.services.push(SERVICE);
     match svcs.iter().find(|s| s.service.name == PROBE) {
         Some(s) if !on_network(&s.service.networks) => bail!(
             "service {PROBE} exists but is not on network {NETWORK}: remove it with `shoal service rm {PROBE}`"
@@ -1039,6 +1046,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
                 .with_context(|| format!("creating service {PROBE}"))?;
         }
     }
+    created.services.push(PROBE);
     Ok(())
 }
 
@@ -1048,7 +1056,7 @@ fn on_network(nets: &[crate::model::ServiceNetwork]) -> bool {
 
 async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
     let mut errors = vec![];
-    for name in [SERVICE, PROBE] {
+    for name in &created.services {
         let r: anyhow::Result<serde_json::Value> =
             api.delete(&format!("/v1/services/{}", seg(name))).await;
         if let Err(e) = r
@@ -1358,6 +1366,16 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         rows[i] = Some(row);
     }
     let rows: Vec<Row> = rows.into_iter().flatten().collect();
+    let published: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.target.mode != Mode::Overlay && r.target.path != PathKind::HostNoReplica)
+        .collect();
+    if !published.is_empty() && published.iter().all(|r| r.requests == 0) {
+        notes.push(
+            "no published port answered anywhere: does this agent build program published ports?"
+                .into(),
+        );
+    }
     Ok(Report {
         lab: lab.name.clone(),
         unix_time,
@@ -1685,7 +1703,7 @@ table{border-collapse:collapse;font-size:13px}\
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;white-space:nowrap}\
 th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 tr.err td{color:#a00}h2{margin-top:1.6em}svg{display:block;margin:1em 0;max-width:100%;height:auto}\
-dt{font-weight:bold}pre{font-size:11px;background:#f8f8f8;padding:1em;overflow:auto;max-height:30em}";
+dt{font-weight:bold}div.wide{overflow-x:auto}pre{font-size:11px;background:#f8f8f8;padding:1em;overflow:auto;max-height:30em}";
 
 /// The report as one HTML page: no scripts, styles or images from anywhere else.
 pub fn render_html(r: &Report) -> anyhow::Result<String> {
@@ -1719,7 +1737,7 @@ pub fn render_html(r: &Report) -> anyhow::Result<String> {
             .join(", ")),
         r.duration_ms
     ));
-    h.push_str("<h2>Results</h2>\n<table><tr>");
+    h.push_str("<h2>Results</h2>\n<div class=\"wide\"><table><tr>");
     for c in TABLE_HEADER {
         h.push_str(&format!("<th>{}</th>", esc(c)));
     }
@@ -1741,7 +1759,7 @@ pub fn render_html(r: &Report) -> anyhow::Result<String> {
         }
         h.push_str(&format!("<td class=\"n\">{}</td></tr>\n", row.requests));
     }
-    h.push_str("</table>\n<p>Latencies in ms.</p>\n<h2>Summary</h2>\n<ul>");
+    h.push_str("</table></div>\n<p>Latencies in ms.</p>\n<h2>Summary</h2>\n<ul>");
     for l in r.summary.lines() {
         h.push_str(&format!("<li>{}</li>", esc(&l)));
     }
