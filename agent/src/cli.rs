@@ -256,6 +256,25 @@ pub enum LabCmd {
         name: String,
         node: String,
     },
+    /// Compare publish modes on the lab: host mode, the ingress routing mesh (client IP kept)
+    /// and ingress with SNAT, from the client to every node, with task-to-task over the
+    /// overlay as the reference; prints a table and writes an HTML report
+    Compare {
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        /// Load per target (e.g. 3s, 500ms)
+        #[arg(long, default_value = "3s", value_parser = crate::compare::parse_duration)]
+        duration: std::time::Duration,
+        /// Where to write the HTML report
+        #[arg(long, default_value = "./shoal-compare.html")]
+        report: PathBuf,
+        /// Print the results as JSON instead of the table
+        #[arg(long)]
+        json: bool,
+        /// Leave the compare services (and network) deployed afterwards
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run a command in a task (web.1), a node (node1) or the client
     Exec {
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
@@ -673,6 +692,29 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
                 lab.client_netns,
                 lab.host_env()
             );
+        }
+        LabCmd::Compare {
+            name,
+            duration,
+            report,
+            json,
+            keep,
+        } => {
+            let lab = crate::lab::Lab::load(&name)?;
+            let opts = crate::compare::Options {
+                duration,
+                keep,
+                progress: true,
+                ..Default::default()
+            };
+            let r = crate::compare::run(&lab, &opts).await?;
+            crate::compare::write_html(&r, &report)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                crate::compare::print(&r);
+            }
+            eprintln!("report: {}", report.display());
         }
         LabCmd::Exec {
             name,

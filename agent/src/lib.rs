@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod compare;
 pub mod config;
 pub mod desired;
 pub mod health;
