@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -287,7 +287,31 @@ pub fn parse_head(head: &[u8]) -> Result<(u16, Option<usize>), String> {
 /// One `GET /?format=json` on a new connection (`Connection: close`), read to the end of the
 /// body; the whoami answer parsed.
 pub fn http_get(addr: SocketAddr, timeout: Duration) -> Result<Whoami, Failure> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| classify(&e))?;
+    http_get_from(None, addr, timeout)
+}
+
+/// [`http_get`] from a given local address (`None`: the kernel's choice).
+pub fn http_get_from(
+    src: Option<IpAddr>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Whoami, Failure> {
+    let mut s = match src {
+        None => TcpStream::connect_timeout(&addr, timeout).map_err(|e| classify(&e))?,
+        Some(ip) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(|e| classify(&e))?;
+            sock.bind(&SocketAddr::new(ip, 0).into())
+                .map_err(|e| classify(&e))?;
+            sock.connect_timeout(&addr.into(), timeout)
+                .map_err(|e| classify(&e))?;
+            TcpStream::from(sock)
+        }
+    };
     let io = |e: std::io::Error| classify(&e);
     s.set_nodelay(true).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -425,11 +449,16 @@ impl Default for Sample {
 /// Sequential requests to `addr` for `duration`, each on a new connection (blocking; run it
 /// on a thread inside the namespace to send from).
 pub fn load(addr: SocketAddr, duration: Duration) -> Sample {
+    load_from(None, addr, duration)
+}
+
+/// [`load`] from a given local address.
+pub fn load_from(src: Option<IpAddr>, addr: SocketAddr, duration: Duration) -> Sample {
     let mut s = Sample::default();
     let start = Instant::now();
     while start.elapsed() < duration {
         let t = Instant::now();
-        match http_get(addr, IO_TIMEOUT) {
+        match http_get_from(src, addr, IO_TIMEOUT) {
             Ok(w) => {
                 let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
                 s.hist.saturating_record(us.max(1));
@@ -1301,15 +1330,37 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         }
     }
 
+    // One client reusing a source port through two nodes within TIME_WAIT reaches the
+    // backend as the same 4-tuple (the client address is kept) with another TCP timestamp
+    // base, and PAWS drops the SYN (see the README's known limits). A single sequential
+    // client opening thousands of connections per second through every path hits exactly
+    // that; a population of clients rarely does. So each client target sends from an
+    // address of its own in the client namespace (192.0.2.160 + its index, removed after).
+    let sources = ClientSources::add(&lab.client_netns, &targets, client_ips.first().copied())?;
+    for ip in sources.addrs.values() {
+        labels.add(*ip, "client");
+    }
+    if !sources.addrs.is_empty() {
+        notes.push(format!(
+            "the client sends from one address per target ({} .. {}): see PAWS in the README",
+            sources.addrs.values().next().expect("not empty"),
+            sources.addrs.values().last().expect("not empty")
+        ));
+    }
     // Wait until what should answer answers (the published ports are programmed a moment
     // after the tasks run); one deadline for all.
     let deadline = Instant::now() + opts.ready_timeout;
-    for t in targets.iter().filter(|t| t.path != PathKind::HostNoReplica) {
+    for (i, t) in targets
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.path != PathKind::HostNoReplica)
+    {
+        let src = sources.addrs.get(&i).copied();
         let (ns, addr) = (t.netns.clone(), t.addr);
         let last = tokio::task::spawn_blocking(move || {
             shoal_netns::run_in(&ns, move || {
                 loop {
-                    match http_get(addr, IO_TIMEOUT) {
+                    match http_get_from(src, addr, IO_TIMEOUT) {
                         Ok(_) => return None,
                         Err(f) if Instant::now() >= deadline => return Some(f),
                         Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -1341,11 +1392,12 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
     let mut rows: Vec<Option<Row>> = vec![None; targets.len()];
     for i in order {
         let t = targets[i].clone();
+        let src = sources.addrs.get(&i).copied();
         let (ns, addr, duration) = (t.netns.clone(), t.addr, opts.duration);
         let sample = tokio::task::spawn_blocking(move || {
             shoal_netns::run_in(&ns, move || {
-                let _ = load(addr, warmup);
-                load(addr, duration)
+                let _ = load_from(src, addr, warmup);
+                load_from(src, addr, duration)
             })
         })
         .await?
@@ -1365,6 +1417,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         }
         rows[i] = Some(row);
     }
+    drop(sources);
     let rows: Vec<Row> = rows.into_iter().flatten().collect();
     let published: Vec<&Row> = rows
         .iter()
@@ -1394,6 +1447,81 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         rows,
         notes,
     })
+}
+
+/// Extra client addresses, one per client target, on the client namespace's interface;
+/// removed on drop. Lab tooling: made with iproute2 like the rest of the lab topology.
+struct ClientSources {
+    netns: String,
+    dev: String,
+    addrs: BTreeMap<usize, IpAddr>,
+}
+
+impl ClientSources {
+    fn add(netns: &str, targets: &[Target], main: Option<IpAddr>) -> anyhow::Result<Self> {
+        let mut me = ClientSources {
+            netns: netns.to_string(),
+            dev: String::new(),
+            addrs: BTreeMap::new(),
+        };
+        let Some(IpAddr::V4(main)) = main else {
+            return Ok(me);
+        };
+        let out = std::process::Command::new("ip")
+            .args(["-n", netns, "-o", "-4", "addr", "show"])
+            .output()
+            .context("running ip addr show in the client namespace")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(dev) = text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(3)?.split('/').next()? == main.to_string()).then(|| f[1].to_string())
+        }) else {
+            return Ok(me);
+        };
+        me.dev = dev;
+        let o = main.octets();
+        for (i, t) in targets.iter().enumerate() {
+            if t.netns != netns {
+                continue;
+            }
+            let ip = Ipv4Addr::new(o[0], o[1], o[2], 160u8.saturating_add(i as u8));
+            let st = std::process::Command::new("ip")
+                .args([
+                    "-n",
+                    netns,
+                    "addr",
+                    "replace",
+                    &format!("{ip}/32"),
+                    "dev",
+                    &me.dev,
+                ])
+                .status()
+                .context("running ip addr replace")?;
+            if !st.success() {
+                anyhow::bail!("could not add client address {ip} in {netns}");
+            }
+            me.addrs.insert(i, IpAddr::V4(ip));
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for ClientSources {
+    fn drop(&mut self) {
+        for ip in self.addrs.values() {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "-n",
+                    &self.netns,
+                    "addr",
+                    "del",
+                    &format!("{ip}/32"),
+                    "dev",
+                    &self.dev,
+                ])
+                .status();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1847,7 +1975,7 @@ pub fn write_html(r: &Report, path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, TcpListener};
+    use std::net::TcpListener;
 
     /// A whoami server on 127.0.0.1 (its own runtime on a thread; lives as long as the test
     /// process).
