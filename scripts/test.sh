@@ -17,7 +17,7 @@ status=0
 export SHOAL_REQUIRE_KERNEL_TESTS=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace -- --test-threads=2 2>&1 | tee "$log" || status=1
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=1
 # The DNS fuzz target at full size (1,000,000 inputs) needs an optimised build.
 cargo test --release -p shoal-dns --lib fuzz_one_million -- --ignored 2>&1 | tee -a "$log" || status=1
 ns_after=$(ip netns list | sort)

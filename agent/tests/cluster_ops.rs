@@ -148,12 +148,16 @@ async fn services_get_vips_and_ports_and_release_them() {
         e.to_string().contains("in use by service(s) api, web"),
         "{e}"
     );
-    // Host mode cannot take a port published in ingress mode.
+    // Host mode cannot take a port published in ingress mode (nor the reverse).
     let e = c
         .create_service(svc("h", &[], &["published=8080,target=80,mode=host"]))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("ingress"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("8080/tcp is already published by service \"web\""),
+        "{e}"
+    );
     let h = c
         .create_service(svc("h", &[], &["published=9000,target=80,mode=host"]))
         .await
