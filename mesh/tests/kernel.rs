@@ -444,31 +444,38 @@ async fn task_on_two_networks_has_eth0_eth1_and_one_default_route() {
     assert_reaches(&t, &n1, ip4("10.77.6.1"), 9004);
     assert_reaches(&t, &n2, ip4("10.77.7.100"), 9005);
 
-    // Asking for a second default route is refused with the kernel's reason and the object.
-    let err = apply_network(&network(
+    // The default route moves to the network that asks for it (a task that publishes ports
+    // defaults to the ingress network): replaced, never two.
+    let applied = apply_network(&network(
         &n2,
         7,
         &["10.77.7.100"],
         vec![endpoint(&t, "sv0000000000b7", "eth1", "10.77.7.2", true)],
     ))
     .await
-    .unwrap_err();
-    let chain = format!("{err}");
-    eprintln!("expected error: {chain}");
-    assert!(chain.contains("endpoint sv0000000000b7"), "{chain}");
-    assert!(chain.contains("default via 10.77.7.1 dev eth1"), "{chain}");
-    assert!(chain.contains(&t), "{chain}");
-    let shoal_mesh::MeshError::Endpoint { source, .. } = &err else {
-        panic!("expected an endpoint error: {err:?}");
-    };
-    let shoal_mesh::MeshError::Netlink { source: cause, .. } = source.as_ref() else {
-        panic!("expected the netlink cause: {source:?}");
-    };
-    // EEXIST from the kernel, kept as is.
-    assert!(cause.to_string().contains("File exists"), "{cause}");
-    // The network's own state is still converged; the existing default is untouched.
+    .unwrap();
+    assert!(
+        applied
+            .created
+            .iter()
+            .any(|c| c.contains("default via 10.77.7.1 dev eth1")),
+        "{applied:?}"
+    );
     let defaults = ip(&t, &["-4", "route", "show", "default"]);
     assert_eq!(defaults.lines().count(), 1, "{defaults}");
+    assert!(defaults.contains("via 10.77.7.1 dev eth1"), "{defaults}");
+    // eth0's network no longer asks for it: nothing to remove, still one default.
+    apply_network(&network(
+        &n1,
+        6,
+        &[],
+        vec![endpoint(&t, "sv0000000000a6", "eth0", "10.77.6.2", false)],
+    ))
+    .await
+    .unwrap();
+    let defaults = ip(&t, &["-4", "route", "show", "default"]);
+    assert_eq!(defaults.lines().count(), 1, "{defaults}");
+    assert!(defaults.contains("via 10.77.7.1 dev eth1"), "{defaults}");
 }
 
 #[tokio::test]
