@@ -65,16 +65,6 @@ pub struct Agent {
     node_clean: bool,
 }
 
-/// IPv4 addresses of this namespace.
-fn local_addrs() -> HashSet<std::net::Ipv4Addr> {
-    nix::ifaddrs::getifaddrs()
-        .map(|it| {
-            it.filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The agent's own namespace (the node's): published ports are programmed here.
 const NODE_NS: &str = "/proc/self/ns/net";
 
@@ -445,8 +435,10 @@ impl Agent {
                             ports: vec![],
                             ..spec.clone()
                         });
-                let local = local_addrs();
-                let is_local = |ip: std::net::Ipv4Addr| ip.is_loopback() || local.contains(&ip);
+                let local = crate::whoami::local_ips();
+                let is_local = |ip: std::net::Ipv4Addr| {
+                    ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip))
+                };
                 if let Err(e) =
                     shoal_lb::publish::clean_conntrack(NODE_NS, &before, &spec, &is_local)
                 {

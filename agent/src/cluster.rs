@@ -326,16 +326,7 @@ impl Cluster {
                 }
                 None => alloc::default_gateway(&subnet),
             };
-            let vnis: HashSet<u32> = self
-                .store
-                .list(ALLOC_VNI)
-                .await?
-                .kvs
-                .iter()
-                .filter_map(|kv| kv.key[ALLOC_VNI.len()..].parse().ok())
-                .collect();
-            let vni = alloc::pick_vni(&vnis)
-                .ok_or_else(|| ClusterError::Conflict("no VNI left".into()))?;
+            let vni = self.free_vni().await?;
             let id = new_id();
             let net = Network {
                 id: id.clone(),
@@ -380,6 +371,19 @@ impl Cluster {
         ))
     }
 
+    /// The lowest VNI no network holds (claimed by the caller's transaction).
+    async fn free_vni(&self) -> Result<u32> {
+        let vnis: HashSet<u32> = self
+            .store
+            .list(ALLOC_VNI)
+            .await?
+            .kvs
+            .iter()
+            .filter_map(|kv| kv.key[ALLOC_VNI.len()..].parse().ok())
+            .collect();
+        alloc::pick_vni(&vnis).ok_or_else(|| ClusterError::Conflict("no VNI left".into()))
+    }
+
     /// Creates the ingress network (`ingress`, [`alloc::INGRESS_SUBNET`], a VNI of its own)
     /// unless it exists; every agent calls this at start, the first one wins.
     pub async fn ensure_ingress(&self) -> Result<Network> {
@@ -398,16 +402,7 @@ impl Cluster {
             }
             let subnet: Ipv4Net = alloc::INGRESS_SUBNET.parse().expect("constant");
             let gateway = alloc::default_gateway(&subnet);
-            let vnis: HashSet<u32> = self
-                .store
-                .list(ALLOC_VNI)
-                .await?
-                .kvs
-                .iter()
-                .filter_map(|kv| kv.key[ALLOC_VNI.len()..].parse().ok())
-                .collect();
-            let vni = alloc::pick_vni(&vnis)
-                .ok_or_else(|| ClusterError::Conflict("no VNI left".into()))?;
+            let vni = self.free_vni().await?;
             let id = new_id();
             let net = Network {
                 id: id.clone(),
@@ -849,7 +844,7 @@ impl Cluster {
             // Tasks started before the service published anything get their ingress
             // address now (the node attaches it to the running task).
             let mut task_cmps = vec![];
-            if !svc.ports.is_empty() {
+            if !upd.publish_add.is_empty() {
                 let ingress = self.ensure_ingress().await?;
                 for kv in self.store.list(TASKS).await?.kvs {
                     let mut t: Task = decode(&kv)?;

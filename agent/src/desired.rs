@@ -239,24 +239,7 @@ pub fn mesh_specs(
             };
             let spec = out
                 .entry(net.id.clone())
-                .or_insert_with(|| shoal_mesh::NetworkSpec {
-                    netns: network_netns(prefix, net),
-                    subnet: net.subnet,
-                    gateway: net.gateway,
-                    vips: vips_of(state, &net.id),
-                    mtu: OVERLAY_MTU,
-                    endpoints: vec![],
-                    vxlan: underlay.map(|u| shoal_mesh::VxlanSpec {
-                        vni: net.vni,
-                        local: u.addr,
-                        underlay_netns: None,
-                        underlay_dev: u.dev.clone(),
-                        port: VXLAN_PORT,
-                        mac: crate::model::vtep_mac(u.addr),
-                        remotes: remote_endpoints(state, node_id, &net.id),
-                        peers: vec![],
-                    }),
-                });
+                .or_insert_with(|| network_spec(state, node_id, prefix, underlay, net));
             spec.endpoints.push(shoal_mesh::EndpointSpec {
                 task_netns: tns.clone(),
                 host_ifname: host_ifname(&t.id),
@@ -272,24 +255,7 @@ pub fn mesh_specs(
     if let Some(ing) = ingress_network(state).filter(|_| any_published(state)) {
         let spec = out
             .entry(ing.id.clone())
-            .or_insert_with(|| shoal_mesh::NetworkSpec {
-                netns: network_netns(prefix, ing),
-                subnet: ing.subnet,
-                gateway: ing.gateway,
-                vips: vec![],
-                mtu: OVERLAY_MTU,
-                endpoints: vec![],
-                vxlan: underlay.map(|u| shoal_mesh::VxlanSpec {
-                    vni: ing.vni,
-                    local: u.addr,
-                    underlay_netns: None,
-                    underlay_dev: u.dev.clone(),
-                    port: VXLAN_PORT,
-                    mac: crate::model::vtep_mac(u.addr),
-                    remotes: remote_endpoints(state, node_id, &ing.id),
-                    peers: vec![],
-                }),
-            });
+            .or_insert_with(|| network_spec(state, node_id, prefix, underlay, ing));
         if let Some(vx) = &mut spec.vxlan {
             vx.peers = peer_nodes(state, node_id)
                 .into_iter()
@@ -305,6 +271,34 @@ pub fn mesh_specs(
             .sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
     }
     out
+}
+
+/// A network's spec on this node, without endpoints (and without VXLAN peers).
+fn network_spec(
+    state: &ClusterState,
+    node_id: &str,
+    prefix: &str,
+    underlay: Option<&Underlay>,
+    net: &Network,
+) -> shoal_mesh::NetworkSpec {
+    shoal_mesh::NetworkSpec {
+        netns: network_netns(prefix, net),
+        subnet: net.subnet,
+        gateway: net.gateway,
+        vips: vips_of(state, &net.id),
+        mtu: OVERLAY_MTU,
+        endpoints: vec![],
+        vxlan: underlay.map(|u| shoal_mesh::VxlanSpec {
+            vni: net.vni,
+            local: u.addr,
+            underlay_netns: None,
+            underlay_dev: u.dev.clone(),
+            port: VXLAN_PORT,
+            mac: crate::model::vtep_mac(u.addr),
+            remotes: remote_endpoints(state, node_id, &net.id),
+            peers: vec![],
+        }),
+    }
 }
 
 /// The cluster's ingress network, once created.

@@ -30,9 +30,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressProtocol};
 use netlink_packet_route::link::{InfoData, InfoVeth};
-use netlink_packet_route::route::{RouteProtocol, RouteScope};
+use netlink_packet_route::route::RouteScope;
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -85,21 +84,16 @@ pub struct TaskIngress {
     pub ip: Ipv4Addr,
 }
 
-fn node_ns(spec_node: &Option<String>) -> String {
-    spec_node
-        .clone()
-        .unwrap_or_else(|| "/proc/self/ns/net".to_string())
-}
-
-fn proto() -> RouteProtocol {
-    RouteProtocol::from(SHOAL_RT_PROTO)
+/// The node's namespace: a name or path, or this process's.
+fn node_ns(node_netns: Option<&str>) -> String {
+    node_netns.unwrap_or("/proc/self/ns/net").to_string()
 }
 
 /// Converges the link, routes, rules and task source routes. Idempotent.
 #[tracing::instrument(skip_all, fields(netns = %spec.netns))]
 pub async fn apply_ingress(spec: &IngressSpec) -> Result<Applied, MeshError> {
     let mut ap = Applied::default();
-    let nodens = node_ns(&spec.node_netns);
+    let nodens = node_ns(spec.node_netns.as_deref());
     crate::ensure_sysctl(&nodens, "net/ipv4/ip_forward", "1", &mut ap.created)?;
     crate::ensure_sysctl(
         &spec.netns,
@@ -219,9 +213,7 @@ pub async fn apply_ingress(spec: &IngressSpec) -> Result<Applied, MeshError> {
 /// Removes the node side of the link (its peer and the node's route go with it). The
 /// ingress namespace itself is removed like any network namespace. Idempotent.
 pub async fn remove_ingress_link(node_netns: Option<&str>) -> Result<bool, MeshError> {
-    let nodens = node_netns
-        .map(str::to_string)
-        .unwrap_or_else(|| "/proc/self/ns/net".to_string());
+    let nodens = node_ns(node_netns);
     let node = Nl::open(&nodens)?;
     match node.link(NODE_LINK).await? {
         Some(l) if l.is_veth => {
@@ -343,15 +335,7 @@ async fn ensure_addr(
             .push(format!("address {}/{} on {ifname}", a.ip, a.prefix));
     }
     if !present {
-        let mut req = nl.handle.address().add(index, IpAddr::V4(ip), LINK_PREFIX);
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(
-                SHOAL_RT_PROTO,
-            )));
-        req.execute()
-            .await
-            .map_err(nl.err(format!("adding address {ip}/{LINK_PREFIX} to {ifname}")))?;
+        crate::add_address(nl, index, ip, LINK_PREFIX, ifname).await?;
         ap.created
             .push(format!("address {ip}/{LINK_PREFIX} on {ifname}"));
     }
@@ -384,7 +368,7 @@ async fn ensure_route(
     }
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .table_id(table)
-        .protocol(proto())
+        .protocol(crate::proto())
         .scope(RouteScope::Universe)
         .destination_prefix(dst, len)
         .gateway(gw)
@@ -483,7 +467,7 @@ async fn sync_rules(nl: &Nl, want: &BTreeSet<RuleKey>, ap: &mut Applied) -> Resu
         }
         req.message_mut()
             .attributes
-            .push(RuleAttribute::Protocol(proto()));
+            .push(RuleAttribute::Protocol(crate::proto()));
         req.execute()
             .await
             .map_err(nl.err(format!("adding rule {k:?}")))?;
@@ -556,7 +540,7 @@ async fn task_source_route(
             .source_prefix(t.ip, 32);
         req.message_mut()
             .attributes
-            .push(RuleAttribute::Protocol(proto()));
+            .push(RuleAttribute::Protocol(crate::proto()));
         req.execute()
             .await
             .map_err(nl.err(format!("adding rule from {} lookup {TASK_TABLE}", t.ip)))?;

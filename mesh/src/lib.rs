@@ -273,7 +273,7 @@ fn netns_err(what: impl Into<String>) -> impl FnOnce(shoal_netns::Error) -> Mesh
     move |source| MeshError::Netns { what, source }
 }
 
-fn proto() -> RouteProtocol {
+pub(crate) fn proto() -> RouteProtocol {
     RouteProtocol::from(SHOAL_RT_PROTO)
 }
 
@@ -552,7 +552,7 @@ async fn sync_lo_addrs(
     Ok(())
 }
 
-async fn add_address(
+pub(crate) async fn add_address(
     nl: &Nl,
     index: u32,
     ip: Ipv4Addr,
