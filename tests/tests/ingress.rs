@@ -328,13 +328,28 @@ fn port_conflicts_and_changes() {
     ])
     .ok();
     hosts(&lab, "web", 2);
-    let r = lab.wait_for(
+    // Agents report their listeners in their node record after each pass: wait for it, or
+    // an update could race ahead of it (and would then publish the port).
+    lab.wait_for(
         "the listener on node2 known",
         Duration::from_secs(20),
         || {
-            let r = lab.shoal(&["service", "update", "web", "--publish-add", "7777:80"]);
-            (r.code != 0 && r.stderr.contains("node2")).then_some(r)
+            let r = lab.shoal(&["node", "ls", "--format", "json"]);
+            let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).ok()?;
+            v.iter()
+                .any(|n| {
+                    n["name"] == "node2"
+                        && n["listening"]
+                            .as_array()
+                            .is_some_and(|l| l.iter().any(|p| p[0] == "tcp" && p[1] == 7777))
+                })
+                .then_some(())
         },
+    );
+    let r = lab.shoal(&["service", "update", "web", "--publish-add", "7777:80"]);
+    assert_ne!(
+        r.code, 0,
+        "publishing a port a process listens on is refused"
     );
     assert!(
         r.stderr.contains("7777/tcp is in use on node(s) node2"),
