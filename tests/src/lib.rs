@@ -259,8 +259,18 @@ impl Drop for Lab {
         if std::thread::panicking() {
             // Say what the agents saw before the evidence is removed.
             if let Ok(rd) = std::fs::read_dir(format!("/run/shoal/lab/{}", self.name)) {
+                let keep = std::env::var_os("SHOAL_TEST_KEEP_LOGS")
+                    .map(|d| std::path::PathBuf::from(d).join(&self.name));
                 for e in rd.flatten() {
                     let log = e.path().join("agent.log");
+                    if let Some(dir) = &keep {
+                        // Whole logs for a post-mortem, when asked for.
+                        let _ = std::fs::create_dir_all(dir);
+                        let _ = std::fs::copy(
+                            &log,
+                            dir.join(format!("{}.log", e.file_name().to_string_lossy())),
+                        );
+                    }
                     if let Ok(text) = std::fs::read_to_string(&log) {
                         let tail: Vec<&str> = text.lines().rev().take(40).collect();
                         eprintln!("--- {} (last 40 lines)", log.display());
