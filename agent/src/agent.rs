@@ -30,9 +30,38 @@ const RESYNC: Duration = Duration::from_secs(10);
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct NodeReport {
     pub last_error: Option<String>,
+    /// When the last error was hit (seconds since the epoch) and whether the last pass
+    /// was clean.
+    pub last_error_unix: Option<u64>,
+    pub last_pass_ok: bool,
     pub networks: Vec<String>,
     pub dns_attached: usize,
     pub passes: u64,
+    /// The store revision the last pass applied.
+    pub revision: i64,
+    /// The VIPs programmed in this node's network namespaces.
+    pub vips: Vec<ProgrammedVip>,
+    /// The published ports programmed in the node namespace.
+    pub published: Vec<ProgrammedPort>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgrammedVip {
+    pub network_id: String,
+    pub vip: std::net::Ipv4Addr,
+    pub protocol: String,
+    pub port: u16,
+    pub backends: Vec<std::net::Ipv4Addr>,
+    pub draining: Vec<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgrammedPort {
+    pub protocol: String,
+    pub port: u16,
+    pub mode: String,
+    /// ingress-network address:target port of every backend.
+    pub backends: Vec<String>,
 }
 
 pub struct Agent {
@@ -85,12 +114,39 @@ pub async fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Store>> {
                     .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
             )
         }
-        StoreKind::Etcd => Arc::new(
-            crate::store::etcd::EtcdStore::connect(&cfg.store.endpoints, Default::default())
+        StoreKind::Etcd => {
+            let tls = match &cfg.store.tls {
+                Some(t) => Some(etcd_tls(t)?),
+                None => None,
+            };
+            Arc::new(
+                crate::store::etcd::EtcdStore::connect_tls(
+                    &cfg.store.endpoints,
+                    Default::default(),
+                    tls,
+                )
                 .await
                 .context("connecting to etcd")?,
-        ),
+            )
+        }
     })
+}
+
+/// Client TLS towards etcd from the PEM files of `[store.tls]`.
+fn etcd_tls(t: &crate::config::EtcdTls) -> anyhow::Result<etcd_client::TlsOptions> {
+    let read = |what: &str, p: &Path| {
+        std::fs::read(p).with_context(|| format!("store.tls.{what}: reading {}", p.display()))
+    };
+    let mut o = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("ca", &t.ca)?))
+        .identity(etcd_client::Identity::from_pem(
+            read("cert", &t.cert)?,
+            read("key", &t.key)?,
+        ));
+    if let Some(n) = &t.server_name {
+        o = o.domain_name(n.clone());
+    }
+    Ok(o)
 }
 
 fn node_id(state_dir: &Path) -> anyhow::Result<String> {
@@ -180,7 +236,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         },
     )
     .await?;
-    info!(node = %cfg.node_name, id = %node_id, socket = %cfg.socket.display(), "agent started");
+    let metrics_addr = cfg.metrics_socket()?;
+    let metrics = match metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::serve(
+                addr,
+                crate::metrics::MetricsSources {
+                    dns: resolver.stats(),
+                    state: state_rx.clone(),
+                    node_id: node_id.clone(),
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    info!(node = %cfg.node_name, id = %node_id, socket = %cfg.socket.display(), metrics = ?metrics_addr, "agent started");
     let liveness = Liveness::spawn(
         store.clone(),
         node_id.clone(),
@@ -246,12 +317,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             agent.adopt(&st);
             first = false;
         }
+        let started = std::time::Instant::now();
         agent
             .pass(&st)
             .instrument(info_span!("sync", revision = st.revision))
             .await;
+        let failed = !agent.report.lock().expect("lock").last_pass_ok;
+        crate::metrics::global().pass_done(st.revision, started.elapsed(), failed);
     }
     api.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&agent.cfg.socket);
     info!("agent stopped; tasks and kernel state are left for the next start to adopt");
     Ok(())
@@ -312,13 +389,46 @@ impl Agent {
         }
         let mut r = self.report.lock().expect("lock");
         r.passes += 1;
+        r.revision = st.revision;
+        r.last_pass_ok = errors.is_empty();
         r.dns_attached = self.dns_views.len();
         r.networks = self.lb_applied.keys().cloned().collect();
+        r.vips = self
+            .lb_applied
+            .iter()
+            .flat_map(|(net, rs)| {
+                rs.services.iter().map(move |s| ProgrammedVip {
+                    network_id: net.clone(),
+                    vip: s.vip,
+                    protocol: format!("{:?}", s.protocol).to_lowercase(),
+                    port: s.port,
+                    backends: s.backends.clone(),
+                    draining: s.draining.clone(),
+                })
+            })
+            .collect();
+        r.vips
+            .sort_by_key(|v| (v.network_id.clone(), v.vip, v.port));
+        r.published = self
+            .publish_applied
+            .iter()
+            .flat_map(|spec| spec.ports.iter())
+            .map(|p| ProgrammedPort {
+                protocol: format!("{:?}", p.protocol).to_lowercase(),
+                port: p.port,
+                mode: format!("{:?}", p.kind).to_lowercase(),
+                backends: p.backends.iter().map(|(a, t)| format!("{a}:{t}")).collect(),
+            })
+            .collect();
         if !errors.is_empty() {
             for e in &errors {
                 warn!(error = %e, "reconcile error; will retry");
             }
             r.last_error = Some(errors.join("; "));
+            r.last_error_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
         }
     }
 
@@ -360,7 +470,10 @@ impl Agent {
                 // the next pass) + the companion nft table. Without IPVS in the kernel: the
                 // clear NoIpvs error, reported on every pass.
                 let opts = self.cfg.lb.ipvs_options();
-                match shoal_lb::ipvs::sync(&netns, &rs, &opts).await {
+                let started = std::time::Instant::now();
+                let res = shoal_lb::ipvs::sync(&netns, &rs, &opts).await;
+                crate::metrics::global().lb_sync("ipvs", res.is_ok(), started.elapsed());
+                match res {
                     Ok(ops) => {
                         debug!(netns = %netns, services = rs.services.len(), ipvs_ops = ops.len(), "VIP ruleset synced (IPVS)");
                         self.lb_applied.insert(net_id.clone(), rs);
@@ -372,7 +485,17 @@ impl Agent {
                 }
                 continue;
             }
-            match self.lb.sync(&netns, &rs).await {
+            let started = std::time::Instant::now();
+            let res = self.lb.sync(&netns, &rs).await;
+            let kind = match &res {
+                Ok(r) if r.kind == shoal_lb::SyncKind::Incremental => Some("incremental"),
+                Ok(r) if r.kind == shoal_lb::SyncKind::Unchanged => None,
+                _ => Some("full"),
+            };
+            if let Some(kind) = kind {
+                crate::metrics::global().lb_sync(kind, res.is_ok(), started.elapsed());
+            }
+            match res {
                 Ok(r) => {
                     debug!(netns = %netns, services = rs.services.len(), kind = ?r.kind, "VIP ruleset synced");
                     self.lb_applied.insert(net_id.clone(), rs);
@@ -422,9 +545,12 @@ impl Agent {
         if self.publish_applied.as_ref() == Some(&spec) {
             return;
         }
-        match shoal_lb::publish::apply_publish(shoal_lb::Applier::global(), NODE_NS, Some(&spec))
-            .await
-        {
+        let started = std::time::Instant::now();
+        let res =
+            shoal_lb::publish::apply_publish(shoal_lb::Applier::global(), NODE_NS, Some(&spec))
+                .await;
+        crate::metrics::global().lb_sync("publish", res.is_ok(), started.elapsed());
+        match res {
             Ok(()) => {
                 info!(ports = spec.ports.len(), "published ports programmed");
                 self.node_clean = false;

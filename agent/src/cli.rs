@@ -57,16 +57,139 @@ pub enum Cmd {
     Lab(LabCmd),
     /// Print the version
     Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `shoal completion bash > /etc/bash_completion.d/shoal`
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
+/// `shoal agent`: every setting comes from, in this order of precedence, a flag, its
+/// `SHOAL_*` environment variable, the config file, the built-in default
+/// (see `config/agent.toml` in the repository for every key and its default).
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// Configuration file (TOML)
+    /// Configuration file (TOML; unknown keys are refused)
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log format
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: text, or json (one object per line, with span fields)
+    #[arg(long, value_enum, env = "SHOAL_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// This node's name in `node ls` [config: node_name; default: the host name]
+    #[arg(long, env = "SHOAL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Unix socket of the API, created mode 0600 [config: socket; default: /run/shoal/shoal.sock]
+    #[arg(long, env = "SHOAL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Directory of the node id, task files and the embedded store [config: state_dir; default: /var/lib/shoal]
+    #[arg(long, env = "SHOAL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Prefix of every namespace the agent creates [config: netns_prefix; default: shoal-]
+    #[arg(long, env = "SHOAL_NETNS_PREFIX")]
+    pub netns_prefix: Option<String>,
+    /// Underlay IPv4 address of this node (VXLAN endpoint) [config: advertise_addr; default: detected]
+    #[arg(long, env = "SHOAL_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<std::net::Ipv4Addr>,
+    /// Underlay interface [config: underlay_dev; default: the one holding advertise_addr]
+    #[arg(long, env = "SHOAL_UNDERLAY_DEV")]
+    pub underlay_dev: Option<String>,
+    /// Cluster store: embedded (one node) or etcd [config: store.kind; default: embedded]
+    #[arg(long, value_enum, env = "SHOAL_STORE")]
+    pub store: Option<StoreArg>,
+    /// etcd endpoints, comma-separated host:port or http[s]://host:port [config: store.endpoints]
+    #[arg(long, env = "SHOAL_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// CA certificate (PEM) of etcd's server certificate [config: store.tls.ca]
+    #[arg(long, env = "SHOAL_ETCD_CA", requires_all = ["etcd_cert", "etcd_key"])]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd [config: store.tls.cert]
+    #[arg(long, env = "SHOAL_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of the etcd client certificate [config: store.tls.key]
+    #[arg(long, env = "SHOAL_ETCD_KEY", requires_all = ["etcd_ca", "etcd_cert"])]
+    pub etcd_key: Option<PathBuf>,
+    /// Liveness lease TTL in seconds: how long after its agent stops a node is declared down
+    /// [config: lease_ttl_secs; default: 3]
+    #[arg(long, env = "SHOAL_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: Option<u64>,
+    /// Prometheus /metrics address ip:port, "" to turn it off
+    /// [config: metrics_addr; default: 127.0.0.1:9469]
+    #[arg(long, env = "SHOAL_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// VIP dataplane: nftables or ipvs [config: lb.dataplane; default: nftables]
+    #[arg(long, value_enum, env = "SHOAL_LB_DATAPLANE")]
+    pub lb_dataplane: Option<DataplaneArg>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataplaneArg {
+    Nftables,
+    Ipvs,
+}
+
+impl AgentArgs {
+    /// The configuration this agent runs with: file (or defaults), then environment and
+    /// flags on top, then validated as a whole.
+    pub fn resolve(&self) -> anyhow::Result<crate::config::AgentConfig> {
+        use crate::config::{AgentConfig, Dataplane, EtcdTls};
+        let mut c = match &self.config {
+            Some(p) => AgentConfig::load_unvalidated(p)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = &self.node_name {
+            c.node_name = v.clone();
+        }
+        if let Some(v) = &self.socket {
+            c.socket = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(v) = &self.netns_prefix {
+            c.netns_prefix = v.clone();
+        }
+        if let Some(v) = self.advertise_addr {
+            c.advertise_addr = Some(v);
+        }
+        if let Some(v) = &self.underlay_dev {
+            c.underlay_dev = Some(v.clone());
+        }
+        if let Some(v) = self.store {
+            c.store.kind = match v {
+                StoreArg::Embedded => StoreKind::Embedded,
+                StoreArg::Etcd => StoreKind::Etcd,
+            };
+        }
+        if let Some(v) = &self.etcd_endpoints {
+            c.store.endpoints = v.clone();
+        }
+        if let (Some(ca), Some(cert), Some(key)) = (&self.etcd_ca, &self.etcd_cert, &self.etcd_key)
+        {
+            c.store.tls = Some(EtcdTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: c.store.tls.as_ref().and_then(|t| t.server_name.clone()),
+            });
+        }
+        if let Some(v) = self.lease_ttl_secs {
+            c.lease_ttl_secs = v;
+        }
+        if let Some(v) = &self.metrics_addr {
+            c.metrics_addr = v.clone();
+        }
+        if let Some(v) = self.lb_dataplane {
+            c.lb.dataplane = match v {
+                DataplaneArg::Nftables => Dataplane::Nftables,
+                DataplaneArg::Ipvs => Dataplane::Ipvs,
+            };
+        }
+        c.validate().context(
+            "invalid agent configuration (file, SHOAL_* environment and flags together)",
+        )?;
+        Ok(c)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

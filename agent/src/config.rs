@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub underlay_dev: Option<String>,
     /// How VIPs are load-balanced.
     pub lb: LbSettings,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP; loopback by default).
+    /// An empty string turns it off.
+    pub metrics_addr: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,8 +80,25 @@ impl LbSettings {
 pub struct StoreConfig {
     /// `embedded` (single node, on disk under state_dir) or `etcd`.
     pub kind: StoreKind,
-    /// etcd client URLs, e.g. `http://192.0.2.2:2379`.
+    /// etcd client URLs, e.g. `http://192.0.2.2:2379` (`https://` with `tls`).
     pub endpoints: Vec<String>,
+    /// TLS towards etcd (client certificates). Absent: plain HTTP.
+    pub tls: Option<EtcdTls>,
+}
+
+/// `[store.tls]`: PEM files; all three are needed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA certificate that signed etcd's server certificate.
+    pub ca: PathBuf,
+    /// This agent's client certificate.
+    pub cert: PathBuf,
+    /// The client certificate's private key.
+    pub key: PathBuf,
+    /// Name expected in etcd's certificate (default: the endpoint's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -121,6 +141,7 @@ impl Default for AgentConfig {
             lease_ttl_secs: 3,
             underlay_dev: None,
             lb: LbSettings::default(),
+            metrics_addr: DEFAULT_METRICS_ADDR.into(),
         }
     }
 }
@@ -130,6 +151,7 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: StoreKind::Embedded,
             endpoints: vec![],
+            tls: None,
         }
     }
 }
@@ -145,11 +167,34 @@ impl Default for DnsSettings {
     }
 }
 
+/// Where `/metrics` listens unless told otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9469";
+
 impl AgentConfig {
+    /// The metrics listener, None when turned off.
+    pub fn metrics_socket(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.metrics_addr.trim().is_empty() {
+            return Ok(None);
+        }
+        self.metrics_addr
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("metrics_addr {:?} is not ip:port", self.metrics_addr))
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let cfg = Self::load_unvalidated(path)?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses (unknown keys refused) without the whole-config checks, which
+    /// wait until flags and environment have been applied.
+    pub fn load_unvalidated(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
@@ -174,6 +219,26 @@ impl AgentConfig {
         if self.store.kind == StoreKind::Etcd && self.store.endpoints.is_empty() {
             anyhow::bail!("store.kind = \"etcd\" needs store.endpoints");
         }
+        for e in &self.store.endpoints {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            let ok = rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                anyhow::bail!("store.endpoints: {e:?} is not host:port (or http[s]://host:port)");
+            }
+        }
+        if let Some(tls) = &self.store.tls {
+            for (what, p) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+                if !p.is_file() {
+                    anyhow::bail!("store.tls.{what}: {} is not a readable file", p.display());
+                }
+            }
+        }
+        self.metrics_socket()?;
         let sched = &self.lb.ipvs_scheduler;
         if sched.is_empty()
             || sched.len() > 15

@@ -232,6 +232,7 @@ async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::
             store: StoreConfig {
                 kind: store,
                 endpoints: endpoints.clone(),
+                tls: None,
             },
             // The lab never talks to the outside: no upstream servers, no search list.
             dns: DnsSettings {

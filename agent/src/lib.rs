@@ -15,6 +15,7 @@ pub mod health;
 pub mod lab;
 pub mod listening;
 pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod orchestrator;
 pub mod runtime;

@@ -25,16 +25,19 @@ fn main() {
                     LogFormat::Json => sub.json().init(),
                     LogFormat::Text => sub.init(),
                 }
-                let cfg = match &a.config {
-                    Some(p) => shoal::config::AgentConfig::load(p)?,
-                    None => shoal::config::AgentConfig::default(),
-                };
+                let cfg = a.resolve()?;
                 shoal::agent::run(cfg).await
             }
             Cmd::Whoami { port, udp_port } => {
                 shoal::whoami::run(port, udp_port.unwrap_or(port)).await
             }
             Cmd::Lab(l) => shoal::cli::run_lab(l).await,
+            Cmd::Completion { shell } => {
+                use clap::CommandFactory;
+                let mut cmd = Cli::command();
+                clap_complete::generate(shell, &mut cmd, "shoal", &mut std::io::stdout());
+                Ok(())
+            }
             Cmd::Version => {
                 println!("shoal {}", env!("CARGO_PKG_VERSION"));
                 Ok(())

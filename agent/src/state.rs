@@ -130,6 +130,7 @@ async fn follow(
     }
     state.revision = snap.revision;
     state.synced = true;
+    crate::metrics::global().revision_seen(state.revision);
     if tx.send(Arc::new(state.clone())).is_err() {
         return Ok(());
     }
@@ -153,6 +154,7 @@ async fn follow(
                 Event::Delete { key, mod_revision } => state.apply_delete(&key, mod_revision),
             }
         }
+        crate::metrics::global().revision_seen(state.revision);
         if tx.send(Arc::new(state.clone())).is_err() {
             return Ok(());
         }

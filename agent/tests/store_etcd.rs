@@ -34,7 +34,101 @@ struct Etcd {
     child: Option<Child>,
     endpoint: String,
     log: PathBuf,
+    /// Client TLS (CA, client cert, client key) when etcd was started with client-cert auth.
+    tls: Option<TlsFiles>,
     _dir: TempDir,
+}
+
+#[derive(Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (the TLS test needs the openssl command)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_certs(dir: &Path) -> TlsFiles {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+    a.extend(["-subj", "/CN=shoal-test-ca"]);
+    openssl(dir, &a);
+    for (who, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, pem, extf) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        std::fs::write(dir.join(&extf), ext).unwrap();
+        let mut a = vec!["req"];
+        a.extend(ec);
+        let subj = format!("/CN=shoal-test-{who}");
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &a);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extf,
+            ],
+        );
+    }
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+    }
+}
+
+fn client_tls(t: &TlsFiles) -> etcd_client::TlsOptions {
+    etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(
+            std::fs::read(&t.ca).unwrap(),
+        ))
+        .identity(etcd_client::Identity::from_pem(
+            std::fs::read(&t.cert).unwrap(),
+            std::fs::read(&t.key).unwrap(),
+        ))
 }
 
 fn free_ports() -> (u16, u16) {
@@ -55,6 +149,15 @@ fn tail(path: &Path) -> String {
 
 impl Etcd {
     async fn start() -> Etcd {
+        Self::start_with(false).await
+    }
+
+    /// etcd serving clients over TLS, client certificates required.
+    async fn start_tls() -> Etcd {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(with_tls: bool) -> Etcd {
         assert!(
             Path::new(ETCD_BIN).exists(),
             "{ETCD_BIN} is missing: the etcd tests need a real etcd. Run the project's install \
@@ -65,7 +168,9 @@ impl Etcd {
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
             let (client_port, peer_port) = free_ports();
-            let client = format!("http://127.0.0.1:{client_port}");
+            let tls = with_tls.then(|| make_certs(dir.path()));
+            let scheme = if with_tls { "https" } else { "http" };
+            let client = format!("{scheme}://127.0.0.1:{client_port}");
             let peer = format!("http://127.0.0.1:{peer_port}");
             let log = dir.path().join("etcd.log");
             let out = File::create(&log).expect("create etcd log");
@@ -90,6 +195,17 @@ impl Etcd {
                 .arg("zap")
                 .arg("--log-outputs")
                 .arg("stderr")
+                .args(tls.iter().flat_map(|t| {
+                    [
+                        "--cert-file".into(),
+                        t.server_cert.clone().into_os_string(),
+                        "--key-file".into(),
+                        t.server_key.clone().into_os_string(),
+                        "--trusted-ca-file".into(),
+                        t.ca.clone().into_os_string(),
+                        "--client-cert-auth".into(),
+                    ]
+                }))
                 .stdin(Stdio::null())
                 .stdout(out.try_clone().expect("dup log"))
                 .stderr(out);
@@ -107,6 +223,7 @@ impl Etcd {
                 child: Some(child),
                 endpoint: client,
                 log,
+                tls,
                 _dir: dir,
             };
             if etcd.wait_ready().await {
@@ -128,10 +245,7 @@ impl Etcd {
                 eprintln!("etcd exited early ({status})");
                 return false;
             }
-            if EtcdStore::connect(std::slice::from_ref(&self.endpoint), opts())
-                .await
-                .is_ok()
-            {
+            if self.connect().await.is_ok() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -139,10 +253,17 @@ impl Etcd {
         false
     }
 
+    async fn connect(&self) -> Result<EtcdStore, StoreError> {
+        EtcdStore::connect_tls(
+            std::slice::from_ref(&self.endpoint),
+            opts(),
+            self.tls.as_ref().map(client_tls),
+        )
+        .await
+    }
+
     async fn store(&self) -> EtcdStore {
-        EtcdStore::connect(std::slice::from_ref(&self.endpoint), opts())
-            .await
-            .expect("connect to the test etcd")
+        self.connect().await.expect("connect to the test etcd")
     }
 
     fn stop(&mut self) {
@@ -160,6 +281,36 @@ impl Drop for Etcd {
         }
         self.stop();
     }
+}
+
+/// etcd with client-certificate auth: the store works through TLS with our certificate,
+/// and a client without one (plain HTTP, or TLS without identity) is refused.
+#[tokio::test]
+async fn tls_client_certificates() {
+    let etcd = Etcd::start_tls().await;
+    let store = etcd.store().await;
+    conformance::kv_basics(&store, P).await;
+    let t = etcd.tls.clone().unwrap();
+    let plain = etcd.endpoint.replacen("https://", "http://", 1);
+    assert!(
+        EtcdStore::connect(std::slice::from_ref(&plain), opts())
+            .await
+            .is_err(),
+        "plain HTTP to a TLS-only etcd must fail"
+    );
+    let no_identity = etcd_client::TlsOptions::new().ca_certificate(
+        etcd_client::Certificate::from_pem(std::fs::read(&t.ca).unwrap()),
+    );
+    let r = EtcdStore::connect_tls(
+        std::slice::from_ref(&etcd.endpoint),
+        opts(),
+        Some(no_identity),
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "TLS without a client certificate must be refused"
+    );
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ pub mod handler;
 mod mmsg;
 mod records;
 mod server;
+pub mod stats;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use std::time::Duration;
 pub use handler::{Handler, Outcome, Transport};
 pub use records::{Records, RecordsBuilder};
 pub use server::{LISTEN_ADDR, Resolver};
+pub use stats::{DnsStats, DnsStatsSnapshot};
 
 /// Resolver settings shared by every attached container.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,9 @@ use crate::cache::Cache;
 use crate::handler::{CacheKey, Handler, Outcome, Transport, cache_key, question_end};
 use crate::mmsg;
 use crate::records::Records;
+use crate::stats::DnsStats;
 use crate::{DnsConfig, DnsError};
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Where the resolver listens inside every container namespace.
 pub const LISTEN_ADDR: SocketAddr =
@@ -55,6 +57,7 @@ struct Shared {
     config: DnsConfig,
     /// Upstream answers, for every container.
     cache: Cache,
+    stats: Arc<DnsStats>,
 }
 
 struct Attachment {
@@ -72,10 +75,16 @@ impl Resolver {
                     handler: Handler::new(&config),
                     cache: Cache::new(config.cache_size),
                     config,
+                    stats: Arc::new(DnsStats::default()),
                 }),
                 attached: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// What the resolver has done since it started (every container together).
+    pub fn stats(&self) -> Arc<DnsStats> {
+        self.inner.shared.stats.clone()
     }
 
     /// Binds UDP and TCP 127.0.0.11:53 inside the network namespace `netns` (a name under
@@ -246,27 +255,39 @@ async fn serve_udp(
                 let fd = sock.as_raw_fd();
                 for _ in 0..UDP_BATCHES {
                     let view = view.load();
+                    // Latency is counted from the batch's receipt to its reply.
+                    let received = Instant::now();
+                    let stats = &shared.stats;
                     let served = sock.try_io(Interest::READABLE, || {
                         mmsg::serve_batch(fd, |query, peer, out| {
                             match shared.handler.handle(query, &view, Transport::Udp, out) {
-                                Outcome::Reply => mmsg::Action::Reply,
+                                Outcome::Reply => {
+                                    stats.answered(query, out, received.elapsed());
+                                    mmsg::Action::Reply
+                                }
                                 Outcome::Forward => {
                                     let key = cache_key(query, Transport::Udp);
                                     if let Some(key) = &key
                                         && shared.cache.get(key, query, Instant::now(), out)
                                     {
+                                        stats.cache_hits.fetch_add(1, Relaxed);
+                                        stats.answered(query, out, received.elapsed());
                                         return mmsg::Action::Reply;
                                     }
                                     let shared = shared.clone();
                                     let query = query.to_vec();
                                     forwards.spawn(async move {
                                         let reply =
-                                            forward(&shared, query, Transport::Udp, key).await?;
+                                            forward(&shared, query, Transport::Udp, key, received)
+                                                .await?;
                                         Some((reply, peer))
                                     });
                                     mmsg::Action::None
                                 }
-                                Outcome::Ignore => mmsg::Action::None,
+                                Outcome::Ignore => {
+                                    stats.dropped.fetch_add(1, Relaxed);
+                                    mmsg::Action::None
+                                }
                             }
                         })
                     });
@@ -353,12 +374,16 @@ async fn serve_conn(stream: TcpStream, view: Arc<ArcSwap<Records>>, shared: Arc<
             let query = &buf[used + 2..used + 2 + len];
             used += 2 + len;
             deadline = tokio::time::Instant::now() + idle;
+            let received = Instant::now();
             match shared
                 .handler
                 .handle(query, &view.load(), Transport::Tcp, &mut out)
             {
-                Outcome::Reply => {}
-                Outcome::Ignore => return,
+                Outcome::Reply => shared.stats.answered(query, &out, received.elapsed()),
+                Outcome::Ignore => {
+                    shared.stats.dropped.fetch_add(1, Relaxed);
+                    return;
+                }
                 Outcome::Forward => {
                     let key = cache_key(query, Transport::Tcp);
                     let hit = key
@@ -367,10 +392,12 @@ async fn serve_conn(stream: TcpStream, view: Arc<ArcSwap<Records>>, shared: Arc<
                     if !hit {
                         let (shared, query) = (shared.clone(), query.to_vec());
                         forwards.spawn(async move {
-                            forward(&shared, query, Transport::Tcp, key).await
+                            forward(&shared, query, Transport::Tcp, key, received).await
                         });
                         continue;
                     }
+                    shared.stats.cache_hits.fetch_add(1, Relaxed);
+                    shared.stats.answered(query, &out, received.elapsed());
                 }
             }
             if !write_frame(&mut wr, &out, &mut frame, idle).await {
@@ -429,8 +456,10 @@ async fn forward(
     mut query: Vec<u8>,
     transport: Transport,
     key: Option<CacheKey>,
+    received: Instant,
 ) -> Option<Vec<u8>> {
     let original = query.clone();
+    shared.stats.forwarded.fetch_add(1, Relaxed);
     let client_id = [query[0], query[1]];
     // The upstream sees the client's EDNS size: no UDP answer can be larger (a buffer
     // per pending forward, so not 64 KiB each).
@@ -452,14 +481,21 @@ async fn forward(
                 if let Some(key) = &key {
                     shared.cache.insert(key, &reply, Instant::now());
                 }
+                shared.stats.answered(&original, &reply, received.elapsed());
                 return Some(reply);
             }
             Ok(Err(e)) => debug!(%upstream, error = %e, "upstream failed"),
             Err(_) => debug!(%upstream, "upstream timed out"),
         }
+        shared.stats.upstream_failures.fetch_add(1, Relaxed);
     }
     let mut out = Vec::new();
-    shared.handler.servfail(&original, &mut out).then_some(out)
+    shared.stats.forward_servfail.fetch_add(1, Relaxed);
+    let sent = shared.handler.servfail(&original, &mut out);
+    if sent {
+        shared.stats.answered(&original, &out, received.elapsed());
+    }
+    sent.then_some(out)
 }
 
 fn unspecified_for(addr: SocketAddr) -> SocketAddr {

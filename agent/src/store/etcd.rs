@@ -100,14 +100,27 @@ impl EtcdStore {
     /// Connects to etcd at `endpoints` (`http://host:port` or `host:port`) and checks
     /// that it answers (and has a leader) within `opts.request_timeout`.
     pub async fn connect(endpoints: &[String], opts: EtcdOptions) -> Result<Self> {
+        Self::connect_tls(endpoints, opts, None).await
+    }
+
+    /// [`connect`](Self::connect) over TLS with a client certificate when `tls` is given
+    /// (endpoints then `https://host:port` or bare `host:port`).
+    pub async fn connect_tls(
+        endpoints: &[String],
+        opts: EtcdOptions,
+        tls: Option<etcd_client::TlsOptions>,
+    ) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoints given".into()));
         }
-        let copts = ConnectOptions::new()
+        let mut copts = ConnectOptions::new()
             .with_connect_timeout(opts.connect_timeout)
             .with_keep_alive(opts.keep_alive_interval, opts.keep_alive_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        if let Some(tls) = tls {
+            copts = copts.with_tls(tls);
+        }
         let endpoints = endpoints.to_vec();
         let client = bounded(
             &endpoints,
