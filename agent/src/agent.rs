@@ -90,6 +90,8 @@ pub struct Agent {
     publish_applied: Option<shoal_lb::publish::PublishSpec>,
     /// The node marks applied in the ingress namespace.
     marks_applied: Option<BTreeMap<[u8; 6], u32>>,
+    /// The node namespace's guard table as applied (None: not yet in this process).
+    guard_applied: Option<shoal_lb::guard::GuardSpec>,
     /// The node namespace is known to hold no published-port state of ours.
     node_clean: bool,
 }
@@ -288,6 +290,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node: node.clone(),
         publish_applied: None,
         marks_applied: None,
+        guard_applied: None,
         node_clean: false,
     };
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
@@ -669,6 +672,20 @@ impl Agent {
             .filter(|(t, _)| t.node_id == self.node_id)
             .cloned()
             .collect();
+        // 0. The underlay guard (VXLAN from peers only; only published flows into the
+        // ingress namespace), before any VXLAN device exists, and on every change.
+        let guard = desired::guard_spec(st, &self.node_id);
+        if self.guard_applied.as_ref() != Some(&guard) {
+            match shoal_lb::guard::apply_guard(shoal_lb::Applier::global(), NODE_NS, Some(&guard))
+                .await
+            {
+                Ok(()) => {
+                    info!(peers = ?guard.peers, "underlay guard programmed");
+                    self.guard_applied = Some(guard);
+                }
+                Err(e) => errors.push(format!("underlay guard: {e}")),
+            }
+        }
         let stopping = self.stopping.lock().expect("lock").clone();
         let rt = self.runtime.clone();
         let has_ns = move |id: &str| {

@@ -180,7 +180,7 @@ pub struct Underlay {
     pub dev: String,
 }
 
-pub const VXLAN_PORT: u16 = 4789;
+pub const VXLAN_PORT: u16 = shoal_mesh::VXLAN_PORT;
 
 /// Endpoints of a network on other live nodes, for the VXLAN forwarding entries.
 fn remote_endpoints(
@@ -322,6 +322,25 @@ fn peer_nodes(state: &ClusterState, node_id: &str) -> Vec<Ipv4Addr> {
     v.sort();
     v.dedup();
     v
+}
+
+/// The node namespace's guard table: VXLAN only from the other registered nodes (alive or
+/// not: a lease that lapses for a moment must not cut a node off), and only DNATed flows
+/// through the ingress link.
+pub fn guard_spec(state: &ClusterState, node_id: &str) -> shoal_lb::guard::GuardSpec {
+    let mut peers: Vec<Ipv4Addr> = state
+        .nodes
+        .values()
+        .filter(|(n, _)| n.id != node_id)
+        .filter_map(|(n, _)| n.addr)
+        .collect();
+    peers.sort();
+    peers.dedup();
+    shoal_lb::guard::GuardSpec {
+        vxlan_port: shoal_mesh::VXLAN_PORT,
+        peers,
+        ingress_link: Some(shoal_mesh::ingress::NODE_LINK.to_string()),
+    }
 }
 
 /// The ingress plumbing of this node (link to the node namespace, return path per peer,

@@ -45,6 +45,7 @@
 //! clients move to a live backend on their next packet.
 
 pub mod conntrack;
+pub mod guard;
 pub mod ipvs;
 mod model;
 mod netlink;

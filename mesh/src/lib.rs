@@ -67,6 +67,9 @@ pub struct NetworkSpec {
     pub vxlan: Option<VxlanSpec>,
 }
 
+/// The IANA VXLAN port, used by every network.
+pub const VXLAN_PORT: u16 = 4789;
+
 /// The VXLAN part of a network on this node: one device [`VXLAN_IFNAME`] in the network
 /// namespace whose UDP socket lives in the underlay namespace, plus static FDB, neighbour
 /// and route entries for every endpoint of the network on other nodes.
@@ -82,7 +85,7 @@ pub struct VxlanSpec {
     pub underlay_netns: Option<String>,
     /// Underlay device, e.g. "eth0"; the VXLAN MTU is its MTU minus [`VXLAN_OVERHEAD`].
     pub underlay_dev: String,
-    /// UDP destination port (4789).
+    /// UDP destination port ([`VXLAN_PORT`]).
     pub port: u16,
     /// This node's VTEP MAC on this network (the agent derives it from the underlay address).
     pub mac: [u8; 6],
