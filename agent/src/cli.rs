@@ -60,6 +60,7 @@ pub enum Cmd {
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
     /// `shoal completion bash > /etc/bash_completion.d/shoal`
     Completion {
+        /// Shell to complete for
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -120,6 +121,10 @@ pub struct AgentArgs {
     /// VIP dataplane: nftables or ipvs [config: lb.dataplane; default: nftables]
     #[arg(long, value_enum, env = "SHOAL_LB_DATAPLANE")]
     pub lb_dataplane: Option<DataplaneArg>,
+    /// Print the effective configuration (file, environment and flags together) as TOML
+    /// and exit, without starting
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,18 +236,23 @@ pub enum NetworkCmd {
         /// No way out of the network, no forwarded DNS
         #[arg(long)]
         internal: bool,
+        /// Name
         name: String,
     },
     /// List networks
     Ls(FormatArg),
     /// Show a network
     Inspect {
+        /// Name
         name: String,
         #[command(flatten)]
         format: FormatArg,
     },
     /// Remove a network (refused while a service uses it)
-    Rm { names: Vec<String> },
+    Rm {
+        /// Network names
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,24 +263,29 @@ pub enum ServiceCmd {
     Ls(FormatArg),
     /// List a service's tasks
     Ps {
+        /// Name
         name: String,
         #[command(flatten)]
         format: FormatArg,
     },
     /// Show a service
     Inspect {
+        /// Name
         name: String,
         #[command(flatten)]
         format: FormatArg,
     },
     /// Set replica counts: NAME=N ...
     Scale {
+        /// NAME=REPLICAS, one or more
         #[arg(required = true)]
         pairs: Vec<String>,
     },
     /// Change a service
     Update {
+        /// Name
         name: String,
+        /// New replica count
         #[arg(long)]
         replicas: Option<u32>,
         /// Add a published port (same syntax as --publish)
@@ -282,6 +297,7 @@ pub enum ServiceCmd {
     },
     /// Remove services
     Rm {
+        /// Service names
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -289,13 +305,16 @@ pub enum ServiceCmd {
 
 #[derive(Args, Debug)]
 pub struct ServiceCreateArgs {
+    /// Service name (DNS name on its networks)
     #[arg(long)]
     pub name: String,
     /// NET[,alias=ALIAS]... (repeatable)
     #[arg(long)]
     pub network: Vec<String>,
+    /// Number of tasks
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
+    /// vip (one virtual IP, kernel load balancing) or dnsrr (DNS answers every task)
     #[arg(long, default_value = "vip")]
     pub endpoint_mode: String,
     /// published=P,target=T[,protocol=tcp|udp][,mode=ingress|host] (repeatable)
@@ -342,8 +361,10 @@ pub enum NodeCmd {
 pub enum LabCmd {
     /// Build a lab cluster
     Up {
+        /// Number of nodes
         #[arg(long, default_value_t = 3)]
         nodes: u32,
+        /// Cluster store: etcd (a local etcd in the lab) or embedded (one node only)
         #[arg(long, value_enum, default_value_t = StoreArg::Etcd)]
         store: StoreArg,
         /// Lab name (several labs can run side by side)
@@ -352,37 +373,46 @@ pub enum LabCmd {
     },
     /// Remove everything the lab made
     Down {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
     },
     /// Show the lab
     Status {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
     },
     /// Simulate the loss of a node: kill its agent and tasks, cut its underlay link
     Kill {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
+        /// Node name, e.g. node2
         node: String,
     },
     /// Bring a killed node back
     Start {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
+        /// Node name, e.g. node2
         node: String,
     },
     /// Restart a node's agent (SIGTERM, then start it again): tasks keep running and the new
     /// agent adopts them and the kernel state
     Restart {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
+        /// Node name, e.g. node2
         node: String,
     },
     /// Compare publish modes on the lab: host mode, the ingress routing mesh (client IP kept)
     /// and ingress with SNAT, from the client to every node, with task-to-task over the
     /// overlay as the reference; prints a table and writes an HTML report
     Compare {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
         /// Load per target (e.g. 3s, 500ms)
@@ -400,9 +430,12 @@ pub enum LabCmd {
     },
     /// Run a command in a task (web.1), a node (node1) or the client
     Exec {
+        /// Lab name (SHOAL_LAB)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
+        /// A task (web.1), a node (node1) or `client`
         target: String,
+        /// The command and its arguments, after --
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -857,4 +890,132 @@ pub async fn task_location(host: &str, what: &str) -> anyhow::Result<TaskLocatio
     Client::new(&socket_path(Some(host)))
         .get(&format!("/v1/tasks/{}", seg(what)))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` explains every flag and argument of every command.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for s in cmd.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&Cli::command(), "shoal", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// A small xorshift, so the property test needs no extra crate and is reproducible.
+    pub(crate) struct Rng(u64);
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub(crate) fn pick<'a>(&mut self, v: &[&'a str]) -> &'a str {
+            v[usize::try_from(self.next() % v.len() as u64).unwrap()]
+        }
+    }
+
+    /// Parsing never panics, whatever the argument vector (10,000 random ones built from
+    /// the commands' words, flags, odd values and junk).
+    #[test]
+    fn parsing_random_argument_vectors_never_panics() {
+        let words = [
+            "network",
+            "service",
+            "node",
+            "lab",
+            "agent",
+            "create",
+            "ls",
+            "inspect",
+            "rm",
+            "update",
+            "scale",
+            "ps",
+            "--name",
+            "--network",
+            "--replicas",
+            "-p",
+            "--publish",
+            "--format",
+            "json",
+            "table",
+            "--subnet",
+            "10.0.0.0/24",
+            "--gateway",
+            "--internal",
+            "--attachable",
+            "--endpoint-mode",
+            "dnsrr",
+            "vip",
+            "--lb",
+            "--env",
+            "--health-cmd",
+            "-H",
+            "--host",
+            "web=3",
+            "web=",
+            "=3",
+            "web=-1",
+            "8080:80",
+            "published=1,target=2",
+            "mode=host",
+            "65536:1",
+            ":",
+            "",
+            "-",
+            "--",
+            "-x",
+            "--config",
+            "/nonexistent",
+            "--metrics-addr",
+            "x",
+            "--lease-ttl-secs",
+            "-1",
+            "99999999999999999999",
+            "\u{0}",
+            "é",
+            "--help",
+            "completion",
+            "bash",
+            "zsh",
+            "version",
+            "whoami",
+            "--port",
+            "0",
+            "a,b,c",
+            "--publish-add",
+            "--publish-rm",
+            "--network-add",
+            "10.0.0.300/33",
+        ];
+        let mut rng = Rng(0x5eed_cafe_f00d_1234);
+        for _ in 0..10_000 {
+            let n = rng.next() % 9;
+            let mut argv = vec!["shoal"];
+            for _ in 0..n {
+                argv.push(rng.pick(&words));
+            }
+            // Ok or a clap error; a panic fails the test.
+            let _ = Cli::try_parse_from(&argv);
+        }
+    }
 }

@@ -291,6 +291,12 @@ fn spawn_agent(exe: &Path, ndir: &Path, ns: &str) -> anyhow::Result<u32> {
         .append(true)
         .open(ndir.join("agent.log"))?;
     let mut cmd = Command::new(exe);
+    // The lab's config file says everything: no SHOAL_* of the caller overrides it.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SHOAL_") {
+            cmd.env_remove(k);
+        }
+    }
     cmd.arg("agent")
         .arg("--config")
         .arg(ndir.join("agent.toml"))

@@ -26,6 +26,10 @@ fn main() {
                     LogFormat::Text => sub.init(),
                 }
                 let cfg = a.resolve()?;
+                if a.print_config {
+                    print!("{}", toml::to_string(&cfg)?);
+                    return Ok(());
+                }
                 shoal::agent::run(cfg).await
             }
             Cmd::Whoami { port, udp_port } => {
