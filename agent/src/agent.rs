@@ -448,10 +448,14 @@ impl Agent {
     }
 
     /// Applies the VIP ruleset of each network in `nets` whose ruleset changed.
+    /// `removals_only` (the fast path, before this pass has routed new endpoints): services
+    /// and backends only leave; a backend with no route yet would answer its first clients
+    /// with "network unreachable".
     async fn sync_lb(
         &mut self,
         st: &ClusterState,
         nets: &HashSet<String>,
+        removals_only: bool,
         errors: &mut Vec<String>,
     ) {
         for net_id in nets {
@@ -464,7 +468,13 @@ impl Agent {
                 self.lb.forget(&netns);
                 continue;
             }
-            let rs = desired::lb_ruleset(st, &self.node_id, net_id);
+            let mut rs = desired::lb_ruleset(st, &self.node_id, net_id);
+            if removals_only {
+                let Some(old) = self.lb_applied.get(net_id) else {
+                    continue;
+                };
+                rs = desired::removals_only(&rs, old);
+            }
             if self.lb_applied.get(net_id) == Some(&rs) {
                 continue;
             }
@@ -701,7 +711,7 @@ impl Agent {
         {
             known.insert(ing.id.clone());
         }
-        self.sync_lb(st, &known, errors).await;
+        self.sync_lb(st, &known, true, errors).await;
         if self.marks_applied.is_some() {
             self.sync_publish(st, true, errors).await;
         }
@@ -783,7 +793,7 @@ impl Agent {
             None => self.unpublish(errors).await,
         }
         // 3. VIP rulesets, applied when they changed.
-        self.sync_lb(st, &ok_networks, errors).await;
+        self.sync_lb(st, &ok_networks, false, errors).await;
         // 4. DNS views of local containers, new ones attached.
         self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
             .await;

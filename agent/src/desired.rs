@@ -324,6 +324,27 @@ fn peer_nodes(state: &ClusterState, node_id: &str) -> Vec<Ipv4Addr> {
     v
 }
 
+/// `want` restricted to what may change before this pass has routed new endpoints: services
+/// of `applied` only, each with the backends of `want` that `applied` already had (backends
+/// leave or start draining; none arrives).
+pub fn removals_only(want: &shoal_lb::Ruleset, applied: &shoal_lb::Ruleset) -> shoal_lb::Ruleset {
+    let mut out = want.clone();
+    out.services.retain_mut(|s| {
+        let Some(old) = applied.services.iter().find(|o| {
+            (o.id.as_str(), o.vip, o.protocol, o.port) == (s.id.as_str(), s.vip, s.protocol, s.port)
+        }) else {
+            return false;
+        };
+        let had = |b: &Ipv4Addr| old.backends.contains(b) || old.draining.contains(b);
+        s.backends.retain(had);
+        s.draining.retain(had);
+        true
+    });
+    out.vips
+        .retain(|v| applied.vips.contains(v) || applied.services.iter().any(|s| s.vip == *v));
+    out
+}
+
 /// The node namespace's guard table: VXLAN only from the other registered nodes (alive or
 /// not: a lease that lapses for a moment must not cut a node off), and only DNATed flows
 /// through the ingress link.
@@ -689,6 +710,51 @@ mod tests {
         assert_eq!(srv.len(), 2);
         assert!(srv.contains(&("web.1.appnet".to_string(), 80)));
         assert_eq!(v.srv["_80._tcp.www.appnet"].len(), 2);
+    }
+
+    #[test]
+    fn fast_path_only_removes() {
+        let vs = |id: &str, vip: [u8; 4], backends: &[[u8; 4]], draining: &[[u8; 4]]| {
+            shoal_lb::VirtualService {
+                id: id.into(),
+                vip: vip.into(),
+                protocol: shoal_lb::Protocol::Tcp,
+                port: 80,
+                target_port: 80,
+                backends: backends.iter().map(|b| (*b).into()).collect(),
+                draining: draining.iter().map(|b| (*b).into()).collect(),
+                selection: Default::default(),
+                affinity: None,
+            }
+        };
+        let applied = shoal_lb::Ruleset {
+            table: "t".into(),
+            vips: vec![[10, 0, 0, 2].into()],
+            services: vec![vs("a", [10, 0, 0, 2], &[[10, 0, 0, 3], [10, 0, 0, 4]], &[])],
+            ..Default::default()
+        };
+        let want = shoal_lb::Ruleset {
+            table: "t".into(),
+            vips: vec![[10, 0, 0, 2].into(), [10, 0, 0, 9].into()],
+            services: vec![
+                // .4 drains, .5 is new (no route yet), .3 stays.
+                vs(
+                    "a",
+                    [10, 0, 0, 2],
+                    &[[10, 0, 0, 3], [10, 0, 0, 5]],
+                    &[[10, 0, 0, 4]],
+                ),
+                // A new service waits for the full pass.
+                vs("b", [10, 0, 0, 9], &[[10, 0, 0, 6]], &[]),
+            ],
+            ..Default::default()
+        };
+        let fast = removals_only(&want, &applied);
+        assert_eq!(fast.vips, vec![Ipv4Addr::new(10, 0, 0, 2)]);
+        assert_eq!(
+            fast.services,
+            vec![vs("a", [10, 0, 0, 2], &[[10, 0, 0, 3]], &[[10, 0, 0, 4]])]
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Shared pieces of the benchmark programs: percentiles and reports.
 
 use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
 use std::time::Duration;
 
 /// The value at quantile `q` (0..=1) of sorted samples (nearest rank).
@@ -54,6 +57,48 @@ pub fn write_report(name: &str, text: &str) -> anyhow::Result<PathBuf> {
     let p = dir.join(format!("{name}.md"));
     std::fs::write(&p, text)?;
     Ok(p)
+}
+
+/// The `shoal` binary: `SHOAL_BIN`, else the one next to this program.
+pub fn shoal_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("SHOAL_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let bin = me
+        .parent()
+        .map(|d| d.join("shoal"))
+        .context("locating the shoal binary")?;
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release -p shoal) or set SHOAL_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Takes the lab down on drop: after success, on error and during a panic.
+pub struct LabGuard {
+    pub bin: PathBuf,
+    pub name: String,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        match Command::new(&self.bin)
+            .args(["lab", "down", "--name", &self.name])
+            .output()
+        {
+            Ok(o) if o.status.success() => eprintln!("lab {} is down", self.name),
+            Ok(o) => eprintln!(
+                "lab down --name {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("lab down --name {}: {e}", self.name),
+        }
+    }
 }
 
 #[cfg(test)]

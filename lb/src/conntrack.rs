@@ -112,6 +112,8 @@ pub struct CtFilter {
     pub orig_dst: Ipv4Addr,
     pub orig_dport: Option<u16>,
     pub reply_src: Option<Ipv4Addr>,
+    /// Only flows that never saw a reply (a TCP SYN to a backend that has gone).
+    pub unreplied_only: bool,
 }
 
 impl CtFilter {
@@ -122,6 +124,7 @@ impl CtFilter {
             orig_dst: vip,
             orig_dport: Some(port),
             reply_src: Some(backend),
+            unreplied_only: false,
         }
     }
 
@@ -130,6 +133,7 @@ impl CtFilter {
             && e.orig.dst == self.orig_dst
             && self.orig_dport.is_none_or(|p| e.orig.dport == p)
             && self.reply_src.is_none_or(|a| e.reply.src == a)
+            && !(self.unreplied_only && e.replied)
     }
 }
 
@@ -667,8 +671,23 @@ mod tests {
             orig_dst: VIP,
             orig_dport: None,
             reply_src: None,
+            unreplied_only: false,
         };
         assert!(any.matches(&e));
+        let unreplied = CtFilter {
+            unreplied_only: true,
+            ..any
+        };
+        assert_eq!(unreplied.matches(&e), !e.replied);
+        let answered = CtEntry {
+            replied: true,
+            ..e
+        };
+        assert!(!unreplied.matches(&answered));
+        assert!(unreplied.matches(&CtEntry {
+            replied: false,
+            ..e
+        }));
     }
 
     #[test]

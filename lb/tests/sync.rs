@@ -491,3 +491,63 @@ fn affinity_pins_the_client_and_follows_removal() {
     );
     assert!(!second.contains(&pinned), "{second:?}");
 }
+
+/// A TCP connection attempt from `port` (address reuse on, so the same source port again
+/// and again): Ok once connected.
+fn connect_from(port: u16) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+    s.connect_timeout(
+        &SocketAddrV4::new(VIP, 80).into(),
+        Duration::from_millis(500),
+    )
+}
+
+/// A backend that leaves takes its unanswered TCP attempts with it: a client that reuses
+/// the source port of an attempt that went to the gone backend (its conntrack entry would
+/// live on for two minutes) reaches a live backend, not the gone one again.
+#[test]
+fn removed_backend_takes_its_unanswered_tcp_attempts() {
+    require_root_and_nft();
+    let lab = Lab::new(1);
+    let live = lab.backend_addrs();
+    // A backend address nothing answers for: the router sends it to b1, which drops it
+    // (the attempt leaves the router, so its conntrack entry is confirmed, never replied).
+    let dead: Ipv4Addr = "10.201.0.9".parse().unwrap();
+    common::netlab::ip(&[
+        "-n",
+        &lab.router,
+        "route",
+        "add",
+        &format!("{dead}/32"),
+        "via",
+        &lab.backends[0].addr.to_string(),
+    ]);
+    let mut s = syncer();
+    let mut both = live.clone();
+    both.push(dead);
+    block_on(s.sync(&lab.router, &ruleset(vec![web(Protocol::Tcp, both)]))).unwrap();
+    // A source port whose first attempt was sent to the dead backend: it keeps failing,
+    // because the attempt's conntrack entry (and its NAT) stays.
+    let port = shoal_netns::run_in(&lab.client, || {
+        (42_000..42_100).find(|p| connect_from(*p).is_err())
+    })
+    .unwrap()
+    .expect("some attempt goes to the dead backend");
+    let again = shoal_netns::run_in(&lab.client, move || connect_from(port)).unwrap();
+    assert!(
+        again.is_err(),
+        "the same source port is sent to the same backend"
+    );
+    // The dead backend leaves: its unanswered attempt is deleted with it.
+    let r = block_on(s.sync(&lab.router, &ruleset(vec![web(Protocol::Tcp, live)]))).unwrap();
+    assert!(r.removed.contains(&(VIP, Protocol::Tcp, 80, dead)), "{r:?}");
+    assert!(r.conntrack_deleted >= 1, "{r:?}");
+    let after = shoal_netns::run_in(&lab.client, move || connect_from(port)).unwrap();
+    assert!(
+        after.is_ok(),
+        "source port {port} still sent to the gone backend: {after:?}"
+    );
+}

@@ -13,12 +13,11 @@
 //! rounds).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
 use shoal::compare::{self, Mode, PathKind, Report, Row};
-use shoal_benches::{arg, median, write_report};
+use shoal_benches::{LabGuard, arg, median, shoal_bin, write_report};
 
 /// The prototype's figures (Python server, sequential requests, one connection each): context
 /// only, not the same server or run.
@@ -27,47 +26,6 @@ const ANCHORS: [(&str, &str, &str); 3] = [
     ("mesh, local", "5,338", "0.177"),
     ("mesh, across VXLAN", "4,077", "0.227"),
 ];
-
-fn shoal_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("SHOAL_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let me = std::env::current_exe()?;
-    let bin = me
-        .parent()
-        .map(|d| d.join("shoal"))
-        .context("locating the shoal binary")?;
-    if !bin.exists() {
-        bail!(
-            "{} is missing: build it first (cargo build --release -p shoal) or set SHOAL_BIN",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-/// Takes the lab down on drop: after success, on error and during a panic.
-struct LabGuard {
-    bin: PathBuf,
-    name: String,
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        match Command::new(&self.bin)
-            .args(["lab", "down", "--name", &self.name])
-            .output()
-        {
-            Ok(o) if o.status.success() => eprintln!("lab {} is down", self.name),
-            Ok(o) => eprintln!(
-                "lab down --name {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => eprintln!("lab down --name {}: {e}", self.name),
-        }
-    }
-}
 
 type Key = (Mode, String, PathKind);
 

@@ -1,6 +1,6 @@
 //! Incremental programming of LB tables: the last applied [`Model`] per namespace, element
 //! diffs, adoption of an existing table after a restart, and the clean-ups that follow a
-//! backend's removal (affinity entries, UDP conntrack entries).
+//! backend's removal (affinity entries, UDP conntrack entries, unanswered TCP attempts).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -37,11 +37,11 @@ pub struct SyncReport {
     /// restart).
     pub adopted: bool,
     /// (vip, protocol, port, backend) no longer served, neither active nor draining: their
-    /// UDP conntrack entries are deleted. Port 0: every port.
+    /// UDP conntrack entries and unanswered TCP attempts are deleted. Port 0: every port.
     pub removed: Vec<(Ipv4Addr, Protocol, u16, Ipv4Addr)>,
     /// Affinity entries deleted because their backend left the active set.
     pub affinity_deleted: usize,
-    /// UDP conntrack entries deleted (their backend was removed).
+    /// Conntrack entries deleted (UDP flows and unanswered TCP attempts to a removed backend).
     pub conntrack_deleted: usize,
     /// Why an incremental update was refused, or why the elements of a new table could not be
     /// loaded over nfnetlink (then `kind` is [`SyncKind::Full`] and the whole table was
@@ -536,9 +536,12 @@ impl Syncer {
         Ok(n)
     }
 
-    /// Deletes the UDP conntrack entries in `netns` of flows to `(vip, port)` (port 0: any)
-    /// answered by a removed backend, so their clients' next packets pick a live backend.
-    /// One dump, then a delete per matching entry.
+    /// Deletes the conntrack entries in `netns` of flows to `(vip, port)` (port 0: any) NATed
+    /// to a removed backend: UDP ones, so their clients' next packets pick a live backend;
+    /// TCP ones that never got a reply, so a client that reuses the source port (while the
+    /// entry would live on for two minutes) is not sent to the gone backend again.
+    /// Established TCP flows stay (a drained backend finishes them). One dump, then a delete
+    /// per matching entry.
     async fn clean_conntrack(
         &self,
         netns: &str,
@@ -546,12 +549,12 @@ impl Syncer {
     ) -> Result<usize, LbError> {
         let filters: Vec<CtFilter> = removed
             .iter()
-            .filter(|(_, p, _, _)| *p == Protocol::Udp)
             .map(|&(vip, proto, port, backend)| {
                 let mut f = CtFilter::backend(proto, vip, port, backend);
                 if port == ANY_PORT {
                     f.orig_dport = None;
                 }
+                f.unreplied_only = proto == Protocol::Tcp;
                 f
             })
             .collect();
