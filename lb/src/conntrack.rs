@@ -233,6 +233,15 @@ impl CtClient {
     /// (ICMP, SCTP, ...) are skipped. A dump is not atomic: entries created or deleted while it
     /// runs may be missing.
     pub fn list(&mut self) -> Result<Vec<CtEntry>, CtError> {
+        self.list_where(|_| true)
+    }
+
+    /// The entries of one dump that `keep` accepts, judged as they arrive: a table of tens
+    /// of thousands of entries (TIME_WAIT under load) is never held in memory at once.
+    pub fn list_where(
+        &mut self,
+        mut keep: impl FnMut(&CtEntry) -> bool,
+    ) -> Result<Vec<CtEntry>, CtError> {
         let seq = self.next_seq();
         let req = dump_request(seq);
         let mut out = vec![];
@@ -240,6 +249,7 @@ impl CtClient {
             .request(&req, seq, |m| {
                 if m.ty == msg_type(IPCTNL_MSG_CT_NEW)
                     && let Some(e) = parse_entry(m.payload)?
+                    && keep(&e)
                 {
                     out.push(e);
                 }
@@ -262,7 +272,7 @@ impl CtClient {
 
     /// Lists, then deletes every entry `f` matches; returns how many this call deleted.
     pub fn delete_matching(&mut self, f: &CtFilter) -> Result<usize, CtError> {
-        let matching: Vec<CtEntry> = self.list()?.into_iter().filter(|e| f.matches(e)).collect();
+        let matching: Vec<CtEntry> = self.list_where(|e| f.matches(e))?;
         let mut deleted = 0;
         for e in &matching {
             if self.delete(e)? {
@@ -679,10 +689,7 @@ mod tests {
             ..any
         };
         assert_eq!(unreplied.matches(&e), !e.replied);
-        let answered = CtEntry {
-            replied: true,
-            ..e
-        };
+        let answered = CtEntry { replied: true, ..e };
         assert!(!unreplied.matches(&answered));
         assert!(unreplied.matches(&CtEntry {
             replied: false,

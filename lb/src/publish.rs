@@ -287,7 +287,21 @@ pub fn clean_conntrack(
     }
     let ct_err = |e: crate::conntrack::CtError| LbError::Conntrack(e.to_string());
     let mut ct = CtClient::open_in(netns).map_err(ct_err)?;
-    let stale = stale_entries(&ct.list().map_err(ct_err)?, before, now, is_local);
+    // Only what `stale_entries` can pick is kept from the dump (UDP, or TCP never answered,
+    // on a port that is or was published): not the TIME_WAIT bulk of a busy port.
+    let ports: BTreeSet<(Protocol, u16)> = before
+        .ports
+        .iter()
+        .chain(&now.ports)
+        .map(|p| (p.protocol, p.port))
+        .collect();
+    let candidates = ct
+        .list_where(|e| {
+            ports.contains(&(e.protocol, e.orig.dport))
+                && (e.protocol == Protocol::Udp || !e.replied)
+        })
+        .map_err(ct_err)?;
+    let stale = stale_entries(&candidates, before, now, is_local);
     let mut n = 0;
     for e in &stale {
         if ct.delete(e).map_err(ct_err)? {

@@ -565,8 +565,8 @@ impl Syncer {
         tokio::task::spawn_blocking(move || {
             let mut client = CtClient::open_in(&ns)?;
             let mut n = 0;
-            for e in client.list()? {
-                if filters.iter().any(|f| f.matches(&e)) && client.delete(&e)? {
+            for e in client.list_where(|e| filters.iter().any(|f| f.matches(e)))? {
+                if client.delete(&e)? {
                     n += 1;
                 }
             }
