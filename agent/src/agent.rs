@@ -163,6 +163,16 @@ fn node_id(state_dir: &Path) -> anyhow::Result<String> {
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // glibc gives each new thread that allocates under contention its own malloc arena and
+    // keeps its pages: bursts of blocking work (namespace and netlink calls at a node loss)
+    // then leave the resident size a step higher for good (the soak saw +1.6 MB per event).
+    // Two arenas are plenty for the agent's allocation rate.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread of ours
+    // allocates heavily, and glibc tolerates it at any time.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     // Every forwarded DNS query holds a socket until answered: no fixed cap like Docker's
     // 1024, so lift the soft file limit to the hard one.
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
