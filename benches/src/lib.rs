@@ -101,6 +101,27 @@ impl Drop for LabGuard {
     }
 }
 
+/// `shoal lab up --name NAME --nodes N --store etcd`, and a guard that takes the lab down
+/// again when dropped (after success, on error and during a panic).
+pub fn lab_up(bin: &std::path::Path, name: &str, nodes: u32) -> anyhow::Result<LabGuard> {
+    let guard = LabGuard {
+        bin: bin.to_path_buf(),
+        name: name.to_string(),
+    };
+    let up = Command::new(bin)
+        .args(["lab", "up", "--name", name, "--nodes", &nodes.to_string()])
+        .args(["--store", "etcd"])
+        .output()
+        .context("running shoal lab up")?;
+    if !up.status.success() {
+        bail!(
+            "lab up failed: {}",
+            String::from_utf8_lossy(&up.stderr).trim()
+        );
+    }
+    Ok(guard)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use crate::publish::check_ifname;
 use crate::{Applier, LbError};
 
 /// The guard table's name.
@@ -26,20 +27,6 @@ pub struct GuardSpec {
     pub peers: Vec<Ipv4Addr>,
     /// The node's link to the ingress namespace, when it exists.
     pub ingress_link: Option<String>,
-}
-
-fn check_ifname(name: &str) -> Result<(), LbError> {
-    if name.is_empty()
-        || name.len() > 15
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(LbError::Invalid(format!(
-            "interface name {name:?} is not 1-15 of [A-Za-z0-9_-]"
-        )));
-    }
-    Ok(())
 }
 
 /// The table as one nft script (delete and re-create: one transaction).

@@ -57,7 +57,7 @@ pub struct PublishSpec {
     pub ports: Vec<PublishedPort>,
 }
 
-fn check_ifname(name: &str) -> Result<(), LbError> {
+pub(crate) fn check_ifname(name: &str) -> Result<(), LbError> {
     if name.is_empty()
         || name.len() > 15
         || !name

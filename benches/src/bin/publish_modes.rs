@@ -13,11 +13,10 @@
 //! rounds).
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use shoal::compare::{self, Mode, PathKind, Report, Row};
-use shoal_benches::{LabGuard, arg, median, shoal_bin, write_report};
+use shoal_benches::{arg, lab_up, median, shoal_bin, write_report};
 
 /// The prototype's figures (Python server, sequential requests, one connection each): context
 /// only, not the same server or run.
@@ -67,22 +66,7 @@ fn main() -> anyhow::Result<()> {
     }
     let bin = shoal_bin()?;
     let name = format!("pm{}", std::process::id());
-    let _guard = LabGuard {
-        bin: bin.clone(),
-        name: name.clone(),
-    };
-    let up = Command::new(&bin)
-        .args([
-            "lab", "up", "--name", &name, "--nodes", "3", "--store", "etcd",
-        ])
-        .output()
-        .context("running shoal lab up")?;
-    if !up.status.success() {
-        bail!(
-            "lab up failed: {}",
-            String::from_utf8_lossy(&up.stderr).trim()
-        );
-    }
+    let _guard = lab_up(&bin, &name, 3)?;
     let lab = shoal::lab::Lab::load(&name)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

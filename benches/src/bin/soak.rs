@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_benches::{LabGuard, arg, shoal_bin, write_report};
+use shoal_benches::{arg, lab_up, shoal_bin, write_report};
 
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -248,22 +248,7 @@ fn run() -> anyhow::Result<bool> {
     }
     let bin = shoal_bin()?;
     let name = format!("soak{}", std::process::id());
-    let _guard = LabGuard {
-        bin: bin.clone(),
-        name: name.clone(),
-    };
-    let up = Command::new(&bin)
-        .args([
-            "lab", "up", "--name", &name, "--nodes", "3", "--store", "etcd",
-        ])
-        .output()
-        .context("running shoal lab up")?;
-    if !up.status.success() {
-        bail!(
-            "lab up failed: {}",
-            String::from_utf8_lossy(&up.stderr).trim()
-        );
-    }
+    let _guard = lab_up(&bin, &name, 3)?;
     let lab = shoal::lab::Lab::load(&name)?;
     let run = |node: &str, a: &[&str]| shoal_on(&bin, &name, node, a);
     run("node1", &["network", "create", "appnet"])?;
