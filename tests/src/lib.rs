@@ -241,9 +241,37 @@ impl Lab {
         )
     }
 
+    /// `service create --name NAME --network NET --replicas N [EXTRA...] -- shoal whoami
+    /// --port 80`, without waiting for the tasks.
+    pub fn create_whoami(&self, name: &str, network: &str, replicas: usize, extra: &[&str]) {
+        let n = replicas.to_string();
+        let mut args = vec![
+            "service",
+            "create",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--replicas",
+            &n,
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "shoal", "whoami", "--port", "80"]);
+        self.shoal(&args).ok();
+    }
+
     /// Tasks of a service that are running (from `service ps --format json`).
     pub fn running_tasks(&self, service: &str) -> Vec<serde_json::Value> {
-        let r = self.shoal(&["service", "ps", service, "--format", "json"]);
+        self.running_tasks_on(None, service)
+    }
+
+    /// Like `running_tasks`, asked of `node`'s agent (None: the lab's first node).
+    pub fn running_tasks_on(&self, node: Option<&str>, service: &str) -> Vec<serde_json::Value> {
+        let args = ["service", "ps", service, "--format", "json"];
+        let r = match node {
+            Some(n) => self.shoal_on(n, &args),
+            None => self.shoal(&args),
+        };
         if r.code != 0 {
             return vec![];
         }

@@ -270,42 +270,8 @@ fn underlay_reaches_only_published_ports() {
     lab.shoal(&["network", "create", "appnet"]).ok();
     lab.shoal(&["network", "create", "--internal", "backnet"])
         .ok();
-    lab.shoal(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--network",
-        "appnet",
-        "--replicas",
-        "3",
-        "-p",
-        "8080:80",
-        "--",
-        "shoal",
-        "whoami",
-        "--port",
-        "80",
-    ])
-    .ok();
-    lab.shoal(&[
-        "service",
-        "create",
-        "--name",
-        "inner",
-        "--network",
-        "backnet",
-        "--replicas",
-        "1",
-        "-p",
-        "8090:80",
-        "--",
-        "shoal",
-        "whoami",
-        "--port",
-        "80",
-    ])
-    .ok();
+    lab.create_whoami("web", "appnet", 3, &["-p", "8080:80"]);
+    lab.create_whoami("inner", "backnet", 1, &["-p", "8090:80"]);
     let client = format!("shoal-{}-client", lab.name);
     let get = |url: &str| ip_netns(&client, &["curl", "-s", "--max-time", "3", url]);
     lab.wait_for("8080 from the client", Duration::from_secs(60), || {
@@ -620,24 +586,7 @@ fn kill9_and_reboot_do_no_harm() {
     }
     let lab = Lab::up(3, "etcd");
     lab.shoal(&["network", "create", "appnet"]).ok();
-    lab.shoal(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--network",
-        "appnet",
-        "--replicas",
-        "3",
-        "-p",
-        "8080:80",
-        "--",
-        "shoal",
-        "whoami",
-        "--port",
-        "80",
-    ])
-    .ok();
+    lab.create_whoami("web", "appnet", 3, &["-p", "8080:80"]);
     let tasks = lab.wait_for("3 web tasks", Duration::from_secs(60), || {
         let t = lab.running_tasks("web");
         (t.len() == 3).then_some(t)
@@ -755,12 +704,7 @@ fn kill9_and_reboot_do_no_harm() {
         .ok();
     lab.wait_for("web rescheduled off node1", Duration::from_secs(60), || {
         // Asked of node2's agent: node1's is down.
-        let r = lab.shoal_on("node2", &["service", "ps", "web", "--format", "json"]);
-        let t: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap_or_default();
-        let t: Vec<_> = t
-            .into_iter()
-            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
-            .collect();
+        let t = lab.running_tasks_on(Some("node2"), "web");
         (t.len() == 3
             && t.iter().all(|t| {
                 names
