@@ -9,6 +9,9 @@ have ip        || need+=(iproute2)
 have etcd      || need+=(etcd-server)
 have etcdctl   || need+=(etcd-client)
 have protoc    || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, ...), which etcd-client's
+# protos import: only a Recommends of protobuf-compiler, and we install without those.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 have dig       || need+=(bind9-dnsutils)
 have dnsperf   || need+=(dnsperf)
 # benches/dns_bench compares against these (dnsmasq-base: the binary without a system service)
