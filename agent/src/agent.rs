@@ -94,6 +94,10 @@ pub struct Agent {
     guard_applied: Option<shoal_lb::guard::GuardSpec>,
     /// The node namespace is known to hold no published-port state of ours.
     node_clean: bool,
+    /// Targets whose NATed flows have been deleted since their node went down.
+    lost_cleaned: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    /// Task address -> its node, for [`desired::lost_targets`].
+    target_nodes: BTreeMap<std::net::Ipv4Addr, String>,
 }
 
 /// The agent's own namespace (the node's): published ports are programmed here.
@@ -302,6 +306,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         marks_applied: None,
         guard_applied: None,
         node_clean: false,
+        lost_cleaned: Default::default(),
+        target_nodes: Default::default(),
     };
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
@@ -602,6 +608,66 @@ impl Agent {
         }
     }
 
+    /// Once the backends of a node that went down have left the rulesets: deletes every
+    /// NATed flow to them (published ports in the node namespace, VIPs in the network
+    /// namespaces), established ones included. Established flows to a drained or scaled-down
+    /// task are left to finish; a dead node answers nothing, and a client reusing the source
+    /// port of such a flow would be sent there again (conntrack keeps an established entry
+    /// for days and ignores a SYN that matches it).
+    async fn clean_lost(&mut self, st: &ClusterState, errors: &mut Vec<String>) {
+        let lost = desired::lost_targets(st, &mut self.target_nodes);
+        let new: std::collections::BTreeSet<_> =
+            lost.difference(&self.lost_cleaned).copied().collect();
+        if new.is_empty() {
+            self.lost_cleaned_done(st, lost);
+            return;
+        }
+        let mut namespaces: Vec<String> = self
+            .lb_applied
+            .keys()
+            .filter_map(|id| st.network_by_id(id))
+            .map(|n| desired::network_netns(&self.cfg.netns_prefix, n))
+            .collect();
+        if self.publish_applied.is_some() {
+            namespaces.push(NODE_NS.to_string());
+        }
+        let targets = new.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut deleted = 0;
+            for ns in &namespaces {
+                deleted += shoal_lb::conntrack::delete_nated_to(ns, &targets)?;
+            }
+            Ok::<usize, shoal_lb::conntrack::CtError>(deleted)
+        })
+        .await;
+        match res {
+            Ok(Ok(deleted)) => {
+                if deleted > 0 {
+                    info!(targets = ?new, deleted, "deleted flows to the tasks of a node that is down");
+                }
+                self.lost_cleaned_done(st, lost);
+            }
+            Ok(Err(e)) => errors.push(format!("deleting flows to a lost node: {e}")),
+            Err(e) => errors.push(format!("deleting flows to a lost node: {e}")),
+        }
+    }
+
+    /// The flows to `lost` are deleted: addresses whose task record is gone are done with;
+    /// the others are not cleaned again while their node stays down.
+    fn lost_cleaned_done(
+        &mut self,
+        st: &ClusterState,
+        lost: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    ) {
+        let current: std::collections::BTreeSet<std::net::Ipv4Addr> = st
+            .task_list()
+            .flat_map(|t| t.networks.iter().map(|n| n.ip))
+            .collect();
+        self.target_nodes
+            .retain(|ip, _| current.contains(ip) || !lost.contains(ip));
+        self.lost_cleaned = lost.intersection(&current).copied().collect();
+    }
+
     /// Nothing is published: no table in the node namespace, no link to the ingress
     /// namespace (which the namespace sweep removes).
     async fn unpublish(&mut self, errors: &mut Vec<String>) {
@@ -725,6 +791,7 @@ impl Agent {
         if self.marks_applied.is_some() {
             self.sync_publish(st, true, errors).await;
         }
+        self.clean_lost(st, errors).await;
         self.sync_dns(st, &local, &stopping, &known, false, errors)
             .await;
         // 1. Namespaces for new tasks.
@@ -804,6 +871,7 @@ impl Agent {
         }
         // 3. VIP rulesets, applied when they changed.
         self.sync_lb(st, &ok_networks, false, errors).await;
+        self.clean_lost(st, errors).await;
         // 4. DNS views of local containers, new ones attached.
         self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
             .await;

@@ -306,6 +306,28 @@ pub fn ingress_network(state: &ClusterState) -> Option<&Network> {
     state.networks.values().find(|n| n.ingress)
 }
 
+/// Which node each task address (on any network, the ingress one included) is on, kept
+/// across passes in `known`: the leader deletes the task records of a lost node soon after
+/// it goes, possibly before this agent has seen them without their node. An address leaves
+/// `known` when its task is gone and its node is alive. Returns the addresses on nodes that
+/// are down: no flow NATed to one of them can be answered any more.
+pub fn lost_targets(
+    state: &ClusterState,
+    known: &mut BTreeMap<Ipv4Addr, String>,
+) -> BTreeSet<Ipv4Addr> {
+    let now: BTreeMap<Ipv4Addr, String> = state
+        .task_list()
+        .flat_map(|t| t.networks.iter().map(|n| (n.ip, t.node_id.clone())))
+        .collect();
+    known.retain(|ip, node| !now.contains_key(ip) && !state.alive.contains(node));
+    known.extend(now);
+    known
+        .iter()
+        .filter(|(_, node)| !state.alive.contains(*node))
+        .map(|(ip, _)| *ip)
+        .collect()
+}
+
 /// True when some service publishes a port.
 pub fn any_published(state: &ClusterState) -> bool {
     state.services.values().any(|(s, _)| !s.ports.is_empty())
@@ -685,6 +707,37 @@ mod tests {
                 .unwrap_or_default();
         r.sort();
         r
+    }
+
+    #[test]
+    fn lost_targets_outlive_the_task_records_of_a_dead_node() {
+        let mut st = fixture();
+        let mut known = BTreeMap::new();
+        assert!(lost_targets(&st, &mut known).is_empty());
+        assert_eq!(known.len(), 4);
+        let t2: Ipv4Addr = "10.0.1.4".parse().unwrap();
+        // other-node dies: its task's address is lost.
+        st.alive.remove("other-node");
+        assert_eq!(lost_targets(&st, &mut known), [t2].into());
+        // The leader deletes the record: still lost (the agent may not have cleaned yet).
+        st.tasks.remove("t2");
+        assert_eq!(lost_targets(&st, &mut known), [t2].into());
+        // A task of a live node that goes (scale-down) is not lost: it may drain.
+        st.tasks.remove("t1");
+        assert_eq!(lost_targets(&st, &mut known), [t2].into());
+        assert!(!known.contains_key(&"10.0.1.3".parse().unwrap()));
+        // The node comes back: nothing is lost, and the gone task is forgotten.
+        st.alive.insert("other-node".into());
+        assert!(lost_targets(&st, &mut known).is_empty());
+        assert!(!known.contains_key(&t2));
+        // An address handed to a task on a live node is not lost, whatever it was before.
+        st.alive.remove("other-node");
+        let mut t5 = st.tasks["t4"].0.clone();
+        t5.id = "t5".into();
+        t5.networks[0].ip = t2;
+        st.tasks.insert("t5".into(), (t5, 2));
+        known.insert(t2, "other-node".into());
+        assert!(lost_targets(&st, &mut known).is_empty());
     }
 
     #[test]

@@ -302,6 +302,33 @@ pub fn list(netns: Option<&str>) -> Result<Vec<CtEntry>, CtError> {
     open(netns)?.list()
 }
 
+/// Whether `e` is a NATed flow whose target (the reply's source) is in `targets`.
+pub fn nated_to(e: &CtEntry, targets: &std::collections::BTreeSet<Ipv4Addr>) -> bool {
+    targets.contains(&e.reply.src) && e.reply.src != e.orig.dst
+}
+
+/// Deletes every NATed flow of namespace `netns` whose target is in `targets`, TCP and UDP,
+/// answered or not: for targets that can no longer answer (their node is down). A client
+/// that reuses the source port of such a flow would otherwise be sent to the dead target
+/// again (conntrack ignores a SYN that matches an established entry). Returns how many were
+/// deleted.
+pub fn delete_nated_to(
+    netns: &str,
+    targets: &std::collections::BTreeSet<Ipv4Addr>,
+) -> Result<usize, CtError> {
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let mut ct = CtClient::open_in(netns)?;
+    let mut n = 0;
+    for e in ct.list_where(|e| nated_to(e, targets))? {
+        if ct.delete(&e)? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Deletes the entries of namespace `netns` (`None`: the calling thread's) that `f` matches;
 /// returns how many were deleted. Entries that vanish between the dump and their delete are
 /// not counted and not an error.
@@ -695,6 +722,39 @@ mod tests {
             replied: false,
             ..e
         }));
+    }
+
+    #[test]
+    fn nated_to_picks_translated_flows_to_lost_targets_only() {
+        let lost: std::collections::BTreeSet<Ipv4Addr> = [BACKEND].into();
+        let e = entry();
+        assert!(nated_to(&e, &lost), "answered UDP flow to a lost backend");
+        let tcp = CtEntry {
+            protocol: Protocol::Tcp,
+            ..e
+        };
+        assert!(
+            nated_to(&tcp, &lost),
+            "established TCP flow to a lost backend"
+        );
+        let elsewhere = CtEntry {
+            reply: CtTuple {
+                src: Ipv4Addr::new(10, 200, 2, 2),
+                ..e.reply
+            },
+            ..e
+        };
+        assert!(!nated_to(&elsewhere, &lost), "flow to a live backend");
+        // Straight to the address, no NAT: not ours to judge.
+        let direct = CtEntry {
+            orig: CtTuple {
+                dst: BACKEND,
+                ..e.orig
+            },
+            ..e
+        };
+        assert!(!nated_to(&direct, &lost));
+        assert!(!nated_to(&e, &Default::default()));
     }
 
     #[test]

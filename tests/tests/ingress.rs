@@ -564,9 +564,9 @@ fn failover_after_lab_kill() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t = Instant::now();
                 // 1.2 s: like any TCP client, one lost SYN is retransmitted after 1 s and
-                // is not a failure. A lost SYN after the failover was seen about once in
-                // 5,000 connections (cause not found; see README, Gaps); every failure
-                // prints the conntrack entries of its source port in every node namespace.
+                // is not a failure. Every failure prints the conntrack entries of its
+                // source port in every node namespace (that is how a reused source port
+                // still bound to the dead node was found: see the agent's `clean_lost`).
                 let (port, r) = http_get_port(&ns, &target, Duration::from_millis(1200));
                 let r = r.map(|a| a.host).map_err(|e| {
                     format!(
