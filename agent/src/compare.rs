@@ -3,8 +3,9 @@
 //! Deploys (through the first answering node's API) a network `compare`, a service `compare`
 //! (one `shoal whoami` replica) publishing the same target port three ways (30080 ingress,
 //! 30081 host mode, 30082 ingress with SNAT), and a service `compare-probe` with one task per
-//! node. Then, one target after the other, sequential HTTP/1.1 `GET /?format=json` requests,
-//! each on a new TCP connection with `Connection: close`, for a fixed time:
+//! node. Then sequential HTTP/1.1 `GET /?format=json` requests, each on a new TCP
+//! connection with `Connection: close`, for a fixed time per target, the targets taking turns
+//! in slices of [`SLICE`]:
 //!
 //! - from the lab's `client` namespace to every node's address on each published port;
 //! - from a probe task on the replica's node, and from one on another node, straight to the
@@ -481,6 +482,116 @@ pub fn load_from(src: Option<IpAddr>, addr: SocketAddr, duration: Duration) -> S
     }
     s.elapsed = start.elapsed();
     s
+}
+
+impl Sample {
+    /// Adds `o` (another slice of the same target's load) to this one.
+    pub fn merge(&mut self, o: &Sample) {
+        self.hist
+            .add(&o.hist)
+            .expect("histograms of the same bounds");
+        self.errors.sum(&o.errors);
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&o.first_error);
+        }
+        for (ip, n) in &o.sources {
+            *self.sources.entry(*ip).or_default() += n;
+        }
+        for (who, n) in &o.answered {
+            *self.answered.entry(who.clone()).or_default() += n;
+        }
+        self.elapsed += o.elapsed;
+    }
+}
+
+/// Length of one slice of a target's load: the targets take turns slice by slice, so that
+/// what else the machine does at some moment (other VMs, a burst of softirq work) falls on
+/// every path alike instead of on whichever target was running then.
+pub const SLICE: Duration = Duration::from_millis(250);
+
+/// Where one target's requests leave from.
+struct Sender {
+    netns: String,
+    src: Option<IpAddr>,
+    addr: SocketAddr,
+}
+
+/// Loads the targets slice by slice in `order` (indexes into `senders`), one request at a
+/// time overall. Each target has one thread, in its namespace for the whole run (no thread
+/// is created per slice), which warms up before its first slice. Returns a sample per target.
+fn run_slices(
+    senders: &[Sender],
+    order: &[usize],
+    slice: Duration,
+    warmup: Duration,
+) -> anyhow::Result<Vec<Sample>> {
+    use std::sync::mpsc;
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = mpsc::channel::<Sample>();
+        let mut turns = vec![];
+        let mut workers = vec![];
+        for s in senders {
+            let (turn_tx, turn_rx) = mpsc::channel::<()>();
+            turns.push(turn_tx);
+            let done = done_tx.clone();
+            workers.push(scope.spawn(move || {
+                shoal_netns::run_in(&s.netns, move || {
+                    let mut first = true;
+                    while turn_rx.recv().is_ok() {
+                        if std::mem::take(&mut first) && !warmup.is_zero() {
+                            let _ = load_from(s.src, s.addr, warmup);
+                        }
+                        if done.send(load_from(s.src, s.addr, slice)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .with_context(|| format!("entering {} to load {}", s.netns, s.addr))
+            }));
+        }
+        drop(done_tx);
+        let mut samples = vec![Sample::default(); senders.len()];
+        let mut failed = None;
+        for &i in order {
+            // A worker that could not enter its namespace has dropped its receiver.
+            if turns[i].send(()).is_err() {
+                failed = Some(i);
+                break;
+            }
+            // A worker that panicked has not answered (the others still hold senders).
+            match done_rx.recv_timeout(warmup + slice + Duration::from_secs(30)) {
+                Ok(s) => samples[i].merge(&s),
+                Err(_) => {
+                    failed = Some(i);
+                    break;
+                }
+            }
+        }
+        drop(turns);
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        }
+        if let Some(i) = failed {
+            anyhow::bail!("the load thread of {} stopped", senders[i].addr);
+        }
+        Ok(samples)
+    })
+}
+
+/// The order in which targets take turns, slice by slice: `slices` rounds over all targets,
+/// every other one reversed (`reverse` flips them all), so that no target always follows the
+/// same other one.
+pub fn slice_order(targets: usize, slices: usize, reverse: bool) -> Vec<usize> {
+    let mut out = Vec::with_capacity(targets * slices);
+    for s in 0..slices {
+        let mut turn: Vec<usize> = (0..targets).collect();
+        if (s % 2 == 1) != reverse {
+            turn.reverse();
+        }
+        out.extend(turn);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1384,25 +1495,27 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         }
     }
 
-    let mut order: Vec<usize> = (0..targets.len()).collect();
-    if opts.reverse {
-        order.reverse();
-    }
+    // The targets take turns in slices of SLICE, for `duration` each in total; a short
+    // warm-up before each target's first slice.
     let warmup = (opts.duration / 10).min(Duration::from_millis(300));
-    let mut rows: Vec<Option<Row>> = vec![None; targets.len()];
-    for i in order {
-        let t = targets[i].clone();
-        let src = sources.addrs.get(&i).copied();
-        let (ns, addr, duration) = (t.netns.clone(), t.addr, opts.duration);
-        let sample = tokio::task::spawn_blocking(move || {
-            shoal_netns::run_in(&ns, move || {
-                let _ = load_from(src, addr, warmup);
-                load_from(src, addr, duration)
-            })
+    let slices = (opts.duration.as_millis() / SLICE.as_millis()).max(1) as usize;
+    let slice = opts.duration / slices as u32;
+    let senders: Vec<Sender> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Sender {
+            netns: t.netns.clone(),
+            src: sources.addrs.get(&i).copied(),
+            addr: t.addr,
         })
-        .await?
-        .with_context(|| format!("entering {} to load {}", t.netns, t.addr))?;
-        let row = Row::new(t, &sample, &labels, &task_nodes);
+        .collect();
+    let order = slice_order(targets.len(), slices, opts.reverse);
+    let samples =
+        tokio::task::spawn_blocking(move || run_slices(&senders, &order, slice, warmup)).await??;
+    let mut rows: Vec<Option<Row>> = vec![None; targets.len()];
+    for (i, sample) in samples.iter().enumerate() {
+        let t = targets[i].clone();
+        let row = Row::new(t, sample, &labels, &task_nodes);
         if opts.progress {
             eprintln!(
                 "{:<12} {:<6} {:<19} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}",
@@ -1845,7 +1958,7 @@ pub fn render_html(r: &Report) -> anyhow::Result<String> {
         "<h1>Publish modes on lab {}</h1>\n<p>{}. Replica <b>{}</b> on <b>{}</b> ({}). Nodes: {}. \
          Client namespace: {}. Per target: sequential HTTP/1.1 <code>GET /?format=json</code>, a new \
          TCP connection per request (<code>Connection: close</code>), {} ms of load after a short \
-         warm-up; latency from connect to the full response; 1 s connect and read timeouts.</p>\n",
+         warm-up, the targets taking turns in 250 ms slices; latency from connect to the full response; 1 s connect and read timeouts.</p>\n",
         esc(&r.lab),
         esc(&utc(r.unix_time)),
         esc(&r.replica.task),
@@ -2078,6 +2191,28 @@ mod tests {
         s.answered.insert("compare.1".into(), n);
         s.elapsed = Duration::from_secs_f64(secs);
         s
+    }
+
+    #[test]
+    fn slices_alternate_direction_and_merge_into_one_sample() {
+        assert_eq!(slice_order(3, 3, false), [0, 1, 2, 2, 1, 0, 0, 1, 2]);
+        assert_eq!(slice_order(3, 2, true), [2, 1, 0, 0, 1, 2]);
+        assert_eq!(slice_order(2, 1, false), [0, 1]);
+        let mut a = sample(100, 1000, 0.5);
+        a.errors.refused = 2;
+        let mut b = sample(300, 3000, 1.5);
+        b.errors.timeout = 1;
+        b.first_error = Some("timed out".into());
+        b.sources.insert("192.0.2.160".parse().unwrap(), 7);
+        a.merge(&b);
+        assert_eq!(a.hist.len(), 400);
+        assert_eq!(a.hist.max(), b.hist.max());
+        assert_eq!((a.errors.refused, a.errors.timeout), (2, 1));
+        assert_eq!(a.first_error.as_deref(), Some("timed out"));
+        assert_eq!(a.sources[&"192.0.2.100".parse::<IpAddr>().unwrap()], 400);
+        assert_eq!(a.sources[&"192.0.2.160".parse::<IpAddr>().unwrap()], 7);
+        assert_eq!(a.answered["compare.1"], 400);
+        assert_eq!(a.elapsed, Duration::from_secs(2));
     }
 
     fn labels() -> Labels {

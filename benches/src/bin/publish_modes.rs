@@ -2,8 +2,9 @@
 //! and ingress with SNAT, against task-to-task traffic on the overlay (the reference for the
 //! VXLAN hop). Brings up its own 3-node lab (etcd store: the embedded store serves one node
 //! only) named `pm<pid>`, runs `shoal::compare::run` (what `shoal lab compare` runs) for
-//! `--rounds` rounds (default 5) of `--duration` per target (default 3s), target order
-//! reversed every other round, and takes medians per path over the rounds. The lab is
+//! `--rounds` rounds (default 5) of `--duration` per target (default 3s; the targets take
+//! turns in 250 ms slices, the slice order reversed every other round), and takes medians
+//! per path over the rounds. The lab is
 //! always taken down (also on error or panic).
 //!
 //! Run as root after `cargo build --release -p shoal -p shoal-benches`:
@@ -241,7 +242,7 @@ fn main() -> anyhow::Result<()> {
          published as 30080 ingress, 30081 host, 30082 ingress with SNAT; from the lab's client namespace (192.0.2.100) to every \
          node; task-to-task from `compare-probe` tasks on the replica's node and another node to the replica's overlay address. \
          Per target: sequential HTTP/1.1 GET, a new TCP connection per request, `Connection: close`, {duration_arg} after a short \
-         warm-up; latency from connect to the full response. {rounds} rounds, target order reversed every other round; \
+         warm-up, the targets taking turns in 250 ms slices; latency from connect to the full response. {rounds} rounds, slice order reversed every other round; \
          medians over rounds (ratios paired within a round, then the median). Load average at the end: {}\n\n\
          ## Medians per path\n\n{table}\n\
          host-no-replica is expected to be refused: host mode opens the port only where a task runs.\n\n\
