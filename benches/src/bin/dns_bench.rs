@@ -57,6 +57,14 @@ const NOTES: &str = r#"## Where the comparison is not apples to apples
 "#;
 
 static NS_COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// `--seconds`, for [`dnsperf_limit`].
+static RUN_SECONDS: AtomicUsize = AtomicUsize::new(10);
+
+/// How long one dnsperf run may take: its `-l`, its 2 s timeout for the last queries, and a
+/// generous margin for a loaded machine.
+fn dnsperf_limit() -> Duration {
+    Duration::from_secs(RUN_SECONDS.load(Ordering::Relaxed) as u64 * 3 + 60)
+}
 
 // ---------------------------------------------------------------------------------------
 // Data
@@ -338,12 +346,13 @@ fn proc_cpu(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
-/// (busy, total) jiffies of one CPU, from /proc/stat.
-fn core_ticks(core: usize) -> (u64, u64) {
+/// (busy, total, steal) jiffies of one CPU, from /proc/stat. Busy includes steal: time the
+/// hypervisor ran something else on this virtual CPU.
+fn core_ticks(core: usize) -> (u64, u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let prefix = format!("cpu{core} ");
     let Some(line) = text.lines().find(|l| l.starts_with(&prefix)) else {
-        return (0, 0);
+        return (0, 0, 0);
     };
     let v: Vec<u64> = line
         .split_whitespace()
@@ -353,11 +362,15 @@ fn core_ticks(core: usize) -> (u64, u64) {
         .collect();
     let total: u64 = v.iter().sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    (total - idle, total, v.get(7).copied().unwrap_or(0))
 }
 
-fn busy(a: (u64, u64), b: (u64, u64)) -> f64 {
+fn busy(a: (u64, u64, u64), b: (u64, u64, u64)) -> f64 {
     (b.0 - a.0) as f64 / (b.1 - a.1).max(1) as f64
+}
+
+fn steal(a: (u64, u64, u64), b: (u64, u64, u64)) -> f64 {
+    (b.2 - a.2) as f64 / (b.1 - a.1).max(1) as f64
 }
 
 struct Perf {
@@ -373,6 +386,9 @@ struct Perf {
     lifetime: f64,
     server_busy: f64,
     client_busy: f64,
+    /// Share of the run the hypervisor took the core away (steal), server and client core.
+    server_steal: f64,
+    client_steal: f64,
     latencies: Vec<Duration>,
     rcodes: String,
 }
@@ -421,7 +437,8 @@ fn dnsperf(
     );
     let started = Instant::now();
     let (ok, stdout, stderr, client_cpu) =
-        run_with_rusage(cmd, &file.with_extension("out")).context("running dnsperf")?;
+        run_with_rusage(cmd, &file.with_extension("out"), dnsperf_limit())
+            .context("running dnsperf")?;
     let lifetime = started.elapsed().as_secs_f64();
     let (c1, s1, k1) = (
         proc_cpu(server.pid())?,
@@ -464,6 +481,8 @@ fn dnsperf(
         lifetime,
         server_busy: busy(s0, s1),
         client_busy: busy(k0, k1),
+        server_steal: steal(s0, s1),
+        client_steal: steal(k0, k1),
         latencies,
         rcodes: field_line(&text, "Response codes:"),
     })
@@ -476,12 +495,26 @@ fn dnsperf(
 fn run_with_rusage(
     mut cmd: Command,
     out: &Path,
+    limit: Duration,
 ) -> anyhow::Result<(bool, Vec<u8>, Vec<u8>, Duration)> {
     let err = out.with_extension("err");
     cmd.stdout(std::fs::File::create(out)?)
         .stderr(std::fs::File::create(&err)?);
     let child = cmd.spawn()?;
     let pid = child.id() as i32;
+    // A watchdog: under SCHED_FIFO dnsperf's threads share one core, and one run kept its
+    // sender spinning for 10 minutes past `-l` while the others starved. Killed after
+    // `limit`, the run fails (dnsperf's exit status) instead of hanging the benchmark.
+    let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+            eprintln!("dnsperf still running after {limit:?}: killing it");
+            kill(pid);
+            true
+        } else {
+            false
+        }
+    });
     let mut status = 0;
     // SAFETY: zeroed rusage is valid; wait4 reaps our own child and fills both out-params.
     let ru = unsafe {
@@ -493,6 +526,10 @@ fn run_with_rusage(
     };
     // Reaped above; `child` must not be waited for again.
     drop(child);
+    let _ = cancel.send(());
+    if watchdog.join().unwrap_or(false) {
+        bail!("dnsperf did not finish within {limit:?} (killed)");
+    }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     let (stdout, stderr) = (std::fs::read(out)?, std::fs::read(&err)?);
@@ -795,6 +832,7 @@ fn words(s: &str) -> Vec<String> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds", 10);
+    RUN_SECONDS.store(seconds as usize, Ordering::Relaxed);
     let rounds = arg(&args, "--rounds", 3).max(1);
     let containers = arg(&args, "--containers", 1000) as usize;
     // Half of the slowest server's saturation (aardvark-dns with missing names, ~17k here):
@@ -1088,7 +1126,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "| {} | {} | {} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {} sent, {} lost | {} | {:.0} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {} sent, {} lost | {} | {:.0} | {} | {} | {} | {:.1}% / {:.1}% | {} |",
                 r.round,
                 r.server,
                 MIXES[r.mix].0,
@@ -1105,6 +1143,8 @@ fn main() -> anyhow::Result<()> {
                 ms3(quantile(&r.half.latencies, 0.5)),
                 ms3(quantile(&r.half.latencies, 0.99)),
                 r.half.lost,
+                r.half.server_steal * 100.0,
+                r.half.client_steal * 100.0,
                 r.load,
             )
         })
@@ -1128,14 +1168,14 @@ fn main() -> anyhow::Result<()> {
          - aardvark-dns ({}): `AARDVARK_NO_PROXY=1 taskset -c {SERVER_CORE} aardvark-dns --config DIR -p 53 run`, one config file per network (`net1..3`: first line the listening address 10.k.0.1, then `ID IPV4  NAME` lines, one per address); it answers by the requester's address, so the client 10.1.0.2 is a container on all three networks. dnsperf asks 10.1.0.1. UDP only (1.4 has no TCP). `AARDVARK_NO_PROXY`: a missing name is NXDOMAIN, never forwarded.\n\
          - dnsmasq ({}): `taskset -c {SERVER_CORE} dnsmasq {} --listen-address=10.1.0.1 --addn-hosts=HOSTS` (one `IP NAME` line per address). `--local=/#/`: missing names are NXDOMAIN, never forwarded.\n\
          - Before measuring, every name is asked once from 10.1.0.2 and must get exactly its addresses ({checked} checks per server per round, including 200 missing names that must get NXDOMAIN).\n\
-         - Saturation: `dnsperf -l {seconds} {perf_args}` -> QPS = dnsperf's `Queries per second`. CPU per query = the server process's utime+stime (/proc/PID/stat; for shoal-dns the whole benchmark process) during the run / queries answered. QPS per core = answered / server CPU seconds (= 1 / CPU per query). CPU used = the server's and dnsperf's CPU time (dnsperf's from its rusage) / dnsperf's lifetime (including its wait for the last timeouts), as a share of one core: dnsperf near 100% with the server well below means dnsperf was the limit. Core busy (all rounds table) = non-idle share of that core in /proc/stat during the run (includes softirq work not charged to any process, and anything else the machine ran there).\n\
+         - Saturation: `dnsperf -l {seconds} {perf_args}` -> QPS = dnsperf's `Queries per second`. CPU per query = the server process's utime+stime (/proc/PID/stat; for shoal-dns the whole benchmark process) during the run / queries answered. QPS per core = answered / server CPU seconds (= 1 / CPU per query). CPU used = the server's and dnsperf's CPU time (dnsperf's from its rusage) / dnsperf's lifetime (including its wait for the last timeouts), as a share of one core: dnsperf near 100% with the server well below means dnsperf was the limit. Core busy (all rounds table) = non-idle share of that core in /proc/stat during the run (includes softirq work not charged to any process, and anything else the machine ran there). Steal (all rounds table) = the share of the 50%-load run in which the hypervisor ran something else on that virtual core (/proc/stat `steal`): queries that arrive then wait.\n\
          - 50% load: `dnsperf -l {seconds} {perf_args} -v -Q <half that server's saturated QPS>`; p50/p99 from dnsperf's per-query latencies (`-v`: one line per answered query; nearest rank); lost = dnsperf's `Queries lost` (timeout 2 s).\n\
          - Memory (measured first, before the dnsperf runs, so that no freed heap is reused): {containers} namespaces (`lo` up) created; then RSS (/proc/self/status VmRSS), heap in use (mallinfo2), slab (/proc/meminfo) and /proc/net/sockstat read before and after attaching all of them to one `Resolver` with one shared `Arc<Records>`.\n\
          - Load average at start: {load_start} (the machine is shared; the benchmark and everything it starts run with {sched} so that other work disturbs less, the same for all servers).\n\n\
          Response codes at saturation, mixed queries: \n{}\n\n\
          {NOTES}\n\
          ## All rounds\n\n\
-         | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | -Q | QPS @50% | p50 ms | p99 ms | lost @50% | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
+         | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | -Q | QPS @50% | p50 ms | p99 ms | lost @50% | steal core {SERVER_CORE} / core {CLIENT_CORE} @50% | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
          Anchors from DESIGN.md (dnsperf, 2 cores, local names; earlier runs): aardvark-dns about 111k QPS per core, dnsmasq about 150k, unbound about 156k; Docker's resolver about 9k QPS.\n\n\
          Reproduce (root): `scripts/deps.sh && cargo run --release -p shoal-benches --bin dns_bench -- --seconds {seconds} --rounds {rounds} --containers {containers} --fifo {fifo}`\n",
         // Not available_parallelism(): this process is pinned to one core.
