@@ -615,6 +615,11 @@ impl Agent {
     /// port of such a flow would be sent there again (conntrack keeps an established entry
     /// for days and ignores a SYN that matches it).
     async fn clean_lost(&mut self, st: &ClusterState, errors: &mut Vec<String>) {
+        // Only on a picture that has this node alive: one without it (no liveness read
+        // yet) would take every task for lost.
+        if !st.alive.contains(&self.node_id) {
+            return;
+        }
         let lost = desired::lost_targets(st, &mut self.target_nodes);
         let new: std::collections::BTreeSet<_> =
             lost.difference(&self.lost_cleaned).copied().collect();
