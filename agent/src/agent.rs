@@ -638,21 +638,22 @@ impl Agent {
         }
         let targets = new.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let mut deleted = 0;
-            for ns in &namespaces {
-                deleted += shoal_lb::conntrack::delete_nated_to(ns, &targets)?;
-            }
-            Ok::<usize, shoal_lb::conntrack::CtError>(deleted)
+            namespaces.iter().try_fold(0, |n, ns| {
+                Ok::<usize, shoal_lb::conntrack::CtError>(
+                    n + shoal_lb::conntrack::delete_nated_to(ns, &targets)?,
+                )
+            })
         })
-        .await;
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match res {
-            Ok(Ok(deleted)) => {
+            Ok(deleted) => {
                 if deleted > 0 {
                     info!(targets = ?new, deleted, "deleted flows to the tasks of a node that is down");
                 }
                 self.lost_cleaned_done(st, lost);
             }
-            Ok(Err(e)) => errors.push(format!("deleting flows to a lost node: {e}")),
             Err(e) => errors.push(format!("deleting flows to a lost node: {e}")),
         }
     }

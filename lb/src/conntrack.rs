@@ -270,19 +270,24 @@ impl CtClient {
         }
     }
 
-    /// Lists, then deletes every entry `f` matches; returns how many this call deleted.
-    pub fn delete_matching(&mut self, f: &CtFilter) -> Result<usize, CtError> {
-        let matching: Vec<CtEntry> = self.list_where(|e| f.matches(e))?;
+    /// Lists (one dump), then deletes every entry `pick` accepts; returns how many this call
+    /// deleted (entries already gone are not counted).
+    pub fn delete_where(&mut self, pick: impl FnMut(&CtEntry) -> bool) -> Result<usize, CtError> {
         let mut deleted = 0;
-        for e in &matching {
-            if self.delete(e)? {
+        for e in self.list_where(pick)? {
+            if self.delete(&e)? {
                 deleted += 1;
             }
         }
+        Ok(deleted)
+    }
+
+    /// Deletes every entry `f` matches; returns how many this call deleted.
+    pub fn delete_matching(&mut self, f: &CtFilter) -> Result<usize, CtError> {
+        let deleted = self.delete_where(|e| f.matches(e))?;
         tracing::debug!(
             netns = %self.netns,
             filter = ?f,
-            matched = matching.len(),
             deleted,
             "deleted conntrack entries"
         );
@@ -319,14 +324,7 @@ pub fn delete_nated_to(
     if targets.is_empty() {
         return Ok(0);
     }
-    let mut ct = CtClient::open_in(netns)?;
-    let mut n = 0;
-    for e in ct.list_where(|e| nated_to(e, targets))? {
-        if ct.delete(&e)? {
-            n += 1;
-        }
-    }
-    Ok(n)
+    CtClient::open_in(netns)?.delete_where(|e| nated_to(e, targets))
 }
 
 /// Deletes the entries of namespace `netns` (`None`: the calling thread's) that `f` matches;

@@ -57,13 +57,16 @@ const NOTES: &str = r#"## Where the comparison is not apples to apples
 "#;
 
 static NS_COUNTER: AtomicUsize = AtomicUsize::new(0);
-/// `--seconds`, for [`dnsperf_limit`].
-static RUN_SECONDS: AtomicUsize = AtomicUsize::new(10);
 
-/// How long one dnsperf run may take: its `-l`, its 2 s timeout for the last queries, and a
-/// generous margin for a loaded machine.
-fn dnsperf_limit() -> Duration {
-    Duration::from_secs(RUN_SECONDS.load(Ordering::Relaxed) as u64 * 3 + 60)
+/// How long a dnsperf run with arguments `args` may take: three times its `-l` (10 s when
+/// absent), plus a minute for its last timeouts on a loaded machine.
+fn dnsperf_limit(args: &[String]) -> Duration {
+    let secs: u64 = args
+        .iter()
+        .position(|a| a == "-l")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(secs * 3 + 60)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -437,7 +440,7 @@ fn dnsperf(
     );
     let started = Instant::now();
     let (ok, stdout, stderr, client_cpu) =
-        run_with_rusage(cmd, &file.with_extension("out"), dnsperf_limit())
+        run_with_rusage(cmd, &file.with_extension("out"), dnsperf_limit(extra))
             .context("running dnsperf")?;
     let lifetime = started.elapsed().as_secs_f64();
     let (c1, s1, k1) = (
@@ -832,7 +835,6 @@ fn words(s: &str) -> Vec<String> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds", 10);
-    RUN_SECONDS.store(seconds as usize, Ordering::Relaxed);
     let rounds = arg(&args, "--rounds", 3).max(1);
     let containers = arg(&args, "--containers", 1000) as usize;
     // Half of the slowest server's saturation (aardvark-dns with missing names, ~17k here):

@@ -563,14 +563,7 @@ impl Syncer {
         }
         let ns = netns.to_string();
         tokio::task::spawn_blocking(move || {
-            let mut client = CtClient::open_in(&ns)?;
-            let mut n = 0;
-            for e in client.list_where(|e| filters.iter().any(|f| f.matches(e)))? {
-                if client.delete(&e)? {
-                    n += 1;
-                }
-            }
-            Ok::<usize, crate::conntrack::CtError>(n)
+            CtClient::open_in(&ns)?.delete_where(|e| filters.iter().any(|f| f.matches(e)))
         })
         .await
         .map_err(|e| LbError::Library(format!("conntrack clean-up in {netns:?}: {e}")))?
