@@ -231,14 +231,34 @@ impl Lab {
             "80",
         ])
         .ok();
-        self.wait_for(
+        let tasks = self.wait_for(
             &format!("{replicas} running {name} tasks"),
             std::time::Duration::from_secs(30),
             || {
                 let t = self.running_tasks(name);
                 (t.len() == replicas).then_some(t)
             },
-        )
+        );
+        // "running" is written once the process is started, which can be a few milliseconds
+        // before it listens (README, Gaps): wait until each one accepts on port 80.
+        let nodes = self.node_names();
+        for t in &tasks {
+            let node = &nodes[t["node_id"].as_str().unwrap()];
+            let id = t["id"].as_str().unwrap();
+            let ns = format!("shoal-{}-{node}-t-{}", self.name, &id[..12]);
+            self.wait_for(
+                &format!("{name}.{} to listen on port 80", t["slot"]),
+                std::time::Duration::from_secs(10),
+                || {
+                    shoal_netns::run_in(&ns, || {
+                        std::net::TcpStream::connect(("127.0.0.1", 80)).is_ok()
+                    })
+                    .unwrap_or(false)
+                    .then_some(())
+                },
+            );
+        }
+        tasks
     }
 
     /// `service create --name NAME --network NET --replicas N [EXTRA...] -- shoal whoami
