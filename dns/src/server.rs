@@ -259,7 +259,7 @@ async fn serve_udp(
                     let received = Instant::now();
                     let stats = &shared.stats;
                     let served = sock.try_io(Interest::READABLE, || {
-                        mmsg::serve_batch(fd, |query, peer, out| {
+                        let n = mmsg::serve_batch(fd, |query, peer, out| {
                             match shared.handler.handle(query, &view, Transport::Udp, out) {
                                 Outcome::Reply => {
                                     stats.answered(query, out, received.elapsed());
@@ -289,11 +289,20 @@ async fn serve_udp(
                                     mmsg::Action::None
                                 }
                             }
-                        })
+                        })?;
+                        if n < mmsg::BATCH {
+                            // A short batch emptied the queue (recvmmsg with MSG_DONTWAIT
+                            // stops early only there): tell tokio so, which clears the
+                            // readiness now, instead of one more recvmmsg that would return
+                            // EAGAIN. Safe against a datagram arriving meanwhile: its epoll
+                            // edge sets the readiness again (tokio clears only the readiness
+                            // it handed out).
+                            return Err(io::ErrorKind::WouldBlock.into());
+                        }
+                        Ok(n)
                     });
                     match served {
-                        Ok(n) if n == mmsg::BATCH => continue,
-                        Ok(_) => {}
+                        Ok(_) => continue,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => {
                             // A pending socket error is reported once; anything that
