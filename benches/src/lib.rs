@@ -1,5 +1,7 @@
 //! Shared pieces of the benchmark programs: percentiles and reports.
 
+pub mod dnsprobe;
+
 use std::path::PathBuf;
 use std::process::Command;
 

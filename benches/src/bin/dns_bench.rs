@@ -7,12 +7,19 @@
 //! ONE worker thread (the whole process is pinned to core 0). Per server:
 //! - saturation: dnsperf for `--seconds` (default 10) with many queries outstanding -> QPS;
 //!   server CPU (utime+stime of the server process from /proc/PID/stat) / answered queries;
-//! - 50% of that QPS (`dnsperf -Q`, `-v` per-query latencies) -> p50/p99 and lost queries;
+//! - 50% of that QPS, latency: this program's `--probe` mode (`shoal_benches::dnsprobe`),
+//!   which takes each answer's latency from the kernel's receive timestamp, so that the
+//!   client's own backlog does not count; the probes of all servers take turns in 100 ms
+//!   slices of one phase -> p50/p99 and lost queries;
+//! - 50% of that QPS as `dnsperf -v` reports it (its receive queue included), for
+//!   comparison only;
 //! - the same offered rate for all three (`--equal-qps`, default 8,000: half of the slowest
-//!   server's saturation) -> p50/p99 and lost queries, like for like.
+//!   server's saturation), probes taking turns -> p50/p99 and lost queries, like for like.
 //!
 //! Two query mixes (with 20% missing names, and existing names only), `--rounds` rounds with
 //! the servers interleaved; the report gives the median of each figure over the rounds.
+//! For experiments: `--only shoal-dns` (one server), `--half-qps N` (that rate instead of
+//! half the saturation).
 //!
 //! Then memory and attach time: 1,000 namespaces attached to ONE resolver sharing one
 //! `Records`; RSS, kernel socket memory and slab before/after, attach() p50/p99.
@@ -40,6 +47,12 @@ const SERVER_CORE: usize = 0;
 const CLIENT_CORE: usize = 1;
 /// Queries in the dnsperf input file (dnsperf loops over it).
 const QUERY_LINES: usize = 100_000;
+/// The probe wakes up at most this often (µs). At 20 µs, 90k QPS kept its core 93-95%
+/// busy (a wake-up per 2 queries) and, under SCHED_FIFO, the kernel's throttling of a
+/// saturated core stalled it for up to 50 ms; at 50 µs it used ~74% (bursts of <= 5).
+const PROBE_TICK_US: u64 = 50;
+/// The servers' probes take turns in slices of this many ms (see [`probe_turns`]).
+const PROBE_SLICE_MS: u64 = 100;
 const AARDVARK: &str = "/usr/lib/podman/aardvark-dns";
 
 /// Caveats written into the report (from reading the measured runs and aardvark-dns 1.4).
@@ -48,11 +61,14 @@ const NOTES: &str = r#"## Where the comparison is not apples to apples
 - dnsperf is the limit for shoal-dns (dnsperf at ~95% of its core, the server below 90%) and also for dnsmasq and for aardvark-dns on existing names: their saturated QPS is partly dnsperf's. Compare QPS per core (from CPU per query); only aardvark-dns with missing names is clearly server-bound.
 - The scopes differ: shoal-dns serves one view per namespace (the socket says which container asks); aardvark-dns finds the view from the requester's source address and merges the maps of its 3 networks per lookup; dnsmasq has one global hosts table and no per-container view at all.
 - aardvark-dns 1.4.0 (Debian 12) is old. On a miss it scans every name of the network linearly, allocating for each one, before answering NXDOMAIN; that is why missing names cost it ~6x more. Newer releases were rewritten; the anchor of about 111k QPS per core in DESIGN.md is not what 1.4.0 does here (about 78k on existing names).
-- Lost queries: at saturation and at 50% load dnsmasq and aardvark-dns drop some queries (their sockets' default receive buffers overflow in bursts); shoal-dns raises its buffer to 4 MiB and drops none, but queues: part of its higher p99 at 50% load is the queue that the others drop instead. Its 50% load is also 2x dnsmasq's and 4-9x aardvark-dns's in absolute QPS.
-- Like for like: at the same offered rate for all three (`--equal-qps`, default 8,000 = half of aardvark-dns's saturation with missing names), shoal-dns's p99 is no worse than either. Its own 50% point is 1.5-2x dnsmasq's and 2-8x aardvark-dns's offered rate, where dnsperf and the loopback softirq share the 2 cores with it; that is where its p99 is higher.
+- Latency is measured by the probe, not by dnsperf. At shoal-dns's 50% point (80-100k QPS) `dnsperf -v` uses ~95% of its core, and `ss` sampled during such a run showed up to ~500 answers (dnsperf's `-q` limit) waiting in dnsperf's own 16 sockets while the server's socket held 0-14 queries: dnsperf's p50 there (1-2.7 ms) is its own receive queue, since it stamps an answer after its `recv` and `fflush`es a line per answer. The probe takes the kernel's timestamp of the answer's arrival instead. The dnsperf column stays in the tables for comparison; it penalises whichever server has the highest 50% rate.
+- The probe's own cost matters for the same reason: woken every 20 µs it needed 93-95% of its core at 90k QPS, and under SCHED_FIFO the kernel's throttling of a saturated core then stalled it for up to 50 ms at a time. Woken at most every 50 µs (bursts of up to 5 queries at 100k QPS, single queries below 20k) it uses 60-80% at 50-100k QPS. "sends >1 ms late" in the all-rounds table counts the remaining client stalls; the queries sent late arrive as a burst, which every server then has to work off.
+- Turns: this machine has episodes of 10-100 ms in which every server's answers take 1-7 ms (other virtual machines on the host; visible as steal and as late probe sends). Measured one server after the other, one such episode in one server's run decides its p99. So the probes of all servers run in the same phase and take turns in 100 ms slices: the episodes fall on every server alike.
+- Lost queries: at saturation and at 50% load dnsmasq and aardvark-dns drop some queries (their sockets' default receive buffers overflow in bursts); shoal-dns raises its buffer to 4 MiB and drops none.
+- The same-rate table shows all servers at one offered rate (`--equal-qps`, default 8,000 = about half of aardvark-dns's saturation with missing names), where none of them is busy: it shows the cost of a wake-up and the machine's noise more than the servers.
 - CPU per query at 50% load is higher than at saturation for every server: fewer queries per wake-up (shoal-dns batches up to 32 per recvmmsg).
 - Answers differ in size and TTL: shoal-dns adds an SOA to NXDOMAIN, TTL 5; dnsmasq TTL 5 (`--local-ttl`), no SOA; aardvark-dns TTL 86400, no SOA.
-- The machine is shared with other work (load average in the table): runs are SCHED_FIFO and the servers interleaved, but rounds still vary by up to ~30%; the figures are medians of 3 rounds.
+- The machine is shared with other work (load average in the table): runs are SCHED_FIFO, the servers interleaved and the latency runs taken in turns, but rounds still vary by up to ~30% (saturation) and more (p99); the figures are medians of 3 rounds.
 - Memory: RSS and heap are the resolver's own cost per container (tasks, map entry, buffers); the kernel's per-container cost (two sockets, slab, about 8 KiB) is on top and measured machine-wide, so noisy. The namespaces themselves are not counted.
 "#;
 
@@ -394,6 +410,8 @@ struct Perf {
     client_steal: f64,
     latencies: Vec<Duration>,
     rcodes: String,
+    /// Probe runs: queries sent more than 100 µs behind schedule (the client's health).
+    late_sends: u64,
 }
 
 impl Perf {
@@ -420,6 +438,52 @@ fn field(text: &str, key: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// What a client run measured besides its own figures: the server's CPU, the client's
+/// CPU, and both cores' busy and steal ticks.
+struct Measured {
+    ok: bool,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    cpu: Duration,
+    client_cpu: Duration,
+    lifetime: f64,
+    server_ticks: ((u64, u64, u64), (u64, u64, u64)),
+    client_ticks: ((u64, u64, u64), (u64, u64, u64)),
+}
+
+/// Runs the client `cmd` to completion (output to `out`), measuring the server's CPU and
+/// both cores around it.
+fn measured_run(
+    server: &Server,
+    cmd: Command,
+    out: &Path,
+    limit: Duration,
+) -> anyhow::Result<Measured> {
+    let (c0, s0, k0) = (
+        proc_cpu(server.pid())?,
+        core_ticks(SERVER_CORE),
+        core_ticks(CLIENT_CORE),
+    );
+    let started = Instant::now();
+    let (ok, stdout, stderr, client_cpu) = run_with_rusage(cmd, out, limit)?;
+    let lifetime = started.elapsed().as_secs_f64();
+    let (c1, s1, k1) = (
+        proc_cpu(server.pid())?,
+        core_ticks(SERVER_CORE),
+        core_ticks(CLIENT_CORE),
+    );
+    Ok(Measured {
+        ok,
+        stdout,
+        stderr,
+        cpu: c1.saturating_sub(c0),
+        client_cpu,
+        lifetime,
+        server_ticks: (s0, s1),
+        client_ticks: (k0, k1),
+    })
+}
+
 /// Runs dnsperf on the client core inside `ns` against `server`, measuring the server's CPU.
 fn dnsperf(
     ns: &Netns,
@@ -433,27 +497,19 @@ fn dnsperf(
         .arg(file)
         .args(extra)
         .stdin(Stdio::null());
-    let (c0, s0, k0) = (
-        proc_cpu(server.pid())?,
-        core_ticks(SERVER_CORE),
-        core_ticks(CLIENT_CORE),
-    );
-    let started = Instant::now();
-    let (ok, stdout, stderr, client_cpu) =
-        run_with_rusage(cmd, &file.with_extension("out"), dnsperf_limit(extra))
-            .context("running dnsperf")?;
-    let lifetime = started.elapsed().as_secs_f64();
-    let (c1, s1, k1) = (
-        proc_cpu(server.pid())?,
-        core_ticks(SERVER_CORE),
-        core_ticks(CLIENT_CORE),
-    );
-    let text = String::from_utf8_lossy(&stdout);
+    let m = measured_run(
+        server,
+        cmd,
+        &file.with_extension("out"),
+        dnsperf_limit(extra),
+    )
+    .context("running dnsperf")?;
+    let text = String::from_utf8_lossy(&m.stdout);
     ensure!(
-        ok,
+        m.ok,
         "dnsperf failed: {}{}",
         text,
-        String::from_utf8_lossy(&stderr)
+        String::from_utf8_lossy(&m.stderr)
     );
     let num = |k: &str| -> anyhow::Result<u64> {
         field(&text, k)
@@ -479,16 +535,200 @@ fn dnsperf(
         qps: field(&text, "Queries per second:")
             .and_then(|v| v.parse().ok())
             .context("dnsperf QPS")?,
-        cpu: c1.saturating_sub(c0),
-        client_cpu,
-        lifetime,
-        server_busy: busy(s0, s1),
-        client_busy: busy(k0, k1),
-        server_steal: steal(s0, s1),
-        client_steal: steal(k0, k1),
+        cpu: m.cpu,
+        client_cpu: m.client_cpu,
+        lifetime: m.lifetime,
+        server_busy: busy(m.server_ticks.0, m.server_ticks.1),
+        client_busy: busy(m.client_ticks.0, m.client_ticks.1),
+        server_steal: steal(m.server_ticks.0, m.server_ticks.1),
+        client_steal: steal(m.client_ticks.0, m.client_ticks.1),
         latencies,
         rcodes: field_line(&text, "Response codes:"),
+        late_sends: 0,
     })
+}
+
+/// One probe (this program's `--probe` mode, see `shoal_benches::dnsprobe`) per target
+/// `(namespace, server, address, rate)`, all started together on the client core and
+/// taking turns in [`PROBE_SLICE_MS`] slices until each has sent for `seconds`: latencies
+/// from kernel receive timestamps, and whatever else the machine does meanwhile hits every
+/// server alike. Busy and steal are over the whole phase (all servers).
+fn probe_turns(
+    targets: &[(&Netns, &Server, Ipv4Addr, u64)],
+    file: &Path,
+    seconds: u64,
+) -> anyhow::Result<Vec<Perf>> {
+    let exe = std::env::current_exe()?;
+    // Time for every probe to start and read its queries before the first slice.
+    let start_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        + 1_500_000_000;
+    let n = targets.len();
+    let mut runs = Vec::new();
+    for (k, (ns, _, addr, rate)) in targets.iter().enumerate() {
+        let lat = file.with_extension(format!("probe{k}-lat"));
+        let out = file.with_extension(format!("probe{k}-out"));
+        let mut cmd = ns.exec(CLIENT_CORE, &exe.to_string_lossy());
+        cmd.args(["--probe", &format!("{addr}:53"), "--bind"])
+            .arg(client(1).to_string())
+            .args([
+                "--rate",
+                &rate.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ])
+            .arg("--queries")
+            .arg(file)
+            .arg("--latencies")
+            .arg(&lat)
+            .args(["--tick-us", &PROBE_TICK_US.to_string()])
+            .args(["--turn-start-ns", &start_ns.to_string()])
+            .args(["--slice-ms", &PROBE_SLICE_MS.to_string()])
+            .args(["--turn", &k.to_string(), "--turns", &n.to_string()])
+            .stdin(Stdio::null());
+        runs.push((cmd, out, lat));
+    }
+    let limit = Duration::from_secs(seconds * n as u64 * 3 + 60);
+    let c0: Vec<Duration> = targets
+        .iter()
+        .map(|t| proc_cpu(t.1.pid()))
+        .collect::<anyhow::Result<_>>()?;
+    let (s0, k0) = (core_ticks(SERVER_CORE), core_ticks(CLIENT_CORE));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|(cmd, out, lat)| scope.spawn(move || (run_with_rusage(cmd, &out, limit), lat)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread"))
+            .collect()
+    });
+    let (s1, k1) = (core_ticks(SERVER_CORE), core_ticks(CLIENT_CORE));
+    let mut perfs = Vec::new();
+    for (k, (result, lat_file)) in results.into_iter().enumerate() {
+        let (ok, stdout, stderr, client_cpu) = result.context("running the probe")?;
+        let text = String::from_utf8_lossy(&stdout);
+        ensure!(
+            ok,
+            "probe failed: {}{}",
+            text,
+            String::from_utf8_lossy(&stderr)
+        );
+        let num = |key: &str| -> anyhow::Result<u64> {
+            field(&text, key)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("probe output without {key:?}:\n{text}"))
+        };
+        let raw = std::fs::read(&lat_file)?;
+        let latencies: Vec<Duration> = raw
+            .chunks_exact(8)
+            .map(|c| Duration::from_nanos(u64::from_le_bytes(c.try_into().unwrap_or_default())))
+            .collect();
+        let completed = num("answered:")?;
+        perfs.push(Perf {
+            completed,
+            sent: num("sent:")?,
+            lost: num("lost:")?,
+            qps: completed as f64 / seconds.max(1) as f64,
+            cpu: proc_cpu(targets[k].1.pid())?.saturating_sub(c0[k]),
+            client_cpu,
+            // Its active time: the share is of the time it was sending.
+            lifetime: seconds as f64,
+            server_busy: busy(s0, s1),
+            client_busy: busy(k0, k1),
+            server_steal: steal(s0, s1),
+            client_steal: steal(k0, k1),
+            latencies,
+            rcodes: field_line(&text, "slow_windows:"),
+            late_sends: num("late_sends:")?,
+        });
+    }
+    Ok(perfs)
+}
+
+/// `--probe ADDR:PORT --bind IP --rate N --seconds S --queries FILE --latencies OUT`: the
+/// client side of [`probe`], run as its own process like dnsperf. Prints its counters and
+/// writes the sorted latencies (ns, u64 little-endian) to OUT.
+fn probe_main(args: &[String]) -> anyhow::Result<()> {
+    use shoal_benches::dnsprobe;
+    let text = |name: &str| -> anyhow::Result<String> {
+        let i = args
+            .iter()
+            .position(|a| a == name)
+            .with_context(|| format!("--probe needs {name}"))?;
+        args.get(i + 1)
+            .cloned()
+            .with_context(|| format!("{name} needs a value"))
+    };
+    let server: std::net::SocketAddrV4 = text("--probe")?.parse().context("--probe ADDR:PORT")?;
+    let bind: Ipv4Addr = text("--bind")?.parse().context("--bind")?;
+    let rate: u64 = text("--rate")?.parse().context("--rate")?;
+    let seconds: u64 = text("--seconds")?.parse().context("--seconds")?;
+    let mut queries = Vec::new();
+    for line in std::fs::read_to_string(text("--queries")?)?.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        // The same query dnsperf builds from the line: type A, recursion desired.
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+        queries.push(m.to_vec()?);
+    }
+    let out = dnsprobe::run(
+        &queries,
+        &dnsprobe::ProbeConfig {
+            bind,
+            server,
+            rate,
+            duration: Duration::from_secs(seconds),
+            timeout: Duration::from_secs(2),
+            tick: Duration::from_micros(arg(args, "--tick-us", PROBE_TICK_US)),
+            turns: match arg(args, "--turn-start-ns", 0u64) {
+                0 => None,
+                start_ns => Some(dnsprobe::Turns {
+                    start_ns,
+                    slice: Duration::from_millis(arg(args, "--slice-ms", 500)),
+                    turn: arg(args, "--turn", 0),
+                    turns: arg(args, "--turns", 1),
+                }),
+            },
+        },
+    )?;
+    let mut raw = Vec::with_capacity(out.latencies.len() * 8);
+    for l in &out.latencies {
+        raw.extend_from_slice(&(l.as_nanos() as u64).to_le_bytes());
+    }
+    std::fs::write(text("--latencies")?, raw)?;
+    println!(
+        "sent: {}\nanswered: {}\nlost: {}\nunexpected: {}\nlate_sends: {}\nmax_send_lag_us: {}",
+        out.sent,
+        out.answered,
+        out.lost,
+        out.unexpected,
+        out.late_sends,
+        out.max_send_lag.as_micros()
+    );
+    // When the slow answers happened: 10 ms windows with answers over 1 ms.
+    let mut windows: Vec<(u64, usize, Duration)> = Vec::new();
+    for &(at, lat) in &out.slow {
+        let w = at / 10_000_000;
+        match windows.last_mut() {
+            Some(last) if last.0 == w => {
+                last.1 += 1;
+                last.2 = last.2.max(lat);
+            }
+            _ => windows.push((w, 1, lat)),
+        }
+    }
+    let shown: Vec<String> = windows
+        .iter()
+        .map(|(w, n, max)| format!("{}ms:{n}x<={:.1}ms", w * 10, max.as_secs_f64() * 1e3))
+        .collect();
+    println!("slow_windows: {} {}", windows.len(), shown.join(" "));
+    Ok(())
 }
 
 /// Runs `cmd` to completion with its stdout and stderr going to files next to `out` (not
@@ -500,7 +740,8 @@ fn run_with_rusage(
     out: &Path,
     limit: Duration,
 ) -> anyhow::Result<(bool, Vec<u8>, Vec<u8>, Duration)> {
-    let err = out.with_extension("err");
+    // Next to `out` and as unique (runs may go on in parallel).
+    let err = PathBuf::from(format!("{}.err", out.display()));
     cmd.stdout(std::fs::File::create(out)?)
         .stderr(std::fs::File::create(&err)?);
     let child = cmd.spawn()?;
@@ -723,7 +964,10 @@ struct Row {
     mix: usize,
     round: u64,
     sat: Perf,
+    /// 50% load, measured by the probe (kernel timestamps).
     half: Perf,
+    /// 50% load, measured by dnsperf -v (its own receive queue included).
+    half_dnsperf: Perf,
     /// The same offered rate for every server (`--equal-qps`).
     equal: Perf,
     target_qps: u64,
@@ -742,6 +986,10 @@ struct Summary {
     lost: u64,
     sent: u64,
     us_half: f64,
+    dp_p50: f64,
+    dp_p99: f64,
+    dp_client: f64,
+    probe_client: f64,
     rcodes: String,
     eq_p50: f64,
     eq_p99: f64,
@@ -834,12 +1082,21 @@ fn words(s: &str) -> Vec<String> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "--probe") {
+        return probe_main(&args);
+    }
     let seconds = arg(&args, "--seconds", 10);
     let rounds = arg(&args, "--rounds", 3).max(1);
     let containers = arg(&args, "--containers", 1000) as usize;
     // Half of the slowest server's saturation (aardvark-dns with missing names, ~17k here):
     // every server answers the same offered rate, so their latencies compare like for like.
     let equal_qps = arg(&args, "--equal-qps", 8000);
+    // For experiments: one server only, and/or a fixed rate instead of half the saturation.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let half_qps = arg(&args, "--half-qps", 0);
     ensure!(
         std::path::Path::new(AARDVARK).exists(),
         "{AARDVARK} missing: apt-get install aardvark-dns"
@@ -947,7 +1204,13 @@ fn main() -> anyhow::Result<()> {
     let load_start = loadavg();
     // Rounds interleave the servers, so that load from elsewhere on the machine hits all.
     for round in 1..=rounds {
+        // Every server of the round runs, each in its own namespace, for the whole round:
+        // saturation one after the other, the latency runs taking turns (`probe_turns`).
+        let mut live = Vec::new();
         for server_name in SERVERS {
+            if only.as_ref().is_some_and(|o| o != server_name) {
+                continue;
+            }
             let ns = Netns::new("s")?.with_addresses()?;
             let (server, addr) = start_server(server_name, &ns, &rt, &resolver, &records, &tmp.0)?;
             let SocketAddr::V4(a4) = addr else {
@@ -956,30 +1219,57 @@ fn main() -> anyhow::Result<()> {
             wait_ready(&ns.name, addr)?;
             checked = check_all(&ns.name, addr, &entries)
                 .with_context(|| format!("{server_name} answers differ"))?;
-            for (mix, (label, file, _)) in MIXES.iter().enumerate() {
-                let qfile = tmp.0.join(file);
+            live.push((server_name, ns, server, *a4.ip()));
+        }
+        for (mix, (label, file, _)) in MIXES.iter().enumerate() {
+            let qfile = tmp.0.join(file);
+            let mut per_server = Vec::new();
+            for (server_name, ns, server, addr) in &live {
                 let load = loadavg();
-                let sat = dnsperf(&ns, &server, *a4.ip(), &qfile, &sat_args)?;
-                let target_qps = (sat.qps / 2.0) as u64;
+                let sat = dnsperf(ns, server, *addr, &qfile, &sat_args)?;
+                let target_qps = if half_qps > 0 {
+                    half_qps
+                } else {
+                    (sat.qps / 2.0) as u64
+                };
                 let half_args = words(&format!("-l {seconds} {perf_args} -v -Q {target_qps}"));
-                let half = dnsperf(&ns, &server, *a4.ip(), &qfile, &half_args)?;
-                let eq_args = words(&format!("-l {seconds} {perf_args} -v -Q {equal_qps}"));
-                let equal = dnsperf(&ns, &server, *a4.ip(), &qfile, &eq_args)?;
+                let half_dnsperf = dnsperf(ns, server, *addr, &qfile, &half_args)?;
                 println!(
-                    "round {round} {server_name} [{label}]: @{equal_qps} (all servers): p50 {} ms p99 {} ms lost {}",
-                    ms3(quantile(&equal.latencies, 0.5)),
-                    ms3(quantile(&equal.latencies, 0.99)),
-                    equal.lost,
-                );
-                println!(
-                    "round {round} {server_name} [{label}]: {:.0} QPS, {:.2} µs CPU/query, CPU server {:.0}% dnsperf {:.0}%; @{target_qps}: p50 {} ms p99 {} ms lost {} (load {load})",
+                    "round {round} {server_name} [{label}]: {:.0} QPS, {:.2} µs CPU/query, CPU server {:.0}% dnsperf {:.0}%; dnsperf -v @{target_qps}: p50 {} ms p99 {} ms lost {} (dnsperf CPU {:.0}%) (load {load})",
                     sat.qps,
                     sat.us_per_query(),
                     sat.server_share() * 100.0,
                     sat.client_share() * 100.0,
+                    ms3(quantile(&half_dnsperf.latencies, 0.5)),
+                    ms3(quantile(&half_dnsperf.latencies, 0.99)),
+                    half_dnsperf.lost,
+                    half_dnsperf.client_share() * 100.0,
+                );
+                per_server.push((sat, half_dnsperf, target_qps, load));
+            }
+            let at = |rate: &dyn Fn(usize) -> u64| -> Vec<(&Netns, &Server, Ipv4Addr, u64)> {
+                live.iter()
+                    .enumerate()
+                    .map(|(k, (_, ns, server, addr))| (ns, server, *addr, rate(k)))
+                    .collect()
+            };
+            let halves = probe_turns(&at(&|k| per_server[k].2), &qfile, seconds)?;
+            let equals = probe_turns(&at(&|_| equal_qps), &qfile, seconds)?;
+            for (((server_name, ..), (sat, half_dnsperf, target_qps, load)), (half, equal)) in live
+                .iter()
+                .zip(per_server)
+                .zip(halves.into_iter().zip(equals))
+            {
+                println!(
+                    "round {round} {server_name} [{label}]: probe @{target_qps}: p50 {} ms p99 {} ms lost {} (client CPU {:.0}%, {} sends >1 ms late); @{equal_qps} (all servers): p50 {} ms p99 {} ms lost {}",
                     ms3(quantile(&half.latencies, 0.5)),
                     ms3(quantile(&half.latencies, 0.99)),
                     half.lost,
+                    half.client_share() * 100.0,
+                    half.late_sends,
+                    ms3(quantile(&equal.latencies, 0.5)),
+                    ms3(quantile(&equal.latencies, 0.99)),
+                    equal.lost,
                 );
                 rows.push(Row {
                     server: server_name,
@@ -987,14 +1277,18 @@ fn main() -> anyhow::Result<()> {
                     round,
                     sat,
                     half,
+                    half_dnsperf,
                     equal,
                     target_qps,
                     load,
                 });
             }
-            if server_name == "shoal-dns" {
-                rt.block_on(resolver.detach("bench"));
-            }
+        }
+        if live.iter().any(|l| l.0 == "shoal-dns") {
+            rt.block_on(resolver.detach("bench"));
+        }
+        // Servers before their namespaces.
+        for (_, ns, server, _) in live {
             drop(server);
             drop(ns);
         }
@@ -1015,9 +1309,19 @@ fn main() -> anyhow::Result<()> {
             client_share: med(&|r| r.sat.client_share()),
             p50: med(&|r| quantile(&r.half.latencies, 0.5).as_secs_f64() * 1000.0),
             p99: med(&|r| quantile(&r.half.latencies, 0.99).as_secs_f64() * 1000.0),
-            lost: rs.iter().map(|r| r.half.lost).sum(),
-            sent: rs.iter().map(|r| r.half.sent).sum(),
+            lost: rs
+                .iter()
+                .map(|r| r.half.lost + r.half_dnsperf.lost + r.equal.lost)
+                .sum(),
+            sent: rs
+                .iter()
+                .map(|r| r.half.sent + r.half_dnsperf.sent + r.equal.sent)
+                .sum(),
             us_half: med(&|r| r.half.us_per_query()),
+            dp_p50: med(&|r| quantile(&r.half_dnsperf.latencies, 0.5).as_secs_f64() * 1000.0),
+            dp_p99: med(&|r| quantile(&r.half_dnsperf.latencies, 0.99).as_secs_f64() * 1000.0),
+            dp_client: med(&|r| r.half_dnsperf.client_share()),
+            probe_client: med(&|r| r.half.client_share()),
             rcodes: rs.first().map(|r| r.sat.rcodes.clone()).unwrap_or_default(),
             eq_p50: med(&|r| quantile(&r.equal.latencies, 0.5).as_secs_f64() * 1000.0),
             eq_p99: med(&|r| quantile(&r.equal.latencies, 0.99).as_secs_f64() * 1000.0),
@@ -1028,12 +1332,12 @@ fn main() -> anyhow::Result<()> {
     let mut tables = String::new();
     for (mix, (label, _, _)) in MIXES.iter().enumerate() {
         tables.push_str(&format!(
-            "\n### {label}\n\n| server | QPS (saturated) | QPS per core | µs CPU/query | CPU used: server / dnsperf | p50 ms @50% | p99 ms @50% | lost @50% (all rounds) | µs CPU/query @50% |\n|---|---|---|---|---|---|---|---|---|\n"
+            "\n### {label}\n\n| server | QPS (saturated) | QPS per core | µs CPU/query | CPU used: server / dnsperf | p50 ms @50% | p99 ms @50% | µs CPU/query @50% | probe CPU @50% | dnsperf -v @50%: p50 / p99 ms, its CPU | lost below saturation (all runs) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
         ));
         for s in SERVERS {
             let r = summary(s, mix);
             tables.push_str(&format!(
-                "| {s} | {:.0} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.3} | {:.3} | {} of {} | {:.2} |\n",
+                "| {s} | {:.0} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.3} | {:.3} | {:.2} | {:.0}% | {:.3} / {:.3}, {:.0}% | {} of {} |\n",
                 r.qps,
                 r.qps_per_core,
                 r.us,
@@ -1041,9 +1345,13 @@ fn main() -> anyhow::Result<()> {
                 r.client_share * 100.0,
                 r.p50,
                 r.p99,
+                r.us_half,
+                r.probe_client * 100.0,
+                r.dp_p50,
+                r.dp_p99,
+                r.dp_client * 100.0,
                 r.lost,
                 r.sent,
-                r.us_half,
             ));
         }
     }
@@ -1128,7 +1436,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "| {} | {} | {} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {} sent, {} lost | {} | {:.0} | {} | {} | {} | {:.1}% / {:.1}% | {} |",
+                "| {} | {} | {} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {} sent, {} lost | {} | {:.0} | {} | {} | {} | {:.0}% / {:.0}%, {} | {:.1}% / {:.1}% | {} / {}, {:.0}% | {} |",
                 r.round,
                 r.server,
                 MIXES[r.mix].0,
@@ -1145,8 +1453,14 @@ fn main() -> anyhow::Result<()> {
                 ms3(quantile(&r.half.latencies, 0.5)),
                 ms3(quantile(&r.half.latencies, 0.99)),
                 r.half.lost,
+                r.half.server_busy * 100.0,
+                r.half.client_busy * 100.0,
+                r.half.late_sends,
                 r.half.server_steal * 100.0,
                 r.half.client_steal * 100.0,
+                ms3(quantile(&r.half_dnsperf.latencies, 0.5)),
+                ms3(quantile(&r.half_dnsperf.latencies, 0.99)),
+                r.half_dnsperf.client_share() * 100.0,
                 r.load,
             )
         })
@@ -1164,20 +1478,21 @@ fn main() -> anyhow::Result<()> {
          {rounds} rounds of {seconds} s runs, servers interleaved; each figure is the median over the rounds (lost queries: the sum), every round is listed below.\n\
          {tables}\n{mem_lines}\n\n## Targets\n\n{targets}\n\
          ## How\n\n\
-         - Each server in a fresh network namespace `shoal-b-dns-PID-sN` (only `lo` up, with 10.k.0.1 and 10.k.0.2 on it, no route out), dnsperf in the same namespace: no packet leaves it.\n\
+         - Each server in a fresh network namespace `shoal-b-dns-PID-sN` (only `lo` up, with 10.k.0.1 and 10.k.0.2 on it, no route out), dnsperf and the probe in the same namespace: no packet leaves it. In each round all servers run side by side (idle unless asked), each in its own namespace.\n\
          - Server pinned to core {SERVER_CORE}, dnsperf (one sender and one receiver thread, `-T 1`) to core {CLIENT_CORE}: `ip netns exec NS taskset -c {CLIENT_CORE} dnsperf -s ADDR -a 10.1.0.2 -d QUERIES ...`.\n\
          - shoal-dns: this benchmark process, pinned to core {SERVER_CORE}, `Resolver::attach` on a tokio runtime with ONE worker thread, listening on 127.0.0.11:53; `Records` with forwarding off, no upstreams.\n\
          - aardvark-dns ({}): `AARDVARK_NO_PROXY=1 taskset -c {SERVER_CORE} aardvark-dns --config DIR -p 53 run`, one config file per network (`net1..3`: first line the listening address 10.k.0.1, then `ID IPV4  NAME` lines, one per address); it answers by the requester's address, so the client 10.1.0.2 is a container on all three networks. dnsperf asks 10.1.0.1. UDP only (1.4 has no TCP). `AARDVARK_NO_PROXY`: a missing name is NXDOMAIN, never forwarded.\n\
          - dnsmasq ({}): `taskset -c {SERVER_CORE} dnsmasq {} --listen-address=10.1.0.1 --addn-hosts=HOSTS` (one `IP NAME` line per address). `--local=/#/`: missing names are NXDOMAIN, never forwarded.\n\
          - Before measuring, every name is asked once from 10.1.0.2 and must get exactly its addresses ({checked} checks per server per round, including 200 missing names that must get NXDOMAIN).\n\
          - Saturation: `dnsperf -l {seconds} {perf_args}` -> QPS = dnsperf's `Queries per second`. CPU per query = the server process's utime+stime (/proc/PID/stat; for shoal-dns the whole benchmark process) during the run / queries answered. QPS per core = answered / server CPU seconds (= 1 / CPU per query). CPU used = the server's and dnsperf's CPU time (dnsperf's from its rusage) / dnsperf's lifetime (including its wait for the last timeouts), as a share of one core: dnsperf near 100% with the server well below means dnsperf was the limit. Core busy (all rounds table) = non-idle share of that core in /proc/stat during the run (includes softirq work not charged to any process, and anything else the machine ran there). Steal (all rounds table) = the share of the 50%-load run in which the hypervisor ran something else on that virtual core (/proc/stat `steal`): queries that arrive then wait.\n\
-         - 50% load: `dnsperf -l {seconds} {perf_args} -v -Q <half that server's saturated QPS>`; p50/p99 from dnsperf's per-query latencies (`-v`: one line per answered query; nearest rank); lost = dnsperf's `Queries lost` (timeout 2 s).\n\
+         - 50% load, latency: half that server's saturated QPS for {seconds} s, sent by the probe (`dns_bench --probe`, `shoal_benches::dnsprobe`: the same queries from the same file and address 10.1.0.2, one connected UDP socket, open loop on a fixed schedule, woken at most every {PROBE_TICK_US} µs to send what is due in one `sendmmsg`, answers drained with `recvmmsg`), pinned to core {CLIENT_CORE} like dnsperf. An answer's latency = the kernel's receive timestamp of the answer (`SO_TIMESTAMPNS`; on loopback taken when the server hands it to `lo`) - the clock read just before its query was sent; p50/p99 nearest rank; lost = never answered within 2 s. The same probe at {equal_qps} QPS gives the same-rate table. Probe CPU = its CPU time / its lifetime; \"sends >1 ms late\" counts queries the probe itself sent more than 1 ms behind schedule (a stalled client core), which would show as the server's latency.\n\
+         - 50% load, as dnsperf sees it: `dnsperf -l {seconds} {perf_args} -v -Q <the same rate>`; p50/p99 from dnsperf's per-query lines. dnsperf stamps an answer after its own `recv` and `fflush`es one line per answer, so when its one receive thread falls behind, the wait in its own sockets counts as latency (see below). Shown for comparison, not used for the target.\n\
          - Memory (measured first, before the dnsperf runs, so that no freed heap is reused): {containers} namespaces (`lo` up) created; then RSS (/proc/self/status VmRSS), heap in use (mallinfo2), slab (/proc/meminfo) and /proc/net/sockstat read before and after attaching all of them to one `Resolver` with one shared `Arc<Records>`.\n\
          - Load average at start: {load_start} (the machine is shared; the benchmark and everything it starts run with {sched} so that other work disturbs less, the same for all servers).\n\n\
          Response codes at saturation, mixed queries: \n{}\n\n\
          {NOTES}\n\
          ## All rounds\n\n\
-         | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | -Q | QPS @50% | p50 ms | p99 ms | lost @50% | steal core {SERVER_CORE} / core {CLIENT_CORE} @50% | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
+         | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | 50% rate | QPS @50% | p50 ms | p99 ms | lost @50% | core {SERVER_CORE} / core {CLIENT_CORE} busy @50%, probe sends >1 ms late | steal core {SERVER_CORE} / core {CLIENT_CORE} @50% | dnsperf -v @50%: p50 / p99 ms, its CPU | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
          Anchors from DESIGN.md (dnsperf, 2 cores, local names; earlier runs): aardvark-dns about 111k QPS per core, dnsmasq about 150k, unbound about 156k; Docker's resolver about 9k QPS.\n\n\
          Reproduce (root): `scripts/deps.sh && cargo run --release -p shoal-benches --bin dns_bench -- --seconds {seconds} --rounds {rounds} --containers {containers} --fifo {fifo}`\n",
         // Not available_parallelism(): this process is pinned to one core.
