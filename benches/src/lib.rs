@@ -36,6 +36,165 @@ pub fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     }
 }
 
+/// Stops the program unless every argument is one of `flags` (each followed by its value):
+/// `--help` prints `usage` and exits 0; anything else unknown is named, with the usage, and
+/// exits 2 before anything is created.
+pub fn check_flags(args: &[String], flags: &[&str], usage: &str) {
+    if args.iter().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("{usage}");
+        std::process::exit(0);
+    }
+    if let Some(e) = flag_error(args, flags) {
+        eprintln!("{e}\n{usage}");
+        std::process::exit(2);
+    }
+}
+
+/// What is wrong with the command line `args` (program name first), if anything.
+pub fn flag_error(args: &[String], flags: &[&str]) -> Option<String> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if !flags.contains(&a) {
+            return Some(format!("unknown argument {a:?}"));
+        }
+        if args.get(i + 1).is_none() {
+            return Some(format!("{a} needs a value"));
+        }
+        i += 2;
+    }
+    None
+}
+
+/// What a benchmark would leave behind if a signal stopped it: its namespaces (by name
+/// prefix, with whatever runs in them), a lab, a directory.
+pub enum Leftover {
+    Netns(String),
+    Lab(String),
+    Dir(PathBuf),
+}
+
+/// Held while a namespace is being created; the signal handler takes it exclusively, so no
+/// namespace appears after its sweep.
+static CREATING: std::sync::RwLock<bool> = std::sync::RwLock::new(false);
+
+/// Set when a signal is being handled.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Registered with `atexit`: while a signal is being handled, the main thread (which may fail
+/// because its namespaces vanish) must not end the process before the clean-up has; it waits
+/// here until the clean-up thread's `_exit`.
+extern "C" fn wait_for_clean_up() {
+    while STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `create` (which makes a namespace) unless a signal is being handled; then it fails.
+pub fn creating<T>(create: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let stopping = CREATING.read().unwrap_or_else(|e| e.into_inner());
+    if *stopping {
+        bail!("stopping: a signal arrived");
+    }
+    create()
+}
+
+/// The write end of the pipe from the signal handler to the clean-up thread.
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The signal handler: only hands the signal number to the clean-up thread (write(2) is
+/// async-signal-safe).
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::SeqCst);
+    let b = sig as u8;
+    // SAFETY: writes one byte from a live local to a pipe this program opened.
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+}
+
+/// SIGINT, SIGTERM or SIGHUP: remove `leftovers` and exit with 128 + the signal, instead of
+/// dying with namespaces and servers left behind (the guards' `Drop` does not run then).
+/// A handler passes the signal to a thread through a pipe (the self-pipe pattern; the
+/// signal-hook crate does the same, not worth a dependency for this); blocking the signals
+/// instead would pass the blocked mask on to every server and dnsperf started later (std's
+/// Command does not reset it). A signal the caller ignores (`nohup`, a background job's
+/// SIGINT) stays ignored. The process exits with `_exit` once the clean-up is done, even if
+/// the main thread fails or returns meanwhile.
+pub fn clean_up_on_signal(leftovers: Vec<Leftover>) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!(
+            "no clean-up on signals: pipe2: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    SIGNAL_PIPE.store(fds[1], std::sync::atomic::Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaction structs are plain data, zeroed then filled; the handler only
+        // calls write(2).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            if old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            act.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: registers a plain function.
+    unsafe { libc::atexit(wait_for_clean_up) };
+    let read_fd = fds[0];
+    std::thread::spawn(move || {
+        let mut b = 0u8;
+        // SAFETY: reads one byte into a live local from the pipe opened above.
+        while unsafe { libc::read(read_fd, (&mut b as *mut u8).cast(), 1) } != 1 {}
+        let sig = b as i32;
+        STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("signal {sig}: cleaning up");
+        let mut stopping = CREATING.write().unwrap_or_else(|e| e.into_inner());
+        *stopping = true;
+        for l in &leftovers {
+            match l {
+                Leftover::Netns(prefix) => {
+                    for name in shoal_netns::list().unwrap_or_default() {
+                        if !name.starts_with(prefix.as_str()) {
+                            continue;
+                        }
+                        for pid in shoal_netns::pids(&name).unwrap_or_default() {
+                            if pid as u32 != std::process::id() {
+                                // SAFETY: plain syscall on a process inside a namespace
+                                // that this program created.
+                                unsafe { libc::kill(pid, libc::SIGKILL) };
+                            }
+                        }
+                        if let Err(e) = shoal_netns::delete(&name) {
+                            eprintln!("deleting namespace {name}: {e}");
+                        }
+                    }
+                }
+                Leftover::Lab(name) => match shoal_bin() {
+                    Ok(bin) => drop(LabGuard {
+                        bin,
+                        name: name.clone(),
+                    }),
+                    Err(e) => eprintln!("lab {name} left up: {e}"),
+                },
+                Leftover::Dir(dir) => {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+        }
+        // _exit: the main thread may be waiting in `wait_for_clean_up` inside exit().
+        // SAFETY: ends the process; nothing is left to run.
+        unsafe { libc::_exit(128 + sig) };
+    });
+}
+
 /// Median (mean of the middle two for an even count); 0 for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -127,6 +286,35 @@ pub fn lab_up(bin: &std::path::Path, name: &str, nodes: u32) -> anyhow::Result<L
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_are_checked() {
+        let argv = |v: &[&str]| -> Vec<String> {
+            std::iter::once("bench")
+                .chain(v.iter().copied())
+                .map(String::from)
+                .collect()
+        };
+        let flags = ["--rounds", "--seconds"];
+        assert_eq!(flag_error(&argv(&[]), &flags), None);
+        assert_eq!(
+            flag_error(&argv(&["--rounds", "3", "--seconds", "2"]), &flags),
+            None
+        );
+        assert_eq!(
+            flag_error(&argv(&["--round", "3"]), &flags).as_deref(),
+            Some("unknown argument \"--round\"")
+        );
+        assert_eq!(
+            flag_error(&argv(&["--rounds", "3", "--seconds"]), &flags).as_deref(),
+            Some("--seconds needs a value")
+        );
+        // A stray value is named.
+        assert_eq!(
+            flag_error(&argv(&["3"]), &flags).as_deref(),
+            Some("unknown argument \"3\"")
+        );
+    }
 
     #[test]
     fn quantiles_use_nearest_rank() {

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use shoal_benches::{arg, median, quantile, write_report};
+use shoal_benches::{
+    Leftover, arg, check_flags, clean_up_on_signal, creating, median, quantile, write_report,
+};
 use shoal_dns::{DnsConfig, Records, Resolver};
 
 const SERVICES: u32 = 1000;
@@ -245,7 +247,7 @@ impl Netns {
             std::process::id(),
             NS_COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        shoal_netns::create(&name).with_context(|| format!("creating {name}"))?;
+        creating(|| shoal_netns::create(&name).with_context(|| format!("creating {name}")))?;
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
@@ -1076,6 +1078,19 @@ const DNSMASQ_ARGS: [&str; 10] = [
     "--port=53",
 ];
 
+const USAGE: &str = "\
+usage: dns_bench [--seconds N] [--rounds N] [--containers N] [--equal-qps QPS] [--fifo PRIO]
+                 [--only shoal-dns|aardvark-dns|dnsmasq] [--half-qps QPS]
+Shoal's resolver vs aardvark-dns vs dnsmasq (root; see benches/reports/dns.md, How).
+  --seconds N       length of each dnsperf and probe run (default 10)
+  --rounds N        rounds, servers interleaved; figures are medians (default 3)
+  --containers N    containers attached for the memory figure (default 1000)
+  --equal-qps QPS   the rate offered to every server for the same-rate table (default 8000)
+  --fifo PRIO       SCHED_FIFO priority for the benchmark and what it starts; 0 = off
+  --only SERVER     one server only (an experiment; no comparison)
+  --half-qps QPS    a fixed rate instead of half the saturated QPS (an experiment)
+Writes benches/reports/dns.md (or $SHOAL_REPORT_DIR/dns.md).";
+
 fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(String::from).collect()
 }
@@ -1085,6 +1100,24 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).is_some_and(|a| a == "--probe") {
         return probe_main(&args);
     }
+    check_flags(
+        &args,
+        &[
+            "--seconds",
+            "--rounds",
+            "--containers",
+            "--equal-qps",
+            "--fifo",
+            "--only",
+            "--half-qps",
+        ],
+        USAGE,
+    );
+    let pid = std::process::id();
+    clean_up_on_signal(vec![
+        Leftover::Netns(format!("shoal-b-dns-{pid}-")),
+        Leftover::Dir(std::env::temp_dir().join(format!("shoal-b-dns-{pid}"))),
+    ]);
     let seconds = arg(&args, "--seconds", 10);
     let rounds = arg(&args, "--rounds", 3).max(1);
     let containers = arg(&args, "--containers", 1000) as usize;
@@ -1096,6 +1129,13 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
+    if let Some(o) = &only {
+        ensure!(
+            SERVERS.contains(&o.as_str()),
+            "--only {o:?}: not one of {}",
+            SERVERS.join(", ")
+        );
+    }
     let half_qps = arg(&args, "--half-qps", 0);
     ensure!(
         std::path::Path::new(AARDVARK).exists(),

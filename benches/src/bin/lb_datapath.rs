@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_benches::{arg, median, quantile, write_report};
+use shoal_benches::{
+    Leftover, arg, check_flags, clean_up_on_signal, creating, median, quantile, write_report,
+};
 use shoal_lb::{Protocol, Ruleset, VirtualService};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -65,7 +67,9 @@ impl Drop for Lab {
 impl Lab {
     fn ns(&mut self, role: &str) -> anyhow::Result<String> {
         let name = format!("shoal-b-lbd-{}-{role}", std::process::id());
-        shoal_netns::create(&name).with_context(|| format!("creating {name} (root needed)"))?;
+        creating(|| {
+            shoal_netns::create(&name).with_context(|| format!("creating {name} (root needed)"))
+        })?;
         self.names.push(name.clone());
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
         Ok(name)
@@ -182,6 +186,15 @@ fn run(client: &str, targets: &[SocketAddrV4], conns: u64, secs: u64) -> anyhow:
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    check_flags(
+        &args,
+        &["--rounds", "--seconds", "--conns"],
+        "usage: lb_datapath [--rounds 10] [--seconds 2] [--conns 1]   (root; writes benches/reports/lb_datapath.md)",
+    );
+    clean_up_on_signal(vec![Leftover::Netns(format!(
+        "shoal-b-lbd-{}-",
+        std::process::id()
+    ))]);
     let rounds = arg(&args, "--rounds", 10);
     let secs = arg(&args, "--seconds", 2);
     let conns = arg(&args, "--conns", 1);

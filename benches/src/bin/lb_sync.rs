@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_benches::{arg, quantile, write_report};
+use shoal_benches::{
+    Leftover, arg, check_flags, clean_up_on_signal, creating, quantile, write_report,
+};
 use shoal_lb::{Applier, Protocol, Ruleset, SyncKind, Syncer, VirtualService};
 use shoal_netns::CommandExt as _;
 
@@ -40,7 +42,7 @@ impl Ns {
             std::process::id(),
             NS_COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        shoal_netns::create(&name).context("creating a namespace (root needed)")?;
+        creating(|| shoal_netns::create(&name).context("creating a namespace (root needed)"))?;
         Ok(Ns(name))
     }
 }
@@ -295,6 +297,15 @@ fn f(d: Duration) -> String {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    check_flags(
+        &args,
+        &["--rounds", "--changes"],
+        "usage: lb_sync [--rounds 3] [--changes 200]   (root; writes benches/reports/lb_sync.md)",
+    );
+    clean_up_on_signal(vec![Leftover::Netns(format!(
+        "shoal-b-lbs-{}-",
+        std::process::id()
+    ))]);
     let rounds = arg(&args, "--rounds", 3);
     let changes = arg(&args, "--changes", 200);
     let rt = tokio::runtime::Builder::new_multi_thread()

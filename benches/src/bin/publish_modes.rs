@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use shoal::compare::{self, Mode, PathKind, Report, Row};
-use shoal_benches::{arg, lab_up, median, shoal_bin, write_report};
+use shoal_benches::{
+    Leftover, arg, check_flags, clean_up_on_signal, lab_up, median, shoal_bin, write_report,
+};
 
 /// The prototype's figures (Python server, sequential requests, one connection each): context
 /// only, not the same server or run.
@@ -59,6 +61,13 @@ fn f3(v: Option<f64>) -> String {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    check_flags(
+        &args,
+        &["--rounds", "--duration"],
+        "usage: publish_modes [--rounds 5] [--duration 3s]   (root; writes benches/reports/publish_modes.md)",
+    );
+    let name = format!("pm{}", std::process::id());
+    clean_up_on_signal(vec![Leftover::Lab(name.clone())]);
     let rounds: usize = arg(&args, "--rounds", 5);
     let duration_arg: String = arg(&args, "--duration", "3s".to_string());
     let duration = compare::parse_duration(&duration_arg)?;
@@ -66,7 +75,6 @@ fn main() -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     let bin = shoal_bin()?;
-    let name = format!("pm{}", std::process::id());
     let _guard = lab_up(&bin, &name, 3)?;
     let lab = shoal::lab::Lab::load(&name)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -24,7 +24,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use shoal::api::TaskLocation;
 use shoal::client::Client;
 use shoal::cluster::ServiceUpdate;
-use shoal_benches::{arg, ms, quantile, write_report};
+use shoal_benches::{Leftover, arg, check_flags, clean_up_on_signal, ms, quantile, write_report};
 
 const LAB: &str = "bconv";
 
@@ -171,6 +171,12 @@ impl Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    check_flags(
+        &args,
+        &["--events", "--nodes"],
+        "usage: scale_convergence [--events 20] [--nodes 3]   (root; writes benches/reports/scale_convergence.md)",
+    );
+    clean_up_on_signal(vec![Leftover::Lab(LAB.to_string())]);
     let events = arg(&args, "--events", 20);
     let nodes = arg(&args, "--nodes", 3);
     let store = if nodes > 1 { "etcd" } else { "embedded" };

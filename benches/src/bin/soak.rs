@@ -36,7 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_benches::{arg, lab_up, shoal_bin, write_report};
+use shoal_benches::{
+    Leftover, arg, check_flags, clean_up_on_signal, lab_up, shoal_bin, write_report,
+};
 
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -238,6 +240,13 @@ fn main() {
 /// The soak; Ok(false) when a target was missed. The lab is down when it returns.
 fn run() -> anyhow::Result<bool> {
     let args: Vec<String> = std::env::args().collect();
+    check_flags(
+        &args,
+        &["--duration", "--churn-every", "--report", "--keep-logs"],
+        "usage: soak [--duration 10m] [--churn-every 3s] [--report soak] [--keep-logs DIR]   (root; writes benches/reports/REPORT.md)",
+    );
+    let name = format!("soak{}", std::process::id());
+    clean_up_on_signal(vec![Leftover::Lab(name.clone())]);
     let duration = parse_duration(&arg(&args, "--duration", "10m".to_string()))?;
     let churn_every = parse_duration(&arg(&args, "--churn-every", "3s".to_string()))?;
     let report_name: String = arg(&args, "--report", "soak".to_string());
@@ -247,7 +256,6 @@ fn run() -> anyhow::Result<bool> {
         bail!("--duration must be at least 30s (warm-up, kill, start and settling need it)");
     }
     let bin = shoal_bin()?;
-    let name = format!("soak{}", std::process::id());
     let _guard = lab_up(&bin, &name, 3)?;
     let lab = shoal::lab::Lab::load(&name)?;
     let run = |node: &str, a: &[&str]| shoal_on(&bin, &name, node, a);
