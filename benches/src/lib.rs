@@ -74,9 +74,9 @@ pub enum Leftover {
     Dir(PathBuf),
 }
 
-/// Held while a namespace is being created; the signal handler takes it exclusively, so no
-/// namespace appears after its sweep.
-static CREATING: std::sync::RwLock<bool> = std::sync::RwLock::new(false);
+/// Held while a namespace is being created; the signal handler takes it exclusively (after
+/// setting STOPPING), so no namespace appears after its sweep.
+static CREATING: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Set when a signal is being handled.
 static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -92,11 +92,25 @@ extern "C" fn wait_for_clean_up() {
 
 /// Runs `create` (which makes a namespace) unless a signal is being handled; then it fails.
 pub fn creating<T>(create: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let stopping = CREATING.read().unwrap_or_else(|e| e.into_inner());
-    if *stopping {
+    let _creating = CREATING.read().unwrap_or_else(|e| e.into_inner());
+    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
         bail!("stopping: a signal arrived");
     }
     create()
+}
+
+/// Kills (SIGKILL) every process inside the named namespace but this one, then removes it.
+/// For namespaces a benchmark created, with only what it started inside.
+pub fn remove_netns(name: &str) {
+    for pid in shoal_netns::pids(name).unwrap_or_default() {
+        if pid as u32 != std::process::id() {
+            // SAFETY: plain syscall on a process inside a namespace this program created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    if let Err(e) = shoal_netns::delete(name) {
+        eprintln!("deleting namespace {name}: {e}");
+    }
 }
 
 /// The write end of the pipe from the signal handler to the clean-up thread.
@@ -156,24 +170,13 @@ pub fn clean_up_on_signal(leftovers: Vec<Leftover>) {
         let sig = b as i32;
         STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
         eprintln!("signal {sig}: cleaning up");
-        let mut stopping = CREATING.write().unwrap_or_else(|e| e.into_inner());
-        *stopping = true;
+        let _no_more = CREATING.write().unwrap_or_else(|e| e.into_inner());
         for l in &leftovers {
             match l {
                 Leftover::Netns(prefix) => {
                     for name in shoal_netns::list().unwrap_or_default() {
-                        if !name.starts_with(prefix.as_str()) {
-                            continue;
-                        }
-                        for pid in shoal_netns::pids(&name).unwrap_or_default() {
-                            if pid as u32 != std::process::id() {
-                                // SAFETY: plain syscall on a process inside a namespace
-                                // that this program created.
-                                unsafe { libc::kill(pid, libc::SIGKILL) };
-                            }
-                        }
-                        if let Err(e) = shoal_netns::delete(&name) {
-                            eprintln!("deleting namespace {name}: {e}");
+                        if name.starts_with(prefix.as_str()) {
+                            remove_netns(&name);
                         }
                     }
                 }

@@ -27,14 +27,9 @@ fn pids_with(needle: &str) -> Vec<u32> {
 }
 
 fn netns_with(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
+    let mut names = shoal_netns::list().unwrap();
+    names.retain(|n| n.starts_with(prefix));
+    names
 }
 
 /// Removes what the benchmark left if the test fails: namespaces by prefix (and what runs in
@@ -43,11 +38,7 @@ struct Sweep(String, std::path::PathBuf);
 impl Drop for Sweep {
     fn drop(&mut self) {
         for n in netns_with(&self.0) {
-            for pid in shoal_netns::pids(&n).unwrap_or_default() {
-                // SAFETY: plain syscall on a process in the benchmark's namespace.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = shoal_netns::delete(&n);
+            shoal_benches::remove_netns(&n);
         }
         let _ = std::fs::remove_dir_all(&self.1);
     }

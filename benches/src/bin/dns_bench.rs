@@ -39,7 +39,8 @@ use anyhow::{Context, bail, ensure};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use shoal_benches::{
-    Leftover, arg, check_flags, clean_up_on_signal, creating, median, quantile, write_report,
+    Leftover, arg, check_flags, clean_up_on_signal, creating, median, quantile, remove_netns,
+    write_report,
 };
 use shoal_dns::{DnsConfig, Records, Resolver};
 
@@ -243,8 +244,8 @@ struct Netns {
 impl Netns {
     fn new(tag: &str) -> anyhow::Result<Netns> {
         let name = format!(
-            "shoal-b-dns-{}-{tag}{}",
-            std::process::id(),
+            "{}{tag}{}",
+            ns_prefix(),
             NS_COUNTER.fetch_add(1, Ordering::SeqCst)
         );
         creating(|| shoal_netns::create(&name).with_context(|| format!("creating {name}")))?;
@@ -291,14 +292,18 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Only processes inside this namespace, which this program created and started.
-        for pid in shoal_netns::pids(&self.name).unwrap_or_default() {
-            if pid as u32 != std::process::id() {
-                kill(pid);
-            }
-        }
-        let _ = shoal_netns::delete(&self.name);
+        remove_netns(&self.name);
     }
+}
+
+/// This run's namespaces: `shoal-b-dns-PID-...`.
+fn ns_prefix() -> String {
+    format!("shoal-b-dns-{}-", std::process::id())
+}
+
+/// This run's query files and server configurations.
+fn tmp_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("shoal-b-dns-{}", std::process::id()))
 }
 
 fn kill(pid: i32) {
@@ -1113,11 +1118,7 @@ fn main() -> anyhow::Result<()> {
         ],
         USAGE,
     );
-    let pid = std::process::id();
-    clean_up_on_signal(vec![
-        Leftover::Netns(format!("shoal-b-dns-{pid}-")),
-        Leftover::Dir(std::env::temp_dir().join(format!("shoal-b-dns-{pid}"))),
-    ]);
+    clean_up_on_signal(vec![Leftover::Netns(ns_prefix()), Leftover::Dir(tmp_dir())]);
     let seconds = arg(&args, "--seconds", 10);
     let rounds = arg(&args, "--rounds", 3).max(1);
     let containers = arg(&args, "--containers", 1000) as usize;
@@ -1178,7 +1179,7 @@ fn main() -> anyhow::Result<()> {
 
     let entries = data();
     let records = Arc::new(shoal_records(&entries));
-    let tmp = TempDir(std::env::temp_dir().join(format!("shoal-b-dns-{}", std::process::id())));
+    let tmp = TempDir(tmp_dir());
     std::fs::create_dir_all(&tmp.0)?;
     for (_, file, misses) in MIXES {
         std::fs::write(tmp.0.join(file), query_file(misses))?;

@@ -64,9 +64,14 @@ impl Drop for Lab {
     }
 }
 
+/// This run's namespaces: `shoal-b-lbd-PID-ROLE`.
+fn ns_prefix() -> String {
+    format!("shoal-b-lbd-{}-", std::process::id())
+}
+
 impl Lab {
     fn ns(&mut self, role: &str) -> anyhow::Result<String> {
-        let name = format!("shoal-b-lbd-{}-{role}", std::process::id());
+        let name = format!("{}{role}", ns_prefix());
         creating(|| {
             shoal_netns::create(&name).with_context(|| format!("creating {name} (root needed)"))
         })?;
@@ -191,10 +196,7 @@ fn main() -> anyhow::Result<()> {
         &["--rounds", "--seconds", "--conns"],
         "usage: lb_datapath [--rounds 10] [--seconds 2] [--conns 1]   (root; writes benches/reports/lb_datapath.md)",
     );
-    clean_up_on_signal(vec![Leftover::Netns(format!(
-        "shoal-b-lbd-{}-",
-        std::process::id()
-    ))]);
+    clean_up_on_signal(vec![Leftover::Netns(ns_prefix())]);
     let rounds = arg(&args, "--rounds", 10);
     let secs = arg(&args, "--seconds", 2);
     let conns = arg(&args, "--conns", 1);

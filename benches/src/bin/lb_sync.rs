@@ -32,14 +32,19 @@ const BACKENDS: u32 = 10;
 
 static NS_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// This run's namespaces: `shoal-b-lbs-PID-N`.
+fn ns_prefix() -> String {
+    format!("shoal-b-lbs-{}-", std::process::id())
+}
+
 /// A namespace deleted on drop.
 struct Ns(String);
 
 impl Ns {
     fn new() -> anyhow::Result<Ns> {
         let name = format!(
-            "shoal-b-lbs-{}-{}",
-            std::process::id(),
+            "{}{}",
+            ns_prefix(),
             NS_COUNTER.fetch_add(1, Ordering::SeqCst)
         );
         creating(|| shoal_netns::create(&name).context("creating a namespace (root needed)"))?;
@@ -302,10 +307,7 @@ fn main() -> anyhow::Result<()> {
         &["--rounds", "--changes"],
         "usage: lb_sync [--rounds 3] [--changes 200]   (root; writes benches/reports/lb_sync.md)",
     );
-    clean_up_on_signal(vec![Leftover::Netns(format!(
-        "shoal-b-lbs-{}-",
-        std::process::id()
-    ))]);
+    clean_up_on_signal(vec![Leftover::Netns(ns_prefix())]);
     let rounds = arg(&args, "--rounds", 3);
     let changes = arg(&args, "--changes", 200);
     let rt = tokio::runtime::Builder::new_multi_thread()
