@@ -69,8 +69,8 @@ pub enum DnsError {
         source: shoal_netns::Error,
     },
     #[error(
-        "binding {proto} {addr} in network namespace {netns:?} for container {id:?} \
-         (is `lo` up there?): {source}"
+        "binding {proto} {addr} in network namespace {netns:?} for container {id:?}: \
+         {source}"
     )]
     Bind {
         id: String,

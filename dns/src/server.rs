@@ -35,6 +35,9 @@ const UDP_BATCHES: usize = 4;
 /// Largest UDP query served (queries are small; this bounds the per-container buffer).
 pub(crate) const MAX_UDP_QUERY: usize = 4096;
 
+/// How long `attach` keeps retrying a bind that finds 127.0.0.11:53 in use (see there).
+const BIND_IN_USE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Requested UDP receive buffer (the kernel doubles it for bookkeeping).
 const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
@@ -89,7 +92,8 @@ impl Resolver {
 
     /// Binds UDP and TCP 127.0.0.11:53 inside the network namespace `netns` (a name under
     /// /run/netns, or a path like /proc/PID/ns/net) and serves `records` there. Fails if
-    /// `id` is already attached or binding fails. The namespace's `lo` must be up.
+    /// `id` is already attached or binding fails (an address in use is retried for a
+    /// second first). The namespace's `lo` must be up.
     pub async fn attach(
         &self,
         id: &str,
@@ -99,18 +103,35 @@ impl Resolver {
         if self.table().contains_key(id) {
             return Err(DnsError::AlreadyAttached(id.to_string()));
         }
-        let ns = netns.to_string();
-        let bound = tokio::task::spawn_blocking(move || shoal_netns::run_in(&ns, bind_pair))
-            .await
-            .map_err(|e| DnsError::Runtime {
-                id: id.to_string(),
-                source: io::Error::other(e),
-            })?
-            .map_err(|source| DnsError::Netns {
-                id: id.to_string(),
-                netns: netns.to_string(),
-                source,
-            })?;
+        let started = Instant::now();
+        let bound = loop {
+            let ns = netns.to_string();
+            let bound = tokio::task::spawn_blocking(move || shoal_netns::run_in(&ns, bind_pair))
+                .await
+                .map_err(|e| DnsError::Runtime {
+                    id: id.to_string(),
+                    source: io::Error::other(e),
+                })?
+                .map_err(|source| DnsError::Netns {
+                    id: id.to_string(),
+                    netns: netns.to_string(),
+                    source,
+                })?;
+            // A socket this process has just closed (a detach) stays bound while a child
+            // that another thread is spawning still holds its copy of the descriptor table
+            // (between clone and exec; close-on-exec takes effect only at the exec). On a
+            // loaded machine that lasts milliseconds, so a re-attach retries for a while
+            // before it reports the address as taken.
+            match bound {
+                Err(BindError::Socket(_, ref e))
+                    if e.kind() == io::ErrorKind::AddrInUse
+                        && started.elapsed() < BIND_IN_USE_RETRY =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                bound => break bound,
+            }
+        };
         let (udp, tcp) = bound.map_err(|e| match e {
             BindError::Socket(proto, source) => DnsError::Bind {
                 id: id.to_string(),

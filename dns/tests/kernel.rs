@@ -230,6 +230,48 @@ async fn large_answer_truncates_over_udp_only() {
     resolver.detach("c1").await;
 }
 
+/// Detach then attach in the same namespace while other threads spawn processes, as the
+/// agent does (nft, tasks) and as the other tests here do: a spawned child holds a copy of
+/// every descriptor until its exec, so the socket just closed can still be bound for a
+/// moment. Failed in CI once (EADDRINUSE on the re-attach) before attach retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reattach_while_other_threads_spawn_processes() {
+    require_root!("reattach_while_other_threads_spawn_processes");
+    let ns = Ns::new();
+    let resolver = Resolver::new(DnsConfig::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawned = Arc::new(AtomicUsize::new(0));
+    let spawners: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, spawned) = (stop.clone(), spawned.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = Command::new("true").status();
+                    spawned.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut result = Ok(());
+    for round in 0..300 {
+        if let Err(e) = resolver.attach("c1", &ns.name, view()).await {
+            result = Err(format!("attach {round}: {e}"));
+            break;
+        }
+        resolver.detach("c1").await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in spawners {
+        t.join().unwrap();
+    }
+    result.unwrap();
+    assert!(spawned.load(Ordering::Relaxed) > 0);
+    // And it still serves after all that.
+    resolver.attach("c1", &ns.name, view()).await.unwrap();
+    assert_eq!(ns.dig_short(&["web"]).await, vec!["10.0.0.2"]);
+    resolver.detach("c1").await;
+}
+
 #[tokio::test]
 async fn update_detach_reattach_and_errors() {
     require_root!("update_detach_reattach_and_errors");
