@@ -15,6 +15,8 @@
 //! around the call), so an unreachable etcd fails requests within seconds instead of
 //! hanging. Watch streams are kept healthy by HTTP/2 keep-alive pings: a dead connection
 //! ends the stream with an error within `keep_alive_interval + keep_alive_timeout`.
+//! Requests that may safely be sent twice (reads, lease refresh and revoke, leader,
+//! opening a watch) are sent once more when the connection broke under them; writes are not.
 //!
 //! Leases and election:
 //! - `grant_lease` / `revoke_lease` are the lease RPCs (revoking an unknown lease is Ok);
@@ -195,6 +197,53 @@ impl EtcdStore {
     ) -> Result<T> {
         bounded(&self.endpoints, self.opts.request_timeout, what, fut).await
     }
+
+    /// [`call_raw`](Self::call_raw) for a request that may be sent twice (reads, lease
+    /// refreshes, opening a watch): when the connection broke under it (or had broken
+    /// before it and tonic handed over that error), it is sent once more, on the new
+    /// connection tonic makes. The typical case is etcd stalled for a moment: the HTTP/2
+    /// keep-alive declares the connection dead just as etcd resumes. Writes are not
+    /// retried here; their callers decide.
+    async fn call_idempotent_raw<T, F, Fut>(
+        &self,
+        what: &str,
+        mut request: F,
+    ) -> Result<std::result::Result<T, etcd_client::Error>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        match self.call_raw(what, request()).await? {
+            Err(e) if is_broken_connection(&e) => {
+                tracing::debug!(what, error = %chain(&e), "etcd connection broke; sending again");
+                self.call_raw(what, request()).await
+            }
+            done => Ok(done),
+        }
+    }
+
+    async fn call_idempotent<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        self.call_idempotent_raw(what, request)
+            .await?
+            .map_err(|e| map_err(&self.endpoints, what, e))
+    }
+}
+
+/// The client's connection failed (a transport error, which tonic reports as UNAVAILABLE
+/// with the cause attached), as opposed to an answer from etcd (its own UNAVAILABLE, such
+/// as "no leader", carries no cause) or a deadline.
+fn is_broken_connection(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == 14 && std::error::Error::source(s).is_some()
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
 }
 
 /// Runs one etcd request with a hard deadline (tonic's own timeout does not cover waiting
@@ -350,7 +399,10 @@ fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let resp = self
-            .call("get", self.client.kv_client().get(key, None))
+            .call_idempotent("get", || {
+                let mut kv = self.client.kv_client();
+                async move { kv.get(key, None).await }
+            })
             .await?;
         resp.kvs().first().map(convert_kv).transpose()
     }
@@ -360,13 +412,14 @@ impl Store for EtcdStore {
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Ascend);
         let resp = self
-            .call(
-                "list",
-                self.client
+            .call_idempotent("list", || {
+                let mut kv = self
+                    .client
                     .kv_client()
-                    .max_decoding_message_size(MAX_LIST_BYTES)
-                    .get(prefix, Some(opts)),
-            )
+                    .max_decoding_message_size(MAX_LIST_BYTES);
+                let opts = opts.clone();
+                async move { kv.get(prefix, Some(opts)).await }
+            })
             .await?;
         let kvs = resp.kvs().iter().map(convert_kv).collect::<Result<_>>()?;
         Ok(Snapshot {
@@ -418,11 +471,13 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        let mut lc = self.client.lease_client();
         // etcd-client's keep_alive sends the first refresh and reads its answer (an answer
         // with TTL 0 is its "lease not found" error); the stream closes when dropped.
         match self
-            .call_raw("lease keep-alive", lc.keep_alive(lease))
+            .call_idempotent_raw("lease keep-alive", || {
+                let mut lc = self.client.lease_client();
+                async move { lc.keep_alive(lease).await }
+            })
             .await?
         {
             Ok((_keeper, _stream)) => Ok(()),
@@ -432,8 +487,11 @@ impl Store for EtcdStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        let mut lc = self.client.lease_client();
-        match self.call_raw("lease revoke", lc.revoke(lease)).await? {
+        let revoke = || {
+            let mut lc = self.client.lease_client();
+            async move { lc.revoke(lease).await }
+        };
+        match self.call_idempotent_raw("lease revoke", revoke).await? {
             Ok(_) => Ok(()),
             Err(e) if is_lease_not_found(&e) => Ok(()),
             Err(e) => Err(map_err(&self.endpoints, "lease revoke", e)),
@@ -443,7 +501,11 @@ impl Store for EtcdStore {
     async fn campaign(&self, election: &str, value: &str, lease: LeaseId) -> Result<Leadership> {
         let key = candidate_key(election, lease);
         let start = self
-            .call("get", self.client.kv_client().get(key.as_str(), None))
+            .call_idempotent("get", || {
+                let mut kv = self.client.kv_client();
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
             .await?;
         let start = header_revision(start.header())?;
         let mut ec = self.campaign_client.election_client();
@@ -470,8 +532,11 @@ impl Store for EtcdStore {
     }
 
     async fn leader(&self, election: &str) -> Result<Option<String>> {
-        let mut ec = self.client.election_client();
-        match self.call_raw("leader", ec.leader(election)).await? {
+        let leader = || {
+            let mut ec = self.client.election_client();
+            async move { ec.leader(election).await }
+        };
+        match self.call_idempotent_raw("leader", leader).await? {
             Ok(resp) => resp
                 .kv()
                 .map(|kv| {
@@ -512,10 +577,11 @@ impl Store for EtcdStore {
             .with_prefix()
             .with_start_revision(after_revision + 1);
         let ws = self
-            .call(
-                "watch",
-                self.client.watch_client().watch(prefix, Some(opts)),
-            )
+            .call_idempotent("watch", || {
+                let mut wc = self.client.watch_client();
+                let opts = opts.clone();
+                async move { wc.watch(prefix, Some(opts)).await }
+            })
             .await?;
         let st = EtcdWatch {
             ws,
