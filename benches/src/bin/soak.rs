@@ -13,7 +13,8 @@
 //! - HTTP from the client to the published port 8080 of every node in turn.
 //!
 //! `stable` and `churn` have a health check (curl of their own server every 500 ms): a new
-//! replica joins once it answers.
+//! replica joins once it answers. The load starts once the services are healthy in the
+//! store and the VIPs and published ports answer (every node's data path has them).
 //!
 //! Events: `churn` scaled through 1, 3, 2, 4 replicas every `--churn-every`; at a third of
 //! the duration one node (not the probe's) is killed (`lab kill`: agent and tasks SIGKILLed,
@@ -83,6 +84,51 @@ impl Book {
             }
         }
     }
+}
+
+/// Waits (up to 60 s) until, from the probe's namespace, every VIP answers 5 requests in a
+/// row, and from the client every node's published port 8080 answers one.
+fn wait_until_serving(
+    probe_ns: &str,
+    vips: &[Ipv4Addr],
+    client_ns: &str,
+    lab: &shoal::lab::Lab,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let timeout = Duration::from_millis(1200);
+    let until_ok = |target: SocketAddr, times: u32| -> Result<(), String> {
+        let mut in_a_row = 0;
+        let mut last = String::new();
+        while in_a_row < times {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{target} did not answer within 60 s (last: {last})"
+                ));
+            }
+            match http_get(None, target, timeout) {
+                Ok(()) => in_a_row += 1,
+                Err(e) => {
+                    (in_a_row, last) = (0, e);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        Ok(())
+    };
+    let vips = vips.to_vec();
+    shoal_netns::run_in(probe_ns, || {
+        vips.iter()
+            .try_for_each(|vip| until_ok((*vip, 80).into(), 5))
+    })?
+    .map_err(|e| anyhow::anyhow!("before the load, from the probe task: {e}"))?;
+    let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.addr).collect();
+    shoal_netns::run_in(client_ns, || {
+        nodes
+            .iter()
+            .try_for_each(|a| until_ok((*a, 8080).into(), 1))
+    })?
+    .map_err(|e| anyhow::anyhow!("before the load, from the client: {e}"))?;
+    Ok(())
 }
 
 /// A DNS query for an A record; Ok(number of answers).
@@ -354,6 +400,13 @@ fn run() -> anyhow::Result<bool> {
         "soak {name}: {} for {duration:?}; probe on {probe_node}, kill {victim} at 1/3, start at 2/3",
         lab.nodes.len()
     );
+
+    // `service ps` reads the store: a task can be healthy there a moment before every
+    // node's load balancer has it (an empty VIP refuses connections). The load, and what
+    // it holds against the targets, starts once the data path answers.
+    let waited = Instant::now();
+    wait_until_serving(&probe_ns, &[stable_vip, churn_vip], &lab.client_netns, &lab)?;
+    eprintln!("the data path answered after {:?}", waited.elapsed());
 
     let book = Arc::new(Mutex::new(Book {
         t0: Some(Instant::now()),
