@@ -91,7 +91,6 @@ impl Book {
 fn wait_until_serving(
     probe_ns: &str,
     vips: &[Ipv4Addr],
-    client_ns: &str,
     lab: &shoal::lab::Lab,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -115,17 +114,15 @@ fn wait_until_serving(
         }
         Ok(())
     };
-    let vips = vips.to_vec();
     shoal_netns::run_in(probe_ns, || {
         vips.iter()
             .try_for_each(|vip| until_ok((*vip, 80).into(), 5))
     })?
     .map_err(|e| anyhow::anyhow!("before the load, from the probe task: {e}"))?;
-    let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.addr).collect();
-    shoal_netns::run_in(client_ns, || {
-        nodes
+    shoal_netns::run_in(&lab.client_netns, || {
+        lab.nodes
             .iter()
-            .try_for_each(|a| until_ok((*a, 8080).into(), 1))
+            .try_for_each(|n| until_ok((n.addr, 8080).into(), 1))
     })?
     .map_err(|e| anyhow::anyhow!("before the load, from the client: {e}"))?;
     Ok(())
@@ -405,7 +402,7 @@ fn run() -> anyhow::Result<bool> {
     // node's load balancer has it (an empty VIP refuses connections). The load, and what
     // it holds against the targets, starts once the data path answers.
     let waited = Instant::now();
-    wait_until_serving(&probe_ns, &[stable_vip, churn_vip], &lab.client_netns, &lab)?;
+    wait_until_serving(&probe_ns, &[stable_vip, churn_vip], &lab)?;
     eprintln!("the data path answered after {:?}", waited.elapsed());
 
     let book = Arc::new(Mutex::new(Book {
