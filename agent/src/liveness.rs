@@ -24,6 +24,8 @@ use crate::state::ClusterState;
 use crate::store::{LeaseId, Op, Store, StoreError};
 
 pub struct Liveness {
+    /// This node: always in the alive set this agent acts on (see [`Liveness::effective_alive`]).
+    node_id: String,
     ttl: Duration,
     is_leader: AtomicBool,
     /// Since when this agent has held a live lease without interruption.
@@ -38,6 +40,7 @@ impl Liveness {
     pub fn spawn(store: Arc<dyn Store>, node_id: String, ttl: Duration) -> Arc<Liveness> {
         let (tx, _) = watch::channel(None);
         let me = Arc::new(Liveness {
+            node_id: node_id.clone(),
             ttl,
             is_leader: AtomicBool::new(false),
             connected_since: Mutex::new(None),
@@ -66,17 +69,26 @@ impl Liveness {
     }
 
     /// The alive set to act on: the store's while trusted; after an outage, the last trusted
-    /// set plus whoever has re-registered since.
+    /// set plus whoever has re-registered since. This node is always in it: the agent
+    /// asking is running. Without that, a restarted agent whose alive key is not (yet)
+    /// back in the store (the embedded store forgets leased keys on reopen) would take its
+    /// own tasks out of DNS and the VIP backends on its first pass, and put them back a
+    /// pass later.
     pub fn effective_alive(&self, seen: &BTreeSet<String>) -> BTreeSet<String> {
-        let mut last = self.last_trusted.lock().expect("lock");
-        if self.trusted() {
-            *last = Some(seen.clone());
-            return seen.clone();
-        }
-        match &*last {
-            Some(prev) => prev.union(seen).cloned().collect(),
-            None => seen.clone(),
-        }
+        let mut alive = {
+            let mut last = self.last_trusted.lock().expect("lock");
+            if self.trusted() {
+                *last = Some(seen.clone());
+                seen.clone()
+            } else {
+                match &*last {
+                    Some(prev) => prev.union(seen).cloned().collect(),
+                    None => seen.clone(),
+                }
+            }
+        };
+        alive.insert(self.node_id.clone());
+        alive
     }
 
     /// The snapshot with the alive set this agent may act on ([`Liveness::effective_alive`]).
@@ -183,5 +195,48 @@ async fn lead(store: Arc<dyn Store>, node_id: String, me: Arc<Liveness>) {
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn liveness(node_id: &str) -> Liveness {
+        Liveness {
+            node_id: node_id.into(),
+            ttl: Duration::from_secs(3),
+            is_leader: AtomicBool::new(false),
+            connected_since: Mutex::new(None),
+            lease: watch::channel(None).0,
+            last_trusted: Mutex::new(None),
+        }
+    }
+
+    fn set(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn this_node_is_alive_before_its_key_is_back() {
+        // A restarted agent, not yet registered, sees an alive set without itself.
+        let me = liveness("n1");
+        assert_eq!(me.effective_alive(&set(&["n2"])), set(&["n1", "n2"]));
+        assert_eq!(me.effective_alive(&set(&[])), set(&["n1"]));
+    }
+
+    #[test]
+    fn untrusted_keeps_the_last_trusted_set() {
+        let me = liveness("n1");
+        *me.connected_since.lock().unwrap() = Some(Instant::now() - Duration::from_secs(10));
+        assert_eq!(
+            me.effective_alive(&set(&["n1", "n2", "n3"])),
+            set(&["n1", "n2", "n3"])
+        );
+        // Trusted: a node whose key went is dropped.
+        assert_eq!(me.effective_alive(&set(&["n1", "n2"])), set(&["n1", "n2"]));
+        // After an outage (not trusted), nodes not yet re-registered are kept.
+        me.set_connected(false);
+        assert_eq!(me.effective_alive(&set(&[])), set(&["n1", "n2"]));
     }
 }

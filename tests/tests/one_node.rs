@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use shoal_tests::{Lab, host_snapshot, ipv4s, require_kernel};
@@ -685,7 +686,23 @@ fn agent_restart_keeps_connections_and_ruleset() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    let before = listing();
+    // The store says "running" a moment before this node's LB has synced it (the next
+    // reconciliation pass): take the reference listing only once every replica is a backend.
+    let task_ips: Vec<String> = tasks
+        .iter()
+        .map(|t| t["networks"][0]["ip"].as_str().unwrap().to_string())
+        .collect();
+    let before = lab.wait_for(
+        "the LB table to hold the three replicas",
+        Duration::from_secs(10),
+        || {
+            let l = listing();
+            task_ips
+                .iter()
+                .all(|ip| l.contains(&format!(": {ip}")))
+                .then_some(l)
+        },
+    );
 
     // Six keep-alive connections from inside web.1 to the VIP, one exchange each.
     let mut conns: Vec<std::net::TcpStream> = shoal_netns::run_in(&task_ns, || {
@@ -700,19 +717,42 @@ fn agent_restart_keeps_connections_and_ruleset() {
         assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     }
 
-    lab.shoal(&["lab", "restart", "--name", &lab.name, "node1"])
-        .ok();
-    // Give the new agent a few reconciliation passes.
-    std::thread::sleep(Duration::from_secs(2));
+    // The table is listed over and over from just before the restart until two seconds
+    // after it (a few reconciliation passes of the new agent): it must not change even for
+    // a moment, e.g. a first pass that drops the backends and a later one that restores them.
+    let done = AtomicBool::new(false);
+    let changed: Vec<String> = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut changed: Vec<String> = vec![];
+            while !done.load(Ordering::SeqCst) {
+                let l = listing();
+                if l != before && !changed.contains(&l) {
+                    changed.push(l);
+                }
+            }
+            changed
+        });
+        lab.shoal(&["lab", "restart", "--name", &lab.name, "node1"])
+            .ok();
+        std::thread::sleep(Duration::from_secs(2));
+        done.store(true, Ordering::SeqCst);
+        watcher.join().unwrap()
+    });
+    if let Some(l) = changed.first() {
+        let (b, a): (BTreeSet<&str>, BTreeSet<&str>) =
+            (before.lines().collect(), l.lines().collect());
+        panic!(
+            "the LB table was changed or re-created across the restart ({} different \
+             listings); the first: only before: {:#?}\nonly then: {:#?}",
+            changed.len(),
+            b.difference(&a).collect::<Vec<_>>(),
+            a.difference(&b).collect::<Vec<_>>()
+        );
+    }
     for (i, c) in conns.iter_mut().enumerate() {
         let a = http_on(c).unwrap_or_else(|e| panic!("connection {i} after restart: {e}"));
         assert!(a.starts_with("HTTP/1.1 200"), "connection {i}: {a}");
     }
-    assert_eq!(
-        listing(),
-        before,
-        "the LB table was changed or re-created across the restart"
-    );
     // New connections still spread over the three replicas.
     let seen: BTreeSet<String> = (0..30)
         .flat_map(|_| {
