@@ -9,8 +9,20 @@
 //! is mostly its own queue. No packaged client reports per-query latency from kernel
 //! timestamps, so this one does: one connected socket, queries sent on schedule in small
 //! `sendmmsg` bursts, answers drained with `recvmmsg` between bursts. An answer's latency
-//! is (kernel timestamp of the answer's arrival) - (clock read just before its query's
-//! send): the server's queueing and work plus loopback, not the client's own backlog.
+//! is (kernel receive timestamp of the answer) - (kernel transmit timestamp of its query):
+//! the server's queueing and work plus loopback, as a capture on the interface would see
+//! it, and neither the client's own backlog nor its own sending.
+//!
+//! Transmit timestamps (`SO_TIMESTAMPING`, software, read back from the socket's error
+//! queue): a clock read once before a `sendmmsg` burst would charge the k-th query of the
+//! burst with the client's own sending of the k-1 before it, which on loopback includes
+//! delivering each of them to the server (2-3 µs apiece). Bursts grow with the rate, so
+//! that bias would grow with it too and fall hardest on the fastest server. The kernel
+//! stamps each datagram as it reaches the device (`lo` calls `skb_tx_timestamp`); the
+//! stamp comes back on the error queue with a copy of the packet, whose DNS ID and
+//! question say which query it was. A query whose stamp never came back (error queue full)
+//! keeps the clock read before its burst and is counted in
+//! [`ProbeOutcome::without_tx_stamp`].
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -88,6 +100,9 @@ pub struct ProbeOutcome {
     /// (ns after the start, latency) of the first answers that took over 1 ms: when the
     /// slow answers happened.
     pub slow: Vec<(u64, Duration)>,
+    /// Answers whose query had no kernel transmit timestamp, timed from the clock read
+    /// before its `sendmmsg` burst instead.
+    pub without_tx_stamp: u64,
 }
 
 fn now_ns() -> u64 {
@@ -130,11 +145,14 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> 
 struct Slot {
     sent_ns: u64,
     query: u32,
+    /// `sent_ns` is the kernel's transmit timestamp (else the clock before the burst).
+    kernel_stamp: bool,
 }
 
 const FREE: Slot = Slot {
     sent_ns: 0,
     query: 0,
+    kernel_stamp: false,
 };
 
 /// Sends `queries` (wire format; the first two bytes, the ID, are overwritten) round-robin
@@ -158,6 +176,12 @@ pub fn run(queries: &[Vec<u8>], cfg: &ProbeConfig) -> io::Result<ProbeOutcome> {
     sock.set_nonblocking(true)?;
     let fd = sock.as_raw_fd();
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
+    // Transmit timestamps on the error queue; RX_FILTER: no second (SCM_TIMESTAMPING)
+    // receive timestamp on answers, SO_TIMESTAMPNS gives that one.
+    let tx = libc::SOF_TIMESTAMPING_TX_SOFTWARE
+        | libc::SOF_TIMESTAMPING_SOFTWARE
+        | libc::SOF_TIMESTAMPING_OPT_RX_FILTER;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPING, tx as i32)?;
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
         // Best effort: without it answers may drop in a burst, which shows as lost.
         let _ = setsockopt_int(fd, libc::SOL_SOCKET, opt, BUFFER as i32);
@@ -218,6 +242,7 @@ pub fn run(queries: &[Vec<u8>], cfg: &ProbeConfig) -> io::Result<ProbeOutcome> {
                 slots[id] = Slot {
                     sent_ns: stamp,
                     query: (i % queries.len() as u64) as u32,
+                    kernel_stamp: false,
                 };
                 outstanding += 1;
                 let lag = stamp.saturating_sub(due_at(i));
@@ -300,8 +325,10 @@ struct Receiver {
     ctrl: Vec<u8>,
 }
 
-/// Control bytes per datagram: room for one SCM_TIMESTAMPNS (a timespec).
-const CTRL: usize = 64;
+/// Control bytes per datagram: an answer carries one SCM_TIMESTAMPNS (a timespec); a
+/// transmit timestamp from the error queue carries SCM_TIMESTAMPNS, SCM_TIMESTAMPING (three
+/// timespecs) and IP_RECVERR (a sock_extended_err and an address).
+const CTRL: usize = 256;
 
 impl Receiver {
     fn new() -> Self {
@@ -311,7 +338,61 @@ impl Receiver {
         }
     }
 
-    /// Reads every answer waiting in the socket.
+    /// One `recvmmsg` (with `flags`, never blocking) into the buffers; calls `each` with
+    /// every datagram and its header. Returns how many came (0: none waiting).
+    fn recv(
+        &mut self,
+        fd: i32,
+        flags: i32,
+        mut each: impl FnMut(&[u8], &libc::msghdr),
+    ) -> io::Result<usize> {
+        // SAFETY: plain old data; every used field is set below.
+        let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+        let (bufs, ctrl) = (self.bufs.as_mut_ptr(), self.ctrl.as_mut_ptr());
+        let iovs = iov.as_mut_ptr();
+        for (k, h) in hdrs.iter_mut().enumerate() {
+            // SAFETY: k < BATCH: the slot and the control area are inside their buffers.
+            unsafe {
+                (*iovs.add(k)).iov_base = bufs.add(k * ANSWER).cast();
+                (*iovs.add(k)).iov_len = ANSWER;
+                h.msg_hdr.msg_iov = iovs.add(k);
+                h.msg_hdr.msg_control = ctrl.add(k * CTRL).cast();
+            }
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_controllen = CTRL as _;
+        }
+        let n = loop {
+            // SAFETY: every header points at live buffers of the stated sizes.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    flags | libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused => continue,
+                _ => return Err(e),
+            }
+        };
+        for (k, h) in hdrs.iter().enumerate().take(n) {
+            let len = (h.msg_len as usize).min(ANSWER);
+            each(&self.bufs[k * ANSWER..k * ANSWER + len], &h.msg_hdr);
+        }
+        Ok(n)
+    }
+
+    /// Reads every transmit timestamp, then every answer waiting in the socket. In this
+    /// order an answer's query has its stamp already: the kernel queues the stamp while the
+    /// query is being sent, before the server can have it.
     fn drain(
         &mut self,
         fd: i32,
@@ -320,77 +401,104 @@ impl Receiver {
         outstanding: &mut u64,
         out: &mut ProbeOutcome,
     ) -> io::Result<()> {
-        loop {
-            // SAFETY: plain old data; every used field is set below.
-            let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
-            let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-            let (bufs, ctrl) = (self.bufs.as_mut_ptr(), self.ctrl.as_mut_ptr());
-            let iovs = iov.as_mut_ptr();
-            for (k, h) in hdrs.iter_mut().enumerate() {
-                // SAFETY: k < BATCH: the slot and the control area are inside their buffers.
-                unsafe {
-                    (*iovs.add(k)).iov_base = bufs.add(k * ANSWER).cast();
-                    (*iovs.add(k)).iov_len = ANSWER;
-                    h.msg_hdr.msg_iov = iovs.add(k);
-                    h.msg_hdr.msg_control = ctrl.add(k * CTRL).cast();
-                }
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_hdr.msg_controllen = CTRL as _;
-            }
-            // SAFETY: every header points at live buffers of the stated sizes.
-            let n = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    hdrs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
+        while self.recv(fd, libc::MSG_ERRQUEUE, |packet, h| {
+            let (Some(at), Some(query)) = (tx_timestamp(h), udp_payload(packet)) else {
+                return;
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(()),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused => continue,
-                    _ => Err(e),
-                };
+            if let Some(id) = outstanding_query(query, queries, slots)
+                && !slots[id].kernel_stamp
+            {
+                slots[id].sent_ns = at;
+                slots[id].kernel_stamp = true;
             }
-            let fallback = now_ns();
-            for (k, h) in hdrs.iter().enumerate().take(n as usize) {
-                let at = timestamp(&h.msg_hdr).unwrap_or(fallback);
-                let len = (h.msg_len as usize).min(ANSWER);
-                let answer = &self.bufs[k * ANSWER..k * ANSWER + len];
-                if len < 12 {
-                    out.unexpected += 1;
-                    continue;
-                }
-                let id = u16::from_be_bytes([answer[0], answer[1]]) as usize;
-                let slot = slots[id];
-                let query = &queries[slot.query as usize];
-                // The question (everything after the header up to the query's length for a
-                // query with one question and nothing else) must be the query's.
-                let same = slot.sent_ns != 0
-                    && answer.len() >= query.len()
-                    && answer[12..query.len()] == query[12..];
-                if !same {
-                    out.unexpected += 1;
-                    continue;
-                }
-                slots[id] = FREE;
-                *outstanding -= 1;
-                out.answered += 1;
-                let latency = Duration::from_nanos(at.saturating_sub(slot.sent_ns));
-                if latency > Duration::from_millis(1) && out.slow.len() < 100_000 {
-                    out.slow.push((slot.sent_ns, latency));
-                }
-                out.latencies.push(latency);
+        })? == BATCH
+        {}
+        while self.recv(fd, 0, |answer, h| {
+            let at = timestamp(h).unwrap_or_else(now_ns);
+            let Some(id) = outstanding_query(answer, queries, slots) else {
+                out.unexpected += 1;
+                return;
+            };
+            let slot = slots[id];
+            slots[id] = FREE;
+            *outstanding -= 1;
+            out.answered += 1;
+            if !slot.kernel_stamp {
+                out.without_tx_stamp += 1;
             }
-            if (n as usize) < BATCH {
-                return Ok(());
+            let latency = Duration::from_nanos(at.saturating_sub(slot.sent_ns));
+            if latency > Duration::from_millis(1) && out.slow.len() < 100_000 {
+                out.slow.push((slot.sent_ns, latency));
             }
-        }
+            out.latencies.push(latency);
+        })? == BATCH
+        {}
+        Ok(())
     }
 }
+
+/// The slot of the outstanding query that `message` (a query or its answer) is about: same
+/// ID and same question (everything after the header up to the query's length, for a query
+/// with one question and nothing else), so that a late answer to an ID's earlier use is not
+/// taken for this one.
+fn outstanding_query(message: &[u8], queries: &[Vec<u8>], slots: &[Slot]) -> Option<usize> {
+    if message.len() < 12 {
+        return None;
+    }
+    let id = u16::from_be_bytes([message[0], message[1]]) as usize;
+    let slot = slots[id];
+    let query = &queries[slot.query as usize];
+    (slot.sent_ns != 0 && message.len() >= query.len() && message[12..query.len()] == query[12..])
+        .then_some(id)
+}
+
+/// The UDP payload of a packet from the error queue: an IPv4 packet, or an Ethernet frame
+/// carrying one (what `lo` transmits).
+fn udp_payload(packet: &[u8]) -> Option<&[u8]> {
+    let ip = if packet.len() > 14 && packet[12..14] == [0x08, 0x00] && packet[14] >> 4 == 4 {
+        &packet[14..]
+    } else {
+        packet
+    };
+    if ip.len() < 28 || ip[0] >> 4 != 4 || ip[9] != libc::IPPROTO_UDP as u8 {
+        return None;
+    }
+    let udp = ip.get((ip[0] & 0x0f) as usize * 4..)?;
+    let len = u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]) as usize;
+    udp.get(8..len)
+}
+
+/// The kernel's software transmit timestamp of a message read from the error queue, in ns
+/// since the epoch: SCM_TIMESTAMPING's first timespec, when IP_RECVERR says it is a
+/// timestamp of the packet's send (not an ICMP error or another kind of stamp).
+fn tx_timestamp(h: &libc::msghdr) -> Option<u64> {
+    let (mut stamp, mut is_send) = (None, false);
+    // SAFETY: as in `timestamp`; the payloads are read unaligned, at their kernel types.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPING) => {
+                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                }
+                (libc::SOL_IP, libc::IP_RECVERR) => {
+                    let e: libc::sock_extended_err =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    is_send = e.ee_errno == libc::ENOMSG as u32
+                        && e.ee_origin == libc::SO_EE_ORIGIN_TIMESTAMPING
+                        && e.ee_info == SCM_TSTAMP_SND;
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    stamp.filter(|&s| is_send && s != 0)
+}
+
+/// `linux/errqueue.h`: the stamp was taken as the packet left for the device (not in libc).
+const SCM_TSTAMP_SND: u32 = 0;
 
 /// The SCM_TIMESTAMPNS of a received datagram, in ns since the epoch.
 fn timestamp(h: &libc::msghdr) -> Option<u64> {
@@ -436,6 +544,13 @@ mod tests {
         let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
+        // Best effort: room for the bursts while this thread is not running.
+        let _ = setsockopt_int(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            4 << 20,
+        );
         let std::net::SocketAddr::V4(addr) = sock.local_addr().unwrap() else {
             unreachable!()
         };
@@ -488,10 +603,59 @@ mod tests {
         assert_eq!(out.latencies.len(), 75);
         // The 5-byte datagrams before each answer match nothing.
         assert_eq!(out.unexpected, 75);
+        // Every query was timed from the kernel's transmit timestamp.
+        assert_eq!(out.without_tx_stamp, 0, "{out:?}");
         // The responder waits 2 ms before answering: every latency includes it, and none
         // includes more than a little scheduling on top.
         assert!(out.latencies[0] >= Duration::from_millis(2), "{out:?}");
         assert!(out.latencies[74] < Duration::from_millis(50), "{out:?}");
+    }
+
+    #[test]
+    fn every_query_of_a_burst_gets_its_own_transmit_timestamp() {
+        // 20 queries per 200 µs tick: sendmmsg bursts of 20, answered at once.
+        let (server, stop, t) = responder(Duration::ZERO, 0, false);
+        let cfg = ProbeConfig {
+            bind: Ipv4Addr::LOCALHOST,
+            server,
+            rate: 100_000,
+            duration: Duration::from_millis(50),
+            timeout: Duration::from_millis(300),
+            tick: Duration::from_micros(200),
+            turns: None,
+        };
+        let out = run(&[query("a.example"), query("bb.example")], &cfg).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert_eq!(out.sent, 5000);
+        // The one-thread responder may drop some when this machine is busy; those that it
+        // answered were all timed from their own transmit timestamps.
+        assert_eq!(out.answered + out.lost, 5000, "{out:?}");
+        assert!(out.answered > 0, "{out:?}");
+        assert_eq!(out.without_tx_stamp, 0, "{out:?}");
+    }
+
+    #[test]
+    fn finds_the_dns_message_in_a_transmitted_frame() {
+        let dns = query("a.example");
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 127, 0, 0, 1, 127, 0, 0, 11,
+        ];
+        let udp_len = (8 + dns.len()) as u16;
+        ip.extend_from_slice(&[0x9c, 0x40, 0, 53]);
+        ip.extend_from_slice(&udp_len.to_be_bytes());
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&dns);
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0x08, 0x00]);
+        frame.extend_from_slice(&ip);
+        assert_eq!(udp_payload(&frame), Some(&dns[..]));
+        assert_eq!(udp_payload(&ip), Some(&dns[..]));
+        // Not UDP, or cut short: nothing.
+        let mut tcp = ip.clone();
+        tcp[9] = 6;
+        assert_eq!(udp_payload(&tcp), None);
+        assert_eq!(udp_payload(&ip[..30]), None);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! - saturation: dnsperf for `--seconds` (default 10) with many queries outstanding -> QPS;
 //!   server CPU (utime+stime of the server process from /proc/PID/stat) / answered queries;
 //! - 50% of that QPS, latency: this program's `--probe` mode (`shoal_benches::dnsprobe`),
-//!   which takes each answer's latency from the kernel's receive timestamp, so that the
-//!   client's own backlog does not count; the probes of all servers take turns in 100 ms
+//!   which takes each answer's latency from the kernel's receive timestamp of the answer
+//!   and transmit timestamp of its query, so that neither the client's own backlog nor its
+//!   own sending counts; the probes of all servers take turns in 100 ms
 //!   slices of one phase -> p50/p99 and lost queries;
 //! - 50% of that QPS as `dnsperf -v` reports it (its receive queue included), for
 //!   comparison only;
@@ -417,8 +418,11 @@ struct Perf {
     client_steal: f64,
     latencies: Vec<Duration>,
     rcodes: String,
-    /// Probe runs: queries sent more than 100 µs behind schedule (the client's health).
+    /// Probe runs: queries sent more than 1 ms behind schedule (the client's health).
     late_sends: u64,
+    /// Probe runs: answers timed from the clock before their burst (no kernel transmit
+    /// timestamp came back for their query).
+    without_tx_stamp: u64,
 }
 
 impl Perf {
@@ -552,6 +556,7 @@ fn dnsperf(
         latencies,
         rcodes: field_line(&text, "Response codes:"),
         late_sends: 0,
+        without_tx_stamp: 0,
     })
 }
 
@@ -650,6 +655,7 @@ fn probe_turns(
             latencies,
             rcodes: field_line(&text, "slow_windows:"),
             late_sends: num("late_sends:")?,
+            without_tx_stamp: num("without_tx_stamp:")?,
         });
     }
     Ok(perfs)
@@ -710,13 +716,14 @@ fn probe_main(args: &[String]) -> anyhow::Result<()> {
     }
     std::fs::write(text("--latencies")?, raw)?;
     println!(
-        "sent: {}\nanswered: {}\nlost: {}\nunexpected: {}\nlate_sends: {}\nmax_send_lag_us: {}",
+        "sent: {}\nanswered: {}\nlost: {}\nunexpected: {}\nlate_sends: {}\nmax_send_lag_us: {}\nwithout_tx_stamp: {}",
         out.sent,
         out.answered,
         out.lost,
         out.unexpected,
         out.late_sends,
-        out.max_send_lag.as_micros()
+        out.max_send_lag.as_micros(),
+        out.without_tx_stamp
     );
     // When the slow answers happened: 10 ms windows with answers over 1 ms.
     let mut windows: Vec<(u64, usize, Duration)> = Vec::new();
@@ -1302,12 +1309,13 @@ fn main() -> anyhow::Result<()> {
                 .zip(halves.into_iter().zip(equals))
             {
                 println!(
-                    "round {round} {server_name} [{label}]: probe @{target_qps}: p50 {} ms p99 {} ms lost {} (client CPU {:.0}%, {} sends >1 ms late); @{equal_qps} (all servers): p50 {} ms p99 {} ms lost {}",
+                    "round {round} {server_name} [{label}]: probe @{target_qps}: p50 {} ms p99 {} ms lost {} (client CPU {:.0}%, {} sends >1 ms late, {} answers without a TX stamp); @{equal_qps} (all servers): p50 {} ms p99 {} ms lost {}",
                     ms3(quantile(&half.latencies, 0.5)),
                     ms3(quantile(&half.latencies, 0.99)),
                     half.lost,
                     half.client_share() * 100.0,
                     half.late_sends,
+                    half.without_tx_stamp,
                     ms3(quantile(&equal.latencies, 0.5)),
                     ms3(quantile(&equal.latencies, 0.99)),
                     equal.lost,
@@ -1477,7 +1485,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "| {} | {} | {} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {} sent, {} lost | {} | {:.0} | {} | {} | {} | {:.0}% / {:.0}%, {} | {:.1}% / {:.1}% | {} / {}, {:.0}% | {} |",
+                "| {} | {} | {} | {:.0} | {:.2} | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {} sent, {} lost | {} | {:.0} | {} | {} | {} | {:.0}% / {:.0}%, {} / {} | {:.1}% / {:.1}% | {} / {}, {:.0}% | {} |",
                 r.round,
                 r.server,
                 MIXES[r.mix].0,
@@ -1497,6 +1505,7 @@ fn main() -> anyhow::Result<()> {
                 r.half.server_busy * 100.0,
                 r.half.client_busy * 100.0,
                 r.half.late_sends,
+                r.half.without_tx_stamp,
                 r.half.server_steal * 100.0,
                 r.half.client_steal * 100.0,
                 ms3(quantile(&r.half_dnsperf.latencies, 0.5)),
@@ -1526,14 +1535,14 @@ fn main() -> anyhow::Result<()> {
          - dnsmasq ({}): `taskset -c {SERVER_CORE} dnsmasq {} --listen-address=10.1.0.1 --addn-hosts=HOSTS` (one `IP NAME` line per address). `--local=/#/`: missing names are NXDOMAIN, never forwarded.\n\
          - Before measuring, every name is asked once from 10.1.0.2 and must get exactly its addresses ({checked} checks per server per round, including 200 missing names that must get NXDOMAIN).\n\
          - Saturation: `dnsperf -l {seconds} {perf_args}` -> QPS = dnsperf's `Queries per second`. CPU per query = the server process's utime+stime (/proc/PID/stat; for shoal-dns the whole benchmark process) during the run / queries answered. QPS per core = answered / server CPU seconds (= 1 / CPU per query). CPU used = the server's and dnsperf's CPU time (dnsperf's from its rusage) / dnsperf's lifetime (including its wait for the last timeouts), as a share of one core: dnsperf near 100% with the server well below means dnsperf was the limit. Core busy (all rounds table) = non-idle share of that core in /proc/stat during the run (includes softirq work not charged to any process, and anything else the machine ran there). Steal (all rounds table) = the share of the 50%-load phase in which the hypervisor ran something else on that virtual core (/proc/stat `steal`): queries that arrive then wait.\n\
-         - 50% load, latency: half that server's saturated QPS for {seconds} s, sent by the probe (`dns_bench --probe`, `shoal_benches::dnsprobe`: the same queries from the same file and address 10.1.0.2, one connected UDP socket, open loop on a fixed schedule, woken at most every {PROBE_TICK_US} µs to send what is due in one `sendmmsg`, answers drained with `recvmmsg`), pinned to core {CLIENT_CORE} like dnsperf. An answer's latency = the kernel's receive timestamp of the answer (`SO_TIMESTAMPNS`; on loopback taken when the server hands it to `lo`) - the clock read just before its query was sent; p50/p99 nearest rank; lost = never answered within 2 s. The same probe at {equal_qps} QPS gives the same-rate table. Probe CPU = its CPU time / the time it was sending; busy and steal at 50% load (all rounds table) are over the whole phase of turns (all servers); \"sends >1 ms late\" counts queries the probe itself sent more than 1 ms behind schedule (a stalled client core), which would show as the server's latency.\n\
+         - 50% load, latency: half that server's saturated QPS for {seconds} s, sent by the probe (`dns_bench --probe`, `shoal_benches::dnsprobe`: the same queries from the same file and address 10.1.0.2, one connected UDP socket, open loop on a fixed schedule, woken at most every {PROBE_TICK_US} µs to send what is due in one `sendmmsg`, answers drained with `recvmmsg`), pinned to core {CLIENT_CORE} like dnsperf. An answer's latency = the kernel's receive timestamp of the answer (`SO_TIMESTAMPNS`; on loopback taken when the server hands it to `lo`) - the kernel's transmit timestamp of its query (`SO_TIMESTAMPING`, software: taken as the query reaches `lo`, read back from the socket's error queue; each query of a burst has its own, so none is charged with the probe's sending of the ones before it; a query whose stamp did not come back is timed from the clock read before its burst and counted in \"answers without a TX stamp\"); p50/p99 nearest rank; lost = never answered within 2 s. The same probe at {equal_qps} QPS gives the same-rate table. Probe CPU = its CPU time / the time it was sending; busy and steal at 50% load (all rounds table) are over the whole phase of turns (all servers); \"sends >1 ms late\" counts queries the probe itself sent more than 1 ms behind schedule (a stalled client core), which would show as the server's latency.\n\
          - 50% load, as dnsperf sees it: `dnsperf -l {seconds} {perf_args} -v -Q <the same rate>`; p50/p99 from dnsperf's per-query lines. dnsperf stamps an answer after its own `recv` and `fflush`es one line per answer, so when its one receive thread falls behind, the wait in its own sockets counts as latency (see below). Shown for comparison, not used for the target.\n\
          - Memory (measured first, before the dnsperf runs, so that no freed heap is reused): {containers} namespaces (`lo` up) created; then RSS (/proc/self/status VmRSS), heap in use (mallinfo2), slab (/proc/meminfo) and /proc/net/sockstat read before and after attaching all of them to one `Resolver` with one shared `Arc<Records>`.\n\
          - Load average at start: {load_start} (the machine is shared; the benchmark and everything it starts run with {sched} so that other work disturbs less, the same for all servers).\n\n\
          Response codes at saturation, mixed queries: \n{}\n\n\
          {NOTES}\n\
          ## All rounds\n\n\
-         | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | 50% rate | QPS @50% | p50 ms | p99 ms | lost @50% | core {SERVER_CORE} / core {CLIENT_CORE} busy @50%, probe sends >1 ms late | steal core {SERVER_CORE} / core {CLIENT_CORE} @50% | dnsperf -v @50%: p50 / p99 ms, its CPU | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
+         | round | server | mix | QPS | µs CPU/q | CPU used: server / dnsperf | core {SERVER_CORE} / core {CLIENT_CORE} busy | saturation | 50% rate | QPS @50% | p50 ms | p99 ms | lost @50% | core {SERVER_CORE} / core {CLIENT_CORE} busy @50%, probe: sends >1 ms late / answers without a TX stamp | steal core {SERVER_CORE} / core {CLIENT_CORE} @50% | dnsperf -v @50%: p50 / p99 ms, its CPU | loadavg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n\
          Anchors from DESIGN.md (dnsperf, 2 cores, local names; earlier runs): aardvark-dns about 111k QPS per core, dnsmasq about 150k, unbound about 156k; Docker's resolver about 9k QPS.\n\n\
          Reproduce (root): `scripts/deps.sh && cargo run --release -p shoal-benches --bin dns_bench -- --seconds {seconds} --rounds {rounds} --containers {containers} --fifo {fifo}`\n",
         // Not available_parallelism(): this process is pinned to one core.
