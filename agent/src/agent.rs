@@ -17,14 +17,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::cluster::{Cluster, NODES, encode};
 use crate::config::{AgentConfig, StoreKind};
 use crate::desired::{self, View};
+use crate::drift::{Check, DriftWatch, Drifted};
 use crate::liveness::Liveness;
 use crate::model::{Node, NodeStatus, Service, Task, TaskState};
 use crate::runtime::{Exited, ProcessRuntime, Runtime, TaskSpec};
 use crate::state::{ClusterState, spawn_cache};
 use crate::store::Store;
 
-/// Period of the full resync when nothing else happens.
-const RESYNC: Duration = Duration::from_secs(10);
+/// How often the drift canary reads the nf_tables generations of our namespaces (one
+/// netlink round trip each): a flushed table is back within about this long.
+const DRIFT_CANARY: Duration = Duration::from_secs(1);
 
 /// What the agent last did, for `node inspect` and the API.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -98,6 +100,17 @@ pub struct Agent {
     lost_cleaned: std::collections::BTreeSet<std::net::Ipv4Addr>,
     /// Task address -> its node, for [`desired::lost_targets`].
     target_nodes: BTreeMap<std::net::Ipv4Addr, String>,
+    /// Where our nft tables are, to notice someone else changing them.
+    drift: DriftWatch,
+    /// Tables found changed by someone else, until they are written again: (netns, table)
+    /// -> (dataplane, confirmed by read-back).
+    drift_pending: HashMap<(String, &'static str), (&'static str, bool)>,
+    /// Overlay and ingress specs as last applied, to tell a repair (the kernel diff changed
+    /// something though the spec did not) from a change.
+    mesh_applied: HashMap<String, shoal_mesh::NetworkSpec>,
+    ingress_applied: Option<shoal_mesh::ingress::IngressSpec>,
+    /// Tasks whose DNS listener ended and is to be attached again.
+    dns_reattach: HashSet<String>,
 }
 
 /// The agent's own namespace (the node's): published ports are programmed here.
@@ -308,6 +321,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node_clean: false,
         lost_cleaned: Default::default(),
         target_nodes: Default::default(),
+        drift: DriftWatch::new(shoal_lb::Applier::global().clone()),
+        drift_pending: HashMap::new(),
+        mesh_applied: HashMap::new(),
+        ingress_applied: None,
+        dns_reattach: HashSet::new(),
     };
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
@@ -320,11 +338,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut first = true;
+    let resync = agent.cfg.resync_period();
+    // A full pass (every table of ours read back, IPVS diffed against the kernel) at least
+    // once per resync period, however busy the watch is; in between, the cheap drift canary
+    // (one nf_tables generation read per namespace) every DRIFT_CANARY.
+    let mut next_full = tokio::time::Instant::now() + resync;
+    let mut canary = tokio::time::interval(DRIFT_CANARY);
+    canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             r = state_rx.changed() => { if r.is_err() { break; } }
             Some(ex) = exit_rx.recv() => { agent.on_exit(&state_rx, ex).await; }
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep_until(next_full) => {}
+            _ = canary.tick() => {
+                if !agent.drift.moved().await {
+                    continue;
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
@@ -337,9 +367,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             first = false;
         }
         let started = std::time::Instant::now();
+        let full = tokio::time::Instant::now() >= next_full;
+        if full {
+            next_full = tokio::time::Instant::now() + resync;
+        }
         agent
-            .pass(&st)
-            .instrument(info_span!("sync", revision = st.revision))
+            .pass(&st, full)
+            .instrument(info_span!("sync", revision = st.revision, full))
             .await;
         let failed = !agent.report.lock().expect("lock").last_pass_ok;
         crate::metrics::global().pass_done(st.revision, started.elapsed(), failed);
@@ -388,12 +422,14 @@ impl Agent {
         }
     }
 
-    async fn pass(&mut self, st: &ClusterState) {
+    async fn pass(&mut self, st: &ClusterState, full: bool) {
         let mut errors = vec![];
         // Liveness as this agent may act on it (see liveness.rs: after a store outage the
         // last trusted picture is kept until the nodes have had time to re-register).
         let st = &*self.liveness.adjust(st);
-        if let Err(e) = self.reconcile(st, &mut errors).await {
+        let drifted = self.drift.check(full).await;
+        self.on_drift(drifted);
+        if let Err(e) = self.reconcile(st, full, &mut errors).await {
             errors.push(format!("{e:#}"));
         }
         // Ports in use on this node, for the publish conflict check.
@@ -463,6 +499,66 @@ impl Agent {
         }
     }
 
+    /// Tables someone else changed: their appliers forget what they applied, so this pass
+    /// writes them again (a VIP table is read back and repaired in place by its syncer).
+    fn on_drift(&mut self, drifted: Vec<Drifted>) {
+        for d in drifted {
+            if d.confirmed {
+                warn!(netns = %d.netns, table = d.table, dataplane = d.dataplane, "kernel drift: table changed or deleted by someone else; putting it back");
+            } else {
+                debug!(netns = %d.netns, table = d.table, "nf_tables generation moved; reading the table back");
+            }
+            match d.dataplane {
+                "guard" => self.guard_applied = None,
+                "publish" => self.publish_applied = None,
+                "marks" => self.marks_applied = None,
+                "lb_nft" => {
+                    self.lb_applied.remove(&d.key);
+                    self.lb.forget(&d.netns);
+                }
+                "lb_ipvs" => {
+                    self.lb_applied.remove(&d.key);
+                }
+                other => debug!(dataplane = other, "drift of a table no applier owns"),
+            }
+            self.drift_pending
+                .insert((d.netns, d.table), (d.dataplane, d.confirmed));
+        }
+    }
+
+    /// An applier wrote `table` in `netns` (`changed`: the write changed the kernel): the
+    /// drift watch takes note, and a pending drift of that table counts as repaired.
+    #[allow(clippy::too_many_arguments)]
+    async fn wrote(
+        &mut self,
+        netns: &str,
+        table: &'static str,
+        dataplane: &'static str,
+        key: &str,
+        check: Check,
+        changed: bool,
+        errors: &mut Vec<String>,
+    ) {
+        if let Some((dp, confirmed)) = self.drift_pending.remove(&(netns.to_string(), table))
+            && (confirmed || changed)
+        {
+            if !confirmed {
+                warn!(
+                    netns,
+                    table,
+                    dataplane = dp,
+                    "kernel drift: table changed by someone else; repaired in place"
+                );
+            } else {
+                info!(netns, table, dataplane = dp, "kernel drift repaired");
+            }
+            crate::metrics::global().drift_repaired(dp);
+        }
+        if let Err(e) = self.drift.wrote(netns, table, dataplane, key, check).await {
+            errors.push(format!("drift watch of {table} in {netns}: {e}"));
+        }
+    }
+
     /// Applies the VIP ruleset of each network in `nets` whose ruleset changed.
     /// `removals_only` (the fast path, before this pass has routed new endpoints): services
     /// and backends only leave; a backend with no route yet would answer its first clients
@@ -472,8 +568,10 @@ impl Agent {
         st: &ClusterState,
         nets: &HashSet<String>,
         removals_only: bool,
+        full: bool,
         errors: &mut Vec<String>,
     ) {
+        let ipvs = self.cfg.lb.dataplane == crate::config::Dataplane::Ipvs;
         for net_id in nets {
             let Some(net) = st.network_by_id(net_id).filter(|n| !n.ingress) else {
                 continue;
@@ -482,6 +580,7 @@ impl Agent {
             if !shoal_netns::exists(&netns) {
                 self.lb_applied.remove(net_id);
                 self.lb.forget(&netns);
+                self.drift.forget_ns(&netns);
                 continue;
             }
             let mut rs = desired::lb_ruleset(st, &self.node_id, net_id);
@@ -491,10 +590,12 @@ impl Agent {
                 };
                 rs = desired::removals_only(&rs, old);
             }
-            if self.lb_applied.get(net_id) == Some(&rs) {
+            let unchanged = self.lb_applied.get(net_id) == Some(&rs);
+            // IPVS has no generation to watch: a full pass diffs it against the kernel.
+            if unchanged && !(ipvs && full && !removals_only) {
                 continue;
             }
-            if self.cfg.lb.dataplane == crate::config::Dataplane::Ipvs {
+            if ipvs {
                 // IPVS services (diff against the kernel's table, so a failed run converges on
                 // the next pass) + the companion nft table. Without IPVS in the kernel: the
                 // clear NoIpvs error, reported on every pass.
@@ -505,9 +606,24 @@ impl Agent {
                 match res {
                     Ok(ops) => {
                         debug!(netns = %netns, services = rs.services.len(), ipvs_ops = ops.len(), "VIP ruleset synced (IPVS)");
+                        if unchanged && !ops.is_empty() {
+                            warn!(netns = %netns, ipvs_ops = ops.len(), "kernel drift: IPVS services changed by someone else; put back");
+                            crate::metrics::global().drift_repaired("lb_ipvs");
+                        }
                         self.lb_applied.insert(net_id.clone(), rs);
+                        self.wrote(
+                            &netns,
+                            shoal_lb::ipvs::COMPANION_TABLE,
+                            "lb_ipvs",
+                            net_id,
+                            Check::Fingerprint,
+                            true,
+                            errors,
+                        )
+                        .await;
                     }
                     Err(e) => {
+                        crate::metrics::global().apply_error("lb_ipvs");
                         self.lb_applied.remove(net_id);
                         errors.push(format!("IPVS ruleset of {netns}: {e}"));
                     }
@@ -528,8 +644,19 @@ impl Agent {
                 Ok(r) => {
                     debug!(netns = %netns, services = rs.services.len(), kind = ?r.kind, "VIP ruleset synced");
                     self.lb_applied.insert(net_id.clone(), rs);
+                    self.wrote(
+                        &netns,
+                        desired::LB_TABLE,
+                        "lb_nft",
+                        net_id,
+                        Check::Resync,
+                        r.kind != shoal_lb::SyncKind::Unchanged,
+                        errors,
+                    )
+                    .await;
                 }
                 Err(e) => {
+                    crate::metrics::global().apply_error("lb_nft");
                     self.lb_applied.remove(net_id);
                     errors.push(format!("ruleset of {netns}: {e}"));
                 }
@@ -600,8 +727,19 @@ impl Agent {
                     errors.push(format!("published ports: {e}"));
                 }
                 self.publish_applied = Some(spec);
+                self.wrote(
+                    NODE_NS,
+                    shoal_lb::publish::PUBLISH_TABLE,
+                    "publish",
+                    "",
+                    Check::Fingerprint,
+                    true,
+                    errors,
+                )
+                .await;
             }
             Err(e) => {
+                crate::metrics::global().apply_error("publish");
                 self.publish_applied = None;
                 errors.push(format!("published ports: {e}"));
             }
@@ -693,6 +831,9 @@ impl Agent {
                 self.publish_applied = None;
                 self.marks_applied = None;
                 self.node_clean = true;
+                self.drift
+                    .untrack(NODE_NS, shoal_lb::publish::PUBLISH_TABLE)
+                    .await;
             }
             Err(e) => errors.push(format!("removing published ports: {e:#}")),
         }
@@ -709,6 +850,21 @@ impl Agent {
         attach_new: bool,
         errors: &mut Vec<String>,
     ) {
+        if attach_new {
+            // A listener that ended (its socket failed) is attached again below.
+            let dead: Vec<String> = self
+                .dns_views
+                .keys()
+                .filter(|id| self.resolver.serving(id) == Some(false))
+                .cloned()
+                .collect();
+            for id in dead {
+                warn!(task = %id, "kernel drift: the 127.0.0.11 listener of a task ended; attaching it again");
+                self.resolver.detach(&id).await;
+                self.dns_views.remove(&id);
+                self.dns_reattach.insert(id);
+            }
+        }
         let mut views: BTreeMap<Vec<String>, (View, Arc<shoal_dns::Records>)> = BTreeMap::new();
         for (t, _) in local {
             if stopping.contains(&t.id) || t.desired_state != TaskState::Running {
@@ -745,6 +901,9 @@ impl Agent {
                 },
                 None => match self.resolver.attach(&t.id, &ns, records).await {
                     Ok(()) => {
+                        if self.dns_reattach.remove(&t.id) {
+                            crate::metrics::global().drift_repaired("dns");
+                        }
                         self.dns_views.insert(t.id.clone(), view);
                     }
                     Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
@@ -756,6 +915,7 @@ impl Agent {
     async fn reconcile(
         &mut self,
         st: &ClusterState,
+        full: bool,
         errors: &mut Vec<String>,
     ) -> anyhow::Result<()> {
         let local: Vec<(Task, i64)> = st
@@ -774,8 +934,21 @@ impl Agent {
                 Ok(()) => {
                     info!(peers = ?guard.peers, "underlay guard programmed");
                     self.guard_applied = Some(guard);
+                    self.wrote(
+                        NODE_NS,
+                        shoal_lb::guard::GUARD_TABLE,
+                        "guard",
+                        "",
+                        Check::Fingerprint,
+                        true,
+                        errors,
+                    )
+                    .await;
                 }
-                Err(e) => errors.push(format!("underlay guard: {e}")),
+                Err(e) => {
+                    crate::metrics::global().apply_error("guard");
+                    errors.push(format!("underlay guard: {e}"));
+                }
             }
         }
         let stopping = self.stopping.lock().expect("lock").clone();
@@ -793,7 +966,7 @@ impl Agent {
         {
             known.insert(ing.id.clone());
         }
-        self.sync_lb(st, &known, true, errors).await;
+        self.sync_lb(st, &known, true, full, errors).await;
         if self.marks_applied.is_some() {
             self.sync_publish(st, true, errors).await;
         }
@@ -821,12 +994,22 @@ impl Agent {
         for (net_id, spec) in &specs {
             match shoal_mesh::apply_network(spec).await {
                 Ok(applied) => {
-                    if !applied.created.is_empty() || !applied.removed.is_empty() {
-                        info!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "overlay endpoints changed");
+                    if !applied.is_empty() {
+                        if self.mesh_applied.get(net_id) == Some(spec) {
+                            warn!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "kernel drift: overlay objects changed by someone else; put back");
+                            crate::metrics::global().drift_repaired("mesh");
+                        } else {
+                            info!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "overlay endpoints changed");
+                        }
                     }
+                    self.mesh_applied.insert(net_id.clone(), spec.clone());
                     ok_networks.insert(net_id.clone());
                 }
-                Err(e) => errors.push(format!("network {}: {e}", spec.netns)),
+                Err(e) => {
+                    crate::metrics::global().apply_error("mesh");
+                    self.mesh_applied.remove(net_id);
+                    errors.push(format!("network {}: {e}", spec.netns));
+                }
             }
         }
         let wanted_ns: HashSet<&str> = specs.values().map(|s| s.netns.as_str()).collect();
@@ -835,12 +1018,14 @@ impl Agent {
             if ns.starts_with(&net_prefix) && !wanted_ns.contains(ns.as_str()) {
                 info!(netns = %ns, "removing overlay network namespace no longer used on this node");
                 self.lb.forget(&ns);
+                self.drift.forget_ns(&ns);
                 if let Err(e) = shoal_mesh::remove_network(&ns).await {
                     errors.push(format!("removing {ns}: {e}"));
                 }
             }
         }
         self.lb_applied.retain(|id, _| specs.contains_key(id));
+        self.mesh_applied.retain(|id, _| specs.contains_key(id));
         // 2b. Ingress plumbing and published ports.
         let ingress_ok = desired::ingress_network(st).is_some_and(|n| ok_networks.contains(&n.id));
         match desired::ingress_spec(
@@ -851,7 +1036,12 @@ impl Agent {
             &has_ns,
         ) {
             Some(spec) if ingress_ok => match shoal_mesh::ingress::apply_ingress(&spec).await {
-                Ok(_) => {
+                Ok(applied) => {
+                    if !applied.is_empty() && self.ingress_applied.as_ref() == Some(&spec) {
+                        warn!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "kernel drift: ingress plumbing changed by someone else; put back");
+                        crate::metrics::global().drift_repaired("mesh");
+                    }
+                    self.ingress_applied = Some(spec.clone());
                     let marks = desired::ingress_marks(st, &self.node_id);
                     if self.marks_applied.as_ref() != Some(&marks) {
                         match shoal_lb::publish::apply_marks(
@@ -862,21 +1052,40 @@ impl Agent {
                         )
                         .await
                         {
-                            Ok(()) => self.marks_applied = Some(marks),
-                            Err(e) => errors.push(format!("node marks of {}: {e}", spec.netns)),
+                            Ok(()) => {
+                                self.marks_applied = Some(marks);
+                                self.wrote(
+                                    &spec.netns,
+                                    shoal_lb::publish::MARK_TABLE,
+                                    "marks",
+                                    "",
+                                    Check::Fingerprint,
+                                    true,
+                                    errors,
+                                )
+                                .await;
+                            }
+                            Err(e) => {
+                                crate::metrics::global().apply_error("marks");
+                                errors.push(format!("node marks of {}: {e}", spec.netns));
+                            }
                         }
                     }
                     if self.marks_applied.is_some() {
                         self.sync_publish(st, false, errors).await;
                     }
                 }
-                Err(e) => errors.push(format!("ingress plumbing: {e}")),
+                Err(e) => {
+                    crate::metrics::global().apply_error("mesh");
+                    self.ingress_applied = None;
+                    errors.push(format!("ingress plumbing: {e}"));
+                }
             },
             Some(_) => {}
             None => self.unpublish(errors).await,
         }
         // 3. VIP rulesets, applied when they changed.
-        self.sync_lb(st, &ok_networks, false, errors).await;
+        self.sync_lb(st, &ok_networks, false, full, errors).await;
         self.clean_lost(st, errors).await;
         // 4. DNS views of local containers, new ones attached.
         self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
@@ -938,6 +1147,7 @@ impl Agent {
                 _ => {}
             }
         }
+        self.dns_reattach.retain(|id| st.tasks.contains_key(id));
         self.health.retain(|id, h| {
             let keep = st.tasks.contains_key(id);
             if !keep {

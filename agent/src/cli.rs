@@ -114,6 +114,10 @@ pub struct AgentArgs {
     /// [config: lease_ttl_secs; default: 3]
     #[arg(long, env = "SHOAL_LEASE_TTL_SECS")]
     pub lease_ttl_secs: Option<u64>,
+    /// Seconds between full reconcile passes: the longest a deleted kernel object of
+    /// Shoal's stays gone [config: resync_secs; default: 10]
+    #[arg(long, env = "SHOAL_RESYNC_SECS")]
+    pub resync_secs: Option<u64>,
     /// Prometheus /metrics address ip:port, "" to turn it off
     /// [config: metrics_addr; default: 127.0.0.1:9469]
     #[arg(long, env = "SHOAL_METRICS_ADDR")]
@@ -180,6 +184,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.lease_ttl_secs {
             c.lease_ttl_secs = v;
+        }
+        if let Some(v) = self.resync_secs {
+            c.resync_secs = v;
         }
         if let Some(v) = &self.metrics_addr {
             c.metrics_addr = v.clone();

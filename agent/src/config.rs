@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// TTL of the node's liveness lease: a node whose agent stops renewing it is declared
     /// down this long after its last renewal.
     pub lease_ttl_secs: u64,
+    /// Seconds between full reconcile passes when nothing else happens: the longest an
+    /// object someone else deleted (an nft flush, a removed route) stays gone.
+    pub resync_secs: u64,
     /// Underlay interface for VXLAN (default: the one holding advertise_addr).
     pub underlay_dev: Option<String>,
     /// How VIPs are load-balanced.
@@ -139,6 +142,7 @@ impl Default for AgentConfig {
             stop_grace_secs: 1,
             kill_timeout_secs: 5,
             lease_ttl_secs: 3,
+            resync_secs: 10,
             underlay_dev: None,
             lb: LbSettings::default(),
             metrics_addr: DEFAULT_METRICS_ADDR.into(),
@@ -203,6 +207,11 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// The period of full passes ([`AgentConfig::resync_secs`]).
+    pub fn resync_period(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.resync_secs)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         shoal_netns::validate_name(&format!("{}x", self.netns_prefix)).map_err(|_| {
             anyhow::anyhow!(
@@ -215,6 +224,9 @@ impl AgentConfig {
                 "lease_ttl_secs {} is out of range (1-3600)",
                 self.lease_ttl_secs
             );
+        }
+        if !(1..=3600).contains(&self.resync_secs) {
+            anyhow::bail!("resync_secs {} is out of range (1-3600)", self.resync_secs);
         }
         if self.store.kind == StoreKind::Etcd && self.store.endpoints.is_empty() {
             anyhow::bail!("store.kind = \"etcd\" needs store.endpoints");

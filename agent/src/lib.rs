@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod compare;
 pub mod config;
 pub mod desired;
+pub mod drift;
 pub mod health;
 pub mod lab;
 pub mod listening;

@@ -96,8 +96,17 @@ fn write_buckets(
 /// LB sync kinds counted separately.
 pub const SYNC_KINDS: [&str; 4] = ["full", "incremental", "ipvs", "publish"];
 
+/// The node's dataplanes, as `/metrics` labels them (drift repairs, apply errors).
+pub const DATAPLANES: [&str; 7] = [
+    "guard", "publish", "marks", "lb_nft", "lb_ipvs", "mesh", "dns",
+];
+
 /// The agent's own counters.
 pub struct AgentMetrics {
+    /// Kernel drift found and repaired, per dataplane (an index of [`DATAPLANES`]).
+    drift_repairs: [AtomicU64; DATAPLANES.len()],
+    /// Failed apply runs, per dataplane.
+    apply_errors: [AtomicU64; DATAPLANES.len()],
     syncs: [AtomicU64; SYNC_KINDS.len()],
     sync_errors: [AtomicU64; SYNC_KINDS.len()],
     sync_seconds: Vec<Histogram>,
@@ -119,6 +128,8 @@ pub struct AgentMetrics {
 impl Default for AgentMetrics {
     fn default() -> Self {
         AgentMetrics {
+            drift_repairs: Default::default(),
+            apply_errors: Default::default(),
             syncs: Default::default(),
             sync_errors: Default::default(),
             sync_seconds: SYNC_KINDS
@@ -155,6 +166,29 @@ impl AgentMetrics {
             self.sync_errors[i].fetch_add(1, Relaxed);
         }
         self.sync_seconds[i].observe(took);
+    }
+
+    /// Someone else changed a kernel object of `dataplane` (a name in [`DATAPLANES`]) and
+    /// this pass put it back.
+    pub fn drift_repaired(&self, dataplane: &str) {
+        if let Some(i) = DATAPLANES.iter().position(|k| *k == dataplane) {
+            self.drift_repairs[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// An apply run of `dataplane` failed.
+    pub fn apply_error(&self, dataplane: &str) {
+        if let Some(i) = DATAPLANES.iter().position(|k| *k == dataplane) {
+            self.apply_errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Repairs counted for `dataplane` so far.
+    pub fn drift_repairs(&self, dataplane: &str) -> u64 {
+        DATAPLANES
+            .iter()
+            .position(|k| *k == dataplane)
+            .map_or(0, |i| self.drift_repairs[i].load(Relaxed))
     }
 
     /// The watch delivered `revision`.
@@ -264,6 +298,32 @@ pub fn render(src: &MetricsSources) -> String {
         d.latency_sum,
     );
 
+    help(
+        &mut out,
+        "shoal_drift_repairs_total",
+        "counter",
+        "Kernel objects of Shoal's that someone else deleted or changed (an nft flush, a firewall reload, ipvsadm -C, a deleted route) and that the agent put back, by dataplane.",
+    );
+    for (i, k) in DATAPLANES.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "shoal_drift_repairs_total{{dataplane=\"{k}\"}} {}",
+            m.drift_repairs[i].load(Relaxed)
+        );
+    }
+    help(
+        &mut out,
+        "shoal_apply_errors_total",
+        "counter",
+        "Failed runs of a dataplane's applier (retried on the next pass), by dataplane.",
+    );
+    for (i, k) in DATAPLANES.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "shoal_apply_errors_total{{dataplane=\"{k}\"}} {}",
+            m.apply_errors[i].load(Relaxed)
+        );
+    }
     help(
         &mut out,
         "shoal_lb_syncs_total",

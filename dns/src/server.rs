@@ -200,6 +200,14 @@ impl Resolver {
         info!(container = id, "dns detached");
     }
 
+    /// Whether `id`'s listeners still run (None: not attached). A listener whose socket failed
+    /// for good has ended: the caller detaches and attaches again.
+    pub fn serving(&self, id: &str) -> Option<bool> {
+        self.table()
+            .get(id)
+            .map(|a| a.tasks.iter().all(|t| !t.is_finished()))
+    }
+
     /// Ids of the attached containers, sorted.
     pub fn attached(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.table().keys().cloned().collect();

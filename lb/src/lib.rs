@@ -59,8 +59,8 @@ pub use model::{
     chain_rules, hash_slots,
 };
 pub use nft::{
-    Applier, BACKEND_ENV, ElementLoad, SyncKind, SyncReport, Syncer, apply, check, delete_table,
-    list_table, load_elements,
+    Applier, BACKEND_ENV, ElementLoad, Generation, GenerationReader, SyncKind, SyncReport, Syncer,
+    apply, check, delete_table, list_table, load_elements,
 };
 
 /// Transport protocol of a service port.
@@ -180,6 +180,14 @@ pub enum LbError {
     Elements {
         netns: String,
         map: Option<String>,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the nf_tables generation of a namespace failed.
+    #[error("reading the nf_tables generation in network namespace {netns:?}: {what}: {source}")]
+    Generation {
+        netns: String,
         what: String,
         #[source]
         source: std::io::Error,

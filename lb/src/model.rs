@@ -92,6 +92,18 @@ const BASE_CHAIN_NAMES: [&str; 7] = [
     "input",
 ];
 
+/// How many rules base chain `name` has in [`BASE_CHAINS`] (its `type` line is none).
+fn base_chain_rule_count(name: &str) -> usize {
+    let head = format!("\tchain {name} {{");
+    BASE_CHAINS
+        .lines()
+        .skip_while(|l| *l != head)
+        .skip(1)
+        .take_while(|l| *l != "\t}")
+        .filter(|l| !l.trim_start().starts_with("type "))
+        .count()
+}
+
 /// The maps and sets of the table, in render order, with their declarations.
 const MAPS: [(&str, &str); 10] = [
     ("vips", "set vips {\n\t\ttype ipv4_addr"),
@@ -557,8 +569,15 @@ impl Model {
         };
         let mut maps_seen = BTreeSet::new();
         let mut base_seen = BTreeSet::new();
+        // Rules per chain: a table whose chains were flushed (`nft flush table`) or lost a
+        // rule still has every chain and map, but is not ours to update in place.
+        let mut rules: BTreeMap<String, usize> = BTreeMap::new();
         for obj in v.get("nftables")?.as_array()? {
-            if let Some(c) = obj.get("chain") {
+            if let Some(r) = obj.get("rule") {
+                *rules
+                    .entry(r.get("chain")?.as_str()?.to_string())
+                    .or_default() += 1;
+            } else if let Some(c) = obj.get("chain") {
                 let name = c.get("name")?.as_str()?;
                 if BASE_CHAIN_NAMES.contains(&name) {
                     base_seen.insert(name);
@@ -583,7 +602,17 @@ impl Model {
             .map(|(n, _)| n.to_string())
             .chain(["affinity".to_string()])
             .collect();
-        (maps_seen == want && base_seen.len() == BASE_CHAIN_NAMES.len()).then_some(m)
+        let rules_as_rendered = BASE_CHAIN_NAMES
+            .iter()
+            .map(|c| (c.to_string(), base_chain_rule_count(c)))
+            .chain(
+                m.chains
+                    .iter()
+                    .map(|c| (c.clone(), chain_rules(c).map_or(0, |r| r.len()))),
+            )
+            .all(|(c, n)| rules.get(&c).copied().unwrap_or(0) == n);
+        (maps_seen == want && base_seen.len() == BASE_CHAIN_NAMES.len() && rules_as_rendered)
+            .then_some(m)
     }
 
     fn read_element(&mut self, map: &str, e: &Value) -> Option<()> {

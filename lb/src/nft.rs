@@ -2,6 +2,7 @@
 //! libnftables when it can be loaded (see `libnft`), else by spawning `nft`.
 
 mod elements;
+mod generation;
 mod libnft;
 mod process;
 mod sync;
@@ -13,6 +14,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::{LbError, Ruleset, render, validate};
 
 pub use elements::{ElementLoad, load_elements};
+pub use generation::{Generation, GenerationReader};
 pub use sync::{SyncKind, SyncReport, Syncer};
 
 /// Environment variable: `process` makes the process-wide [`Applier`] spawn `nft` even when
@@ -33,6 +35,8 @@ enum Cmd {
     Script { text: String, dry_run: bool },
     /// `nft list table ip TABLE`.
     ListTable(String),
+    /// `nft -s list table ip TABLE`.
+    ListStateless(String),
     /// `nft -j list OBJECT` (e.g. `table ip T`, `map ip T affinity`).
     ListJson(String),
 }
@@ -186,6 +190,24 @@ impl Applier {
         }
     }
 
+    /// `nft -s list table ip TABLE` (the table without counter values: the same text for as
+    /// long as nobody changes the table), or None when the table does not exist. What a
+    /// drift check compares with the listing taken right after our own write.
+    #[instrument(skip(self))]
+    pub async fn fingerprint(&self, netns: &str, table: &str) -> Result<Option<String>, LbError> {
+        check_table_name(table)?;
+        match self
+            .run(netns, "list", Cmd::ListStateless(table.to_string()))
+            .await
+        {
+            Ok(out) => Ok(Some(out)),
+            Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `nft -j list OBJECT` (`OBJECT` e.g. `table ip T`), or None when it does not exist.
     async fn list_json(&self, netns: &str, object: String) -> Result<Option<String>, LbError> {
         match self.run(netns, "list", Cmd::ListJson(object)).await {
@@ -247,6 +269,9 @@ impl Applier {
                 Cmd::ListTable(table) => {
                     process::run(netns, &["list", "table", "ip", table], None).await?
                 }
+                Cmd::ListStateless(table) => {
+                    process::run(netns, &["-s", "list", "table", "ip", table], None).await?
+                }
                 Cmd::ListJson(what) => {
                     let mut args = vec!["-j", "list"];
                     args.extend(what.split(' '));
@@ -267,6 +292,10 @@ impl Applier {
                     Cmd::ListTable(table) => {
                         contexts.run(&ns, &libnft::Cmd::Line(&format!("list table ip {table}")))
                     }
+                    Cmd::ListStateless(table) => contexts.run(
+                        &ns,
+                        &libnft::Cmd::StatelessLine(&format!("list table ip {table}")),
+                    ),
                     Cmd::ListJson(what) => {
                         contexts.run(&ns, &libnft::Cmd::JsonLine(&format!("list {what}")))
                     }
@@ -326,7 +355,7 @@ fn finish(netns: &str, action: &'static str, cmd: &Cmd, out: Output) -> Result<S
     let stderr = out.stderr.trim().to_string();
     let failing_line = match cmd {
         Cmd::Script { text, .. } => failing_line(&stderr, text),
-        Cmd::ListTable(_) | Cmd::ListJson(_) => None,
+        Cmd::ListTable(_) | Cmd::ListStateless(_) | Cmd::ListJson(_) => None,
     };
     Err(LbError::Nft {
         netns: netns.to_string(),

@@ -551,3 +551,95 @@ fn removed_backend_takes_its_unanswered_tcp_attempts() {
         "source port {port} still sent to the gone backend: {after:?}"
     );
 }
+
+fn nft_in(ns: &str, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft {args:?}: {out:?}");
+}
+
+/// Drift: a table someone flushed (`nft flush table`: every chain and map left, no rule) or
+/// that lost one rule is not adopted as it is: the syncer's read-back (what the agent does
+/// once the nf_tables generation moved) replaces it, and it equals a fresh table again.
+#[test]
+fn forgotten_namespace_repairs_a_flushed_or_edited_table() {
+    require_root_and_nft();
+    let mut guard = NsGuard::default();
+    let ns = guard.create();
+    let full = guard.create();
+    let rs = fixtures::several();
+    block_on(shoal_lb::apply(&full, &rs)).unwrap();
+    let mut s = syncer();
+    block_on(s.sync(&ns, &rs)).unwrap();
+    let mut gens = shoal_lb::GenerationReader::new();
+    let g0 = gens.read(&ns).unwrap();
+    assert_eq!(
+        gens.read(&ns).unwrap(),
+        g0,
+        "nothing changed, same generation"
+    );
+    let damage: [&[&str]; 3] = [
+        &["flush", "table", "ip", TABLE],
+        &["flush", "chain", "ip", TABLE, "input"],
+        &["delete", "table", "ip", TABLE],
+    ];
+    for d in damage {
+        let g = gens.read(&ns).unwrap();
+        nft_in(&ns, d);
+        assert_ne!(gens.read(&ns).unwrap(), g, "{d:?} moved the generation");
+        // Without a read-back the syncer trusts its memory: nothing to do.
+        let r = block_on(s.sync(&ns, &rs)).unwrap();
+        assert_eq!(r.kind, SyncKind::Unchanged, "{d:?}");
+        s.forget(&ns);
+        let r = block_on(s.sync(&ns, &rs)).unwrap();
+        assert_eq!(r.kind, SyncKind::Full, "{d:?}: replaced, not adopted");
+        assert_eq!(
+            sorted_lines(&listing(&ns)),
+            sorted_lines(&listing(&full)),
+            "after {d:?}"
+        );
+        // And an intact table is adopted without a write.
+        s.forget(&ns);
+        let g = gens.read(&ns).unwrap();
+        let r = block_on(s.sync(&ns, &rs)).unwrap();
+        assert_eq!((r.kind, r.adopted), (SyncKind::Unchanged, true), "{d:?}");
+        assert_eq!(gens.read(&ns).unwrap(), g, "adoption wrote nothing");
+    }
+}
+
+/// A namespace deleted and made again under the same name is read afresh (its own
+/// generation), not through the old namespace's socket.
+#[test]
+fn generation_of_a_recreated_namespace_is_its_own() {
+    require_root_and_nft();
+    let mut guard = NsGuard::default();
+    let ns = guard.create();
+    let mut gens = shoal_lb::GenerationReader::new();
+    for _ in 0..5 {
+        nft_in(&ns, &["add", "table", "ip", "t"]);
+        nft_in(&ns, &["delete", "table", "ip", "t"]);
+    }
+    let busy = gens.read(&ns).unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        gens.read(&ns).is_err(),
+        "a deleted namespace has no generation"
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let fresh = gens.read(&ns).unwrap();
+    assert!(
+        fresh < busy,
+        "fresh namespace {fresh} vs the old one's {busy}"
+    );
+}

@@ -73,6 +73,8 @@ type CtxSetFlags = unsafe extern "C" fn(*mut NftCtx, u32);
 
 /// `NFT_CTX_OUTPUT_JSON`: list in JSON (`nft -j`).
 const NFT_CTX_OUTPUT_JSON: u32 = 1 << 4;
+/// `NFT_CTX_OUTPUT_STATELESS`: no counter values (`nft -s`).
+const NFT_CTX_OUTPUT_STATELESS: u32 = 1 << 2;
 
 /// `NFT_CTX_DEFAULT`: a context with a netlink socket.
 const NFT_CTX_DEFAULT: u32 = 0;
@@ -210,6 +212,8 @@ pub(crate) enum Cmd<'a> {
     Line(&'a str),
     /// A one-line command with JSON output, as `nft -j CMD` runs it.
     JsonLine(&'a str),
+    /// A one-line command without stateful values (counters), as `nft -s CMD` runs it.
+    StatelessLine(&'a str),
 }
 
 impl Ctx {
@@ -220,13 +224,17 @@ impl Ctx {
                 // SAFETY: exclusive use of a live context; `c` outlives the call.
                 unsafe { (self.lib.run_cmd_from_buffer)(self.ptr, c.as_ptr()) }
             }
-            Cmd::JsonLine(line) => {
+            Cmd::JsonLine(line) | Cmd::StatelessLine(line) => {
+                let extra = match cmd {
+                    Cmd::JsonLine(_) => NFT_CTX_OUTPUT_JSON,
+                    _ => NFT_CTX_OUTPUT_STATELESS,
+                };
                 let c = CString::new(*line).map_err(std::io::Error::other)?;
                 // SAFETY: exclusive use of a live context; `c` outlives the call. The output
                 // flags are restored before the context's mutex is released.
                 unsafe {
                     let flags = (self.lib.output_get_flags)(self.ptr);
-                    (self.lib.output_set_flags)(self.ptr, flags | NFT_CTX_OUTPUT_JSON);
+                    (self.lib.output_set_flags)(self.ptr, flags | extra);
                     let rc = (self.lib.run_cmd_from_buffer)(self.ptr, c.as_ptr());
                     (self.lib.output_set_flags)(self.ptr, flags);
                     rc
@@ -259,7 +267,7 @@ impl Ctx {
         };
         let stderr = match cmd {
             Cmd::Script { .. } => rename_script(&stderr),
-            Cmd::Line(_) | Cmd::JsonLine(_) => stderr,
+            Cmd::Line(_) | Cmd::JsonLine(_) | Cmd::StatelessLine(_) => stderr,
         };
         Ok(Outcome { rc, stdout, stderr })
     }

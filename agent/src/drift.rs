@@ -1,0 +1,217 @@
+//! Kernel drift of Shoal's nft tables: someone else flushed or changed them (`nft flush
+//! ruleset`, `systemctl restart nftables`, a firewalld reload, a stray `nft delete table`).
+//!
+//! The appliers compare desired state with what they last applied; this watch tells them when
+//! the kernel no longer holds that. It is cheap when nothing happened: one nf_tables
+//! generation read per namespace per pass (a netlink round trip; the kernel bumps the
+//! generation on every committed change, whoever makes it). Only when a namespace's
+//! generation moved since our own last write there are our tables in it read back:
+//!
+//! - [`Check::Fingerprint`] tables (whole-table scripts: guard, published ports, ingress
+//!   marks, IPVS companion) are listed without counters (`nft -s`) and compared with the
+//!   listing taken right after our write. In the node namespace other programs write too
+//!   (Docker, firewalld), so their changes alone must not cost a re-apply.
+//! - [`Check::Resync`] tables (the VIP table, incrementally updated and possibly large) are
+//!   handed back to their syncer, which reads the kernel's table and repairs only what
+//!   differs. We are the only writer in the overlay namespaces, so a moved generation there
+//!   is rare.
+//!
+//! A periodic pass also lists the fingerprinted tables whatever the generation says, which
+//! covers a change that fell between one of our writes and the generation read after it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use shoal_lb::{Applier, Generation, GenerationReader, LbError};
+
+/// How drift of a table is confirmed once its namespace's generation moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Compare a counter-free listing with the one taken after our write.
+    Fingerprint,
+    /// Let the table's syncer read the kernel back and repair what differs.
+    Resync,
+}
+
+/// A table of ours that someone else changed or deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drifted {
+    pub netns: String,
+    pub table: &'static str,
+    /// The dataplane that owns it (a label of `metrics::DATAPLANES`).
+    pub dataplane: &'static str,
+    /// The owner's key (a network id for VIP tables; empty otherwise).
+    pub key: String,
+    /// Confirmed by read-back (Fingerprint); a Resync table is only suspected.
+    pub confirmed: bool,
+}
+
+#[derive(Debug)]
+struct Owned {
+    dataplane: &'static str,
+    key: String,
+    check: Check,
+    /// The listing after our write (Fingerprint tables).
+    fingerprint: Option<String>,
+}
+
+/// Where our tables are, and each namespace's generation after our last write there.
+pub struct DriftWatch {
+    applier: Applier,
+    reader: Arc<Mutex<GenerationReader>>,
+    /// netns -> table -> what we wrote
+    tables: BTreeMap<String, BTreeMap<&'static str, Owned>>,
+    /// netns -> the generation after our last write (or after a check found nothing of ours
+    /// changed)
+    seen: HashMap<String, Generation>,
+}
+
+impl DriftWatch {
+    pub fn new(applier: Applier) -> DriftWatch {
+        DriftWatch {
+            applier,
+            reader: Arc::new(Mutex::new(GenerationReader::new())),
+            tables: BTreeMap::new(),
+            seen: HashMap::new(),
+        }
+    }
+
+    /// The generation of `netns`, read on the blocking pool (a first read of a namespace
+    /// opens a socket on a thread inside it).
+    async fn generation(&self, netns: &str) -> Result<Generation, LbError> {
+        let (reader, ns) = (self.reader.clone(), netns.to_string());
+        tokio::task::spawn_blocking(move || {
+            reader.lock().unwrap_or_else(|e| e.into_inner()).read(&ns)
+        })
+        .await
+        .map_err(|e| LbError::Generation {
+            netns: netns.to_string(),
+            what: "blocking task".into(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    /// We have just written `table` in `netns` (created, replaced or updated it): remember
+    /// its listing (Fingerprint) and the namespace's generation. A table that is not there
+    /// after our write is not tracked.
+    pub async fn wrote(
+        &mut self,
+        netns: &str,
+        table: &'static str,
+        dataplane: &'static str,
+        key: &str,
+        check: Check,
+    ) -> Result<(), LbError> {
+        let fingerprint = match check {
+            Check::Fingerprint => match self.applier.fingerprint(netns, table).await? {
+                Some(f) => Some(f),
+                None => {
+                    self.untrack(netns, table).await;
+                    return Ok(());
+                }
+            },
+            Check::Resync => None,
+        };
+        let g = self.generation(netns).await?;
+        self.tables.entry(netns.to_string()).or_default().insert(
+            table,
+            Owned {
+                dataplane,
+                key: key.to_string(),
+                check,
+                fingerprint,
+            },
+        );
+        self.seen.insert(netns.to_string(), g);
+        Ok(())
+    }
+
+    /// We removed `table` (or no longer own it): not watched any more. The namespace's
+    /// generation is read again, since the removal moved it.
+    pub async fn untrack(&mut self, netns: &str, table: &str) {
+        let Some(t) = self.tables.get_mut(netns) else {
+            return;
+        };
+        t.remove(table);
+        if t.is_empty() {
+            self.forget_ns(netns);
+        } else if let Ok(g) = self.generation(netns).await {
+            self.seen.insert(netns.to_string(), g);
+        }
+    }
+
+    /// The namespace is gone (or will be): nothing in it is watched.
+    pub fn forget_ns(&mut self, netns: &str) {
+        self.tables.remove(netns);
+        self.seen.remove(netns);
+        self.reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(netns);
+    }
+
+    /// Whether the generation of a namespace holding tables of ours moved since our last
+    /// write there (or could not be read): the canary, one netlink round trip per namespace.
+    pub async fn moved(&self) -> bool {
+        for (ns, seen) in &self.seen {
+            if self.generation(ns).await.ok() != Some(*seen) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Tables watched, for tests and reports: (netns, table).
+    pub fn watched(&self) -> Vec<(String, &'static str)> {
+        self.tables
+            .iter()
+            .flat_map(|(ns, t)| t.keys().map(move |k| (ns.clone(), *k)))
+            .collect()
+    }
+
+    /// Our tables that someone else changed since our last write. `full` (the periodic
+    /// pass): fingerprinted tables are listed even where the generation did not move. A
+    /// namespace that cannot be read is reported as drift of all its tables (its owner's next
+    /// write then shows whether it is still there).
+    pub async fn check(&mut self, full: bool) -> Vec<Drifted> {
+        let mut out = vec![];
+        let namespaces: Vec<String> = self.tables.keys().cloned().collect();
+        for ns in namespaces {
+            let now = self.generation(&ns).await.ok();
+            let moved = now.is_none() || now != self.seen.get(&ns).copied();
+            if !moved && !full {
+                continue;
+            }
+            let mut found = vec![];
+            for (table, owned) in &self.tables[&ns] {
+                let drifted = match owned.check {
+                    Check::Resync => moved,
+                    Check::Fingerprint => match self.applier.fingerprint(&ns, table).await {
+                        Ok(f) => f != owned.fingerprint,
+                        Err(e) => {
+                            tracing::debug!(netns = %ns, table, error = %e, "listing a table for the drift check failed");
+                            true
+                        }
+                    },
+                };
+                if drifted {
+                    found.push(Drifted {
+                        netns: ns.clone(),
+                        table,
+                        dataplane: owned.dataplane,
+                        key: owned.key.clone(),
+                        confirmed: owned.check == Check::Fingerprint,
+                    });
+                }
+            }
+            if found.is_empty() {
+                // Someone else's change, none of ours touched: this is the new baseline.
+                if let Some(g) = now {
+                    self.seen.insert(ns.clone(), g);
+                }
+            }
+            out.extend(found);
+        }
+        out
+    }
+}
