@@ -20,6 +20,7 @@ use crate::desired::{self, View};
 use crate::drift::{Check, DriftWatch, Drifted};
 use crate::liveness::Liveness;
 use crate::model::{Node, NodeStatus, Service, Task, TaskState};
+use crate::reports::{Adoption, Pending, Report};
 use crate::runtime::{Exited, ProcessRuntime, Runtime, TaskSpec};
 use crate::state::{ClusterState, spawn_cache};
 use crate::store::Store;
@@ -111,6 +112,8 @@ pub struct Agent {
     ingress_applied: Option<shoal_mesh::ingress::IngressSpec>,
     /// Tasks whose DNS listener ended and is to be attached again.
     dns_reattach: HashSet<String>,
+    /// Task reports (started, exited, ...) not written to the store yet.
+    reports: Pending,
 }
 
 /// The agent's own namespace (the node's): published ports are programmed here.
@@ -168,13 +171,42 @@ fn etcd_tls(t: &crate::config::EtcdTls) -> anyhow::Result<etcd_client::TlsOption
     Ok(o)
 }
 
-fn node_id(state_dir: &Path) -> anyhow::Result<String> {
+/// This node's id: read from `state_dir/node_id`, or made and written there (temp file,
+/// fsync, rename: a crash never leaves an empty or half-written id). A file that does not
+/// hold an id (empty, too long, other characters) is an error naming it, not a node "".
+pub(crate) fn node_id(state_dir: &Path) -> anyhow::Result<String> {
     let p = state_dir.join("node_id");
-    if let Ok(id) = std::fs::read_to_string(&p) {
-        return Ok(id.trim().to_string());
+    match std::fs::read_to_string(&p) {
+        Ok(text) => {
+            let id = text.trim();
+            let valid = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                anyhow::bail!(
+                    "{} does not hold a node id ({:?}); remove it to make a new one (the node then joins as a new node)",
+                    p.display(),
+                    text.chars().take(80).collect::<String>()
+                );
+            }
+            return Ok(id.to_string());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     }
     let id = crate::model::new_id();
-    std::fs::write(&p, &id).with_context(|| format!("writing {}", p.display()))?;
+    let tmp = state_dir.join(".node_id.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p)?;
+        std::fs::File::open(state_dir)?.sync_all()
+    };
+    write().with_context(|| format!("writing {}", p.display()))?;
     Ok(id)
 }
 
@@ -326,6 +358,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         mesh_applied: HashMap::new(),
         ingress_applied: None,
         dns_reattach: HashSet::new(),
+        reports: Pending::default(),
     };
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
@@ -396,29 +429,36 @@ fn search_from_resolv_conf(text: &str) -> Vec<String> {
 }
 
 impl Agent {
-    /// After a restart: processes of tasks that still run are adopted, not restarted.
+    /// After a restart: processes of tasks that still run are adopted, not restarted (and
+    /// reported running if the earlier run's write of that was lost).
     fn adopt(&mut self, st: &ClusterState) {
         for t in desired::local_tasks(st, &self.node_id) {
-            if t.state == TaskState::Running && self.runtime.is_running(&t.id) {
-                self.started.insert(t.id.clone());
-                self.runtime.clone().adopt(&t.id);
-                info!(task = %t.name(), "adopted running task");
+            let a = crate::reports::adoption(t, self.runtime.is_running(&t.id));
+            if a == Adoption::None {
+                continue;
             }
+            self.started.insert(t.id.clone());
+            self.runtime.clone().adopt(&t.id);
+            if a == Adoption::AdoptAndReport {
+                self.reports.add(&t.id, Report::Running);
+            }
+            info!(task = %t.name(), "adopted running task");
         }
     }
 
+    /// A process exited: reported (retried until written; see reports.rs).
     async fn on_exit(&mut self, state_rx: &watch::Receiver<Arc<ClusterState>>, ex: Exited) {
         self.started.remove(&ex.task_id);
         let st = state_rx.borrow().clone();
-        if let Some((t, rev)) = st.tasks.get(&ex.task_id)
+        if let Some((t, _)) = st.tasks.get(&ex.task_id)
             && t.desired_state == TaskState::Running
         {
             warn!(task = %t.name(), status = %ex.status, "task exited");
-            let mut t = t.clone();
-            t.state = TaskState::Failed;
-            t.desired_state = TaskState::Shutdown;
-            t.error = Some(format!("process exited: {}", ex.status));
-            let _ = self.cluster.cas_task(&t, *rev).await;
+        }
+        self.reports
+            .add(&ex.task_id, Report::Exited(ex.status.to_string()));
+        for e in self.reports.flush(&self.cluster).await {
+            warn!(error = %e, "task report not written yet; will retry");
         }
     }
 
@@ -432,8 +472,11 @@ impl Agent {
         if let Err(e) = self.reconcile(st, full, &mut errors).await {
             errors.push(format!("{e:#}"));
         }
-        // Ports in use on this node, for the publish conflict check.
-        let listening = crate::listening::listening();
+        // Ports in use on this node, for the publish conflict check (a /proc scan of some
+        // milliseconds: on the blocking pool).
+        let listening = tokio::task::spawn_blocking(crate::listening::listening)
+            .await
+            .unwrap_or_else(|_| self.node.listening.clone());
         if listening != self.node.listening {
             let mut node = self.node.clone();
             node.listening = listening;
@@ -717,14 +760,20 @@ impl Agent {
                             ports: vec![],
                             ..spec.clone()
                         });
-                let local = crate::whoami::local_ips();
-                let is_local = |ip: std::net::Ipv4Addr| {
-                    ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip))
-                };
-                if let Err(e) =
-                    shoal_lb::publish::clean_conntrack(NODE_NS, &before, &spec, &is_local)
-                {
-                    errors.push(format!("published ports: {e}"));
+                // A ctnetlink dump: on the blocking pool, not on a runtime worker.
+                let now = spec.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let local = crate::whoami::local_ips();
+                    let is_local = |ip: std::net::Ipv4Addr| {
+                        ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip))
+                    };
+                    shoal_lb::publish::clean_conntrack(NODE_NS, &before, &now, &is_local)
+                })
+                .await;
+                match res {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => errors.push(format!("published ports: {e}")),
+                    Err(e) => errors.push(format!("published ports: conntrack clean-up: {e}")),
                 }
                 self.publish_applied = Some(spec);
                 self.wrote(
@@ -1091,7 +1140,7 @@ impl Agent {
         self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
             .await;
         // 5. Start processes of attached tasks.
-        for (t, rev) in &local {
+        for (t, _) in &local {
             if t.desired_state != TaskState::Running
                 || self.started.contains(&t.id)
                 || !self.dns_views.contains_key(&t.id)
@@ -1102,22 +1151,21 @@ impl Agent {
                 continue;
             };
             let spec = self.task_spec(t, svc);
-            let mut t2 = t.clone();
             match self.runtime.start(&spec).await {
                 Ok(pid) => {
                     info!(task = %t.name(), pid, "task started");
                     self.started.insert(t.id.clone());
-                    t2.state = TaskState::Running;
+                    self.reports.add(&t.id, Report::Running);
                 }
                 Err(e) => {
-                    t2.state = TaskState::Failed;
-                    t2.desired_state = TaskState::Shutdown;
-                    t2.error = Some(format!("{e:#}"));
                     errors.push(format!("task {}: {e:#}", t.name()));
+                    self.reports
+                        .add(&t.id, Report::StartFailed(format!("{e:#}")));
                 }
             }
-            self.cluster.cas_task(&t2, *rev).await?;
         }
+        // Written with retries; what the store refuses now stays for the next pass.
+        errors.extend(self.reports.flush(&self.cluster).await);
         // 5b. Health checkers for started tasks of services with a health check.
         let tasks_dir = self.cfg.state_dir.join("tasks");
         for (t, _) in &local {
@@ -1186,20 +1234,48 @@ impl Agent {
             });
         }
         // 7. Garbage: task files/namespaces of tasks the cluster no longer has.
+        //    Destroyed in the background (a process may take kill_timeout_secs to die): N
+        //    stale tasks must not hold up this pass's DNS and LB work by N x that.
         for id in self.runtime.list() {
-            if !st.tasks.contains_key(&id) && !self.stopping.lock().expect("lock").contains(&id) {
+            if !st.tasks.contains_key(&id) && self.stopping.lock().expect("lock").insert(id.clone())
+            {
                 self.resolver.detach(&id).await;
                 self.dns_views.remove(&id);
                 self.started.remove(&id);
-                if let Err(e) = self
-                    .runtime
-                    .destroy(&id, Duration::from_secs(self.cfg.kill_timeout_secs))
-                    .await
-                {
-                    errors.push(format!("removing stale task {id}: {e:#}"));
-                }
+                let (rt, stopping) = (self.runtime.clone(), self.stopping.clone());
+                let kill_after = Duration::from_secs(self.cfg.kill_timeout_secs);
+                tokio::spawn(async move {
+                    match rt.destroy(&id, kill_after).await {
+                        Ok(()) => info!(task = %id, "stale task removed"),
+                        Err(e) => {
+                            warn!(task = %id, error = %format!("{e:#}"), "removing stale task failed; will retry")
+                        }
+                    }
+                    stopping.lock().expect("lock").remove(&id);
+                });
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bug 7: the node id file is made once, read back the same, and a damaged one (empty:
+    /// a crash of the old plain write) is refused instead of giving the node the id "".
+    #[test]
+    fn node_id_is_kept_and_a_damaged_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = node_id(dir.path()).unwrap();
+        assert_eq!(id.len(), 25);
+        assert_eq!(node_id(dir.path()).unwrap(), id);
+        assert!(!dir.path().join(".node_id.tmp").exists());
+        for bad in ["", "  \n", "x y", &"a".repeat(65)] {
+            std::fs::write(dir.path().join("node_id"), bad).unwrap();
+            let e = node_id(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("does not hold a node id"), "{bad:?}: {e}");
+        }
     }
 }

@@ -554,7 +554,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                                 flags.push("attachable")
                             }
                             vec![
-                                n.id[..12].to_string(),
+                                crate::model::short_id(&n.id).to_string(),
                                 n.name.clone(),
                                 n.driver.clone(),
                                 n.subnet.to_string(),
@@ -640,7 +640,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         .map(|s| {
                             let v = &s.service;
                             vec![
-                                v.id[..12].to_string(),
+                                crate::model::short_id(&v.id).to_string(),
                                 v.name.clone(),
                                 format!(
                                     "replicated/{}",
@@ -690,7 +690,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                                 .map(|n| n.name.clone())
                                 .unwrap_or_else(|| t.node_id.clone());
                             vec![
-                                t.id[..12].to_string(),
+                                crate::model::short_id(&t.id).to_string(),
                                 t.name(),
                                 node,
                                 t.desired_state.to_string(),
@@ -774,7 +774,11 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         .iter()
                         .map(|n| {
                             vec![
-                                format!("{}{}", &n.id[..12], if n.id == me { " *" } else { "" }),
+                                format!(
+                                    "{}{}",
+                                    crate::model::short_id(&n.id),
+                                    if n.id == me { " *" } else { "" }
+                                ),
                                 n.name.clone(),
                                 format!("{:?}", n.status).to_lowercase(),
                                 n.addr.map(|a| a.to_string()).unwrap_or_default(),

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::Context;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
@@ -17,6 +17,43 @@ pub fn socket_path(host: Option<&str>) -> PathBuf {
     match host {
         Some(h) => PathBuf::from(h.strip_prefix("unix://").unwrap_or(h)),
         None => PathBuf::from(DEFAULT_SOCKET),
+    }
+}
+
+/// The failures a caller may act on (inside the `anyhow::Error` the calls return:
+/// `downcast_ref::<ClientError>()`).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No agent answers on the socket.
+    #[error(
+        "cannot reach the shoal agent at {} ({source}): is the agent running? (set -H/--host or SHOAL_HOST)",
+        socket.display()
+    )]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent answered with an error status and its message.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+}
+
+impl ClientError {
+    /// True when `e` is the agent's 404 (no such object).
+    pub fn is_not_found(e: &anyhow::Error) -> bool {
+        matches!(
+            e.downcast_ref::<ClientError>(),
+            Some(ClientError::Api { status: 404, .. })
+        )
+    }
+
+    /// True when `e` says no agent answers.
+    pub fn is_unreachable(e: &anyhow::Error) -> bool {
+        matches!(
+            e.downcast_ref::<ClientError>(),
+            Some(ClientError::Unreachable { .. })
+        )
     }
 }
 
@@ -38,12 +75,12 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
-            anyhow!(
-                "cannot reach the shoal agent at {} ({e}): is the agent running? (set -H/--host or SHOAL_HOST)",
-                self.socket.display()
-            )
-        })?;
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("talking to the agent")?;
@@ -80,7 +117,11 @@ impl Client {
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).to_string());
-            bail!("{msg}");
+            return Err(ClientError::Api {
+                status,
+                message: msg,
+            }
+            .into());
         }
         serde_json::from_slice(&bytes).with_context(|| {
             format!(

@@ -47,6 +47,33 @@ async fn backoff(attempt: usize) {
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
 }
 
+/// Runs a read-compute-write transaction until it commits: the block reads what it needs,
+/// puts every precondition of its decision into the compares, and evaluates to `Ok(Some(v))`
+/// when its transaction applied, `Ok(None)` when a compare failed (someone else wrote
+/// first: read again, after a short random backoff). Errors end it at once. The one retry
+/// loop of every cluster write. (A macro, not a function taking an async closure: such a
+/// closure's future is not `Send` for every borrow, which axum's handlers need.)
+macro_rules! retry_txn {
+    ($body:block) => {{
+        let mut attempt = 0usize;
+        loop {
+            if attempt >= MAX_RETRIES {
+                break Err(ClusterError::Conflict(
+                    "too many concurrent changes; try again".into(),
+                ));
+            }
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            attempt += 1;
+            let r: Result<Option<_>> = async $body.await;
+            if let Some(v) = r? {
+                break Ok(v);
+            }
+        }
+    }};
+}
+
 /// Errors of cluster operations, mapped to HTTP status codes by the API.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -273,10 +300,7 @@ impl Cluster {
         }
         let ingress_net: Ipv4Net = alloc::INGRESS_SUBNET.parse().expect("constant");
         let key = format!("{NETWORKS}{}", req.name);
-        for attempt in 0..MAX_RETRIES {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        retry_txn!({
             if self.store.get(&key).await?.is_some() {
                 return Err(ClusterError::Conflict(format!(
                     "network {:?} already exists",
@@ -363,12 +387,10 @@ impl Cluster {
                 )
                 .await?;
             if res.succeeded {
-                return Ok(net);
+                return Ok(Some(net));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
     }
 
     /// The lowest VNI no network holds (claimed by the caller's transaction).
@@ -388,17 +410,14 @@ impl Cluster {
     /// unless it exists; every agent calls this at start, the first one wins.
     pub async fn ensure_ingress(&self) -> Result<Network> {
         let key = format!("{NETWORKS}{INGRESS_NETWORK}");
-        for attempt in 0..MAX_RETRIES {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        retry_txn!({
             if let Some((net, _)) = self.get::<Network>(&key).await? {
                 if !net.ingress {
                     return Err(ClusterError::Conflict(format!(
                         "a network named {INGRESS_NETWORK:?} exists and is not the ingress network: published ports cannot work until it is removed"
                     )));
                 }
-                return Ok(net);
+                return Ok(Some(net));
             }
             let subnet: Ipv4Net = alloc::INGRESS_SUBNET.parse().expect("constant");
             let gateway = alloc::default_gateway(&subnet);
@@ -427,21 +446,16 @@ impl Cluster {
                 )
                 .await?;
             if res.succeeded {
-                return Ok(net);
+                return Ok(Some(net));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
     }
 
     /// Removes a network; refused while a service uses it.
     pub async fn remove_network(&self, name: &str) -> Result<()> {
         let key = format!("{NETWORKS}{name}");
-        for attempt in 0..MAX_RETRIES {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        retry_txn!({
             let (net, rev): (Network, i64) = self
                 .get(&key)
                 .await?
@@ -490,12 +504,10 @@ impl Cluster {
                 cmps.push(Compare::ModRevision(ALLOC_SUBNETS.into(), kv.mod_revision));
             }
             if self.store.txn(cmps, ops).await?.succeeded {
-                return Ok(());
+                return Ok(Some(()));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
     }
 
     /// Creates a service: validates, allocates VIPs and published ports in one transaction.
@@ -534,10 +546,7 @@ impl Cluster {
         }
         req.lb.validate()?;
         let key = format!("{SERVICES}{}", req.name);
-        for attempt in 0..MAX_RETRIES {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        retry_txn!({
             if self.store.get(&key).await?.is_some() {
                 return Err(ClusterError::Conflict(format!(
                     "service {:?} already exists",
@@ -594,12 +603,10 @@ impl Cluster {
             };
             ops.push(Op::Put(key.clone(), encode(&svc)));
             if self.store.txn(cmps, ops).await?.succeeded {
-                return Ok(svc);
+                return Ok(Some(svc));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
     }
 
     /// Picks a free address of the network and adds its claim (and the cursor hint) to a
@@ -700,7 +707,13 @@ impl Cluster {
             .into_iter()
             .filter(|s| s.id != service_id)
             .collect();
-        let nodes = self.nodes().await?;
+        // What the nodes say listens is a precondition too: a node record that changes
+        // before the transaction makes it read again.
+        let node_recs = self.list::<Node>(NODES).await?;
+        for (n, rev) in &node_recs {
+            cmps.push(Compare::ModRevision(format!("{NODES}{}", n.id), *rev));
+        }
+        let nodes: Vec<Node> = node_recs.into_iter().map(|(n, _)| n).collect();
         let conflict = |p: &PortConfig| -> Option<String> {
             if let Some(s) = others.iter().find(|s| {
                 s.ports
@@ -769,11 +782,25 @@ impl Cluster {
                     port_key(p.protocol, p.published),
                     service_id.as_bytes().to_vec(),
                 ));
-            } else if owner_of(p.protocol, p.published).is_some_and(|o| o != service_id) {
-                return Err(ClusterError::Conflict(format!(
-                    "port {}/{} is already published in ingress mode by another service",
-                    p.published, p.protocol
-                )));
+            } else {
+                // Host mode claims the same key: two services racing for one port (in
+                // either mode) cannot both commit.
+                match owner_of(p.protocol, p.published) {
+                    Some(o) if o != service_id => {
+                        return Err(ClusterError::Conflict(format!(
+                            "port {}/{} is already published by another service",
+                            p.published, p.protocol
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        cmps.push(Compare::Absent(port_key(p.protocol, p.published)));
+                        ops.push(Op::Put(
+                            port_key(p.protocol, p.published),
+                            service_id.as_bytes().to_vec(),
+                        ));
+                    }
+                }
             }
             out.push(p);
         }
@@ -791,10 +818,7 @@ impl Cluster {
             .into());
         }
         let key = format!("{SERVICES}{name}");
-        for attempt in 0..MAX_RETRIES {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        retry_txn!({
             let (mut svc, rev): (Service, i64) = self
                 .get(&key)
                 .await?
@@ -825,9 +849,7 @@ impl Cluster {
                     )));
                 }
                 for p in &gone {
-                    if p.mode == PublishMode::Ingress {
-                        ops.push(Op::Delete(port_key(p.protocol, p.published)));
-                    }
+                    ops.push(Op::Delete(port_key(p.protocol, p.published)));
                 }
                 svc.ports = kept;
                 debug_assert!(svc.ports.len() < before);
@@ -870,22 +892,17 @@ impl Cluster {
             cmps.extend(task_cmps);
             ops.push(Op::Put(key.clone(), encode(&svc)));
             if self.store.txn(cmps, ops).await?.succeeded {
-                return Ok(svc);
+                return Ok(Some(svc));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
     }
 
     /// Removes a service and releases its VIPs and ports; its tasks are shut down by the
     /// orchestrator and removed by their nodes.
     pub async fn remove_service(&self, name: &str) -> Result<()> {
         let key = format!("{SERVICES}{name}");
-        for attempt in 0..MAX_RETRIES {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
+        retry_txn!({
             let (svc, rev): (Service, i64) = self
                 .get(&key)
                 .await?
@@ -900,9 +917,7 @@ impl Cluster {
                 }
             }
             for p in &svc.ports {
-                if p.mode == PublishMode::Ingress {
-                    ops.push(Op::Delete(port_key(p.protocol, p.published)));
-                }
+                ops.push(Op::Delete(port_key(p.protocol, p.published)));
             }
             if self
                 .store
@@ -910,12 +925,10 @@ impl Cluster {
                 .await?
                 .succeeded
             {
-                return Ok(());
+                return Ok(Some(()));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
     }
 
     /// Tasks of one service, sorted by slot.
@@ -1049,22 +1062,9 @@ impl Cluster {
         Ok(self.store.txn(cmps, ops).await?.succeeded)
     }
 
-    /// Writes a task if it has not changed since `rev`.
-    pub async fn cas_task(&self, task: &Task, rev: i64) -> Result<bool> {
-        let key = format!("{TASKS}{}", task.id);
-        Ok(self
-            .store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), rev)],
-                vec![Op::Put(key, encode(task))],
-            )
-            .await?
-            .succeeded)
-    }
-
     /// Deletes a task and releases its addresses.
     pub async fn delete_task(&self, task: &Task) -> Result<()> {
-        for _ in 0..MAX_RETRIES {
+        retry_txn!({
             let mut ops = vec![Op::Delete(format!("{TASKS}{}", task.id))];
             for n in &task.networks {
                 ops.push(Op::Delete(ip_key(&n.network_id, n.ip)));
@@ -1079,12 +1079,42 @@ impl Cluster {
                 ops.push(Op::Delete(slot_key));
             }
             if self.store.txn(cmps, ops).await?.succeeded {
-                return Ok(());
+                return Ok(Some(()));
             }
-        }
-        Err(ClusterError::Conflict(
-            "too many concurrent changes; try again".into(),
-        ))
+            Ok(None)
+        })
+    }
+
+    /// Read-modify-write of one task record, retried when someone else wrote it first:
+    /// `change` gets the current record and returns the new one, or None when there is
+    /// nothing to change (the record is already past it). Returns the record written, or
+    /// None when the task is gone or `change` declined.
+    pub async fn update_task(
+        &self,
+        id: &str,
+        change: impl Fn(&Task) -> Option<Task>,
+    ) -> Result<Option<Task>> {
+        let key = format!("{TASKS}{id}");
+        retry_txn!({
+            let Some((t, rev)) = self.get::<Task>(&key).await? else {
+                return Ok(Some(None));
+            };
+            let Some(new) = change(&t) else {
+                return Ok(Some(None));
+            };
+            if self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    vec![Op::Put(key.clone(), encode(&new))],
+                )
+                .await?
+                .succeeded
+            {
+                return Ok(Some(Some(new)));
+            }
+            Ok(None)
+        })
     }
 }
 
@@ -1117,4 +1147,92 @@ fn check_ports(ports: &[PortConfig]) -> std::result::Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn host_port(port: u16) -> PortConfig {
+        PortConfig {
+            published: port,
+            target: 80,
+            protocol: Protocol::Tcp,
+            mode: PublishMode::Host,
+            snat: false,
+        }
+    }
+
+    fn web(name: &str, port: PortConfig) -> ServiceCreate {
+        ServiceCreate {
+            name: name.into(),
+            // dnsrr: no VIP to allocate, whose address claims would order the racers.
+            networks: vec![NetworkAttach {
+                network: "appnet".into(),
+                aliases: vec![],
+            }],
+            endpoint_mode: EndpointMode::Dnsrr,
+            replicas: 1,
+            ports: vec![port],
+            command: vec!["shoal".into(), "whoami".into()],
+            ..Default::default()
+        }
+    }
+
+    /// Bug 4: ten services created at once, each publishing one host-mode port: exactly
+    /// one wins, the nine others are refused (the check used to read without a compare, so
+    /// several could commit). The same for a port taken in ingress mode by one racer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn ten_concurrent_creates_of_one_host_port_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
+        c.create_network(NetworkCreate {
+            name: "appnet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.ensure_ingress().await.unwrap();
+        for (round, ingress_racer) in [(0u16, false), (1, true)] {
+            let port = 8081 + round;
+            let barrier = Arc::new(tokio::sync::Barrier::new(10));
+            let mut joins = vec![];
+            for i in 0..10 {
+                let (c, b) = (c.clone(), barrier.clone());
+                let mut p = host_port(port);
+                if ingress_racer && i == 0 {
+                    p.mode = PublishMode::Ingress;
+                }
+                joins.push(tokio::spawn(async move {
+                    b.wait().await;
+                    c.create_service(web(&format!("s{round}x{i}"), p)).await
+                }));
+            }
+            let mut won = 0;
+            for j in joins {
+                match j.await.unwrap() {
+                    Ok(_) => won += 1,
+                    Err(ClusterError::Conflict(m)) => {
+                        assert!(m.contains(&port.to_string()), "{m}")
+                    }
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            assert_eq!(won, 1, "round {round}: exactly one create wins port {port}");
+            let holders: Vec<Service> = c
+                .services()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.ports.iter().any(|p| p.published == port))
+                .collect();
+            assert_eq!(holders.len(), 1);
+            // Removing the winner frees the port for the next one.
+            c.remove_service(&holders[0].name).await.unwrap();
+            c.create_service(web(&format!("again{round}"), host_port(port)))
+                .await
+                .unwrap();
+        }
+    }
 }

@@ -1200,7 +1200,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
         let r: anyhow::Result<serde_json::Value> =
             api.delete(&format!("/v1/services/{}", seg(name))).await;
         if let Err(e) = r
-            && !e.to_string().contains("not found")
+            && !crate::client::ClientError::is_not_found(&e)
         {
             errors.push(format!("removing service {name}: {e:#}"));
         }
@@ -1213,7 +1213,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
                 api.delete(&format!("/v1/networks/{}", seg(NETWORK))).await;
             match r {
                 Ok(_) => break,
-                Err(e) if e.to_string().contains("not found") => break,
+                Err(e) if crate::client::ClientError::is_not_found(&e) => break,
                 Err(e) if start.elapsed() > Duration::from_secs(30) => {
                     errors.push(format!("removing network {NETWORK}: {e:#}"));
                     break;

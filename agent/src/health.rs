@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::cluster::{Cluster, TASKS, decode};
-use crate::model::{Health, HealthCheck, Task};
+use crate::cluster::Cluster;
+use crate::model::{Health, HealthCheck};
 use crate::runtime::Sandbox;
 
 pub struct Probe {
@@ -44,21 +44,24 @@ async fn check_once(p: &Probe, check: &HealthCheck) -> bool {
     matches!(tokio::time::timeout(limit, child.wait()).await, Ok(Ok(s)) if s.success())
 }
 
-async fn write_health(cluster: &Cluster, task_id: &str, h: Health) {
-    for _ in 0..10 {
-        let Ok(Some(kv)) = cluster.store.get(&format!("{TASKS}{task_id}")).await else {
-            return;
-        };
-        let Ok(mut t) = decode::<Task>(&kv) else {
-            return;
-        };
-        if t.health == Some(h) {
-            return;
-        }
-        t.health = Some(h);
-        if let Ok(true) = cluster.cas_task(&t, kv.mod_revision).await {
-            return;
-        }
+/// Writes `status` unless the store already has it (`written`); a failed write leaves
+/// `written` as it was, so the next round tries again (the checker never moves on from a
+/// result the store did not take).
+pub(crate) async fn publish(
+    cluster: &Cluster,
+    task_id: &str,
+    status: Health,
+    written: &mut Option<Health>,
+) {
+    if *written == Some(status) {
+        return;
+    }
+    match cluster
+        .update_task(task_id, |t| crate::reports::with_health(t, status))
+        .await
+    {
+        Ok(_) => *written = Some(status),
+        Err(e) => warn!(task = task_id, error = %e, "health not written yet; will retry"),
     }
 }
 
@@ -71,6 +74,7 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut status = current.unwrap_or(Health::Starting);
+        let mut written = current;
         let mut failures = 0u32;
         loop {
             let ok = check_once(&probe, &check).await;
@@ -90,9 +94,43 @@ pub fn spawn(
                     _ => info!(task = %probe.task_name, health = ?next, "task health changed"),
                 }
                 status = next;
-                write_health(&cluster, &probe.task_id, status).await;
             }
+            publish(&cluster, &probe.task_id, status, &mut written).await;
             tokio::time::sleep(Duration::from_millis(check.interval_ms)).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::cluster::{TASKS, decode, encode};
+    use crate::model::TaskState;
+    use crate::reports::tests::{flaky, task};
+
+    /// Bug 3: a health result the store refused (down, or more lost races than the old ten
+    /// tries) is written on a later round, though the checker's status did not change.
+    #[tokio::test]
+    async fn a_refused_health_write_is_retried_on_the_next_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, c) = flaky(dir.path());
+        c.store
+            .put(&format!("{TASKS}a"), encode(&task("a", TaskState::Running)))
+            .await
+            .unwrap();
+        let mut written = None;
+        store.fail.store(1000, Ordering::SeqCst);
+        publish(&c, "a", Health::Healthy, &mut written).await;
+        assert_eq!(written, None);
+        store.fail.store(0, Ordering::SeqCst);
+        publish(&c, "a", Health::Healthy, &mut written).await;
+        assert_eq!(written, Some(Health::Healthy));
+        let kv = c.store.get(&format!("{TASKS}a")).await.unwrap().unwrap();
+        assert_eq!(
+            decode::<crate::model::Task>(&kv).unwrap().health,
+            Some(Health::Healthy)
+        );
+    }
 }

@@ -519,6 +519,9 @@ pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarge
     if let Some(n) = lab.node(target) {
         return Ok(ExecTarget::Netns(n.netns.clone()));
     }
+    // Every node is asked (a task lives on one of them); a node that is down only matters
+    // when no live node has the task.
+    let mut down = vec![];
     for n in &lab.nodes {
         let loc: anyhow::Result<crate::api::TaskLocation> = Client::new(&n.socket)
             .get(&format!("/v1/tasks/{}", crate::client::seg(target)))
@@ -526,9 +529,17 @@ pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarge
         match loc {
             Ok(l) if l.local => return Ok(ExecTarget::Task(Box::new(l))),
             Ok(_) => continue,
-            Err(e) if e.to_string().contains("not found") => continue,
+            Err(e) if crate::client::ClientError::is_not_found(&e) => continue,
+            Err(e) if crate::client::ClientError::is_unreachable(&e) => down.push(n.name.clone()),
             Err(e) => return Err(e),
         }
+    }
+    if !down.is_empty() {
+        bail!(
+            "no live node of lab {:?} runs a task named {target:?}; node(s) {} did not answer (down?)",
+            lab.name,
+            down.join(", ")
+        );
     }
     bail!(
         "no task, node or client named {target:?} in lab {:?} (nodes: {})",

@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod orchestrator;
+pub mod reports;
 pub mod runtime;
 pub mod state;
 pub mod store;

@@ -430,7 +430,7 @@ impl Task {
     }
     /// The task's hostname: its short id, as Docker names containers.
     pub fn hostname(&self) -> String {
-        self.id[..self.id.len().min(12)].to_string()
+        short_id(&self.id).to_string()
     }
     /// The task's address on a network, if it is attached to it.
     pub fn ip_on(&self, network_id: &str) -> Option<Ipv4Addr> {
@@ -510,6 +510,15 @@ pub fn parse_subnet(s: &str) -> Result<Ipv4Net, Invalid> {
 }
 
 /// A random lowercase hex id, as Docker shows short ids.
+/// The first 12 characters of an id (Docker's short form), or the whole id when it is
+/// shorter. Never panics, whatever an API client sent.
+pub fn short_id(id: &str) -> &str {
+    match id.char_indices().nth(12) {
+        Some((i, _)) => &id[..i],
+        None => id,
+    }
+}
+
 pub fn new_id() -> String {
     let n: u128 = rand::random();
     format!("{n:032x}")[..25].to_string()
@@ -518,6 +527,15 @@ pub fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bug 7: short ids from the API did not survive `id[..12]`.
+    #[test]
+    fn short_id_takes_twelve_characters_at_most() {
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_id("abc"), "abc");
+        assert_eq!(short_id(""), "");
+        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
+    }
 
     #[test]
     fn publish_long_and_short_forms() {

@@ -31,8 +31,8 @@ impl Orchestrator {
                 continue;
             }
             let st = self.liveness.adjust(&st);
-            if let Err(e) = self.orchestrate(&st).await {
-                warn!(error = %format!("{e:#}"), "orchestrator pass failed; will retry");
+            for e in self.orchestrate(&st).await {
+                warn!(error = %format!("{e:#}"), "orchestrator step failed; will retry");
             }
         }
     }
@@ -40,7 +40,10 @@ impl Orchestrator {
     /// Services -> tasks (leader only): shut down extra and orphaned tasks and tasks of lost
     /// nodes, create missing slots on the ready node with the fewest tasks of that service
     /// (never two host-mode tasks publishing the same port on one node).
-    async fn orchestrate(&self, st: &ClusterState) -> anyhow::Result<()> {
+    /// One failing step (a service that cannot be placed, a record that cannot be deleted)
+    /// does not stop the others: the errors are returned together.
+    pub(crate) async fn orchestrate(&self, st: &ClusterState) -> Vec<anyhow::Error> {
+        let mut errors = vec![];
         let trusted = self.liveness.trusted();
         // Desired-state changes of this pass, written in one transaction (one watch event
         // batch, one reconcile pass on every node).
@@ -56,7 +59,12 @@ impl Orchestrator {
                 } else {
                     // Its node cannot remove it; a node that comes back removes what is
                     // left of it (its namespaces) as garbage.
-                    self.cluster.delete_task(t).await?;
+                    if let Err(e) = self.cluster.delete_task(t).await {
+                        errors.push(
+                            anyhow::Error::new(e)
+                                .context(format!("deleting task {} of a lost node", t.name())),
+                        );
+                    }
                 }
                 continue;
             }
@@ -72,8 +80,10 @@ impl Orchestrator {
                 stop.push((t, *rev));
             }
         }
-        if !stop.is_empty() {
-            self.cluster.cas_tasks(&stop).await?;
+        if !stop.is_empty()
+            && let Err(e) = self.cluster.cas_tasks(&stop).await
+        {
+            errors.push(anyhow::Error::new(e).context("shutting tasks down"));
         }
         let ready: Vec<&Node> = st
             .nodes
@@ -82,7 +92,7 @@ impl Orchestrator {
             .filter(|n| st.alive.contains(&n.id))
             .collect();
         if ready.is_empty() {
-            return Ok(());
+            return errors;
         }
         for (svc, svc_rev) in st.services.values() {
             let live: Vec<&Task> = st
@@ -126,13 +136,18 @@ impl Orchestrator {
             // One transaction for all of them. Nothing written: the service changed or a
             // slot is taken (this view is behind the store); the watch brings the newer
             // picture and another pass.
-            if !placements.is_empty() {
-                self.cluster
+            if !placements.is_empty()
+                && let Err(e) = self
+                    .cluster
                     .create_tasks(svc, *svc_rev, &placements, &st.networks)
-                    .await?;
+                    .await
+            {
+                errors.push(
+                    anyhow::Error::new(e).context(format!("placing tasks of service {}", svc.name)),
+                );
             }
         }
-        Ok(())
+        errors
     }
 }
 
@@ -143,4 +158,88 @@ fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protoc
         .filter_map(|t| st.service_by_id(&t.service_id))
         .flat_map(|s| s.ports.iter())
         .any(|p| p.mode == PublishMode::Host && ports.contains(&(p.protocol, p.published)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ALIVE, NODES, NetworkAttach, NetworkCreate, ROOT, ServiceCreate, encode};
+    use crate::model::NodeStatus;
+    use crate::store::embedded::EmbeddedStore;
+
+    async fn state(c: &Cluster) -> ClusterState {
+        let snap = c.store.list(ROOT).await.unwrap();
+        let mut st = ClusterState::default();
+        for kv in &snap.kvs {
+            st.apply_put(kv);
+        }
+        st.revision = snap.revision;
+        st.synced = true;
+        st
+    }
+
+    fn svc(name: &str, net: &str, replicas: u32) -> ServiceCreate {
+        ServiceCreate {
+            name: name.into(),
+            networks: vec![NetworkAttach {
+                network: net.into(),
+                aliases: vec![],
+            }],
+            replicas,
+            command: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        }
+    }
+
+    /// Bug 5: a service that cannot be placed (its network has no free address) does not
+    /// stop the placement of the services after it.
+    #[tokio::test]
+    async fn a_service_that_cannot_be_placed_does_not_block_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let c = Cluster::new(store.clone());
+        for (name, subnet) in [("small", "10.77.0.0/29"), ("big", "10.78.0.0/24")] {
+            c.create_network(NetworkCreate {
+                name: name.into(),
+                subnet: Some(subnet.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        // "a-..." sorts first: the old loop stopped there.
+        c.create_service(svc("a-full", "small", 20)).await.unwrap();
+        c.create_service(svc("b-fine", "big", 2)).await.unwrap();
+        let node = Node {
+            id: "n1".into(),
+            name: "node1".into(),
+            addr: None,
+            status: NodeStatus::Ready,
+            version: "test".into(),
+            listening: vec![],
+        };
+        store
+            .put(&format!("{NODES}n1"), encode(&node))
+            .await
+            .unwrap();
+        store.put(&format!("{ALIVE}n1"), vec![]).await.unwrap();
+        let o = Orchestrator {
+            cluster: c.clone(),
+            liveness: Liveness::spawn(
+                store.clone(),
+                "n1".into(),
+                std::time::Duration::from_secs(3),
+            ),
+        };
+        let errors = o.orchestrate(&state(&c).await).await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let msg = format!("{:#}", errors[0]);
+        assert!(
+            msg.contains("a-full") && msg.contains("no free address"),
+            "{msg}"
+        );
+        let fine = c.service_tasks("b-fine").await.unwrap();
+        assert_eq!(fine.len(), 2, "b-fine placed despite a-full");
+    }
 }

@@ -71,7 +71,7 @@ pub struct Sandbox {
 
 /// Name of a task's network namespace.
 pub fn task_netns(prefix: &str, task_id: &str) -> String {
-    format!("{prefix}t-{}", &task_id[..task_id.len().min(12)])
+    format!("{prefix}t-{}", crate::model::short_id(task_id))
 }
 
 impl Sandbox {

@@ -103,8 +103,8 @@ pub fn spawn_cache(store: Arc<dyn Store>) -> watch::Receiver<Arc<ClusterState>> 
         let mut backoff = Duration::from_millis(100);
         loop {
             match follow(&store, &tx).await {
-                Ok(()) => return, // every receiver is gone
-                Err(e) if e.to_string() == "periodic resync" => {
+                Ok(Ended::ReceiversGone) => return,
+                Ok(Ended::Quiet) => {
                     debug!("periodic full read of the store");
                     backoff = Duration::from_millis(100);
                 }
@@ -119,10 +119,18 @@ pub fn spawn_cache(store: Arc<dyn Store>) -> watch::Receiver<Arc<ClusterState>> 
     rx
 }
 
+/// Why [`follow`] returned without an error.
+enum Ended {
+    /// Nobody listens any more.
+    ReceiversGone,
+    /// The watch was quiet for [`RELIST`]: time for a fresh full read.
+    Quiet,
+}
+
 async fn follow(
     store: &Arc<dyn Store>,
     tx: &watch::Sender<Arc<ClusterState>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let snap = store.list(ROOT).await?;
     let mut state = ClusterState::default();
     for kv in &snap.kvs {
@@ -132,16 +140,17 @@ async fn follow(
     state.synced = true;
     crate::metrics::global().revision_seen(state.revision);
     if tx.send(Arc::new(state.clone())).is_err() {
-        return Ok(());
+        return Ok(Ended::ReceiversGone);
     }
     let mut events = store.watch(ROOT, snap.revision).await?;
     debug!(revision = snap.revision, "watching the store");
     // Level-triggered: a watch that goes quiet for RELIST is replaced by a fresh full read,
     // so a stalled stream cannot leave the agent on an old picture for long.
-    while let Some(ev) = tokio::time::timeout(RELIST, events.next())
-        .await
-        .map_err(|_| anyhow::anyhow!("periodic resync"))?
-    {
+    loop {
+        let Ok(next) = tokio::time::timeout(RELIST, events.next()).await else {
+            return Ok(Ended::Quiet);
+        };
+        let Some(ev) = next else { break };
         let ev = ev?;
         match &ev {
             Event::Put(kv) => state.apply_put(kv),
@@ -156,7 +165,7 @@ async fn follow(
         }
         crate::metrics::global().revision_seen(state.revision);
         if tx.send(Arc::new(state.clone())).is_err() {
-            return Ok(());
+            return Ok(Ended::ReceiversGone);
         }
     }
     anyhow::bail!("watch stream ended")

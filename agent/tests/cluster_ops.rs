@@ -333,16 +333,15 @@ async fn a_slot_never_gets_two_live_tasks() {
     );
     assert_eq!(c.tasks().await.unwrap().len(), before);
     // Once the holder is no longer meant to run (failed, scaled away), a replacement may take it.
-    let trev = c
-        .store
-        .get(&format!("/shoal/tasks/{}", first.id))
+    let failed = c
+        .update_task(&first.id, |t| {
+            let mut t = t.clone();
+            t.desired_state = shoal::model::TaskState::Shutdown;
+            Some(t)
+        })
         .await
         .unwrap()
-        .unwrap()
-        .mod_revision;
-    let mut failed = first.clone();
-    failed.desired_state = shoal::model::TaskState::Shutdown;
-    assert!(c.cas_task(&failed, trev).await.unwrap());
+        .expect("written");
     let second = c
         .create_task(&s, rev, 1, "n1", &nets)
         .await

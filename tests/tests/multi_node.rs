@@ -284,6 +284,14 @@ fn node_loss_is_detected_healed_and_rejoined() {
         },
     );
     eprintln!("node2's task left DNS on node1 {gone:?} after lab kill");
+    // `lab exec` into the task on node3 works while node2 (asked before it) is down.
+    let on3 = web
+        .iter()
+        .find(|(_, (n, _))| n == "node3")
+        .map(|(t, _)| t.clone())
+        .unwrap();
+    let r = lab.exec(&on3, &["hostname"]);
+    assert_eq!(r.code, 0, "lab exec {on3} with node2 down: {r:?}");
     // TTL 3 s + 1 s, plus the polling cost of `lab exec dig`.
     assert!(
         gone < Duration::from_millis(4500),
