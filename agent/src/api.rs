@@ -49,7 +49,7 @@ impl From<ClusterError> for ApiError {
             ClusterError::Invalid(_) => StatusCode::BAD_REQUEST,
             ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
             ClusterError::Conflict(_) => StatusCode::CONFLICT,
-            ClusterError::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -234,7 +234,7 @@ async fn task_get(
 ) -> ApiResult<TaskLocation> {
     // `lab exec` must work during a store outage: fall back to the agent's last view.
     let task = match s.cluster.find_task(&what).await {
-        Err(ClusterError::Store(StoreError::Unavailable(_))) => {
+        Err(ClusterError::Store(StoreError::Unavailable { .. })) => {
             let st = s.state.borrow().clone();
             crate::cluster::pick_task(st.task_list(), &what)?
         }

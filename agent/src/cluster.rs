@@ -1,7 +1,7 @@
 //! Cluster operations on the store: every write is one transaction; every allocation is a
 //! key created only if absent (compare-and-swap), retried on conflict with fresh reads.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -107,7 +107,7 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(&kv.value)
-        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)).into())
+        .map_err(|e| StoreError::corrupt_because(kv.key.clone(), e).into())
 }
 
 /// A request to create a network (what the CLI sends).
@@ -957,7 +957,7 @@ impl Cluster {
         svc_rev: i64,
         slot: u32,
         node_id: &str,
-        nets: &BTreeMap<String, Network>,
+        nets: &[&Network],
     ) -> Result<Option<Task>> {
         let mut made = self
             .create_tasks(svc, svc_rev, &[(slot, node_id.to_string())], nets)
@@ -974,7 +974,7 @@ impl Cluster {
         svc: &Service,
         svc_rev: i64,
         placements: &[(u32, String)],
-        nets: &BTreeMap<String, Network>,
+        nets: &[&Network],
     ) -> Result<Vec<Task>> {
         let mut cmps = vec![Compare::ModRevision(
             format!("{SERVICES}{}", svc.name),
@@ -1001,7 +1001,7 @@ impl Cluster {
             let mut networks = vec![];
             let mut attach: Vec<&Network> = vec![];
             for sn in &svc.networks {
-                let Some(net) = nets.values().find(|n| n.id == sn.network_id) else {
+                let Some(net) = nets.iter().copied().find(|n| n.id == sn.network_id) else {
                     return Ok(vec![]);
                 };
                 attach.push(net);
@@ -1009,7 +1009,7 @@ impl Cluster {
             // Published ports (either mode) reach tasks through the ingress network, last so
             // that the task's default route stays on its first own network.
             if !svc.ports.is_empty() {
-                match nets.values().find(|n| n.ingress) {
+                match nets.iter().copied().find(|n| n.ingress) {
                     Some(ing) => attach.push(ing),
                     None => return Ok(vec![]),
                 }

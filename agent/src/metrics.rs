@@ -469,9 +469,9 @@ pub fn render(src: &MetricsSources) -> String {
         TaskState::Shutdown,
         TaskState::Failed,
     ] {
-        let all = st.tasks.values().filter(|(t, _)| t.state == state);
-        let cluster = all.clone().count();
-        let node = all.filter(|(t, _)| t.node_id == src.node_id).count();
+        let all = || st.tasks.values().filter(|(t, _)| t.state == state);
+        let cluster = all().count();
+        let node = all().filter(|(t, _)| t.node_id == src.node_id).count();
         let s = state.to_string();
         let _ = writeln!(out, "shoal_tasks{{scope=\"node\",state=\"{s}\"}} {node}");
         let _ = writeln!(

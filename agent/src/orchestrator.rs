@@ -94,6 +94,7 @@ impl Orchestrator {
         if ready.is_empty() {
             return errors;
         }
+        let networks: Vec<&crate::model::Network> = st.networks.values().collect();
         for (svc, svc_rev) in st.services.values() {
             let live: Vec<&Task> = st
                 .task_list()
@@ -139,7 +140,7 @@ impl Orchestrator {
             if !placements.is_empty()
                 && let Err(e) = self
                     .cluster
-                    .create_tasks(svc, *svc_rev, &placements, &st.networks)
+                    .create_tasks(svc, *svc_rev, &placements, &networks)
                     .await
             {
                 errors.push(

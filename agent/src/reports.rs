@@ -154,7 +154,7 @@ pub(crate) mod tests {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
             {
-                return Err(StoreError::Unavailable("injected outage".into()));
+                return Err(StoreError::unavailable("injected outage"));
             }
             self.inner.txn(c, o).await
         }

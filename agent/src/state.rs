@@ -2,7 +2,9 @@
 //! applied event by event. Any watch failure leads to a fresh full read (level-triggered).
 //! Consumers get immutable snapshots through a `tokio::sync::watch` channel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+
+use imbl::OrdMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +19,12 @@ use crate::store::{Event, KeyValue, Store};
 /// One consistent picture of the cluster. Values keep their store revision for CAS writes.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
-    pub networks: BTreeMap<String, Network>,
-    pub services: BTreeMap<String, (Service, i64)>,
-    pub tasks: BTreeMap<String, (Task, i64)>,
-    pub nodes: BTreeMap<String, (Node, i64)>,
+    // Persistent maps: cloning a snapshot shares every entry (the cache publishes one per
+    // watch batch).
+    pub networks: OrdMap<String, Network>,
+    pub services: OrdMap<String, (Service, i64)>,
+    pub tasks: OrdMap<String, (Task, i64)>,
+    pub nodes: OrdMap<String, (Node, i64)>,
     /// Nodes whose liveness key exists (their agent holds its lease).
     pub alive: BTreeSet<String>,
     pub revision: i64,
@@ -172,3 +176,52 @@ async fn follow(
 }
 
 use futures::FutureExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::encode;
+    use crate::reports::tests::task;
+
+    fn kv(key: String, value: Vec<u8>, rev: i64) -> KeyValue {
+        KeyValue {
+            key,
+            value,
+            create_revision: rev,
+            mod_revision: rev,
+        }
+    }
+
+    /// Bug 9: publishing a snapshot per watch batch copied the whole cluster. Snapshots now
+    /// share every entry that did not change: after a clone and one task update, the other
+    /// tasks' records are the same memory in both snapshots.
+    #[test]
+    fn a_new_snapshot_shares_the_records_that_did_not_change() {
+        let mut st = ClusterState::default();
+        for i in 0..2000 {
+            let id = format!("t{i:04}");
+            st.apply_put(&kv(
+                format!("{TASKS}{id}"),
+                encode(&task(&id, crate::model::TaskState::Running)),
+                i + 1,
+            ));
+        }
+        let before = st.clone();
+        st.apply_put(&kv(
+            format!("{TASKS}t1000"),
+            encode(&task("t1000", crate::model::TaskState::Failed)),
+            5000,
+        ));
+        let shared = (0..2000)
+            .map(|i| format!("t{i:04}"))
+            .filter(|id| std::ptr::eq(&before.tasks[id], &st.tasks[id]))
+            .count();
+        assert!(shared >= 1900, "only {shared} of 2000 records shared");
+        assert!(!std::ptr::eq(&before.tasks["t1000"], &st.tasks["t1000"]));
+        assert_eq!(
+            before.tasks["t1000"].0.state,
+            crate::model::TaskState::Running
+        );
+        assert_eq!(st.tasks["t1000"].0.state, crate::model::TaskState::Failed);
+    }
+}

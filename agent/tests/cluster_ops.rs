@@ -279,7 +279,11 @@ async fn concurrent_creations_never_share_an_address_or_port() {
         let (c, s0, nets) = (c.clone(), s0.clone(), nets.clone());
         handles.push(tokio::spawn(async move {
             loop {
-                if let Some(t) = c.create_task(&s0, rev, slot, "n1", &nets).await.unwrap() {
+                if let Some(t) = c
+                    .create_task(&s0, rev, slot, "n1", &nets.values().collect::<Vec<_>>())
+                    .await
+                    .unwrap()
+                {
                     return t;
                 }
             }
@@ -319,14 +323,14 @@ async fn a_slot_never_gets_two_live_tasks() {
         .map(|n| (n.name.clone(), n))
         .collect();
     let first = c
-        .create_task(&s, rev, 1, "n1", &nets)
+        .create_task(&s, rev, 1, "n1", &nets.values().collect::<Vec<_>>())
         .await
         .unwrap()
         .expect("slot 1 is free");
     // A stale orchestrator view that does not see `first` yet: refused, nothing written.
     let before = c.tasks().await.unwrap().len();
     assert!(
-        c.create_task(&s, rev, 1, "n1", &nets)
+        c.create_task(&s, rev, 1, "n1", &nets.values().collect::<Vec<_>>())
             .await
             .unwrap()
             .is_none()
@@ -343,14 +347,14 @@ async fn a_slot_never_gets_two_live_tasks() {
         .unwrap()
         .expect("written");
     let second = c
-        .create_task(&s, rev, 1, "n1", &nets)
+        .create_task(&s, rev, 1, "n1", &nets.values().collect::<Vec<_>>())
         .await
         .unwrap()
         .expect("slot 1 is free again");
     // Deleting the old task does not free the slot its replacement holds.
     c.delete_task(&failed).await.unwrap();
     assert!(
-        c.create_task(&s, rev, 1, "n1", &nets)
+        c.create_task(&s, rev, 1, "n1", &nets.values().collect::<Vec<_>>())
             .await
             .unwrap()
             .is_none()
@@ -383,13 +387,16 @@ async fn one_transaction_creates_several_tasks_with_distinct_addresses() {
     let placements: Vec<(u32, String)> = (1..=5)
         .map(|slot| (slot, format!("n{}", slot % 2)))
         .collect();
-    let made = c.create_tasks(&s, rev, &placements, &nets).await.unwrap();
+    let made = c
+        .create_tasks(&s, rev, &placements, &nets.values().collect::<Vec<_>>())
+        .await
+        .unwrap();
     assert_eq!(made.len(), 5);
     let ips: HashSet<_> = made.iter().map(|t| t.networks[0].ip).collect();
     assert_eq!(ips.len(), 5);
     // Again with the same slots: all taken, nothing written.
     assert!(
-        c.create_tasks(&s, rev, &placements, &nets)
+        c.create_tasks(&s, rev, &placements, &nets.values().collect::<Vec<_>>())
             .await
             .unwrap()
             .is_empty()

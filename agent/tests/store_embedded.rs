@@ -248,7 +248,7 @@ async fn corrupt_state_file_is_reported() {
     for bad in bad_contents {
         std::fs::write(&path, bad).unwrap();
         match EmbeddedStore::open(dir.path()) {
-            Err(StoreError::Corrupt(msg)) => {
+            Err(StoreError::Corrupt { what: msg, .. }) => {
                 assert!(
                     msg.contains(STATE_FILE),
                     "message must name the file: {msg}"
@@ -267,7 +267,7 @@ async fn data_dir_is_locked_while_open() {
     let dir = tempfile::tempdir().unwrap();
     let s = EmbeddedStore::open(dir.path()).unwrap();
     match EmbeddedStore::open(dir.path()) {
-        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("in use"), "{msg}"),
+        Err(StoreError::Unavailable { what: msg, .. }) => assert!(msg.contains("in use"), "{msg}"),
         other => panic!("second open of a data dir must fail, got {other:?}"),
     }
     drop(s);
@@ -312,7 +312,9 @@ async fn lagging_watcher_gets_an_error_not_a_gap() {
         s.put(&format!("/l/{i}"), b"v".to_vec()).await.unwrap();
     }
     match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
-        Ok(Some(Err(StoreError::Unavailable(msg)))) => assert!(msg.contains("behind"), "{msg}"),
+        Ok(Some(Err(StoreError::Unavailable { what: msg, .. }))) => {
+            assert!(msg.contains("behind"), "{msg}")
+        }
         other => panic!("expected a lag error, got {other:?}"),
     }
     assert!(w.next().await.is_none(), "stream ends after the lag error");

@@ -476,7 +476,9 @@ async fn lease_and_campaign_with_etcd_down() {
     for (what, fut) in calls {
         let started = Instant::now();
         match tokio::time::timeout(Duration::from_secs(15), fut).await {
-            Ok(Err(StoreError::Unavailable(msg))) => eprintln!("{what} with etcd down: {msg}"),
+            Ok(Err(StoreError::Unavailable { what: msg, .. })) => {
+                eprintln!("{what} with etcd down: {msg}")
+            }
             other => panic!("{what} with etcd down: expected Unavailable, got {other:?}"),
         }
         assert!(
@@ -524,14 +526,16 @@ async fn unreachable_etcd_fails_fast_with_unavailable() {
         .expect("get hung although etcd is down");
     let took = started.elapsed();
     match got {
-        Err(StoreError::Unavailable(msg)) => eprintln!("get after stop ({took:?}): {msg}"),
+        Err(StoreError::Unavailable { what: msg, .. }) => {
+            eprintln!("get after stop ({took:?}): {msg}")
+        }
         other => panic!("get with etcd down: expected Unavailable, got {other:?}"),
     }
     assert!(took < Duration::from_secs(6), "get took {took:?} to fail");
 
     let started = Instant::now();
     match store.txn(vec![], vec![]).await {
-        Err(StoreError::Unavailable(_)) => {}
+        Err(StoreError::Unavailable { .. }) => {}
         other => panic!("txn with etcd down: expected Unavailable, got {other:?}"),
     }
     assert!(
@@ -542,14 +546,16 @@ async fn unreachable_etcd_fails_fast_with_unavailable() {
 
     // The open watch ends with an error instead of waiting forever.
     match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
-        Ok(Some(Err(StoreError::Unavailable(msg)))) => eprintln!("watch after stop: {msg}"),
+        Ok(Some(Err(StoreError::Unavailable { what: msg, .. }))) => {
+            eprintln!("watch after stop: {msg}")
+        }
         other => panic!("watch with etcd down: expected an Unavailable item, got {other:?}"),
     }
 
     // Connecting to a dead endpoint fails too, within the request timeout.
     let started = Instant::now();
     match EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), opts()).await {
-        Err(StoreError::Unavailable(msg)) => assert!(!msg.is_empty()),
+        Err(StoreError::Unavailable { what: msg, .. }) => assert!(!msg.is_empty()),
         other => panic!("connect to a stopped etcd: expected Unavailable, got {other:?}"),
     }
     assert!(
@@ -608,7 +614,7 @@ async fn lease_and_campaign_with_etcd_frozen() {
     let campaign_took = started.elapsed();
     kill(pid, Signal::SIGCONT).expect("SIGCONT etcd");
     match refresh {
-        Ok(Err(StoreError::Unavailable(msg))) => {
+        Ok(Err(StoreError::Unavailable { what: msg, .. })) => {
             eprintln!("keep_alive on frozen etcd ({took:?}): {msg}")
         }
         other => panic!("keep_alive on a frozen etcd: expected Unavailable, got {other:?}"),
@@ -640,7 +646,9 @@ async fn frozen_etcd_times_out_then_recovers() {
     let took = started.elapsed();
     kill(pid, Signal::SIGCONT).expect("SIGCONT etcd");
     match got {
-        Ok(Err(StoreError::Unavailable(msg))) => eprintln!("get on frozen etcd ({took:?}): {msg}"),
+        Ok(Err(StoreError::Unavailable { what: msg, .. })) => {
+            eprintln!("get on frozen etcd ({took:?}): {msg}")
+        }
         other => panic!("get on a frozen etcd: expected Unavailable, got {other:?}"),
     }
     assert!(

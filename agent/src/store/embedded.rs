@@ -167,16 +167,16 @@ impl EmbeddedStore {
     /// [`EmbeddedStore::open`] with explicit options.
     pub fn open_with(dir: &Path, opts: EmbeddedOptions) -> Result<Self> {
         fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Io(format!("create data dir {}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::io_because(format!("create data dir {}", dir.display()), e))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock_file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| StoreError::Io(format!("open {}: {e}", lock_path.display())))?;
+            .map_err(|e| StoreError::io_because(format!("open {}", lock_path.display()), e))?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "data dir {} is in use by another store ({e})",
                 dir.display()
             ))
@@ -193,7 +193,7 @@ impl EmbeddedStore {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(StoreError::Io(format!(
+                return Err(StoreError::io(format!(
                     "remove {}: {e}",
                     disk.tmp.display()
                 )));
@@ -201,10 +201,13 @@ impl EmbeddedStore {
         }
         let (kvs, revision) = match fs::read(&disk.path) {
             Ok(bytes) => decode_state(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", disk.path.display())))?,
+                .map_err(|e| StoreError::corrupt_because(disk.path.display().to_string(), e))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => (BTreeMap::new(), 0),
             Err(e) => {
-                return Err(StoreError::Io(format!("read {}: {e}", disk.path.display())));
+                return Err(StoreError::io_because(
+                    format!("read {}", disk.path.display()),
+                    e,
+                ));
             }
         };
         tracing::debug!(dir = %dir.display(), revision, keys = kvs.len(), "embedded store opened");
@@ -392,7 +395,7 @@ impl Inner {
                 *failed = Some(e.msg.clone());
             }
             tracing::error!(error = %e.msg, "embedded store write failed");
-            return Err(StoreError::Io(e.msg));
+            return Err(StoreError::io(e.msg));
         }
         leases.attached = attached;
         let mut s = lock(&self.shared);
@@ -420,7 +423,7 @@ impl Inner {
 
 fn refuse_if_failed(failed: &Option<String>) -> Result<()> {
     match failed {
-        Some(reason) => Err(StoreError::Io(format!(
+        Some(reason) => Err(StoreError::io(format!(
             "store refuses writes after an earlier failure ({reason}); reopen it"
         ))),
         None => Ok(()),
@@ -644,7 +647,7 @@ impl Store for EmbeddedStore {
                 Op::DeletePrefix(_) => continue,
             };
             if !seen.insert(key.as_str()) {
-                return Err(StoreError::Io(format!(
+                return Err(StoreError::io(format!(
                     "duplicate key given in txn request: {key}"
                 )));
             }
@@ -652,7 +655,7 @@ impl Store for EmbeddedStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.txn_blocking(compares, ops))
             .await
-            .map_err(|e| StoreError::Io(format!("store write task failed: {e}")))?
+            .map_err(|e| StoreError::io_because("store write task failed", e))?
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
@@ -765,7 +768,7 @@ impl Store for EmbeddedStore {
             .min_by_key(|kv| kv.create_revision)
             .map(|kv| {
                 String::from_utf8(kv.value).map_err(|_| {
-                    StoreError::Corrupt(format!("leader value of {:?} is not UTF-8", kv.key))
+                    StoreError::corrupt(format!("leader value of {:?} is not UTF-8", kv.key))
                 })
             })
             .transpose()
@@ -841,7 +844,7 @@ impl EmbeddedStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError::Io(format!("store write task failed: {e}")))?
+            .map_err(|e| StoreError::io_because("store write task failed", e))?
     }
 
     /// Starts the expiry task unless it runs (it ends with the store or its runtime).
@@ -939,7 +942,7 @@ impl Live {
                 ),
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     self.done = true;
-                    return Some(Err(StoreError::Unavailable(format!(
+                    return Some(Err(StoreError::unavailable(format!(
                         "watch on {:?} fell {n} transactions behind; re-watch after revision {}",
                         self.prefix, self.last
                     ))));

@@ -113,7 +113,7 @@ impl EtcdStore {
         tls: Option<etcd_client::TlsOptions>,
     ) -> Result<Self> {
         if endpoints.is_empty() {
-            return Err(StoreError::Unavailable("no etcd endpoints given".into()));
+            return Err(StoreError::unavailable("no etcd endpoints given"));
         }
         let mut copts = ConnectOptions::new()
             .with_connect_timeout(opts.connect_timeout)
@@ -187,7 +187,7 @@ impl EtcdStore {
                 Err(e) => return e,
             }
         }
-        StoreError::Unavailable(format!("etcd watch on campaign key {key:?} ended"))
+        StoreError::unavailable(format!("etcd watch on campaign key {key:?} ended"))
     }
 
     async fn call<T>(
@@ -270,7 +270,7 @@ async fn bounded_raw<T>(
     tokio::time::timeout(timeout + Duration::from_millis(500), fut)
         .await
         .map_err(|_| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "etcd {what} at {}: no answer within {timeout:?}",
                 endpoints.join(",")
             ))
@@ -325,21 +325,22 @@ fn map_err(endpoints: &[String], what: &str, e: etcd_client::Error) -> StoreErro
                 None => text,
             };
             if TRANSIENT.contains(&i32::from(s.code())) {
-                StoreError::Unavailable(text)
+                StoreError::unavailable(text)
             } else {
-                StoreError::Io(text)
+                StoreError::io(text)
             }
         }
+        // The etcd client's error is kept as the source (and its chain in the message).
         E::TransportError(_) | E::IoError(_) | E::EndpointError(_) | E::WatchError(_) => {
-            StoreError::Unavailable(format!("etcd {what} at {at}: {}", chain(&e)))
+            StoreError::unavailable_because(format!("etcd {what} at {at}"), e)
         }
-        _ => StoreError::Io(format!("etcd {what} at {at}: {}", chain(&e))),
+        _ => StoreError::io_because(format!("etcd {what} at {at}"), e),
     }
 }
 
 fn utf8_key(key: &[u8]) -> Result<String> {
     String::from_utf8(key.to_vec())
-        .map_err(|_| StoreError::Corrupt(format!("etcd key is not UTF-8: {key:?}")))
+        .map_err(|_| StoreError::corrupt(format!("etcd key is not UTF-8: {key:?}")))
 }
 
 fn convert_kv(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
@@ -354,7 +355,7 @@ fn convert_kv(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
 fn convert_event(ev: &etcd_client::Event) -> Result<Event> {
     let kv = ev
         .kv()
-        .ok_or_else(|| StoreError::Corrupt("etcd watch event without key".into()))?;
+        .ok_or_else(|| StoreError::corrupt("etcd watch event without key"))?;
     Ok(match ev.event_type() {
         EventType::Put => Event::Put(convert_kv(kv)?),
         EventType::Delete => Event::Delete {
@@ -392,7 +393,7 @@ fn to_etcd_op(op: Op) -> TxnOp {
 
 fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
     h.map(|h| h.revision())
-        .ok_or_else(|| StoreError::Corrupt("etcd response without header".into()))
+        .ok_or_else(|| StoreError::corrupt("etcd response without header"))
 }
 
 #[async_trait]
@@ -460,7 +461,7 @@ impl Store for EtcdStore {
             )
             .await?;
         if !resp.error().is_empty() {
-            return Err(StoreError::Io(format!(
+            return Err(StoreError::io(format!(
                 "etcd lease grant at {}: {}",
                 self.endpoints.join(","),
                 resp.error()
@@ -520,7 +521,7 @@ impl Store for EtcdStore {
         };
         let leader = resp
             .leader()
-            .ok_or_else(|| StoreError::Corrupt("etcd campaign answer without leader key".into()))?;
+            .ok_or_else(|| StoreError::corrupt("etcd campaign answer without leader key"))?;
         let won_key = utf8_key(leader.key())?;
         let rev = leader.rev();
         // etcd reports a won campaign even if the key expired while it waited.
@@ -541,7 +542,7 @@ impl Store for EtcdStore {
                 .kv()
                 .map(|kv| {
                     String::from_utf8(kv.value().to_vec()).map_err(|_| {
-                        StoreError::Corrupt(format!(
+                        StoreError::corrupt(format!(
                             "leader value of {:?} is not UTF-8",
                             String::from_utf8_lossy(kv.key())
                         ))
@@ -637,7 +638,7 @@ impl EtcdWatch {
                         return self.fail(StoreError::Compacted(self.last));
                     }
                     if resp.canceled() {
-                        let e = StoreError::Unavailable(format!(
+                        let e = StoreError::unavailable(format!(
                             "etcd at {} canceled the watch on {:?}: {}",
                             self.endpoints.join(","),
                             self.prefix,
@@ -653,7 +654,7 @@ impl EtcdWatch {
                     }
                 }
                 Ok(None) => {
-                    let e = StoreError::Unavailable(format!(
+                    let e = StoreError::unavailable(format!(
                         "etcd at {} closed the watch on {:?}",
                         self.endpoints.join(","),
                         self.prefix

@@ -91,22 +91,95 @@ impl Event {
     }
 }
 
-/// Errors of every backend.
+/// The underlying error of a [`StoreError`] (an I/O error, etcd-client's, a decoder's).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// `what: cause: its cause...`: the message is whole on its own (many callers print only
+/// the outer error); the cause is also kept as `source()` for code that walks the chain.
+fn with_chain(what: String, e: &Cause) -> String {
+    let mut s = what;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Errors of every backend. Each keeps its cause as `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached (etcd down, disk gone): retry later.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    #[error("store unavailable: {what}")]
+    Unavailable {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// A watch could not resume from the asked revision (compacted): resync with `list`.
     #[error("watch revision {0} was compacted; resync")]
     Compacted(i64),
-    #[error("store I/O error: {0}")]
-    Io(String),
-    #[error("store data is corrupt: {0}")]
-    Corrupt(String),
+    #[error("store I/O error: {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    #[error("store data is corrupt: {what}")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// The lease does not exist: it expired, was revoked, or was never granted here.
     #[error("lease {0:x} expired or does not exist")]
     LeaseExpired(LeaseId),
+}
+
+impl StoreError {
+    pub fn unavailable(what: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            what: what.into(),
+            source: None,
+        }
+    }
+    pub fn unavailable_because(what: impl Into<String>, e: impl Into<Cause>) -> StoreError {
+        let e: Cause = e.into();
+        StoreError::Unavailable {
+            what: with_chain(what.into(), &e),
+            source: Some(e),
+        }
+    }
+    pub fn io(what: impl Into<String>) -> StoreError {
+        StoreError::Io {
+            what: what.into(),
+            source: None,
+        }
+    }
+    pub fn io_because(what: impl Into<String>, e: impl Into<Cause>) -> StoreError {
+        let e: Cause = e.into();
+        StoreError::Io {
+            what: with_chain(what.into(), &e),
+            source: Some(e),
+        }
+    }
+    pub fn corrupt(what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: None,
+        }
+    }
+    pub fn corrupt_because(what: impl Into<String>, e: impl Into<Cause>) -> StoreError {
+        let e: Cause = e.into();
+        StoreError::Corrupt {
+            what: with_chain(what.into(), &e),
+            source: Some(e),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -265,6 +338,16 @@ pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store error keeps its cause: in its message, and as `source()`.
+    #[test]
+    fn errors_keep_their_cause() {
+        let e = StoreError::io_because("read /x", std::io::Error::from_raw_os_error(5));
+        assert!(e.to_string().contains("read /x: Input/output error"), "{e}");
+        let src = std::error::Error::source(&e).expect("a source");
+        assert!(src.downcast_ref::<std::io::Error>().is_some());
+        assert!(std::error::Error::source(&StoreError::io("plain")).is_none());
+    }
 
     #[test]
     fn ttl_rounding() {
