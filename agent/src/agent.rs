@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::cluster::{Cluster, NODES, encode};
 use crate::config::{AgentConfig, StoreKind};
 use crate::desired::{self, View};
-use crate::drift::{Check, DriftWatch, Drifted};
+use crate::drift::{Check, DriftWatch, Drifted, Write};
 use crate::liveness::Liveness;
 use crate::model::{Node, NodeStatus, Service, Task, TaskState};
 use crate::reports::{Adoption, Pending, Report};
@@ -569,36 +569,32 @@ impl Agent {
         }
     }
 
-    /// An applier wrote `table` in `netns` (`changed`: the write changed the kernel): the
-    /// drift watch takes note, and a pending drift of that table counts as repaired.
-    #[allow(clippy::too_many_arguments)]
-    async fn wrote(
-        &mut self,
-        netns: &str,
-        table: &'static str,
-        dataplane: &'static str,
-        key: &str,
-        check: Check,
-        changed: bool,
-        errors: &mut Vec<String>,
-    ) {
-        if let Some((dp, confirmed)) = self.drift_pending.remove(&(netns.to_string(), table))
-            && (confirmed || changed)
+    /// An applier wrote (or read back) a table: the drift watch takes note, and a pending
+    /// drift of that table counts as repaired when the write changed the kernel (or the
+    /// drift was confirmed by read-back).
+    async fn wrote(&mut self, netns: &str, w: Write<'_>, errors: &mut Vec<String>) {
+        if let Some((dp, confirmed)) = self.drift_pending.remove(&(netns.to_string(), w.table))
+            && (confirmed || w.changed)
         {
             if !confirmed {
                 warn!(
                     netns,
-                    table,
+                    table = w.table,
                     dataplane = dp,
                     "kernel drift: table changed by someone else; repaired in place"
                 );
             } else {
-                info!(netns, table, dataplane = dp, "kernel drift repaired");
+                info!(
+                    netns,
+                    table = w.table,
+                    dataplane = dp,
+                    "kernel drift repaired"
+                );
             }
             crate::metrics::global().drift_repaired(dp);
         }
-        if let Err(e) = self.drift.wrote(netns, table, dataplane, key, check).await {
-            errors.push(format!("drift watch of {table} in {netns}: {e}"));
+        if let Err(e) = self.drift.wrote(netns, w).await {
+            errors.push(format!("drift watch of {} in {netns}: {e}", w.table));
         }
     }
 
@@ -656,11 +652,15 @@ impl Agent {
                         self.lb_applied.insert(net_id.clone(), rs);
                         self.wrote(
                             &netns,
-                            shoal_lb::ipvs::COMPANION_TABLE,
-                            "lb_ipvs",
-                            net_id,
-                            Check::Fingerprint,
-                            true,
+                            Write {
+                                table: shoal_lb::ipvs::COMPANION_TABLE,
+                                dataplane: "lb_ipvs",
+                                key: net_id,
+                                check: Check::Fingerprint,
+                                changed: true,
+                                before: None,
+                                removed: false,
+                            },
                             errors,
                         )
                         .await;
@@ -673,6 +673,9 @@ impl Agent {
                 }
                 continue;
             }
+            // Read before the sync: a read-back that writes nothing records it, so a change
+            // made meanwhile is seen at the next canary.
+            let lb_before = self.drift.generation_now(&netns).await;
             let started = std::time::Instant::now();
             let res = self.lb.sync(&netns, &rs).await;
             let kind = match &res {
@@ -689,11 +692,15 @@ impl Agent {
                     self.lb_applied.insert(net_id.clone(), rs);
                     self.wrote(
                         &netns,
-                        desired::LB_TABLE,
-                        "lb_nft",
-                        net_id,
-                        Check::Resync,
-                        r.kind != shoal_lb::SyncKind::Unchanged,
+                        Write {
+                            table: desired::LB_TABLE,
+                            dataplane: "lb_nft",
+                            key: net_id,
+                            check: Check::Resync,
+                            changed: r.kind != shoal_lb::SyncKind::Unchanged,
+                            before: lb_before,
+                            removed: false,
+                        },
                         errors,
                     )
                     .await;
@@ -775,14 +782,19 @@ impl Agent {
                     Ok(Err(e)) => errors.push(format!("published ports: {e}")),
                     Err(e) => errors.push(format!("published ports: conntrack clean-up: {e}")),
                 }
+                let removed = spec.ports.is_empty();
                 self.publish_applied = Some(spec);
                 self.wrote(
                     NODE_NS,
-                    shoal_lb::publish::PUBLISH_TABLE,
-                    "publish",
-                    "",
-                    Check::Fingerprint,
-                    true,
+                    Write {
+                        table: shoal_lb::publish::PUBLISH_TABLE,
+                        dataplane: "publish",
+                        key: "",
+                        check: Check::Fingerprint,
+                        changed: true,
+                        before: None,
+                        removed,
+                    },
                     errors,
                 )
                 .await;
@@ -985,11 +997,15 @@ impl Agent {
                     self.guard_applied = Some(guard);
                     self.wrote(
                         NODE_NS,
-                        shoal_lb::guard::GUARD_TABLE,
-                        "guard",
-                        "",
-                        Check::Fingerprint,
-                        true,
+                        Write {
+                            table: shoal_lb::guard::GUARD_TABLE,
+                            dataplane: "guard",
+                            key: "",
+                            check: Check::Fingerprint,
+                            changed: true,
+                            before: None,
+                            removed: false,
+                        },
                         errors,
                     )
                     .await;
@@ -1105,11 +1121,15 @@ impl Agent {
                                 self.marks_applied = Some(marks);
                                 self.wrote(
                                     &spec.netns,
-                                    shoal_lb::publish::MARK_TABLE,
-                                    "marks",
-                                    "",
-                                    Check::Fingerprint,
-                                    true,
+                                    Write {
+                                        table: shoal_lb::publish::MARK_TABLE,
+                                        dataplane: "marks",
+                                        key: "",
+                                        check: Check::Fingerprint,
+                                        changed: true,
+                                        before: None,
+                                        removed: false,
+                                    },
                                     errors,
                                 )
                                 .await;

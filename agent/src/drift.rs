@@ -16,8 +16,10 @@
 //!   differs. We are the only writer in the overlay namespaces, so a moved generation there
 //!   is rare.
 //!
-//! A periodic pass also lists the fingerprinted tables whatever the generation says, which
-//! covers a change that fell between one of our writes and the generation read after it.
+//! A full pass (every `resync_secs`) also lists the fingerprinted tables whatever the
+//! generation says, and has the VIP tables written since the last full pass read back
+//! once: that covers a change that fell between one of our writes and the generation read
+//! after it (which the canary cannot see).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -55,6 +57,23 @@ struct Owned {
     fingerprint: Option<String>,
 }
 
+/// One write (or read-back) of a table of ours, for [`DriftWatch::wrote`].
+#[derive(Clone, Copy, Debug)]
+pub struct Write<'a> {
+    pub table: &'static str,
+    /// The dataplane that owns it (a label of `metrics::DATAPLANES`).
+    pub dataplane: &'static str,
+    /// The owner's key (a network id for VIP tables).
+    pub key: &'a str,
+    pub check: Check,
+    /// The kernel changed.
+    pub changed: bool,
+    /// The namespace's generation read before the sync.
+    pub before: Option<Generation>,
+    /// The table was deleted (on purpose).
+    pub removed: bool,
+}
+
 /// Where our tables are, and each namespace's generation after our last write there.
 pub struct DriftWatch {
     applier: Applier,
@@ -64,6 +83,10 @@ pub struct DriftWatch {
     /// netns -> the generation after our last write (or after a check found nothing of ours
     /// changed)
     seen: HashMap<String, Generation>,
+    /// Resync tables written since the last full pass: a change someone made between our
+    /// write and the generation read after it would be in that generation and so never
+    /// seen by the canary; the next full pass reads them back once.
+    unverified: std::collections::BTreeSet<(String, &'static str)>,
 }
 
 impl DriftWatch {
@@ -73,7 +96,14 @@ impl DriftWatch {
             reader: Arc::new(Mutex::new(GenerationReader::new())),
             tables: BTreeMap::new(),
             seen: HashMap::new(),
+            unverified: Default::default(),
         }
+    }
+
+    /// The generation of `netns` now (None when it cannot be read). Read it before a sync
+    /// that may write nothing, and give it to [`DriftWatch::wrote`].
+    pub async fn generation_now(&self, netns: &str) -> Option<Generation> {
+        self.generation(netns).await.ok()
     }
 
     /// The generation of `netns`, read on the blocking pool (a first read of a namespace
@@ -91,28 +121,41 @@ impl DriftWatch {
         })?
     }
 
-    /// We have just written `table` in `netns` (created, replaced or updated it): remember
-    /// its listing (Fingerprint) and the namespace's generation. A table that is not there
-    /// after our write is not tracked.
-    pub async fn wrote(
-        &mut self,
-        netns: &str,
-        table: &'static str,
-        dataplane: &'static str,
-        key: &str,
-        check: Check,
-    ) -> Result<(), LbError> {
+    /// We have just written `table` in `netns` (created, replaced or updated it) or read it
+    /// back: remember its listing (Fingerprint) and the namespace's generation.
+    /// `w.changed`: the kernel changed; when it did not, `w.before` (read before the sync)
+    /// is recorded, so that anything that happened since shows up at the next canary.
+    /// `w.removed`: we deleted the table (not watched any more); a table missing after a
+    /// write that should have left it is watched as drifted.
+    pub async fn wrote(&mut self, netns: &str, w: Write<'_>) -> Result<(), LbError> {
+        let Write {
+            table,
+            dataplane,
+            key,
+            check,
+            changed,
+            before,
+            removed,
+        } = w;
+        if removed {
+            self.untrack(netns, table).await;
+            return Ok(());
+        }
         let fingerprint = match check {
-            Check::Fingerprint => match self.applier.fingerprint(netns, table).await? {
-                Some(f) => Some(f),
-                None => {
-                    self.untrack(netns, table).await;
-                    return Ok(());
-                }
-            },
+            // Missing right after our write: someone deleted it at once. An empty listing
+            // never matches, so the next check reports it.
+            Check::Fingerprint => Some(
+                self.applier
+                    .fingerprint(netns, table)
+                    .await?
+                    .unwrap_or_default(),
+            ),
             Check::Resync => None,
         };
-        let g = self.generation(netns).await?;
+        let g = match before {
+            Some(b) if !changed => b,
+            _ => self.generation(netns).await?,
+        };
         self.tables.entry(netns.to_string()).or_default().insert(
             table,
             Owned {
@@ -123,6 +166,9 @@ impl DriftWatch {
             },
         );
         self.seen.insert(netns.to_string(), g);
+        if check == Check::Resync && changed {
+            self.unverified.insert((netns.to_string(), table));
+        }
         Ok(())
     }
 
@@ -144,6 +190,7 @@ impl DriftWatch {
     pub fn forget_ns(&mut self, netns: &str) {
         self.tables.remove(netns);
         self.seen.remove(netns);
+        self.unverified.retain(|(ns, _)| ns != netns);
         self.reader
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -185,9 +232,11 @@ impl DriftWatch {
             let mut found = vec![];
             for (table, owned) in &self.tables[&ns] {
                 let drifted = match owned.check {
-                    Check::Resync => moved,
+                    Check::Resync => {
+                        moved || (full && self.unverified.contains(&(ns.clone(), *table)))
+                    }
                     Check::Fingerprint => match self.applier.fingerprint(&ns, table).await {
-                        Ok(f) => f != owned.fingerprint,
+                        Ok(f) => f.is_none() || f != owned.fingerprint,
                         Err(e) => {
                             tracing::debug!(netns = %ns, table, error = %e, "listing a table for the drift check failed");
                             true
@@ -211,6 +260,11 @@ impl DriftWatch {
                 }
             }
             out.extend(found);
+        }
+        if full {
+            // Reported above where written since the last full pass; their owners read
+            // them back now (and a write puts them in the set again).
+            self.unverified.clear();
         }
         out
     }
