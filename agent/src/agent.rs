@@ -997,15 +997,7 @@ impl Agent {
                     self.guard_applied = Some(guard);
                     self.wrote(
                         NODE_NS,
-                        Write {
-                            table: shoal_lb::guard::GUARD_TABLE,
-                            dataplane: "guard",
-                            key: "",
-                            check: Check::Fingerprint,
-                            changed: true,
-                            before: None,
-                            removed: false,
-                        },
+                        Write::whole_table(shoal_lb::guard::GUARD_TABLE, "guard"),
                         errors,
                     )
                     .await;
@@ -1121,15 +1113,7 @@ impl Agent {
                                 self.marks_applied = Some(marks);
                                 self.wrote(
                                     &spec.netns,
-                                    Write {
-                                        table: shoal_lb::publish::MARK_TABLE,
-                                        dataplane: "marks",
-                                        key: "",
-                                        check: Check::Fingerprint,
-                                        changed: true,
-                                        before: None,
-                                        removed: false,
-                                    },
+                                    Write::whole_table(shoal_lb::publish::MARK_TABLE, "marks"),
                                     errors,
                                 )
                                 .await;

@@ -74,6 +74,21 @@ pub struct Write<'a> {
     pub removed: bool,
 }
 
+impl Write<'static> {
+    /// A whole-table script of ours was applied (checked by its listing).
+    pub fn whole_table(table: &'static str, dataplane: &'static str) -> Write<'static> {
+        Write {
+            table,
+            dataplane,
+            key: "",
+            check: Check::Fingerprint,
+            changed: true,
+            before: None,
+            removed: false,
+        }
+    }
+}
+
 /// Where our tables are, and each namespace's generation after our last write there.
 pub struct DriftWatch {
     applier: Applier,
@@ -206,14 +221,6 @@ impl DriftWatch {
             }
         }
         false
-    }
-
-    /// Tables watched, for tests and reports: (netns, table).
-    pub fn watched(&self) -> Vec<(String, &'static str)> {
-        self.tables
-            .iter()
-            .flat_map(|(ns, t)| t.keys().map(move |k| (ns.clone(), *k)))
-            .collect()
     }
 
     /// Our tables that someone else changed since our last write. `full` (the periodic

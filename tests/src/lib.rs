@@ -365,3 +365,26 @@ pub fn host_snapshot() -> (String, String) {
         .unwrap_or_default();
     (ns, nft)
 }
+
+/// One HTTP/1.1 keep-alive exchange on an open connection: the status line and body.
+pub fn http_on(s: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")?;
+    let mut r = std::io::BufReader::new(s.try_clone()?);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(format!("{}{}", status, String::from_utf8_lossy(&body)))
+}

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shoal_tests::{Lab, require_kernel};
+use shoal_tests::{Lab, http_on, require_kernel};
 
 /// The one-node lab's node address on the underlay.
 const NODE1: &str = "192.0.2.11";
@@ -43,31 +43,6 @@ fn http_get(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<St
             .ok_or_else(|| std::io::Error::other(format!("bad answer {out:?}")))
     })
     .expect("enter namespace")
-}
-
-/// One request on an open keep-alive connection.
-fn http_on(s: &mut TcpStream) -> std::io::Result<String> {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::Error::other("connection closed"));
-        }
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if body.len() >= len {
-                return Ok(text.to_string());
-            }
-        }
-    }
 }
 
 /// Waits until `ok` holds, polling every 20 ms; how long it took.
@@ -128,24 +103,7 @@ fn flushed_tables_and_deleted_routes_come_back_and_flows_stay_up() {
     }
     let lab = Lab::up(1, "embedded");
     lab.shoal(&["network", "create", "appnet"]).ok();
-    lab.shoal(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--network",
-        "appnet",
-        "--replicas",
-        "2",
-        "-p",
-        "8080:80",
-        "--",
-        "shoal",
-        "whoami",
-        "--port",
-        "80",
-    ])
-    .ok();
+    lab.create_whoami("web", "appnet", 2, &["-p", "8080:80"]);
     let tasks = lab.wait_for("2 running web tasks", Duration::from_secs(30), || {
         let t = lab.running_tasks("web");
         (t.len() == 2).then_some(t)

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use shoal_tests::{Lab, host_snapshot, ipv4s, require_kernel};
+use shoal_tests::{Lab, host_snapshot, http_on, ipv4s, require_kernel};
 
 fn task_names(out: &str) -> Vec<String> {
     out.lines()
@@ -623,29 +623,6 @@ fn exits_are_replaced_and_health_gates_dns() {
     );
     let t = lab.tasks("web");
     assert_eq!(t[0]["health"], "unhealthy", "{t:?}");
-}
-
-/// One HTTP/1.1 keep-alive exchange on an open connection: the status line and body.
-fn http_on(s: &mut std::net::TcpStream) -> std::io::Result<String> {
-    use std::io::{BufRead as _, Read as _, Write as _};
-    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")?;
-    let mut r = std::io::BufReader::new(s.try_clone()?);
-    let mut status = String::new();
-    r.read_line(&mut status)?;
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)?;
-        if h.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok(format!("{}{}", status, String::from_utf8_lossy(&body)))
 }
 
 /// Agent restart with connections open through a VIP: none is reset, the new agent adopts

@@ -120,11 +120,6 @@ impl GenerationReader {
     pub fn forget(&mut self, netns: &str) {
         self.sockets.remove(netns);
     }
-
-    /// Keeps the sockets of the namespaces for which `keep` holds.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.sockets.retain(|ns, _| keep(ns));
-    }
 }
 
 #[cfg(test)]
