@@ -5,23 +5,28 @@
 //! it has applied, so a failed step is simply retried on the next pass (a change in the
 //! store, a task exit, or the periodic tick).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::cluster::{Cluster, NODES, encode};
 use crate::config::{AgentConfig, StoreKind};
-use crate::desired::{self, View};
-use crate::drift::{Check, DriftWatch, Drifted, Write};
+use crate::desired;
+use crate::drift::DriftWatch;
 use crate::liveness::Liveness;
-use crate::model::{Node, NodeStatus, Service, Task, TaskState};
-use crate::reports::{Adoption, Pending, Report};
-use crate::runtime::{Exited, ProcessRuntime, Runtime, TaskSpec};
+use crate::model::{Node, NodeStatus, TaskState};
+use crate::node::dataplanes::{
+    Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks,
+};
+use crate::node::plan::{NodeFacts, NodePlan};
+use crate::node::reconcile::{self, PassCx};
+use crate::node::{Appliers, Vips};
+use crate::runtime::{Exited, ProcessRuntime, Runtime};
 use crate::state::{ClusterState, spawn_cache};
 use crate::store::Store;
 
@@ -71,53 +76,20 @@ pub struct Agent {
     cfg: AgentConfig,
     pub node_id: String,
     pub cluster: Cluster,
-    runtime: Arc<dyn Runtime>,
-    resolver: shoal_dns::Resolver,
-    /// task id -> the view it is served
-    dns_views: HashMap<String, View>,
-    /// network id -> the ruleset applied in its namespace
-    lb_applied: HashMap<String, shoal_lb::Ruleset>,
-    /// Programs the LB tables incrementally (adopting existing ones after a restart).
-    lb: shoal_lb::Syncer,
-    started: HashSet<String>,
-    stopping: Arc<Mutex<HashSet<String>>>,
     search: Vec<String>,
     pub report: Arc<Mutex<NodeReport>>,
     liveness: Arc<Liveness>,
     underlay: Option<desired::Underlay>,
-    health: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Our node record as last written (its `listening` list is kept current).
     node: Node,
-    /// The published ports applied in the node namespace (None: not programmed yet, or
-    /// removed).
-    publish_applied: Option<shoal_lb::publish::PublishSpec>,
-    /// The node marks applied in the ingress namespace.
-    marks_applied: Option<BTreeMap<[u8; 6], u32>>,
-    /// The node namespace's guard table as applied (None: not yet in this process).
-    guard_applied: Option<shoal_lb::guard::GuardSpec>,
-    /// The node namespace is known to hold no published-port state of ours.
-    node_clean: bool,
-    /// Targets whose NATed flows have been deleted since their node went down.
-    lost_cleaned: std::collections::BTreeSet<std::net::Ipv4Addr>,
-    /// Task address -> its node, for [`desired::lost_targets`].
-    target_nodes: BTreeMap<std::net::Ipv4Addr, String>,
     /// Where our nft tables are, to notice someone else changing them.
     drift: DriftWatch,
     /// Tables found changed by someone else, until they are written again: (netns, table)
     /// -> (dataplane, confirmed by read-back).
     drift_pending: HashMap<(String, &'static str), (&'static str, bool)>,
-    /// Overlay and ingress specs as last applied, to tell a repair (the kernel diff changed
-    /// something though the spec did not) from a change.
-    mesh_applied: HashMap<String, shoal_mesh::NetworkSpec>,
-    ingress_applied: Option<shoal_mesh::ingress::IngressSpec>,
-    /// Tasks whose DNS listener ended and is to be attached again.
-    dns_reattach: HashSet<String>,
-    /// Task reports (started, exited, ...) not written to the store yet.
-    reports: Pending,
+    /// One applier per dataplane, each with what it applied.
+    appliers: Appliers,
 }
-
-/// The agent's own namespace (the node's): published ports are programmed here.
-const NODE_NS: &str = "/proc/self/ns/net";
 
 /// The interface holding `addr` in this namespace (the VXLAN underlay).
 fn dev_of(addr: std::net::Ipv4Addr) -> Option<String> {
@@ -330,36 +302,40 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
+    let vips = match cfg.lb.dataplane {
+        crate::config::Dataplane::Ipvs => Vips::Ipvs(IpvsVips::new(cfg.lb.ipvs_options())),
+        crate::config::Dataplane::Nftables => Vips::Nft(NftVips::default()),
+    };
+    let tasks = Tasks::new(
+        runtime,
+        cluster.clone(),
+        cfg.state_dir.join("tasks"),
+        Duration::from_secs(cfg.stop_grace_secs),
+        Duration::from_secs(cfg.kill_timeout_secs),
+    );
     let mut agent = Agent {
+        appliers: Appliers {
+            guard: Guard::default(),
+            overlays: Overlays::default(),
+            ingress: Ingress::default(),
+            publish: Publish::default(),
+            vips,
+            lost: LostFlows::new(&node_id),
+            dns: Dns::new(resolver),
+            tasks,
+        },
         cfg,
         node_id,
         cluster,
-        runtime,
-        resolver,
-        dns_views: HashMap::new(),
-        lb_applied: HashMap::new(),
-        lb: shoal_lb::Syncer::new(shoal_lb::Applier::global().clone()),
-        started: HashSet::new(),
-        stopping: Arc::new(Mutex::new(HashSet::new())),
         search,
         report,
         liveness,
         underlay,
-        health: HashMap::new(),
         node: node.clone(),
-        publish_applied: None,
-        marks_applied: None,
-        guard_applied: None,
-        node_clean: false,
-        lost_cleaned: Default::default(),
-        target_nodes: Default::default(),
         drift: DriftWatch::new(shoal_lb::Applier::global().clone()),
         drift_pending: HashMap::new(),
-        mesh_applied: HashMap::new(),
-        ingress_applied: None,
-        dns_reattach: HashSet::new(),
-        reports: Pending::default(),
     };
+
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
     tokio::spawn(
@@ -396,7 +372,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             continue;
         }
         if first {
-            agent.adopt(&st);
+            agent.appliers.tasks.adopt(&st, &agent.node_id);
             first = false;
         }
         let started = std::time::Instant::now();
@@ -429,49 +405,47 @@ fn search_from_resolv_conf(text: &str) -> Vec<String> {
 }
 
 impl Agent {
-    /// After a restart: processes of tasks that still run are adopted, not restarted (and
-    /// reported running if the earlier run's write of that was lost).
-    fn adopt(&mut self, st: &ClusterState) {
-        for t in desired::local_tasks(st, &self.node_id) {
-            let a = crate::reports::adoption(t, self.runtime.is_running(&t.id));
-            if a == Adoption::None {
-                continue;
-            }
-            self.started.insert(t.id.clone());
-            self.runtime.clone().adopt(&t.id);
-            if a == Adoption::AdoptAndReport {
-                self.reports.add(&t.id, Report::Running);
-            }
-            info!(task = %t.name(), "adopted running task");
-        }
-    }
-
     /// A process exited: reported (retried until written; see reports.rs).
     async fn on_exit(&mut self, state_rx: &watch::Receiver<Arc<ClusterState>>, ex: Exited) {
-        self.started.remove(&ex.task_id);
         let st = state_rx.borrow().clone();
         if let Some((t, _)) = st.tasks.get(&ex.task_id)
             && t.desired_state == TaskState::Running
         {
             warn!(task = %t.name(), status = %ex.status, "task exited");
         }
-        self.reports
-            .add(&ex.task_id, Report::Exited(ex.status.to_string()));
-        for e in self.reports.flush(&self.cluster).await {
-            warn!(error = %e, "task report not written yet; will retry");
-        }
+        self.appliers
+            .tasks
+            .exited(&ex.task_id, ex.status.to_string())
+            .await;
     }
 
+    /// One reconcile pass: drift found since the last is handed to its appliers, the plan
+    /// is computed whole and every applier brings its dataplane to it.
     async fn pass(&mut self, st: &ClusterState, full: bool) {
-        let mut errors = vec![];
         // Liveness as this agent may act on it (see liveness.rs: after a store outage the
         // last trusted picture is kept until the nodes have had time to re-register).
         let st = &*self.liveness.adjust(st);
         let drifted = self.drift.check(full).await;
-        self.on_drift(drifted);
-        if let Err(e) = self.reconcile(st, full, &mut errors).await {
-            errors.push(format!("{e:#}"));
-        }
+        let stopping = self.appliers.tasks.stopping();
+        let rt = self.appliers.tasks.runtime().clone();
+        let has_ns = move |id: &str| {
+            let ns = rt.netns(id);
+            shoal_netns::exists(&ns).then_some(ns)
+        };
+        let facts = NodeFacts {
+            node_id: &self.node_id,
+            netns_prefix: &self.cfg.netns_prefix,
+            underlay: self.underlay.as_ref(),
+            search: &self.search,
+            task_netns: &has_ns,
+            stopping: &stopping,
+        };
+        let mut appliers = self.appliers.in_order();
+        reconcile::on_drift(&mut appliers, drifted, &mut self.drift_pending);
+        let mut cx = PassCx::new(st, full, &mut self.drift, &mut self.drift_pending);
+        reconcile::run_pass(&mut appliers, &mut cx, || NodePlan::compute(st, &facts)).await;
+        let mut errors: Vec<String> = cx.errors.iter().map(|e| e.chain()).collect();
+        drop(cx);
         // Ports in use on this node, for the publish conflict check (a /proc scan of some
         // milliseconds: on the blocking pool).
         let listening = tokio::task::spawn_blocking(crate::listening::listening)
@@ -489,35 +463,7 @@ impl Agent {
         r.passes += 1;
         r.revision = st.revision;
         r.last_pass_ok = errors.is_empty();
-        r.dns_attached = self.dns_views.len();
-        r.networks = self.lb_applied.keys().cloned().collect();
-        r.vips = self
-            .lb_applied
-            .iter()
-            .flat_map(|(net, rs)| {
-                rs.services.iter().map(move |s| ProgrammedVip {
-                    network_id: net.clone(),
-                    vip: s.vip,
-                    protocol: format!("{:?}", s.protocol).to_lowercase(),
-                    port: s.port,
-                    backends: s.backends.clone(),
-                    draining: s.draining.clone(),
-                })
-            })
-            .collect();
-        r.vips
-            .sort_by_key(|v| (v.network_id.clone(), v.vip, v.port));
-        r.published = self
-            .publish_applied
-            .iter()
-            .flat_map(|spec| spec.ports.iter())
-            .map(|p| ProgrammedPort {
-                protocol: format!("{:?}", p.protocol).to_lowercase(),
-                port: p.port,
-                mode: format!("{:?}", p.kind).to_lowercase(),
-                backends: p.backends.iter().map(|(a, t)| format!("{a}:{t}")).collect(),
-            })
-            .collect();
+        self.appliers.report(&mut r);
         if !errors.is_empty() {
             for e in &errors {
                 warn!(error = %e, "reconcile error; will retry");
@@ -528,738 +474,6 @@ impl Agent {
                 .ok()
                 .map(|d| d.as_secs());
         }
-    }
-
-    fn task_spec(&self, t: &Task, svc: &Service) -> TaskSpec {
-        TaskSpec {
-            id: t.id.clone(),
-            name: t.name(),
-            service: svc.name.clone(),
-            hostname: t.hostname(),
-            command: svc.command.clone(),
-            env: svc.env.clone(),
-            resolv_conf: desired::resolv_conf(&self.search),
-        }
-    }
-
-    /// Tables someone else changed: their appliers forget what they applied, so this pass
-    /// writes them again (a VIP table is read back and repaired in place by its syncer).
-    fn on_drift(&mut self, drifted: Vec<Drifted>) {
-        for d in drifted {
-            if d.confirmed {
-                warn!(netns = %d.netns, table = d.table, dataplane = d.dataplane, "kernel drift: table changed or deleted by someone else; putting it back");
-            } else {
-                debug!(netns = %d.netns, table = d.table, "nf_tables generation moved; reading the table back");
-            }
-            match d.dataplane {
-                "guard" => self.guard_applied = None,
-                "publish" => self.publish_applied = None,
-                "marks" => self.marks_applied = None,
-                "lb_nft" => {
-                    self.lb_applied.remove(&d.key);
-                    self.lb.forget(&d.netns);
-                }
-                "lb_ipvs" => {
-                    self.lb_applied.remove(&d.key);
-                }
-                other => debug!(dataplane = other, "drift of a table no applier owns"),
-            }
-            self.drift_pending
-                .insert((d.netns, d.table), (d.dataplane, d.confirmed));
-        }
-    }
-
-    /// An applier wrote (or read back) a table: the drift watch takes note, and a pending
-    /// drift of that table counts as repaired when the write changed the kernel (or the
-    /// drift was confirmed by read-back).
-    async fn wrote(&mut self, netns: &str, w: Write<'_>, errors: &mut Vec<String>) {
-        if let Some((dp, confirmed)) = self.drift_pending.remove(&(netns.to_string(), w.table))
-            && (confirmed || w.changed)
-        {
-            if !confirmed {
-                warn!(
-                    netns,
-                    table = w.table,
-                    dataplane = dp,
-                    "kernel drift: table changed by someone else; repaired in place"
-                );
-            } else {
-                info!(
-                    netns,
-                    table = w.table,
-                    dataplane = dp,
-                    "kernel drift repaired"
-                );
-            }
-            crate::metrics::global().drift_repaired(dp);
-        }
-        if let Err(e) = self.drift.wrote(netns, w).await {
-            errors.push(format!("drift watch of {} in {netns}: {e}", w.table));
-        }
-    }
-
-    /// Applies the VIP ruleset of each network in `nets` whose ruleset changed.
-    /// `removals_only` (the fast path, before this pass has routed new endpoints): services
-    /// and backends only leave; a backend with no route yet would answer its first clients
-    /// with "network unreachable".
-    async fn sync_lb(
-        &mut self,
-        st: &ClusterState,
-        nets: &HashSet<String>,
-        removals_only: bool,
-        full: bool,
-        errors: &mut Vec<String>,
-    ) {
-        let ipvs = self.cfg.lb.dataplane == crate::config::Dataplane::Ipvs;
-        for net_id in nets {
-            let Some(net) = st.network_by_id(net_id).filter(|n| !n.ingress) else {
-                continue;
-            };
-            let netns = desired::network_netns(&self.cfg.netns_prefix, net);
-            if !shoal_netns::exists(&netns) {
-                self.lb_applied.remove(net_id);
-                self.lb.forget(&netns);
-                self.drift.forget_ns(&netns);
-                continue;
-            }
-            let mut rs = desired::lb_ruleset(st, &self.node_id, net_id);
-            if removals_only {
-                let Some(old) = self.lb_applied.get(net_id) else {
-                    continue;
-                };
-                rs = desired::removals_only(&rs, old);
-            }
-            let unchanged = self.lb_applied.get(net_id) == Some(&rs);
-            // IPVS has no generation to watch: a full pass diffs it against the kernel.
-            if unchanged && !(ipvs && full && !removals_only) {
-                continue;
-            }
-            if ipvs {
-                // IPVS services (diff against the kernel's table, so a failed run converges on
-                // the next pass) + the companion nft table. Without IPVS in the kernel: the
-                // clear NoIpvs error, reported on every pass.
-                let opts = self.cfg.lb.ipvs_options();
-                let started = std::time::Instant::now();
-                let res = shoal_lb::ipvs::sync(&netns, &rs, &opts).await;
-                crate::metrics::global().lb_sync("ipvs", res.is_ok(), started.elapsed());
-                match res {
-                    Ok(ops) => {
-                        debug!(netns = %netns, services = rs.services.len(), ipvs_ops = ops.len(), "VIP ruleset synced (IPVS)");
-                        if unchanged && !ops.is_empty() {
-                            warn!(netns = %netns, ipvs_ops = ops.len(), "kernel drift: IPVS services changed by someone else; put back");
-                            crate::metrics::global().drift_repaired("lb_ipvs");
-                        }
-                        self.lb_applied.insert(net_id.clone(), rs);
-                        self.wrote(
-                            &netns,
-                            Write {
-                                table: shoal_lb::ipvs::COMPANION_TABLE,
-                                dataplane: "lb_ipvs",
-                                key: net_id,
-                                check: Check::Fingerprint,
-                                changed: true,
-                                before: None,
-                                removed: false,
-                            },
-                            errors,
-                        )
-                        .await;
-                    }
-                    Err(e) => {
-                        crate::metrics::global().apply_error("lb_ipvs");
-                        self.lb_applied.remove(net_id);
-                        errors.push(format!("IPVS ruleset of {netns}: {e}"));
-                    }
-                }
-                continue;
-            }
-            // Read before the sync: a read-back that writes nothing records it, so a change
-            // made meanwhile is seen at the next canary.
-            let lb_before = self.drift.generation_now(&netns).await;
-            let started = std::time::Instant::now();
-            let res = self.lb.sync(&netns, &rs).await;
-            let kind = match &res {
-                Ok(r) if r.kind == shoal_lb::SyncKind::Incremental => Some("incremental"),
-                Ok(r) if r.kind == shoal_lb::SyncKind::Unchanged => None,
-                _ => Some("full"),
-            };
-            if let Some(kind) = kind {
-                crate::metrics::global().lb_sync(kind, res.is_ok(), started.elapsed());
-            }
-            match res {
-                Ok(r) => {
-                    debug!(netns = %netns, services = rs.services.len(), kind = ?r.kind, "VIP ruleset synced");
-                    self.lb_applied.insert(net_id.clone(), rs);
-                    self.wrote(
-                        &netns,
-                        Write {
-                            table: desired::LB_TABLE,
-                            dataplane: "lb_nft",
-                            key: net_id,
-                            check: Check::Resync,
-                            changed: r.kind != shoal_lb::SyncKind::Unchanged,
-                            before: lb_before,
-                            removed: false,
-                        },
-                        errors,
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    crate::metrics::global().apply_error("lb_nft");
-                    self.lb_applied.remove(net_id);
-                    errors.push(format!("ruleset of {netns}: {e}"));
-                }
-            }
-        }
-    }
-
-    /// Programs the published ports of this node when they changed, then deletes UDP
-    /// conntrack entries that would keep sending to old NAT targets. `removals_only` (the
-    /// fast path, before this pass has routed new endpoints): backends and ports only
-    /// leave; new ones wait for the routes to them.
-    async fn sync_publish(
-        &mut self,
-        st: &ClusterState,
-        removals_only: bool,
-        errors: &mut Vec<String>,
-    ) {
-        let addr = self
-            .underlay
-            .as_ref()
-            .map(|u| u.addr)
-            .unwrap_or(shoal_mesh::ingress::NODE_LINK_ADDR);
-        let Some(mut spec) = desired::publish_spec(st, &self.node_id, addr) else {
-            return;
-        };
-        if removals_only {
-            let Some(old) = &self.publish_applied else {
-                return;
-            };
-            spec.ports.retain_mut(|p| {
-                let Some(o) = old
-                    .ports
-                    .iter()
-                    .find(|o| (o.protocol, o.port, o.kind) == (p.protocol, p.port, p.kind))
-                else {
-                    return false;
-                };
-                p.backends.retain(|b| o.backends.contains(b));
-                true
-            });
-        }
-        if self.publish_applied.as_ref() == Some(&spec) {
-            return;
-        }
-        let started = std::time::Instant::now();
-        let res =
-            shoal_lb::publish::apply_publish(shoal_lb::Applier::global(), NODE_NS, Some(&spec))
-                .await;
-        crate::metrics::global().lb_sync("publish", res.is_ok(), started.elapsed());
-        match res {
-            Ok(()) => {
-                info!(ports = spec.ports.len(), "published ports programmed");
-                self.node_clean = false;
-                let before =
-                    self.publish_applied
-                        .take()
-                        .unwrap_or(shoal_lb::publish::PublishSpec {
-                            ports: vec![],
-                            ..spec.clone()
-                        });
-                // A ctnetlink dump: on the blocking pool, not on a runtime worker.
-                let now = spec.clone();
-                let res = tokio::task::spawn_blocking(move || {
-                    let local = crate::whoami::local_ips();
-                    let is_local = |ip: std::net::Ipv4Addr| {
-                        ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip))
-                    };
-                    shoal_lb::publish::clean_conntrack(NODE_NS, &before, &now, &is_local)
-                })
-                .await;
-                match res {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => errors.push(format!("published ports: {e}")),
-                    Err(e) => errors.push(format!("published ports: conntrack clean-up: {e}")),
-                }
-                let removed = spec.ports.is_empty();
-                self.publish_applied = Some(spec);
-                self.wrote(
-                    NODE_NS,
-                    Write {
-                        table: shoal_lb::publish::PUBLISH_TABLE,
-                        dataplane: "publish",
-                        key: "",
-                        check: Check::Fingerprint,
-                        changed: true,
-                        before: None,
-                        removed,
-                    },
-                    errors,
-                )
-                .await;
-            }
-            Err(e) => {
-                crate::metrics::global().apply_error("publish");
-                self.publish_applied = None;
-                errors.push(format!("published ports: {e}"));
-            }
-        }
-    }
-
-    /// Once the backends of a node that went down have left the rulesets: deletes every
-    /// NATed flow to them (published ports in the node namespace, VIPs in the network
-    /// namespaces), established ones included. Established flows to a drained or scaled-down
-    /// task are left to finish; a dead node answers nothing, and a client reusing the source
-    /// port of such a flow would be sent there again (conntrack keeps an established entry
-    /// for days and ignores a SYN that matches it).
-    async fn clean_lost(&mut self, st: &ClusterState, errors: &mut Vec<String>) {
-        // Only on a picture that has this node alive: one without it (no liveness read
-        // yet) would take every task for lost.
-        if !st.alive.contains(&self.node_id) {
-            return;
-        }
-        let lost = desired::lost_targets(st, &mut self.target_nodes);
-        let new: std::collections::BTreeSet<_> =
-            lost.difference(&self.lost_cleaned).copied().collect();
-        if new.is_empty() {
-            self.lost_cleaned_done(st, lost);
-            return;
-        }
-        let mut namespaces: Vec<String> = self
-            .lb_applied
-            .keys()
-            .filter_map(|id| st.network_by_id(id))
-            .map(|n| desired::network_netns(&self.cfg.netns_prefix, n))
-            .collect();
-        if self.publish_applied.is_some() {
-            namespaces.push(NODE_NS.to_string());
-        }
-        let targets = new.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            namespaces.iter().try_fold(0, |n, ns| {
-                Ok::<usize, shoal_lb::conntrack::CtError>(
-                    n + shoal_lb::conntrack::delete_nated_to(ns, &targets)?,
-                )
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-        match res {
-            Ok(deleted) => {
-                if deleted > 0 {
-                    info!(targets = ?new, deleted, "deleted flows to the tasks of a node that is down");
-                }
-                self.lost_cleaned_done(st, lost);
-            }
-            Err(e) => errors.push(format!("deleting flows to a lost node: {e}")),
-        }
-    }
-
-    /// The flows to `lost` are deleted: addresses whose task record is gone are done with;
-    /// the others are not cleaned again while their node stays down.
-    fn lost_cleaned_done(
-        &mut self,
-        st: &ClusterState,
-        lost: std::collections::BTreeSet<std::net::Ipv4Addr>,
-    ) {
-        let current: std::collections::BTreeSet<std::net::Ipv4Addr> = st
-            .task_list()
-            .flat_map(|t| t.networks.iter().map(|n| n.ip))
-            .collect();
-        self.target_nodes
-            .retain(|ip, _| current.contains(ip) || !lost.contains(ip));
-        self.lost_cleaned = lost.intersection(&current).copied().collect();
-    }
-
-    /// Nothing is published: no table in the node namespace, no link to the ingress
-    /// namespace (which the namespace sweep removes).
-    async fn unpublish(&mut self, errors: &mut Vec<String>) {
-        if self.marks_applied.is_none() && self.publish_applied.is_none() && self.node_clean {
-            return;
-        }
-        let res = async {
-            shoal_lb::publish::apply_publish(shoal_lb::Applier::global(), NODE_NS, None).await?;
-            shoal_mesh::ingress::remove_ingress_link(None)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
-            anyhow::Ok(())
-        }
-        .await;
-        match res {
-            Ok(()) => {
-                self.publish_applied = None;
-                self.marks_applied = None;
-                self.node_clean = true;
-                self.drift
-                    .untrack(NODE_NS, shoal_lb::publish::PUBLISH_TABLE)
-                    .await;
-            }
-            Err(e) => errors.push(format!("removing published ports: {e:#}")),
-        }
-    }
-
-    /// Serves each local container the view of its networks (one record table per distinct
-    /// set of networks); with `attach_new`, attaches containers not served yet.
-    async fn sync_dns(
-        &mut self,
-        st: &ClusterState,
-        local: &[(Task, i64)],
-        stopping: &HashSet<String>,
-        ok_networks: &HashSet<String>,
-        attach_new: bool,
-        errors: &mut Vec<String>,
-    ) {
-        if attach_new {
-            // A listener that ended (its socket failed) is attached again below.
-            let dead: Vec<String> = self
-                .dns_views
-                .keys()
-                .filter(|id| self.resolver.serving(id) == Some(false))
-                .cloned()
-                .collect();
-            for id in dead {
-                warn!(task = %id, "kernel drift: the 127.0.0.11 listener of a task ended; attaching it again");
-                self.resolver.detach(&id).await;
-                self.dns_views.remove(&id);
-                self.dns_reattach.insert(id);
-            }
-        }
-        let mut views: BTreeMap<Vec<String>, (View, Arc<shoal_dns::Records>)> = BTreeMap::new();
-        for (t, _) in local {
-            if stopping.contains(&t.id) || t.desired_state != TaskState::Running {
-                continue;
-            }
-            if !attach_new && !self.dns_views.contains_key(&t.id) {
-                continue;
-            }
-            let ns = self.runtime.netns(&t.id);
-            if !t
-                .networks
-                .iter()
-                .all(|n| ok_networks.contains(&n.network_id))
-                || !shoal_netns::exists(&ns)
-            {
-                continue;
-            }
-            let ids: Vec<String> = t.networks.iter().map(|n| n.network_id.clone()).collect();
-            let (view, records) = views
-                .entry(ids.clone())
-                .or_insert_with(|| {
-                    let v = desired::dns_view(st, &ids);
-                    let r = Arc::new(v.to_records());
-                    (v, r)
-                })
-                .clone();
-            match self.dns_views.get(&t.id) {
-                Some(old) if *old == view => {}
-                Some(_) => match self.resolver.update(&t.id, records) {
-                    Ok(()) => {
-                        self.dns_views.insert(t.id.clone(), view);
-                    }
-                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
-                },
-                None => match self.resolver.attach(&t.id, &ns, records).await {
-                    Ok(()) => {
-                        if self.dns_reattach.remove(&t.id) {
-                            crate::metrics::global().drift_repaired("dns");
-                        }
-                        self.dns_views.insert(t.id.clone(), view);
-                    }
-                    Err(e) => errors.push(format!("dns of {}: {e}", t.name())),
-                },
-            }
-        }
-    }
-
-    async fn reconcile(
-        &mut self,
-        st: &ClusterState,
-        full: bool,
-        errors: &mut Vec<String>,
-    ) -> anyhow::Result<()> {
-        let local: Vec<(Task, i64)> = st
-            .tasks
-            .values()
-            .filter(|(t, _)| t.node_id == self.node_id)
-            .cloned()
-            .collect();
-        // 0. The underlay guard (VXLAN from peers only; only published flows into the
-        // ingress namespace), before any VXLAN device exists, and on every change.
-        let guard = desired::guard_spec(st, &self.node_id);
-        if self.guard_applied.as_ref() != Some(&guard) {
-            match shoal_lb::guard::apply_guard(shoal_lb::Applier::global(), NODE_NS, Some(&guard))
-                .await
-            {
-                Ok(()) => {
-                    info!(peers = ?guard.peers, "underlay guard programmed");
-                    self.guard_applied = Some(guard);
-                    self.wrote(
-                        NODE_NS,
-                        Write::whole_table(shoal_lb::guard::GUARD_TABLE, "guard"),
-                        errors,
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    crate::metrics::global().apply_error("guard");
-                    errors.push(format!("underlay guard: {e}"));
-                }
-            }
-        }
-        let stopping = self.stopping.lock().expect("lock").clone();
-        let rt = self.runtime.clone();
-        let has_ns = move |id: &str| {
-            let ns = rt.netns(id);
-            shoal_netns::exists(&ns).then_some(ns)
-        };
-        // 0. Fast path: what changed for networks and containers already in place (tasks
-        //    joining or leaving DNS answers and backends) is applied before any slower link
-        //    work of this pass.
-        let mut known: HashSet<String> = self.lb_applied.keys().cloned().collect();
-        if self.marks_applied.is_some()
-            && let Some(ing) = desired::ingress_network(st)
-        {
-            known.insert(ing.id.clone());
-        }
-        self.sync_lb(st, &known, true, full, errors).await;
-        if self.marks_applied.is_some() {
-            self.sync_publish(st, true, errors).await;
-        }
-        self.clean_lost(st, errors).await;
-        self.sync_dns(st, &local, &stopping, &known, false, errors)
-            .await;
-        // 1. Namespaces for new tasks.
-        for (t, _) in &local {
-            if t.desired_state == TaskState::Running
-                && !self.started.contains(&t.id)
-                && let Err(e) = self.runtime.prepare(&t.id).await
-            {
-                errors.push(format!("task {}: {e:#}", t.name()));
-            }
-        }
-        // 2. Overlay networks and endpoints.
-        let specs = desired::mesh_specs(
-            st,
-            &self.node_id,
-            &self.cfg.netns_prefix,
-            self.underlay.as_ref(),
-            &has_ns,
-        );
-        let mut ok_networks = HashSet::new();
-        for (net_id, spec) in &specs {
-            match shoal_mesh::apply_network(spec).await {
-                Ok(applied) => {
-                    if !applied.is_empty() {
-                        if self.mesh_applied.get(net_id) == Some(spec) {
-                            warn!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "kernel drift: overlay objects changed by someone else; put back");
-                            crate::metrics::global().drift_repaired("mesh");
-                        } else {
-                            info!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "overlay endpoints changed");
-                        }
-                    }
-                    self.mesh_applied.insert(net_id.clone(), spec.clone());
-                    ok_networks.insert(net_id.clone());
-                }
-                Err(e) => {
-                    crate::metrics::global().apply_error("mesh");
-                    self.mesh_applied.remove(net_id);
-                    errors.push(format!("network {}: {e}", spec.netns));
-                }
-            }
-        }
-        let wanted_ns: HashSet<&str> = specs.values().map(|s| s.netns.as_str()).collect();
-        let net_prefix = format!("{}n-", self.cfg.netns_prefix);
-        for ns in shoal_netns::list().unwrap_or_default() {
-            if ns.starts_with(&net_prefix) && !wanted_ns.contains(ns.as_str()) {
-                info!(netns = %ns, "removing overlay network namespace no longer used on this node");
-                self.lb.forget(&ns);
-                self.drift.forget_ns(&ns);
-                if let Err(e) = shoal_mesh::remove_network(&ns).await {
-                    errors.push(format!("removing {ns}: {e}"));
-                }
-            }
-        }
-        self.lb_applied.retain(|id, _| specs.contains_key(id));
-        self.mesh_applied.retain(|id, _| specs.contains_key(id));
-        // 2b. Ingress plumbing and published ports.
-        let ingress_ok = desired::ingress_network(st).is_some_and(|n| ok_networks.contains(&n.id));
-        match desired::ingress_spec(
-            st,
-            &self.node_id,
-            &self.cfg.netns_prefix,
-            self.underlay.as_ref(),
-            &has_ns,
-        ) {
-            Some(spec) if ingress_ok => match shoal_mesh::ingress::apply_ingress(&spec).await {
-                Ok(applied) => {
-                    if !applied.is_empty() && self.ingress_applied.as_ref() == Some(&spec) {
-                        warn!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "kernel drift: ingress plumbing changed by someone else; put back");
-                        crate::metrics::global().drift_repaired("mesh");
-                    }
-                    self.ingress_applied = Some(spec.clone());
-                    let marks = desired::ingress_marks(st, &self.node_id);
-                    if self.marks_applied.as_ref() != Some(&marks) {
-                        match shoal_lb::publish::apply_marks(
-                            shoal_lb::Applier::global(),
-                            &spec.netns,
-                            shoal_mesh::VXLAN_IFNAME,
-                            &marks,
-                        )
-                        .await
-                        {
-                            Ok(()) => {
-                                self.marks_applied = Some(marks);
-                                self.wrote(
-                                    &spec.netns,
-                                    Write::whole_table(shoal_lb::publish::MARK_TABLE, "marks"),
-                                    errors,
-                                )
-                                .await;
-                            }
-                            Err(e) => {
-                                crate::metrics::global().apply_error("marks");
-                                errors.push(format!("node marks of {}: {e}", spec.netns));
-                            }
-                        }
-                    }
-                    if self.marks_applied.is_some() {
-                        self.sync_publish(st, false, errors).await;
-                    }
-                }
-                Err(e) => {
-                    crate::metrics::global().apply_error("mesh");
-                    self.ingress_applied = None;
-                    errors.push(format!("ingress plumbing: {e}"));
-                }
-            },
-            Some(_) => {}
-            None => self.unpublish(errors).await,
-        }
-        // 3. VIP rulesets, applied when they changed.
-        self.sync_lb(st, &ok_networks, false, full, errors).await;
-        self.clean_lost(st, errors).await;
-        // 4. DNS views of local containers, new ones attached.
-        self.sync_dns(st, &local, &stopping, &ok_networks, true, errors)
-            .await;
-        // 5. Start processes of attached tasks.
-        for (t, _) in &local {
-            if t.desired_state != TaskState::Running
-                || self.started.contains(&t.id)
-                || !self.dns_views.contains_key(&t.id)
-            {
-                continue;
-            }
-            let Some(svc) = st.service_by_id(&t.service_id) else {
-                continue;
-            };
-            let spec = self.task_spec(t, svc);
-            match self.runtime.start(&spec).await {
-                Ok(pid) => {
-                    info!(task = %t.name(), pid, "task started");
-                    self.started.insert(t.id.clone());
-                    self.reports.add(&t.id, Report::Running);
-                }
-                Err(e) => {
-                    errors.push(format!("task {}: {e:#}", t.name()));
-                    self.reports
-                        .add(&t.id, Report::StartFailed(format!("{e:#}")));
-                }
-            }
-        }
-        // Written with retries; what the store refuses now stays for the next pass.
-        errors.extend(self.reports.flush(&self.cluster).await);
-        // 5b. Health checkers for started tasks of services with a health check.
-        let tasks_dir = self.cfg.state_dir.join("tasks");
-        for (t, _) in &local {
-            let check = st
-                .service_by_id(&t.service_id)
-                .and_then(|s| s.health.clone());
-            let wanted = t.desired_state == TaskState::Running && self.started.contains(&t.id);
-            match (wanted, check, self.health.contains_key(&t.id)) {
-                (true, Some(check), false) => {
-                    let (resolv_conf, _) =
-                        crate::runtime::ProcessRuntime::task_files(&tasks_dir, &t.id);
-                    let probe = crate::health::Probe {
-                        task_id: t.id.clone(),
-                        task_name: t.name(),
-                        netns: self.runtime.netns(&t.id),
-                        resolv_conf,
-                        hostname: t.hostname(),
-                    };
-                    let h = crate::health::spawn(self.cluster.clone(), probe, check, t.health);
-                    self.health.insert(t.id.clone(), h);
-                }
-                (false, _, true) => {
-                    if let Some(h) = self.health.remove(&t.id) {
-                        h.abort();
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.dns_reattach.retain(|id| st.tasks.contains_key(id));
-        self.health.retain(|id, h| {
-            let keep = st.tasks.contains_key(id);
-            if !keep {
-                h.abort();
-            }
-            keep
-        });
-        // 6. Stop tasks that should not run: out of DNS and backends already (they are not
-        //    serving); after the grace period, stop and remove, then forget the record.
-        for (t, _) in &local {
-            if t.desired_state == TaskState::Running || stopping.contains(&t.id) {
-                continue;
-            }
-            self.stopping.lock().expect("lock").insert(t.id.clone());
-            self.started.remove(&t.id);
-            self.resolver.detach(&t.id).await;
-            self.dns_views.remove(&t.id);
-            let (rt, cluster, stopping, t) = (
-                self.runtime.clone(),
-                self.cluster.clone(),
-                self.stopping.clone(),
-                t.clone(),
-            );
-            let grace = Duration::from_secs(self.cfg.stop_grace_secs);
-            let kill_after = Duration::from_secs(self.cfg.kill_timeout_secs);
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                if let Err(e) = rt.destroy(&t.id, kill_after).await {
-                    warn!(task = %t.name(), error = %e, "destroying task failed");
-                } else if let Err(e) = cluster.delete_task(&t).await {
-                    warn!(task = %t.name(), error = %e, "deleting task record failed");
-                } else {
-                    info!(task = %t.name(), "task removed");
-                }
-                stopping.lock().expect("lock").remove(&t.id);
-            });
-        }
-        // 7. Garbage: task files/namespaces of tasks the cluster no longer has.
-        //    Destroyed in the background (a process may take kill_timeout_secs to die): N
-        //    stale tasks must not hold up this pass's DNS and LB work by N x that.
-        for id in self.runtime.list() {
-            if !st.tasks.contains_key(&id) && self.stopping.lock().expect("lock").insert(id.clone())
-            {
-                self.resolver.detach(&id).await;
-                self.dns_views.remove(&id);
-                self.started.remove(&id);
-                let (rt, stopping) = (self.runtime.clone(), self.stopping.clone());
-                let kill_after = Duration::from_secs(self.cfg.kill_timeout_secs);
-                tokio::spawn(async move {
-                    match rt.destroy(&id, kill_after).await {
-                        Ok(()) => info!(task = %id, "stale task removed"),
-                        Err(e) => {
-                            warn!(task = %id, error = %format!("{e:#}"), "removing stale task failed; will retry")
-                        }
-                    }
-                    stopping.lock().expect("lock").remove(&id);
-                });
-            }
-        }
-        Ok(())
     }
 }
 

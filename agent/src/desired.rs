@@ -10,6 +10,8 @@ use crate::state::ClusterState;
 
 /// The nft table that holds a network's VIPs in its namespace.
 pub const LB_TABLE: &str = "shoal_lb";
+/// The agent's own namespace (the node's): published ports and the guard live here.
+pub const NODE_NS: &str = "/proc/self/ns/net";
 /// Container MTU on a 1500-byte underlay with VXLAN.
 pub const OVERLAY_MTU: u32 = 1450;
 
@@ -367,6 +369,27 @@ pub fn removals_only(want: &shoal_lb::Ruleset, applied: &shoal_lb::Ruleset) -> s
     out
 }
 
+/// The published ports of `want` that may be applied before this pass has routed new
+/// endpoints: ports and backends only leave (the published-port twin of [`removals_only`]).
+pub fn publish_removals_only(
+    want: &shoal_lb::publish::PublishSpec,
+    applied: &shoal_lb::publish::PublishSpec,
+) -> shoal_lb::publish::PublishSpec {
+    let mut out = want.clone();
+    out.ports.retain_mut(|p| {
+        let Some(o) = applied
+            .ports
+            .iter()
+            .find(|o| (o.protocol, o.port, o.kind) == (p.protocol, p.port, p.kind))
+        else {
+            return false;
+        };
+        p.backends.retain(|b| o.backends.contains(b));
+        true
+    });
+    out
+}
+
 /// The node namespace's guard table: VXLAN only from the other registered nodes (alive or
 /// not: a lease that lapses for a moment must not cut a node off), and only DNATed flows
 /// through the ingress link.
@@ -559,11 +582,11 @@ pub fn resolv_conf(search: &[String]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::*;
 
-    fn net(id: &str, name: &str, subnet: &str, internal: bool) -> Network {
+    pub(crate) fn net(id: &str, name: &str, subnet: &str, internal: bool) -> Network {
         let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
         Network {
             id: id.into(),
@@ -578,7 +601,7 @@ mod tests {
         }
     }
 
-    fn task(
+    pub(crate) fn task(
         id: &str,
         svc: &Service,
         slot: u32,
@@ -608,7 +631,7 @@ mod tests {
         }
     }
 
-    fn fixture() -> ClusterState {
+    pub(crate) fn fixture() -> ClusterState {
         let mut st = ClusterState::default();
         st.networks.insert(
             "appnet".into(),

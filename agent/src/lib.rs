@@ -18,6 +18,7 @@ pub mod listening;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod orchestrator;
 pub mod reports;
 pub mod runtime;

@@ -97,8 +97,16 @@ fn write_buckets(
 pub const SYNC_KINDS: [&str; 4] = ["full", "incremental", "ipvs", "publish"];
 
 /// The node's dataplanes, as `/metrics` labels them (drift repairs, apply errors).
-pub const DATAPLANES: [&str; 7] = [
-    "guard", "publish", "marks", "lb_nft", "lb_ipvs", "mesh", "dns",
+pub const DATAPLANES: [&str; 9] = [
+    "guard",
+    "publish",
+    "marks",
+    "lb_nft",
+    "lb_ipvs",
+    "mesh",
+    "dns",
+    "conntrack",
+    "tasks",
 ];
 
 /// The agent's own counters.

@@ -80,6 +80,16 @@ pub fn adoption(t: &Task, process_running: bool) -> Adoption {
     }
 }
 
+/// A task report the store did not take (kept for the next flush).
+#[derive(Debug, thiserror::Error)]
+#[error("reporting task {task_id} as {report:?}")]
+pub struct ReportError {
+    pub task_id: String,
+    pub report: Report,
+    #[source]
+    pub source: crate::cluster::ClusterError,
+}
+
 /// Reports not written yet, by task id (a newer report of a task replaces an older one).
 #[derive(Debug, Default)]
 pub struct Pending {
@@ -101,7 +111,7 @@ impl Pending {
 
     /// Writes every pending report; those that fail stay for the next call. Returns the
     /// errors, one per report not written.
-    pub async fn flush(&mut self, cluster: &Cluster) -> Vec<String> {
+    pub async fn flush(&mut self, cluster: &Cluster) -> Vec<ReportError> {
         let mut errors = vec![];
         let ids: Vec<String> = self.reports.keys().cloned().collect();
         for id in ids {
@@ -110,7 +120,11 @@ impl Pending {
                 Ok(_) => {
                     self.reports.remove(&id);
                 }
-                Err(e) => errors.push(format!("reporting task {id} as {r:?}: {e}")),
+                Err(source) => errors.push(ReportError {
+                    task_id: id,
+                    report: r,
+                    source,
+                }),
             }
         }
         errors

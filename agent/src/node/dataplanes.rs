@@ -1,0 +1,946 @@
+//! The node's appliers, one per dataplane, each owning what it applied. Their order in a
+//! pass (see [`super::Appliers`]): guard, overlays, ingress, published ports, VIPs, lost
+//! flows, DNS, tasks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::plan::{NodePlan, VipPlan};
+use super::reconcile::{Dataplane, PassCx, Phase};
+use crate::agent::{NodeReport, ProgrammedPort, ProgrammedVip};
+use crate::cluster::Cluster;
+use crate::desired::{self, NODE_NS, View};
+use crate::drift::{Check, Drifted, Write};
+use crate::reports::{Adoption, Pending, Report};
+use crate::runtime::Runtime;
+use crate::state::ClusterState;
+
+fn applier() -> &'static shoal_lb::Applier {
+    shoal_lb::Applier::global()
+}
+
+/// The underlay guard in the node namespace (VXLAN from peers only; only published flows
+/// into the ingress namespace): first of all, before any VXLAN device exists.
+#[derive(Default)]
+pub struct Guard {
+    applied: Option<shoal_lb::guard::GuardSpec>,
+}
+
+#[async_trait::async_trait]
+impl Dataplane for Guard {
+    fn name(&self) -> &'static str {
+        "guard"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        if phase != Phase::Fast || self.applied.as_ref() == Some(&plan.guard) {
+            return;
+        }
+        match shoal_lb::guard::apply_guard(applier(), NODE_NS, Some(&plan.guard)).await {
+            Ok(()) => {
+                info!(peers = ?plan.guard.peers, "underlay guard programmed");
+                self.applied = Some(plan.guard.clone());
+                cx.wrote(
+                    NODE_NS,
+                    Write::whole_table(shoal_lb::guard::GUARD_TABLE, "guard"),
+                )
+                .await;
+            }
+            Err(e) => cx.fail("guard", "underlay guard", e),
+        }
+    }
+
+    fn forget(&mut self, d: &Drifted) -> bool {
+        let mine = d.dataplane == "guard";
+        if mine {
+            self.applied = None;
+        }
+        mine
+    }
+}
+
+/// Overlay networks: namespace, bridge, VXLAN and task endpoints, diffed against the kernel
+/// every pass; namespaces of networks no longer used here are removed.
+#[derive(Default)]
+pub struct Overlays {
+    /// As last applied, to tell a repair (the kernel diff changed something though the spec
+    /// did not) from a change.
+    applied: HashMap<String, shoal_mesh::NetworkSpec>,
+}
+
+#[async_trait::async_trait]
+impl Dataplane for Overlays {
+    fn name(&self) -> &'static str {
+        "mesh"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        if phase != Phase::Main {
+            return;
+        }
+        for (net_id, spec) in &plan.overlays {
+            match shoal_mesh::apply_network(spec).await {
+                Ok(applied) => {
+                    if !applied.is_empty() {
+                        if self.applied.get(net_id) == Some(spec) {
+                            warn!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "kernel drift: overlay objects changed by someone else; put back");
+                            crate::metrics::global().drift_repaired("mesh");
+                        } else {
+                            info!(netns = %spec.netns, created = ?applied.created, removed = ?applied.removed, "overlay endpoints changed");
+                        }
+                    }
+                    self.applied.insert(net_id.clone(), spec.clone());
+                    cx.ok_networks.insert(net_id.clone());
+                }
+                Err(e) => {
+                    self.applied.remove(net_id);
+                    cx.fail("mesh", format!("network {}", spec.netns), e);
+                }
+            }
+        }
+        self.applied.retain(|id, _| plan.overlays.contains_key(id));
+        let wanted: HashSet<&str> = plan.overlays.values().map(|s| s.netns.as_str()).collect();
+        let all = match shoal_netns::list() {
+            Ok(all) => all,
+            Err(e) => {
+                cx.fail("mesh", "listing network namespaces", e);
+                return;
+            }
+        };
+        for ns in all {
+            if ns.starts_with(&plan.overlay_ns_prefix) && !wanted.contains(ns.as_str()) {
+                info!(netns = %ns, "removing overlay network namespace no longer used on this node");
+                cx.drift.forget_ns(&ns);
+                if let Err(e) = shoal_mesh::remove_network(&ns).await {
+                    cx.fail("mesh", format!("removing {ns}"), e);
+                }
+                cx.removed_ns.push(ns);
+            }
+        }
+    }
+}
+
+/// The ingress plumbing (link to the node namespace, return paths, task source routes) and
+/// the node marks in the ingress namespace; removed when nothing is published.
+#[derive(Default)]
+pub struct Ingress {
+    applied: Option<shoal_mesh::ingress::IngressSpec>,
+    marks: Option<BTreeMap<[u8; 6], u32>>,
+    /// The node namespace is known to hold no ingress link of ours.
+    clean: bool,
+}
+
+#[async_trait::async_trait]
+impl Dataplane for Ingress {
+    fn name(&self) -> &'static str {
+        "mesh"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        if phase != Phase::Main {
+            return;
+        }
+        let Some(ing) = &plan.ingress else {
+            if self.clean {
+                return;
+            }
+            match shoal_mesh::ingress::remove_ingress_link(None).await {
+                Ok(_) => {
+                    self.applied = None;
+                    self.marks = None;
+                    self.clean = true;
+                }
+                Err(e) => cx.fail("mesh", "removing the ingress link", e),
+            }
+            return;
+        };
+        if !cx.ok_networks.contains(&ing.network_id) {
+            return;
+        }
+        self.clean = false;
+        match shoal_mesh::ingress::apply_ingress(&ing.spec).await {
+            Ok(applied) => {
+                if !applied.is_empty() && self.applied.as_ref() == Some(&ing.spec) {
+                    warn!(netns = %ing.spec.netns, created = ?applied.created, removed = ?applied.removed, "kernel drift: ingress plumbing changed by someone else; put back");
+                    crate::metrics::global().drift_repaired("mesh");
+                }
+                self.applied = Some(ing.spec.clone());
+            }
+            Err(e) => {
+                self.applied = None;
+                cx.fail("mesh", "ingress plumbing", e);
+                return;
+            }
+        }
+        if self.marks.as_ref() != Some(&ing.marks) {
+            let netns = &ing.spec.netns;
+            match shoal_lb::publish::apply_marks(
+                applier(),
+                netns,
+                shoal_mesh::VXLAN_IFNAME,
+                &ing.marks,
+            )
+            .await
+            {
+                Ok(()) => {
+                    self.marks = Some(ing.marks.clone());
+                    cx.wrote(
+                        netns,
+                        Write::whole_table(shoal_lb::publish::MARK_TABLE, "marks"),
+                    )
+                    .await;
+                }
+                Err(e) => cx.fail("marks", format!("node marks of {netns}"), e),
+            }
+        }
+        cx.ingress_ready = self.marks.is_some();
+    }
+
+    fn forget(&mut self, d: &Drifted) -> bool {
+        let mine = d.dataplane == "marks";
+        if mine {
+            self.marks = None;
+        }
+        mine
+    }
+}
+
+/// Published ports in the node namespace, and the UDP conntrack entries that would keep
+/// sending to old NAT targets.
+#[derive(Default)]
+pub struct Publish {
+    /// None: not programmed yet in this process, or removed.
+    applied: Option<shoal_lb::publish::PublishSpec>,
+    /// The node namespace is known to hold no published-port table of ours.
+    clean: bool,
+}
+
+impl Publish {
+    async fn program(&mut self, spec: shoal_lb::publish::PublishSpec, cx: &mut PassCx<'_>) {
+        if self.applied.as_ref() == Some(&spec) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let res = shoal_lb::publish::apply_publish(applier(), NODE_NS, Some(&spec)).await;
+        crate::metrics::global().lb_sync("publish", res.is_ok(), started.elapsed());
+        if let Err(e) = res {
+            self.applied = None;
+            cx.fail("publish", "published ports", e);
+            return;
+        }
+        info!(ports = spec.ports.len(), "published ports programmed");
+        self.clean = false;
+        let before = self
+            .applied
+            .take()
+            .unwrap_or(shoal_lb::publish::PublishSpec {
+                ports: vec![],
+                ..spec.clone()
+            });
+        // A ctnetlink dump: on the blocking pool, not on a runtime worker.
+        let now = spec.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let local = crate::whoami::local_ips();
+            let is_local =
+                |ip: Ipv4Addr| ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip));
+            shoal_lb::publish::clean_conntrack(NODE_NS, &before, &now, &is_local)
+        })
+        .await;
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => cx.fail("publish", "published ports: conntrack clean-up", e),
+            Err(e) => cx.fail("publish", "published ports: conntrack clean-up", e),
+        }
+        let removed = spec.ports.is_empty();
+        self.applied = Some(spec);
+        cx.wrote(
+            NODE_NS,
+            Write {
+                table: shoal_lb::publish::PUBLISH_TABLE,
+                dataplane: "publish",
+                key: "",
+                check: Check::Fingerprint,
+                changed: true,
+                before: None,
+                removed,
+            },
+        )
+        .await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for Publish {
+    fn name(&self) -> &'static str {
+        "publish"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        match (phase, &plan.ingress) {
+            // Backends and ports only leave: new ones wait for the routes to them.
+            (Phase::Fast, Some(ing)) => {
+                if let Some(old) = &self.applied {
+                    let spec = desired::publish_removals_only(&ing.publish, old);
+                    self.program(spec, cx).await;
+                }
+            }
+            (Phase::Main, Some(ing)) if cx.ingress_ready => {
+                self.program(ing.publish.clone(), cx).await;
+            }
+            (Phase::Main, None) if !self.clean => {
+                match shoal_lb::publish::apply_publish(applier(), NODE_NS, None).await {
+                    Ok(()) => {
+                        self.applied = None;
+                        self.clean = true;
+                        cx.drift
+                            .untrack(NODE_NS, shoal_lb::publish::PUBLISH_TABLE)
+                            .await;
+                    }
+                    Err(e) => cx.fail("publish", "removing published ports", e),
+                }
+            }
+            _ => {}
+        }
+        if self.applied.is_some() {
+            cx.nat_namespaces.insert(NODE_NS.to_string());
+        }
+    }
+
+    fn forget(&mut self, d: &Drifted) -> bool {
+        let mine = d.dataplane == "publish";
+        if mine {
+            self.applied = None;
+        }
+        mine
+    }
+
+    fn report(&self, r: &mut NodeReport) {
+        r.published = self
+            .applied
+            .iter()
+            .flat_map(|spec| spec.ports.iter())
+            .map(|p| ProgrammedPort {
+                protocol: format!("{:?}", p.protocol).to_lowercase(),
+                port: p.port,
+                mode: format!("{:?}", p.kind).to_lowercase(),
+                backends: p.backends.iter().map(|(a, t)| format!("{a}:{t}")).collect(),
+            })
+            .collect();
+    }
+}
+
+/// The VIP rulesets to apply in `phase`, given what is applied: in the fast phase only
+/// removals in networks already programmed (a backend with no route yet would answer its
+/// first clients with "network unreachable"); in the main phase the whole ruleset of every
+/// network whose overlay is in place.
+fn vip_work(
+    plan: &NodePlan,
+    applied: &HashMap<String, VipPlan>,
+    phase: Phase,
+    ok_networks: &HashSet<String>,
+) -> Vec<(String, VipPlan)> {
+    match phase {
+        Phase::Fast => applied
+            .iter()
+            .filter_map(|(net, old)| {
+                let want = plan.vips.get(net)?;
+                Some((
+                    net.clone(),
+                    VipPlan {
+                        netns: want.netns.clone(),
+                        ruleset: desired::removals_only(&want.ruleset, &old.ruleset),
+                    },
+                ))
+            })
+            .collect(),
+        Phase::Prepare => vec![],
+        Phase::Main => plan
+            .vips
+            .iter()
+            .filter(|(net, _)| ok_networks.contains(*net))
+            .map(|(net, v)| (net.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+fn vip_report(applied: &HashMap<String, VipPlan>, r: &mut NodeReport) {
+    r.networks = applied.keys().cloned().collect();
+    r.networks.sort();
+    r.vips = applied
+        .iter()
+        .flat_map(|(net, v)| {
+            v.ruleset.services.iter().map(move |s| ProgrammedVip {
+                network_id: net.clone(),
+                vip: s.vip,
+                protocol: format!("{:?}", s.protocol).to_lowercase(),
+                port: s.port,
+                backends: s.backends.clone(),
+                draining: s.draining.clone(),
+            })
+        })
+        .collect();
+    r.vips
+        .sort_by_key(|v| (v.network_id.clone(), v.vip, v.port));
+}
+
+/// VIPs as nft tables (the default dataplane), synced incrementally and watched through
+/// the namespace's nf_tables generation.
+pub struct NftVips {
+    applied: HashMap<String, VipPlan>,
+    /// Programs the tables incrementally (adopting existing ones after a restart).
+    syncer: shoal_lb::Syncer,
+}
+
+impl Default for NftVips {
+    fn default() -> Self {
+        NftVips {
+            applied: HashMap::new(),
+            syncer: shoal_lb::Syncer::new(applier().clone()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for NftVips {
+    fn name(&self) -> &'static str {
+        "lb_nft"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        for ns in &cx.removed_ns {
+            self.syncer.forget(ns);
+        }
+        for (net_id, want) in vip_work(plan, &self.applied, phase, &cx.ok_networks) {
+            if !shoal_netns::exists(&want.netns) {
+                self.applied.remove(&net_id);
+                self.syncer.forget(&want.netns);
+                cx.drift.forget_ns(&want.netns);
+                continue;
+            }
+            if self.applied.get(&net_id) == Some(&want) {
+                continue;
+            }
+            // Read before the sync: a read-back that writes nothing records it, so a change
+            // made meanwhile is seen at the next canary.
+            let before = cx.drift.generation_now(&want.netns).await;
+            let started = std::time::Instant::now();
+            let res = self.syncer.sync(&want.netns, &want.ruleset).await;
+            let kind = match &res {
+                Ok(r) if r.kind == shoal_lb::SyncKind::Incremental => Some("incremental"),
+                Ok(r) if r.kind == shoal_lb::SyncKind::Unchanged => None,
+                _ => Some("full"),
+            };
+            if let Some(kind) = kind {
+                crate::metrics::global().lb_sync(kind, res.is_ok(), started.elapsed());
+            }
+            match res {
+                Ok(r) => {
+                    debug!(netns = %want.netns, services = want.ruleset.services.len(), kind = ?r.kind, "VIP ruleset synced");
+                    let netns = want.netns.clone();
+                    self.applied.insert(net_id.clone(), want);
+                    cx.wrote(
+                        &netns,
+                        Write {
+                            table: desired::LB_TABLE,
+                            dataplane: "lb_nft",
+                            key: &net_id,
+                            check: Check::Resync,
+                            changed: r.kind != shoal_lb::SyncKind::Unchanged,
+                            before,
+                            removed: false,
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    self.applied.remove(&net_id);
+                    cx.fail("lb_nft", format!("ruleset of {}", want.netns), e);
+                }
+            }
+        }
+        if phase == Phase::Main {
+            self.applied.retain(|id, _| plan.overlays.contains_key(id));
+        }
+        cx.nat_namespaces
+            .extend(self.applied.values().map(|v| v.netns.clone()));
+    }
+
+    fn forget(&mut self, d: &Drifted) -> bool {
+        let mine = d.dataplane == "lb_nft";
+        if mine {
+            self.applied.remove(&d.key);
+            self.syncer.forget(&d.netns);
+        }
+        mine
+    }
+
+    fn report(&self, r: &mut NodeReport) {
+        vip_report(&self.applied, r);
+    }
+}
+
+/// VIPs as IPVS services (plus the companion nft table), diffed against the kernel's
+/// table on every change and every full pass (IPVS has no generation to watch). Without
+/// IPVS in the kernel: the clear NoIpvs error, on every pass.
+pub struct IpvsVips {
+    applied: HashMap<String, VipPlan>,
+    opts: shoal_lb::ipvs::IpvsOptions,
+}
+
+impl IpvsVips {
+    pub fn new(opts: shoal_lb::ipvs::IpvsOptions) -> IpvsVips {
+        IpvsVips {
+            applied: HashMap::new(),
+            opts,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for IpvsVips {
+    fn name(&self) -> &'static str {
+        "lb_ipvs"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        for (net_id, want) in vip_work(plan, &self.applied, phase, &cx.ok_networks) {
+            if !shoal_netns::exists(&want.netns) {
+                self.applied.remove(&net_id);
+                cx.drift.forget_ns(&want.netns);
+                continue;
+            }
+            let unchanged = self.applied.get(&net_id) == Some(&want);
+            if unchanged && !(cx.full && phase == Phase::Main) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let res = shoal_lb::ipvs::sync(&want.netns, &want.ruleset, &self.opts).await;
+            crate::metrics::global().lb_sync("ipvs", res.is_ok(), started.elapsed());
+            match res {
+                Ok(ops) => {
+                    debug!(netns = %want.netns, services = want.ruleset.services.len(), ipvs_ops = ops.len(), "VIP ruleset synced (IPVS)");
+                    if unchanged && !ops.is_empty() {
+                        warn!(netns = %want.netns, ipvs_ops = ops.len(), "kernel drift: IPVS services changed by someone else; put back");
+                        crate::metrics::global().drift_repaired("lb_ipvs");
+                    }
+                    let netns = want.netns.clone();
+                    self.applied.insert(net_id.clone(), want);
+                    cx.wrote(
+                        &netns,
+                        Write {
+                            table: shoal_lb::ipvs::COMPANION_TABLE,
+                            dataplane: "lb_ipvs",
+                            key: &net_id,
+                            check: Check::Fingerprint,
+                            changed: true,
+                            before: None,
+                            removed: false,
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    self.applied.remove(&net_id);
+                    cx.fail("lb_ipvs", format!("IPVS ruleset of {}", want.netns), e);
+                }
+            }
+        }
+        if phase == Phase::Main {
+            self.applied.retain(|id, _| plan.overlays.contains_key(id));
+        }
+        cx.nat_namespaces
+            .extend(self.applied.values().map(|v| v.netns.clone()));
+    }
+
+    fn forget(&mut self, d: &Drifted) -> bool {
+        let mine = d.dataplane == "lb_ipvs";
+        if mine {
+            self.applied.remove(&d.key);
+        }
+        mine
+    }
+
+    fn report(&self, r: &mut NodeReport) {
+        vip_report(&self.applied, r);
+    }
+}
+
+/// Once the backends of a node that went down have left the rulesets: deletes every NATed
+/// flow to them (published ports, VIPs), established ones included. Established flows to a
+/// drained or scaled-down task are left to finish; a dead node answers nothing, and a
+/// client reusing the source port of such a flow would be sent there again (conntrack
+/// keeps an established entry for days and ignores a SYN that matches it).
+pub struct LostFlows {
+    node_id: String,
+    /// Targets whose NATed flows have been deleted since their node went down.
+    cleaned: BTreeSet<Ipv4Addr>,
+    /// Task address -> its node, for [`desired::lost_targets`].
+    target_nodes: BTreeMap<Ipv4Addr, String>,
+}
+
+impl LostFlows {
+    pub fn new(node_id: &str) -> LostFlows {
+        LostFlows {
+            node_id: node_id.to_string(),
+            cleaned: Default::default(),
+            target_nodes: Default::default(),
+        }
+    }
+
+    /// The flows to `lost` are deleted: addresses whose task record is gone are done with;
+    /// the others are not cleaned again while their node stays down.
+    fn done(&mut self, st: &ClusterState, lost: BTreeSet<Ipv4Addr>) {
+        let current: BTreeSet<Ipv4Addr> = st
+            .task_list()
+            .flat_map(|t| t.networks.iter().map(|n| n.ip))
+            .collect();
+        self.target_nodes
+            .retain(|ip, _| current.contains(ip) || !lost.contains(ip));
+        self.cleaned = lost.intersection(&current).copied().collect();
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for LostFlows {
+    fn name(&self) -> &'static str {
+        "conntrack"
+    }
+
+    async fn apply(&mut self, _plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        // Only on a picture that has this node alive: one without it (no liveness read
+        // yet) would take every task for lost.
+        if phase == Phase::Prepare || !cx.st.alive.contains(&self.node_id) {
+            return;
+        }
+        let lost = desired::lost_targets(cx.st, &mut self.target_nodes);
+        let new: BTreeSet<_> = lost.difference(&self.cleaned).copied().collect();
+        if new.is_empty() {
+            self.done(cx.st, lost);
+            return;
+        }
+        let namespaces: Vec<String> = cx.nat_namespaces.iter().cloned().collect();
+        let targets = new.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            namespaces.iter().try_fold(0, |n, ns| {
+                Ok::<usize, shoal_lb::conntrack::CtError>(
+                    n + shoal_lb::conntrack::delete_nated_to(ns, &targets)?,
+                )
+            })
+        })
+        .await;
+        match res {
+            Ok(Ok(deleted)) => {
+                if deleted > 0 {
+                    info!(targets = ?new, deleted, "deleted flows to the tasks of a node that is down");
+                }
+                self.done(cx.st, lost);
+            }
+            Ok(Err(e)) => cx.fail("conntrack", "deleting flows to a lost node", e),
+            Err(e) => cx.fail("conntrack", "deleting flows to a lost node", e),
+        }
+    }
+}
+
+/// The embedded DNS server: each local container is answered the view of its networks at
+/// 127.0.0.11 in its namespace.
+pub struct Dns {
+    resolver: shoal_dns::Resolver,
+    /// task id -> the view it is served
+    views: HashMap<String, View>,
+    /// Tasks whose listener ended and is to be attached again.
+    reattach: HashSet<String>,
+}
+
+impl Dns {
+    pub fn new(resolver: shoal_dns::Resolver) -> Dns {
+        Dns {
+            resolver,
+            views: HashMap::new(),
+            reattach: HashSet::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for Dns {
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        if phase == Phase::Prepare {
+            return;
+        }
+        let main = phase == Phase::Main;
+        if main {
+            // Out of the answers: tasks to stop, stopping or gone (before they are stopped).
+            let gone: Vec<String> = self
+                .views
+                .keys()
+                .filter(|id| !plan.dns.contains_key(*id))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.resolver.detach(&id).await;
+                self.views.remove(&id);
+            }
+            // A listener that ended (its socket failed) is attached again below.
+            let dead: Vec<String> = self
+                .views
+                .keys()
+                .filter(|id| self.resolver.serving(id) == Some(false))
+                .cloned()
+                .collect();
+            for id in dead {
+                warn!(task = %id, "kernel drift: the 127.0.0.11 listener of a task ended; attaching it again");
+                self.resolver.detach(&id).await;
+                self.views.remove(&id);
+                self.reattach.insert(id);
+            }
+            self.reattach.retain(|id| cx.st.tasks.contains_key(id));
+        }
+        for (id, t) in &plan.dns {
+            let Some(ns) = &t.netns else { continue };
+            match self.views.get(id) {
+                Some(old) if *old == t.view.view => {}
+                Some(_) => match self.resolver.update(id, t.view.records.clone()) {
+                    Ok(()) => {
+                        self.views.insert(id.clone(), t.view.view.clone());
+                    }
+                    Err(e) => cx.fail("dns", format!("dns of {}", t.name), e),
+                },
+                // New containers are attached in the main phase, once their networks are
+                // in place.
+                None if main
+                    && t.networks.iter().all(|n| cx.ok_networks.contains(n))
+                    && shoal_netns::exists(ns) =>
+                {
+                    match self.resolver.attach(id, ns, t.view.records.clone()).await {
+                        Ok(()) => {
+                            if self.reattach.remove(id) {
+                                crate::metrics::global().drift_repaired("dns");
+                            }
+                            self.views.insert(id.clone(), t.view.view.clone());
+                        }
+                        Err(e) => cx.fail("dns", format!("dns of {}", t.name), e),
+                    }
+                }
+                None => {}
+            }
+        }
+        cx.dns_attached = self.views.keys().cloned().collect();
+    }
+
+    fn report(&self, r: &mut NodeReport) {
+        r.dns_attached = self.views.len();
+    }
+}
+
+/// Task processes: namespaces prepared, processes started once answered by DNS, health
+/// checkers, stops after the grace period, garbage of tasks the cluster no longer has, and
+/// the reports of all that to the store.
+pub struct Tasks {
+    runtime: Arc<dyn Runtime>,
+    cluster: Cluster,
+    started: HashSet<String>,
+    /// Being stopped or removed (shared with the background stops).
+    stopping: Arc<Mutex<HashSet<String>>>,
+    health: HashMap<String, tokio::task::JoinHandle<()>>,
+    /// Reports (started, exited, ...) not written to the store yet.
+    reports: Pending,
+    tasks_dir: PathBuf,
+    stop_grace: Duration,
+    kill_after: Duration,
+}
+
+impl Tasks {
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        cluster: Cluster,
+        tasks_dir: PathBuf,
+        stop_grace: Duration,
+        kill_after: Duration,
+    ) -> Tasks {
+        Tasks {
+            runtime,
+            cluster,
+            started: HashSet::new(),
+            stopping: Arc::new(Mutex::new(HashSet::new())),
+            health: HashMap::new(),
+            reports: Pending::default(),
+            tasks_dir,
+            stop_grace,
+            kill_after,
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.runtime
+    }
+
+    /// Tasks being stopped or removed now.
+    pub fn stopping(&self) -> HashSet<String> {
+        self.stopping.lock().expect("lock").clone()
+    }
+
+    /// After a restart: processes of tasks that still run are adopted, not restarted (and
+    /// reported running if the earlier run's write of that was lost).
+    pub fn adopt(&mut self, st: &ClusterState, node_id: &str) {
+        for t in desired::local_tasks(st, node_id) {
+            let a = crate::reports::adoption(t, self.runtime.is_running(&t.id));
+            if a == Adoption::None {
+                continue;
+            }
+            self.started.insert(t.id.clone());
+            self.runtime.clone().adopt(&t.id);
+            if a == Adoption::AdoptAndReport {
+                self.reports.add(&t.id, Report::Running);
+            }
+            info!(task = %t.name(), "adopted running task");
+        }
+    }
+
+    /// A process exited: reported (retried until written; see reports.rs).
+    pub async fn exited(&mut self, task_id: &str, status: String) {
+        self.started.remove(task_id);
+        self.reports.add(task_id, Report::Exited(status));
+        for e in self.reports.flush(&self.cluster).await {
+            warn!(error = %e, cause = %e.source, "task report not written yet; will retry");
+        }
+    }
+
+    fn keep_health(&mut self, plan: &NodePlan) {
+        let started = &self.started;
+        self.health.retain(|id, h| {
+            let keep = started.contains(id) && plan.run.get(id).is_some_and(|r| r.health.is_some());
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for (id, r) in &plan.run {
+            let Some(check) = &r.health else { continue };
+            if !self.started.contains(id) || self.health.contains_key(id) {
+                continue;
+            }
+            let (resolv_conf, _) = crate::runtime::ProcessRuntime::task_files(&self.tasks_dir, id);
+            let probe = crate::health::Probe {
+                task_id: id.clone(),
+                task_name: r.spec.name.clone(),
+                netns: self.runtime.netns(id),
+                resolv_conf,
+                hostname: r.spec.hostname.clone(),
+            };
+            let h = crate::health::spawn(self.cluster.clone(), probe, check.clone(), r.last_health);
+            self.health.insert(id.clone(), h);
+        }
+    }
+
+    /// Out of DNS and backends already (they are not serving): after the grace period,
+    /// stopped and removed, then the record forgotten.
+    fn stop(&mut self, t: &crate::model::Task) {
+        self.stopping.lock().expect("lock").insert(t.id.clone());
+        self.started.remove(&t.id);
+        let (rt, cluster, stopping, t) = (
+            self.runtime.clone(),
+            self.cluster.clone(),
+            self.stopping.clone(),
+            t.clone(),
+        );
+        let (grace, kill_after) = (self.stop_grace, self.kill_after);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Err(e) = rt.destroy(&t.id, kill_after).await {
+                warn!(task = %t.name(), error = %format!("{e:#}"), "destroying task failed");
+            } else if let Err(e) = cluster.delete_task(&t).await {
+                warn!(task = %t.name(), error = %e, "deleting task record failed");
+            } else {
+                info!(task = %t.name(), "task removed");
+            }
+            stopping.lock().expect("lock").remove(&t.id);
+        });
+    }
+
+    /// Task files and namespaces of tasks the cluster no longer has, destroyed in the
+    /// background (a process may take kill_timeout_secs to die: N stale tasks must not
+    /// hold up a pass by N x that).
+    fn collect(&mut self, plan: &NodePlan) {
+        for id in self.runtime.list() {
+            if plan.known_tasks.contains(&id)
+                || !self.stopping.lock().expect("lock").insert(id.clone())
+            {
+                continue;
+            }
+            self.started.remove(&id);
+            let (rt, stopping, kill_after) =
+                (self.runtime.clone(), self.stopping.clone(), self.kill_after);
+            tokio::spawn(async move {
+                match rt.destroy(&id, kill_after).await {
+                    Ok(()) => info!(task = %id, "stale task removed"),
+                    Err(e) => {
+                        warn!(task = %id, error = %format!("{e:#}"), "removing stale task failed; will retry")
+                    }
+                }
+                stopping.lock().expect("lock").remove(&id);
+            });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for Tasks {
+    fn name(&self) -> &'static str {
+        "tasks"
+    }
+
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        match phase {
+            Phase::Fast => {}
+            Phase::Prepare => {
+                for (id, t) in &plan.dns {
+                    if !self.started.contains(id)
+                        && let Err(e) = self.runtime.prepare(id).await
+                    {
+                        cx.fail("tasks", format!("task {}", t.name), e);
+                    }
+                }
+            }
+            Phase::Main => {
+                for (id, r) in &plan.run {
+                    if self.started.contains(id) || !cx.dns_attached.contains(id) {
+                        continue;
+                    }
+                    match self.runtime.start(&r.spec).await {
+                        Ok(pid) => {
+                            info!(task = %r.spec.name, pid, "task started");
+                            self.started.insert(id.clone());
+                            self.reports.add(id, Report::Running);
+                        }
+                        Err(e) => {
+                            self.reports.add(id, Report::StartFailed(format!("{e:#}")));
+                            cx.fail("tasks", format!("task {}", r.spec.name), e);
+                        }
+                    }
+                }
+                // Written with retries; what the store refuses now stays for the next pass.
+                for e in self.reports.flush(&self.cluster).await {
+                    cx.errors.push(super::reconcile::ApplyError::new(
+                        "tasks",
+                        e.to_string(),
+                        e.source,
+                    ));
+                }
+                self.keep_health(plan);
+                for t in &plan.stop {
+                    self.stop(t);
+                }
+                self.collect(plan);
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The node reconciler: the node's desired state computed whole ([`plan::NodePlan`]), then
+//! one applier per dataplane ([`dataplanes`]) diffing it against what it applied and the
+//! kernel, run in order by [`reconcile::run_pass`].
+
+pub mod dataplanes;
+pub mod plan;
+pub mod reconcile;
+
+use dataplanes::{Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks};
+use reconcile::Dataplane;
+
+/// The VIP dataplane chosen in the configuration.
+pub enum Vips {
+    Nft(NftVips),
+    Ipvs(IpvsVips),
+}
+
+/// Every applier of the node, in pass order.
+pub struct Appliers {
+    pub guard: Guard,
+    pub overlays: Overlays,
+    pub ingress: Ingress,
+    pub publish: Publish,
+    pub vips: Vips,
+    pub lost: LostFlows,
+    pub dns: Dns,
+    pub tasks: Tasks,
+}
+
+impl Appliers {
+    /// The appliers in the order a pass runs them: the guard before anything else; the
+    /// overlays before what needs them (ingress, VIPs, DNS); published ports once the ingress
+    /// plumbing is there; lost flows once the VIPs and ports have dropped their backends;
+    /// DNS before the processes it must answer.
+    pub fn in_order(&mut self) -> [&mut dyn Dataplane; 8] {
+        let vips: &mut dyn Dataplane = match &mut self.vips {
+            Vips::Nft(v) => v,
+            Vips::Ipvs(v) => v,
+        };
+        [
+            &mut self.guard,
+            &mut self.overlays,
+            &mut self.ingress,
+            &mut self.publish,
+            vips,
+            &mut self.lost,
+            &mut self.dns,
+            &mut self.tasks,
+        ]
+    }
+
+    /// The node report's view of what is programmed.
+    pub fn report(&mut self, r: &mut crate::agent::NodeReport) {
+        for a in self.in_order() {
+            a.report(r);
+        }
+    }
+}
