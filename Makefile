@@ -9,7 +9,7 @@ deps:
 	@bash scripts/deps.sh
 
 build: deps
-	cargo build --release -p shoal
+	cargo build --release -p shoal-cli
 
 demo: build
 	bash scripts/demo.sh target/release/shoal

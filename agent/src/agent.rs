@@ -25,6 +25,7 @@ use crate::node::dataplanes::{
 };
 use crate::node::plan::{NodeFacts, NodePlan};
 use crate::node::reconcile::{self, PassCx};
+use crate::node::report::NodeReport;
 use crate::node::{Appliers, Vips};
 use crate::runtime::{Exited, ProcessRuntime, Runtime};
 use crate::state::{ClusterState, spawn_cache};
@@ -33,44 +34,6 @@ use crate::store::Store;
 /// How often the drift canary reads the nf_tables generations of our namespaces (one
 /// netlink round trip each): a flushed table is back within about this long.
 const DRIFT_CANARY: Duration = Duration::from_secs(1);
-
-/// What the agent last did, for `node inspect` and the API.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct NodeReport {
-    pub last_error: Option<String>,
-    /// When the last error was hit (seconds since the epoch) and whether the last pass
-    /// was clean.
-    pub last_error_unix: Option<u64>,
-    pub last_pass_ok: bool,
-    pub networks: Vec<String>,
-    pub dns_attached: usize,
-    pub passes: u64,
-    /// The store revision the last pass applied.
-    pub revision: i64,
-    /// The VIPs programmed in this node's network namespaces.
-    pub vips: Vec<ProgrammedVip>,
-    /// The published ports programmed in the node namespace.
-    pub published: Vec<ProgrammedPort>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProgrammedVip {
-    pub network_id: String,
-    pub vip: std::net::Ipv4Addr,
-    pub protocol: String,
-    pub port: u16,
-    pub backends: Vec<std::net::Ipv4Addr>,
-    pub draining: Vec<std::net::Ipv4Addr>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProgrammedPort {
-    pub protocol: String,
-    pub port: u16,
-    pub mode: String,
-    /// ingress-network address:target port of every backend.
-    pub backends: Vec<String>,
-}
 
 pub struct Agent {
     cfg: AgentConfig,
@@ -256,6 +219,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let report = Arc::new(Mutex::new(NodeReport::default()));
     let mut state_rx = spawn_cache(store.clone());
+    // When each revision arrives (the metrics' lag of a pass behind the watch).
+    let mut seen_rx = state_rx.clone();
+    tokio::spawn(async move {
+        while seen_rx.changed().await.is_ok() {
+            let revision = seen_rx.borrow_and_update().revision;
+            crate::metrics::global().revision_seen(revision);
+        }
+    });
     let api = crate::api::serve(
         &cfg.socket,
         crate::api::ApiState {

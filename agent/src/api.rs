@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::agent::NodeReport;
 use crate::cluster::{Cluster, ClusterError, NetworkCreate, ServiceCreate, ServiceUpdate};
+use crate::node::report::NodeReport;
 use crate::store::StoreError;
 
 /// Largest request body accepted.

@@ -51,6 +51,30 @@ pub fn parse(text: &str, proto: Protocol) -> Vec<u16> {
     ports
 }
 
+/// Addresses of this namespace, loopback excluded.
+pub fn local_ips() -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|ifa| {
+                let a = ifa.address?;
+                if let Some(v4) = a.as_sockaddr_in() {
+                    Some(std::net::IpAddr::V4(v4.ip()))
+                } else {
+                    a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+                }
+            })
+            .filter(|ip| {
+                !ip.is_loopback()
+                    && !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

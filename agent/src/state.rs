@@ -142,7 +142,6 @@ async fn follow(
     }
     state.revision = snap.revision;
     state.synced = true;
-    crate::metrics::global().revision_seen(state.revision);
     if tx.send(Arc::new(state.clone())).is_err() {
         return Ok(Ended::ReceiversGone);
     }
@@ -167,7 +166,6 @@ async fn follow(
                 Event::Delete { key, mod_revision } => state.apply_delete(&key, mod_revision),
             }
         }
-        crate::metrics::global().revision_seen(state.revision);
         if tx.send(Arc::new(state.clone())).is_err() {
             return Ok(Ended::ReceiversGone);
         }

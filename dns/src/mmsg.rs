@@ -13,7 +13,10 @@ use std::os::fd::RawFd;
 /// Datagrams per system call.
 pub(crate) const BATCH: usize = 32;
 /// Bytes per received datagram slot: the largest query served plus one, to detect larger.
-const SLOT: usize = crate::server::MAX_UDP_QUERY + 1;
+/// Largest UDP query served (queries are small; this bounds the per-container buffer).
+pub(crate) const MAX_UDP_QUERY: usize = 4096;
+
+const SLOT: usize = MAX_UDP_QUERY + 1;
 
 pub(crate) struct Batch {
     bufs: Vec<u8>,

@@ -32,9 +32,6 @@ pub const LISTEN_ADDR: SocketAddr =
 /// (shutdown, finished forwards).
 const UDP_BATCHES: usize = 4;
 
-/// Largest UDP query served (queries are small; this bounds the per-container buffer).
-pub(crate) const MAX_UDP_QUERY: usize = 4096;
-
 /// How long `attach` keeps retrying a bind that finds 127.0.0.11:53 in use (see there).
 const BIND_IN_USE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::plan::{NodePlan, VipPlan};
 use super::reconcile::{Dataplane, PassCx, Phase};
-use crate::agent::{NodeReport, ProgrammedPort, ProgrammedVip};
+use super::report::{NodeReport, ProgrammedPort, ProgrammedVip};
 use crate::cluster::Cluster;
 use crate::desired::{self, NODE_NS, View};
 use crate::drift::{Check, Drifted, Write};
@@ -245,7 +245,7 @@ impl Publish {
         // A ctnetlink dump: on the blocking pool, not on a runtime worker.
         let now = spec.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let local = crate::whoami::local_ips();
+            let local = crate::listening::local_ips();
             let is_local =
                 |ip: Ipv4Addr| ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip));
             shoal_lb::publish::clean_conntrack(NODE_NS, &before, &now, &is_local)

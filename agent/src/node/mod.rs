@@ -5,6 +5,7 @@
 pub mod dataplanes;
 pub mod plan;
 pub mod reconcile;
+pub mod report;
 
 use dataplanes::{Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks};
 use reconcile::Dataplane;
@@ -50,7 +51,7 @@ impl Appliers {
     }
 
     /// The node report's view of what is programmed.
-    pub fn report(&mut self, r: &mut crate::agent::NodeReport) {
+    pub fn report(&mut self, r: &mut report::NodeReport) {
         for a in self.in_order() {
             a.report(r);
         }

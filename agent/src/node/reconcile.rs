@@ -165,7 +165,7 @@ pub trait Dataplane: Send {
         false
     }
     /// Its part of the node report.
-    fn report(&self, _r: &mut crate::agent::NodeReport) {}
+    fn report(&self, _r: &mut super::report::NodeReport) {}
 }
 
 /// Hands each drifted table to the applier that owns it.

@@ -1,7 +1,7 @@
 //! Publish modes on a lab: host mode, the ingress routing mesh keeping the client address,
 //! and ingress with SNAT, against task-to-task traffic on the overlay (the reference for the
 //! VXLAN hop). Brings up its own 3-node lab (etcd store: the embedded store serves one node
-//! only) named `pm<pid>`, runs `shoal::compare::run` (what `shoal lab compare` runs) for
+//! only) named `pm<pid>`, runs `shoal_lab::compare::run` (what `shoal lab compare` runs) for
 //! `--rounds` rounds (default 5) of `--duration` per target (default 3s; the targets take
 //! turns in 250 ms slices, the slice order reversed every other round), and takes medians
 //! per path over the rounds. The lab is
@@ -16,10 +16,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::bail;
-use shoal::compare::{self, Mode, PathKind, Report, Row};
 use shoal_benches::{
     Leftover, arg, check_flags, clean_up_on_signal, lab_up, median, shoal_bin, write_report,
 };
+use shoal_lab::compare::{self, Mode, PathKind, Report, Row};
 
 /// The prototype's figures (Python server, sequential requests, one connection each): context
 /// only, not the same server or run.
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     }
     let bin = shoal_bin()?;
     let _guard = lab_up(&bin, &name, 3)?;
-    let lab = shoal::lab::Lab::load(&name)?;
+    let lab = shoal_lab::lab::Lab::load(&name)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -246,7 +246,7 @@ fn main() -> anyhow::Result<()> {
     let report = format!(
         "# Publish modes: host, ingress keeping the client IP, ingress SNAT\n\n\
          Command: `publish_modes --rounds {rounds} --duration {duration_arg}` (root), on its own lab: 3 nodes, etcd store. \
-         `shoal::compare::run` (what `shoal lab compare` runs): service `compare` (one `shoal whoami` replica, on {replica_node}) \
+         `shoal_lab::compare::run` (what `shoal lab compare` runs): service `compare` (one `shoal whoami` replica, on {replica_node}) \
          published as 30080 ingress, 30081 host, 30082 ingress with SNAT; from the lab's client namespace (192.0.2.100) to every \
          node; task-to-task from `compare-probe` tasks on the replica's node and another node to the replica's overlay address. \
          Per target: sequential HTTP/1.1 GET, a new TCP connection per request, `Connection: close`, {duration_arg} after a short \

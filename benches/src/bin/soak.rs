@@ -47,7 +47,7 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 const FIRST_FULL_PASS: Duration = Duration::from_secs(12);
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    shoal::compare::parse_duration(s).map_err(|e| anyhow::anyhow!("{e}"))
+    shoal_lab::compare::parse_duration(s).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 #[derive(Default, Clone, serde::Serialize)]
@@ -94,7 +94,7 @@ impl Book {
 fn wait_until_serving(
     probe_ns: &str,
     vips: &[Ipv4Addr],
-    lab: &shoal::lab::Lab,
+    lab: &shoal_lab::lab::Lab,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let timeout = Duration::from_millis(1200);
@@ -303,7 +303,7 @@ fn run() -> anyhow::Result<bool> {
     }
     let bin = shoal_bin()?;
     let _guard = lab_up(&bin, &name, 3)?;
-    let lab = shoal::lab::Lab::load(&name)?;
+    let lab = shoal_lab::lab::Lab::load(&name)?;
     let run = |node: &str, a: &[&str]| shoal_on(&bin, &name, node, a);
     run("node1", &["network", "create", "appnet"])?;
     let whoami = ["--", "shoal", "whoami", "--port", "80"];
@@ -582,7 +582,7 @@ fn run() -> anyhow::Result<bool> {
         }
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(30);
-            if let Ok(l) = shoal::lab::Lab::load(&name) {
+            if let Ok(l) = shoal_lab::lab::Lab::load(&name) {
                 for n in &l.nodes {
                     if let Some((rss, _)) = usage(n.pid) {
                         series.push((t0.elapsed().as_secs(), n.name.clone(), rss));
@@ -593,7 +593,7 @@ fn run() -> anyhow::Result<bool> {
         if let Some(at) = restarted_sample_at
             && Instant::now() >= at
         {
-            let lab_now = shoal::lab::Lab::load(&name)?;
+            let lab_now = shoal_lab::lab::Lab::load(&name)?;
             if let Some(n) = lab_now.node(&victim)
                 && let Some((rss, fds)) = usage(n.pid)
             {
@@ -620,12 +620,14 @@ fn run() -> anyhow::Result<bool> {
     for w in workers {
         let _ = w.join();
     }
-    let lab_end = shoal::lab::Lab::load(&name)?;
+    let lab_end = shoal_lab::lab::Lab::load(&name)?;
     if !keep_logs.is_empty() {
         for n in &lab_end.nodes {
             let dir = std::path::Path::new(&keep_logs).join(&name);
             std::fs::create_dir_all(&dir)?;
-            let src = shoal::lab::lab_dir(&name).join(&n.name).join("agent.log");
+            let src = shoal_lab::lab::lab_dir(&name)
+                .join(&n.name)
+                .join("agent.log");
             std::fs::copy(&src, dir.join(format!("{}.log", n.name)))?;
         }
     }

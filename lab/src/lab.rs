@@ -19,8 +19,8 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shoal_netns::CommandExt as _;
 
-use crate::client::Client;
-use crate::config::{AgentConfig, DnsSettings, StoreConfig, StoreKind};
+use shoal::client::Client;
+use shoal::config::{AgentConfig, DnsSettings, StoreConfig, StoreKind};
 
 pub const LAB_ROOT: &str = "/run/shoal/lab";
 const UNDERLAY: &str = "192.0.2";
@@ -415,10 +415,10 @@ async fn wait_all_ready(lab: &Lab) -> anyhow::Result<()> {
     let want = lab.nodes.iter().filter(|n| pid_alive(n.pid)).count();
     let start = Instant::now();
     loop {
-        if let Ok(nodes) = client.get::<Vec<crate::model::Node>>("/v1/nodes").await
+        if let Ok(nodes) = client.get::<Vec<shoal::model::Node>>("/v1/nodes").await
             && nodes
                 .iter()
-                .filter(|n| n.status == crate::model::NodeStatus::Ready)
+                .filter(|n| n.status == shoal::model::NodeStatus::Ready)
                 .count()
                 >= want
         {
@@ -509,7 +509,7 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
 /// What `lab exec` runs in.
 pub enum ExecTarget {
     Netns(String),
-    Task(Box<crate::api::TaskLocation>),
+    Task(Box<shoal::api::TaskLocation>),
 }
 
 pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarget> {
@@ -523,14 +523,14 @@ pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarge
     // when no live node has the task.
     let mut down = vec![];
     for n in &lab.nodes {
-        let loc: anyhow::Result<crate::api::TaskLocation> = Client::new(&n.socket)
-            .get(&format!("/v1/tasks/{}", crate::client::seg(target)))
+        let loc: anyhow::Result<shoal::api::TaskLocation> = Client::new(&n.socket)
+            .get(&format!("/v1/tasks/{}", shoal::client::seg(target)))
             .await;
         match loc {
             Ok(l) if l.local => return Ok(ExecTarget::Task(Box::new(l))),
             Ok(_) => continue,
-            Err(e) if crate::client::ClientError::is_not_found(&e) => continue,
-            Err(e) if crate::client::ClientError::is_unreachable(&e) => down.push(n.name.clone()),
+            Err(e) if shoal::client::ClientError::is_not_found(&e) => continue,
+            Err(e) if shoal::client::ClientError::is_unreachable(&e) => down.push(n.name.clone()),
             Err(e) => return Err(e),
         }
     }
@@ -557,7 +557,7 @@ pub fn exec(target: ExecTarget, cmd: &[String]) -> anyhow::Error {
     let Some(prog) = cmd.first() else {
         return anyhow!("lab exec needs a command after --");
     };
-    let mut c = Command::new(crate::runtime::resolve_program(prog));
+    let mut c = Command::new(shoal::runtime::resolve_program(prog));
     c.args(&cmd[1..]);
     match target {
         ExecTarget::Netns(ns) => {
@@ -569,7 +569,7 @@ pub fn exec(target: ExecTarget, cmd: &[String]) -> anyhow::Error {
             c.env("SHOAL_TASK_NAME", loc.task.name())
                 .env("SHOAL_SERVICE_NAME", &loc.task.service_name)
                 .env("HOSTNAME", &loc.hostname);
-            match crate::runtime::Sandbox::new(&loc.netns, &loc.resolv_conf, &loc.hostname) {
+            match shoal::runtime::Sandbox::new(&loc.netns, &loc.resolv_conf, &loc.hostname) {
                 Ok(sb) => sb.same_session().apply(&mut c),
                 Err(e) => return e.context(format!("entering task {}", loc.task.name())),
             }

@@ -1,5 +1,7 @@
+mod cli;
+
 use clap::Parser;
-use shoal::cli::{Cli, Cmd, LogFormat};
+use cli::{Cli, Cmd, LogFormat};
 
 fn main() {
     let cli = Cli::parse();
@@ -33,9 +35,9 @@ fn main() {
                 shoal::agent::run(cfg).await
             }
             Cmd::Whoami { port, udp_port } => {
-                shoal::whoami::run(port, udp_port.unwrap_or(port)).await
+                shoal_lab::whoami::run(port, udp_port.unwrap_or(port)).await
             }
-            Cmd::Lab(l) => shoal::cli::run_lab(l).await,
+            Cmd::Lab(l) => cli::run_lab(l).await,
             Cmd::Completion { shell } => {
                 use clap::CommandFactory;
                 let mut cmd = Cli::command();
@@ -46,7 +48,7 @@ fn main() {
                 println!("shoal {}", env!("CARGO_PKG_VERSION"));
                 Ok(())
             }
-            cmd => shoal::cli::run_client(cli.host.as_deref(), cmd).await,
+            cmd => cli::run_client(cli.host.as_deref(), cmd).await,
         }
     });
     if let Err(e) = res {

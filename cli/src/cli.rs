@@ -7,11 +7,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::api::{ServiceStatus, TaskLocation};
-use crate::client::{Client, seg, socket_path};
-use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
-use crate::config::StoreKind;
-use crate::model::{
+use shoal::api::ServiceStatus;
+use shoal::client::{Client, seg, socket_path, table};
+use shoal::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
+use shoal::config::StoreKind;
+use shoal::model::{
     EndpointMode, HealthCheck, LbOptions, Network, Node, PortConfig, Service, Task,
     parse_duration_ms,
 };
@@ -140,8 +140,8 @@ pub enum DataplaneArg {
 impl AgentArgs {
     /// The configuration this agent runs with: file (or defaults), then environment and
     /// flags on top, then validated as a whole.
-    pub fn resolve(&self) -> anyhow::Result<crate::config::AgentConfig> {
-        use crate::config::{AgentConfig, Dataplane, EtcdTls};
+    pub fn resolve(&self) -> anyhow::Result<shoal::config::AgentConfig> {
+        use shoal::config::{AgentConfig, Dataplane, EtcdTls};
         let mut c = match &self.config {
             Some(p) => AgentConfig::load_unvalidated(p)?,
             None => AgentConfig::default(),
@@ -423,7 +423,7 @@ pub enum LabCmd {
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
         /// Load per target (e.g. 3s, 500ms)
-        #[arg(long, default_value = "3s", value_parser = crate::compare::parse_duration)]
+        #[arg(long, default_value = "3s", value_parser = shoal_lab::compare::parse_duration)]
         duration: std::time::Duration,
         /// Where to write the HTML report
         #[arg(long, default_value = "./shoal-compare.html")]
@@ -475,28 +475,6 @@ pub fn parse_network_attach(s: &str) -> anyhow::Result<NetworkAttach> {
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
-}
-
-/// Prints rows with columns padded to the widest cell.
-pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
-            .collect();
-        println!("{}", s.join("   ").trim_end());
-    };
-    line(header.iter().map(|s| s.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
 }
 
 pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
@@ -554,7 +532,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                                 flags.push("attachable")
                             }
                             vec![
-                                crate::model::short_id(&n.id).to_string(),
+                                shoal::model::short_id(&n.id).to_string(),
                                 n.name.clone(),
                                 n.driver.clone(),
                                 n.subnet.to_string(),
@@ -640,7 +618,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         .map(|s| {
                             let v = &s.service;
                             vec![
-                                crate::model::short_id(&v.id).to_string(),
+                                shoal::model::short_id(&v.id).to_string(),
                                 v.name.clone(),
                                 format!(
                                     "replicated/{}",
@@ -690,7 +668,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                                 .map(|n| n.name.clone())
                                 .unwrap_or_else(|| t.node_id.clone());
                             vec![
-                                crate::model::short_id(&t.id).to_string(),
+                                shoal::model::short_id(&t.id).to_string(),
                                 t.name(),
                                 node,
                                 t.desired_state.to_string(),
@@ -776,7 +754,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                             vec![
                                 format!(
                                     "{}{}",
-                                    crate::model::short_id(&n.id),
+                                    shoal::model::short_id(&n.id),
                                     if n.id == me { " *" } else { "" }
                                 ),
                                 n.name.clone(),
@@ -805,7 +783,7 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
                 StoreArg::Embedded => StoreKind::Embedded,
                 StoreArg::Etcd => StoreKind::Etcd,
             };
-            let lab = crate::lab::up(&name, nodes, store).await?;
+            let lab = shoal_lab::lab::up(&name, nodes, store).await?;
             eprintln!(
                 "lab {:?} is up: {} node(s), store {:?}, client at 192.0.2.100",
                 lab.name,
@@ -815,26 +793,26 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
             println!("export SHOAL_HOST={}", lab.host_env());
         }
         LabCmd::Down { name } => {
-            let removed = crate::lab::down(&name).await?;
+            let removed = shoal_lab::lab::down(&name).await?;
             eprintln!(
                 "lab {name:?} is down ({} namespaces removed)",
                 removed.len()
             );
         }
         LabCmd::Kill { name, node } => {
-            crate::lab::kill(&name, &node)?;
+            shoal_lab::lab::kill(&name, &node)?;
             eprintln!("{node} killed (agent and tasks SIGKILLed, underlay link down)");
         }
         LabCmd::Start { name, node } => {
-            crate::lab::start(&name, &node).await?;
+            shoal_lab::lab::start(&name, &node).await?;
             eprintln!("{node} started");
         }
         LabCmd::Restart { name, node } => {
-            crate::lab::restart(&name, &node).await?;
+            shoal_lab::lab::restart(&name, &node).await?;
             eprintln!("{node}: agent restarted");
         }
         LabCmd::Status { name } => {
-            let lab = crate::lab::Lab::load(&name)?;
+            let lab = shoal_lab::lab::Lab::load(&name)?;
             table(
                 &["NODE", "NAMESPACE", "ADDRESS", "AGENT PID", "SOCKET"],
                 lab.nodes
@@ -867,19 +845,19 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
             json,
             keep,
         } => {
-            let lab = crate::lab::Lab::load(&name)?;
-            let opts = crate::compare::Options {
+            let lab = shoal_lab::lab::Lab::load(&name)?;
+            let opts = shoal_lab::compare::Options {
                 duration,
                 keep,
                 progress: true,
                 ..Default::default()
             };
-            let r = crate::compare::run(&lab, &opts).await?;
-            crate::compare::write_html(&r, &report)?;
+            let r = shoal_lab::compare::run(&lab, &opts).await?;
+            shoal_lab::compare::write_html(&r, &report)?;
             if json {
                 print_json(&r)?;
             } else {
-                crate::compare::print(&r);
+                shoal_lab::compare::print(&r);
             }
             eprintln!("report: {}", report.display());
         }
@@ -888,24 +866,36 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
             target,
             command,
         } => {
-            let lab = crate::lab::Lab::load(&name)?;
-            let t = crate::lab::resolve_target(&lab, &target).await?;
-            return Err(crate::lab::exec(t, &command));
+            let lab = shoal_lab::lab::Lab::load(&name)?;
+            let t = shoal_lab::lab::resolve_target(&lab, &target).await?;
+            return Err(shoal_lab::lab::exec(t, &command));
         }
     }
     Ok(())
 }
 
-/// Used by tests: the location of a task as the API gives it.
-pub async fn task_location(host: &str, what: &str) -> anyhow::Result<TaskLocation> {
-    Client::new(&socket_path(Some(host)))
-        .get(&format!("/v1/tasks/{}", seg(what)))
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The systemd unit's command line is one the CLI accepts, and keeps tasks alive over
+    /// an agent restart.
+    #[test]
+    fn systemd_unit() {
+        let unit = include_str!("../../packaging/shoal-agent.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap();
+        let mut argv: Vec<&str> = exec.split_whitespace().collect();
+        argv[0] = "shoal";
+        let cli = Cli::try_parse_from(&argv).unwrap();
+        assert!(matches!(cli.command, Cmd::Agent(_)));
+        assert!(
+            unit.contains("KillMode=process"),
+            "tasks must outlive an agent restart"
+        );
+    }
     use clap::CommandFactory;
 
     /// `--help` explains every flag and argument of every command.

@@ -36,29 +36,6 @@ impl Whoami {
     }
 }
 
-/// Addresses of this namespace, loopback excluded.
-pub fn local_ips() -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .map(|it| {
-            it.filter_map(|ifa| {
-                let a = ifa.address?;
-                if let Some(v4) = a.as_sockaddr_in() {
-                    Some(IpAddr::V4(v4.ip()))
-                } else {
-                    a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                }
-            })
-            .filter(|ip| {
-                !ip.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    ips.sort();
-    ips.dedup();
-    ips
-}
-
 #[derive(Clone)]
 struct Identity {
     hostname: String,
@@ -76,7 +53,7 @@ impl Identity {
                 .unwrap_or_default(),
             task: std::env::var("SHOAL_TASK_NAME").unwrap_or_default(),
             service: std::env::var("SHOAL_SERVICE_NAME").unwrap_or_default(),
-            ips: local_ips(),
+            ips: shoal::listening::local_ips(),
         }
     }
     fn answer(&self, remote: SocketAddr) -> Whoami {

@@ -30,14 +30,14 @@ use hdrhistogram::Histogram;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ServiceStatus, TaskLocation};
-use crate::client::{Client, seg};
-use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate};
 use crate::lab::{Lab, LabNode};
-use crate::model::{
+use crate::whoami::Whoami;
+use shoal::api::{ServiceStatus, TaskLocation};
+use shoal::client::{Client, seg};
+use shoal::cluster::{NetworkAttach, NetworkCreate, ServiceCreate};
+use shoal::model::{
     Invalid, Network, Node, NodeStatus, PortConfig, Task, TaskState, invalid, parse_duration_ms,
 };
-use crate::whoami::Whoami;
 
 /// The network, service and probe service `compare` deploys (and reuses when present).
 pub const NETWORK: &str = "compare";
@@ -1144,7 +1144,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
             }
         }
         None => {
-            let _: crate::model::Service = api
+            let _: shoal::model::Service = api
                 .post(
                     "/v1/services",
                     &ServiceCreate {
@@ -1171,7 +1171,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
         ),
         Some(_) => {}
         None => {
-            let _: crate::model::Service = api
+            let _: shoal::model::Service = api
                 .post(
                     "/v1/services",
                     &ServiceCreate {
@@ -1190,7 +1190,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn on_network(nets: &[crate::model::ServiceNetwork]) -> bool {
+fn on_network(nets: &[shoal::model::ServiceNetwork]) -> bool {
     nets.iter().any(|n| n.network == NETWORK)
 }
 
@@ -1200,7 +1200,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
         let r: anyhow::Result<serde_json::Value> =
             api.delete(&format!("/v1/services/{}", seg(name))).await;
         if let Err(e) = r
-            && !crate::client::ClientError::is_not_found(&e)
+            && !shoal::client::ClientError::is_not_found(&e)
         {
             errors.push(format!("removing service {name}: {e:#}"));
         }
@@ -1213,7 +1213,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
                 api.delete(&format!("/v1/networks/{}", seg(NETWORK))).await;
             match r {
                 Ok(_) => break,
-                Err(e) if crate::client::ClientError::is_not_found(&e) => break,
+                Err(e) if shoal::client::ClientError::is_not_found(&e) => break,
                 Err(e) if start.elapsed() > Duration::from_secs(30) => {
                     errors.push(format!("removing network {NETWORK}: {e:#}"));
                     break;
@@ -1285,7 +1285,7 @@ async fn wait_running(api: &Client, timeout: Duration) -> anyhow::Result<(Vec<Ta
 
 /// Addresses of a namespace (loopback excluded); empty when it cannot be entered.
 fn ns_ips(netns: &str) -> Vec<IpAddr> {
-    shoal_netns::run_in(netns, crate::whoami::local_ips).unwrap_or_default()
+    shoal_netns::run_in(netns, shoal::listening::local_ips).unwrap_or_default()
 }
 
 async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Report> {
@@ -1370,7 +1370,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         }
         let prefix = format!("{}-", n.netns);
         for net in &nets {
-            let ns = crate::desired::network_netns(&prefix, net);
+            let ns = shoal::desired::network_netns(&prefix, net);
             if shoal_netns::exists(&ns) {
                 for ip in ns_ips(&ns) {
                     labels.add(ip, format!("{} on {}", n.name, net.name));
@@ -1689,7 +1689,7 @@ pub fn print(r: &Report) {
         "lab {}: replica {} on {} ({}), {} ms per target, sequential requests, one connection each",
         r.lab, r.replica.task, r.replica.node, r.replica.ip, r.duration_ms
     );
-    crate::cli::table(&TABLE_HEADER, table_rows(r));
+    shoal::client::table(&TABLE_HEADER, table_rows(r));
     println!();
     for l in r.summary.lines() {
         println!("{l}");

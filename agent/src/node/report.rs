@@ -1,0 +1,39 @@
+//! What the node reconciler last did, for `node inspect` and the API.
+
+/// What the agent last did, for `node inspect` and the API.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct NodeReport {
+    pub last_error: Option<String>,
+    /// When the last error was hit (seconds since the epoch) and whether the last pass
+    /// was clean.
+    pub last_error_unix: Option<u64>,
+    pub last_pass_ok: bool,
+    pub networks: Vec<String>,
+    pub dns_attached: usize,
+    pub passes: u64,
+    /// The store revision the last pass applied.
+    pub revision: i64,
+    /// The VIPs programmed in this node's network namespaces.
+    pub vips: Vec<ProgrammedVip>,
+    /// The published ports programmed in the node namespace.
+    pub published: Vec<ProgrammedPort>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgrammedVip {
+    pub network_id: String,
+    pub vip: std::net::Ipv4Addr,
+    pub protocol: String,
+    pub port: u16,
+    pub backends: Vec<std::net::Ipv4Addr>,
+    pub draining: Vec<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgrammedPort {
+    pub protocol: String,
+    pub port: u16,
+    pub mode: String,
+    /// ingress-network address:target port of every backend.
+    pub backends: Vec<String>,
+}
