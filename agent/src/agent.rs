@@ -234,8 +234,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             node_id: node_id.clone(),
             node_name: cfg.node_name.clone(),
             report: report.clone(),
-            netns_prefix: cfg.netns_prefix.clone(),
-            tasks_dir: cfg.state_dir.join("tasks"),
+            runtime: runtime.clone(),
             state: state_rx.clone(),
         },
     )
@@ -280,7 +279,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let tasks = Tasks::new(
         runtime,
         cluster.clone(),
-        cfg.state_dir.join("tasks"),
         Duration::from_secs(cfg.stop_grace_secs),
         Duration::from_secs(cfg.kill_timeout_secs),
     );

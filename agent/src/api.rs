@@ -2,7 +2,7 @@
 //! in [`crate::cluster`]; a refused request changes nothing.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -29,8 +29,8 @@ pub struct ApiState {
     pub node_id: String,
     pub node_name: String,
     pub report: Arc<Mutex<NodeReport>>,
-    pub netns_prefix: String,
-    pub tasks_dir: PathBuf,
+    /// The node's runtime: how to enter a local task's sandbox.
+    pub runtime: Arc<dyn crate::runtime::Runtime>,
     /// The agent's view of the cluster, for lookups that must work while the store is away.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::ClusterState>>,
 }
@@ -223,9 +223,10 @@ async fn tasks(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Task>> 
 pub struct TaskLocation {
     pub task: crate::model::Task,
     pub local: bool,
+    /// The task's network namespace (Shoal's, whatever the runtime).
     pub netns: String,
-    pub resolv_conf: PathBuf,
-    pub hostname: String,
+    /// How to run a command inside the task (`lab exec`).
+    pub entry: crate::runtime::SandboxEntry,
 }
 
 async fn task_get(
@@ -240,12 +241,10 @@ async fn task_get(
         }
         r => r?,
     };
-    let (resolv_conf, _) = crate::runtime::ProcessRuntime::task_files(&s.tasks_dir, &task.id);
     Ok(Json(TaskLocation {
         local: task.node_id == s.node_id,
-        netns: crate::runtime::task_netns(&s.netns_prefix, &task.id),
-        resolv_conf,
-        hostname: task.hostname(),
+        netns: s.runtime.netns(&task.id),
+        entry: s.runtime.entry(&task.id, &task.hostname()),
         task,
     }))
 }

@@ -6,28 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use crate::model::{EndpointMode, LbSelection, Network, PublishMode, Service, Task, TaskState};
+use crate::names::{LB_TABLE, host_ifname, network_netns, task_ifname};
 use crate::state::ClusterState;
 
-/// The nft table that holds a network's VIPs in its namespace.
-pub const LB_TABLE: &str = "shoal_lb";
-/// The agent's own namespace (the node's): published ports and the guard live here.
-pub const NODE_NS: &str = "/proc/self/ns/net";
 /// Container MTU on a 1500-byte underlay with VXLAN.
 pub const OVERLAY_MTU: u32 = 1450;
-
-pub fn network_netns(prefix: &str, net: &Network) -> String {
-    format!("{prefix}n-{}", &net.id[..net.id.len().min(12)])
-}
-
-/// Node-side veth of a task in a network namespace.
-pub fn host_ifname(task_id: &str) -> String {
-    format!("sv{}", &task_id[..task_id.len().min(12)])
-}
-
-/// Container-side interface of the task's `index`-th network.
-pub fn task_ifname(index: usize) -> String {
-    format!("eth{index}")
-}
 
 /// Serving tasks of a service with their address on a network.
 fn serving_ips<'a>(

@@ -3,8 +3,7 @@
 //! consecutive failures make it unhealthy (it leaves them). Changes are written to the task's
 //! record with compare-and-swap, so every node reacts to them.
 
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -12,36 +11,31 @@ use tracing::{info, warn};
 
 use crate::cluster::Cluster;
 use crate::model::{Health, HealthCheck};
-use crate::runtime::Sandbox;
+use crate::runtime::Runtime;
 
 pub struct Probe {
     pub task_id: String,
     pub task_name: String,
-    pub netns: String,
-    pub resolv_conf: PathBuf,
     pub hostname: String,
+    /// Runs the check inside the task's sandbox.
+    pub runtime: Arc<dyn Runtime>,
 }
 
 /// Runs one check; true when the command exits 0 within the interval (at least 1 s).
 async fn check_once(p: &Probe, check: &HealthCheck) -> bool {
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(&check.cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    match Sandbox::new(&p.netns, &p.resolv_conf, &p.hostname) {
-        Ok(sb) => sb.apply(&mut cmd),
-        Err(_) => return false,
-    }
-    let Ok(mut child) = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-    else {
-        return false;
-    };
+    let argv = ["/bin/sh".to_string(), "-c".to_string(), check.cmd.clone()];
     let limit = Duration::from_millis(check.interval_ms).max(Duration::from_secs(1));
-    matches!(tokio::time::timeout(limit, child.wait()).await, Ok(Ok(s)) if s.success())
+    match p
+        .runtime
+        .exec_in(&p.task_id, &p.hostname, &argv, limit)
+        .await
+    {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::debug!(task = %p.task_name, error = %format!("{e:#}"), "health check could not run");
+            false
+        }
+    }
 }
 
 /// Writes `status` unless the store already has it (`written`); a failed write leaves

@@ -1,5 +1,5 @@
-//! Shoal agent library: cluster model, store, API, orchestration, the node reconciler, the
-//! lab runtime and lab orchestration. Only this crate knows the cluster model; it
+//! Shoal agent library: cluster model, store, API, orchestration, the node reconciler and
+//! the runtime seam (with the process runtime the labs use). Only this crate knows the cluster model; it
 //! translates it into the narrow inputs of the dns, lb and mesh crates.
 
 pub mod agent;
@@ -15,6 +15,7 @@ pub mod listening;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod node;
 pub mod orchestrator;
 pub mod reports;

@@ -58,6 +58,67 @@ pub trait Runtime: Send + Sync {
     /// Takes over a task whose process an earlier agent run started: its exit must still be
     /// reported.
     fn adopt(self: Arc<Self>, task_id: &str);
+    /// How to run a command inside the task's sandbox (health checks, `lab exec`).
+    fn entry(&self, task_id: &str, hostname: &str) -> SandboxEntry;
+
+    /// Runs `argv` inside the task's sandbox, output discarded; true when it exits 0
+    /// within `timeout` (killed otherwise).
+    async fn exec_in(
+        &self,
+        task_id: &str,
+        hostname: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<bool> {
+        let mut cmd = self.entry(task_id, hostname).command(argv, true)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running {:?} in task {task_id}", argv.first()))?;
+        Ok(matches!(tokio::time::timeout(timeout, child.wait()).await, Ok(Ok(s)) if s.success()))
+    }
+}
+
+/// How to enter a task's sandbox: what the API hands `lab exec`, and what health checks
+/// run in. A runtime with containers of its own (podman) adds its own way.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SandboxEntry {
+    /// The process runtime's sandbox: the task's network namespace (a path), its
+    /// resolv.conf bound over /etc/resolv.conf in a mount namespace of its own, and its
+    /// hostname in a UTS namespace of its own.
+    Process {
+        netns: PathBuf,
+        resolv_conf: PathBuf,
+        hostname: String,
+    },
+}
+
+impl SandboxEntry {
+    /// A command that runs `argv` inside the sandbox (`new_session`: detached from the
+    /// caller's terminal; an interactive `lab exec` keeps it).
+    pub fn command(&self, argv: &[String], new_session: bool) -> anyhow::Result<Command> {
+        let prog = argv.first().context("no command to run in the task")?;
+        let mut cmd = Command::new(resolve_program(prog));
+        cmd.args(&argv[1..]);
+        match self {
+            SandboxEntry::Process {
+                netns,
+                resolv_conf,
+                hostname,
+            } => {
+                let netns = netns.to_str().context("namespace path is not UTF-8")?;
+                let sb = Sandbox::new(netns, resolv_conf, hostname)?;
+                let sb = if new_session { sb } else { sb.same_session() };
+                cmd.env("HOSTNAME", hostname);
+                sb.apply(&mut cmd);
+            }
+        }
+        Ok(cmd)
+    }
 }
 
 /// Prepared, allocation-free setup applied in the child between fork and exec.
@@ -67,11 +128,6 @@ pub struct Sandbox {
     resolv_dst: CString,
     hostname: CString,
     new_session: bool,
-}
-
-/// Name of a task's network namespace.
-pub fn task_netns(prefix: &str, task_id: &str) -> String {
-    format!("{prefix}t-{}", crate::model::short_id(task_id))
 }
 
 impl Sandbox {
@@ -198,7 +254,15 @@ fn alive_in(pid: u32, netns: &str) -> bool {
 #[async_trait]
 impl Runtime for ProcessRuntime {
     fn netns(&self, task_id: &str) -> String {
-        task_netns(&self.prefix, task_id)
+        crate::names::task_netns(&self.prefix, task_id)
+    }
+
+    fn entry(&self, task_id: &str, hostname: &str) -> SandboxEntry {
+        SandboxEntry::Process {
+            netns: shoal_netns::path(&self.netns(task_id)),
+            resolv_conf: Self::task_files(&self.dir, task_id).0,
+            hostname: hostname.to_string(),
+        }
     }
 
     async fn prepare(&self, task_id: &str) -> anyhow::Result<String> {

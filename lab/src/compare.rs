@@ -1370,7 +1370,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         }
         let prefix = format!("{}-", n.netns);
         for net in &nets {
-            let ns = shoal::desired::network_netns(&prefix, net);
+            let ns = shoal::names::network_netns(&prefix, net);
             if shoal_netns::exists(&ns) {
                 for ip in ns_ips(&ns) {
                     labels.add(ip, format!("{} on {}", n.name, net.name));

@@ -557,24 +557,25 @@ pub fn exec(target: ExecTarget, cmd: &[String]) -> anyhow::Error {
     let Some(prog) = cmd.first() else {
         return anyhow!("lab exec needs a command after --");
     };
-    let mut c = Command::new(shoal::runtime::resolve_program(prog));
-    c.args(&cmd[1..]);
-    match target {
+    let mut c = match target {
         ExecTarget::Netns(ns) => {
+            let mut c = Command::new(shoal::runtime::resolve_program(prog));
+            c.args(&cmd[1..]);
             if let Err(e) = c.in_netns(&ns) {
                 return e.into();
             }
+            c
         }
-        ExecTarget::Task(loc) => {
-            c.env("SHOAL_TASK_NAME", loc.task.name())
-                .env("SHOAL_SERVICE_NAME", &loc.task.service_name)
-                .env("HOSTNAME", &loc.hostname);
-            match shoal::runtime::Sandbox::new(&loc.netns, &loc.resolv_conf, &loc.hostname) {
-                Ok(sb) => sb.same_session().apply(&mut c),
-                Err(e) => return e.context(format!("entering task {}", loc.task.name())),
+        // The runtime says how to enter its sandbox.
+        ExecTarget::Task(loc) => match loc.entry.command(cmd, false) {
+            Ok(mut c) => {
+                c.env("SHOAL_TASK_NAME", loc.task.name())
+                    .env("SHOAL_SERVICE_NAME", &loc.task.service_name);
+                c
             }
-        }
-    }
+            Err(e) => return e.context(format!("entering task {}", loc.task.name())),
+        },
+    };
     let e = c.exec();
     anyhow!("cannot run {prog:?}: {e}")
 }

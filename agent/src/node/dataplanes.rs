@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +13,9 @@ use super::plan::{NodePlan, VipPlan};
 use super::reconcile::{Dataplane, PassCx, Phase};
 use super::report::{NodeReport, ProgrammedPort, ProgrammedVip};
 use crate::cluster::Cluster;
-use crate::desired::{self, NODE_NS, View};
+use crate::desired::{self, View};
 use crate::drift::{Check, Drifted, Write};
+use crate::names::NODE_NS;
 use crate::reports::{Adoption, Pending, Report};
 use crate::runtime::Runtime;
 use crate::state::ClusterState;
@@ -446,7 +446,7 @@ impl Dataplane for NftVips {
                     cx.wrote(
                         &netns,
                         Write {
-                            table: desired::LB_TABLE,
+                            table: crate::names::LB_TABLE,
                             dataplane: "lb_nft",
                             key: &net_id,
                             check: Check::Resync,
@@ -753,7 +753,6 @@ pub struct Tasks {
     health: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Reports (started, exited, ...) not written to the store yet.
     reports: Pending,
-    tasks_dir: PathBuf,
     stop_grace: Duration,
     kill_after: Duration,
 }
@@ -762,7 +761,6 @@ impl Tasks {
     pub fn new(
         runtime: Arc<dyn Runtime>,
         cluster: Cluster,
-        tasks_dir: PathBuf,
         stop_grace: Duration,
         kill_after: Duration,
     ) -> Tasks {
@@ -773,7 +771,6 @@ impl Tasks {
             stopping: Arc::new(Mutex::new(HashSet::new())),
             health: HashMap::new(),
             reports: Pending::default(),
-            tasks_dir,
             stop_grace,
             kill_after,
         }
@@ -828,13 +825,11 @@ impl Tasks {
             if !self.started.contains(id) || self.health.contains_key(id) {
                 continue;
             }
-            let (resolv_conf, _) = crate::runtime::ProcessRuntime::task_files(&self.tasks_dir, id);
             let probe = crate::health::Probe {
                 task_id: id.clone(),
                 task_name: r.spec.name.clone(),
-                netns: self.runtime.netns(id),
-                resolv_conf,
                 hostname: r.spec.hostname.clone(),
+                runtime: self.runtime.clone(),
             };
             let h = crate::health::spawn(self.cluster.clone(), probe, check.clone(), r.last_health);
             self.health.insert(id.clone(), h);
@@ -942,5 +937,167 @@ impl Dataplane for Tasks {
                 self.collect(plan);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::plan::NodeFacts;
+    use crate::runtime::{SandboxEntry, TaskSpec};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A runtime that records what it is asked; `destroy` waits for a permit (a unit test
+    /// of the applier's logic: the real runtime is in the end-to-end tests).
+    struct FakeRuntime {
+        held: Vec<String>,
+        started: Mutex<Vec<String>>,
+        prepared: Mutex<Vec<String>>,
+        destroyed: AtomicUsize,
+        permits: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Runtime for FakeRuntime {
+        fn netns(&self, task_id: &str) -> String {
+            format!("p-t-{task_id}")
+        }
+        async fn prepare(&self, task_id: &str) -> anyhow::Result<String> {
+            self.prepared.lock().unwrap().push(task_id.into());
+            Ok(self.netns(task_id))
+        }
+        async fn start(&self, spec: &TaskSpec) -> anyhow::Result<u32> {
+            self.started.lock().unwrap().push(spec.id.clone());
+            Ok(1)
+        }
+        fn is_running(&self, _task_id: &str) -> bool {
+            false
+        }
+        async fn destroy(&self, _task_id: &str, _timeout: Duration) -> anyhow::Result<()> {
+            self.permits.acquire().await?.forget();
+            self.destroyed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn list(&self) -> Vec<String> {
+            self.held.clone()
+        }
+        fn adopt(self: Arc<Self>, _task_id: &str) {}
+        fn entry(&self, _task_id: &str, hostname: &str) -> SandboxEntry {
+            SandboxEntry::Process {
+                netns: "/nonexistent".into(),
+                resolv_conf: "/nonexistent".into(),
+                hostname: hostname.into(),
+            }
+        }
+    }
+
+    fn fake(held: &[&str]) -> Arc<FakeRuntime> {
+        Arc::new(FakeRuntime {
+            held: held.iter().map(|s| s.to_string()).collect(),
+            started: Mutex::new(vec![]),
+            prepared: Mutex::new(vec![]),
+            destroyed: AtomicUsize::new(0),
+            permits: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    fn tasks(rt: &Arc<FakeRuntime>, dir: &std::path::Path) -> Tasks {
+        let store = Arc::new(crate::store::embedded::EmbeddedStore::open(dir).unwrap());
+        Tasks::new(
+            rt.clone(),
+            Cluster::new(store),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+    }
+
+    fn plan_of(st: &ClusterState, stopping: &HashSet<String>) -> NodePlan {
+        NodePlan::compute(
+            st,
+            &NodeFacts {
+                node_id: "me",
+                netns_prefix: "p-",
+                underlay: None,
+                search: &[],
+                task_netns: &|id| Some(format!("p-t-{id}")),
+                stopping,
+            },
+        )
+    }
+
+    /// Bug 8: stale tasks are destroyed in the background. With every destroy blocked, the
+    /// pass still ends (paused clock: a pass waiting on a destroy would run into the
+    /// timeout, not into a slow machine); released, all of them go.
+    #[tokio::test(start_paused = true)]
+    async fn garbage_never_holds_up_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = fake(&["stale1", "stale2", "stale3"]);
+        let mut t = tasks(&rt, dir.path());
+        let st = crate::desired::tests::fixture();
+        let plan = plan_of(&st, &t.stopping());
+        let mut drift = crate::drift::DriftWatch::new(applier().clone());
+        let mut pending = HashMap::new();
+        let mut cx = PassCx::new(&st, false, &mut drift, &mut pending);
+        tokio::time::timeout(Duration::from_secs(1), t.apply(&plan, Phase::Main, &mut cx))
+            .await
+            .expect("the pass waited for a destroy");
+        assert_eq!(t.stopping().len(), 3, "all three being removed");
+        // A second pass does not start them again.
+        t.apply(&plan, Phase::Main, &mut cx).await;
+        rt.permits.add_permits(10);
+        while !t.stopping().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rt.destroyed.load(Ordering::SeqCst), 3);
+    }
+
+    /// A task is prepared first, started only once its DNS listener is attached, and
+    /// started once.
+    #[tokio::test]
+    async fn a_task_starts_once_and_only_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = fake(&[]);
+        let mut t = tasks(&rt, dir.path());
+        let st = crate::desired::tests::fixture();
+        let plan = plan_of(&st, &t.stopping());
+        let mut drift = crate::drift::DriftWatch::new(applier().clone());
+        let mut pending = HashMap::new();
+        let mut cx = PassCx::new(&st, false, &mut drift, &mut pending);
+        t.apply(&plan, Phase::Prepare, &mut cx).await;
+        assert_eq!(*rt.prepared.lock().unwrap(), ["t1", "t3", "t4"]);
+        t.apply(&plan, Phase::Main, &mut cx).await;
+        assert!(rt.started.lock().unwrap().is_empty(), "no DNS yet");
+        cx.dns_attached = ["t1".to_string()].into();
+        t.apply(&plan, Phase::Main, &mut cx).await;
+        t.apply(&plan, Phase::Main, &mut cx).await;
+        assert_eq!(*rt.started.lock().unwrap(), ["t1"]);
+        // Prepared again only while not started.
+        rt.prepared.lock().unwrap().clear();
+        t.apply(&plan, Phase::Prepare, &mut cx).await;
+        assert_eq!(*rt.prepared.lock().unwrap(), ["t3", "t4"]);
+    }
+
+    /// A task to stop is stopped once (it is then in `stopping`, which the next plan
+    /// leaves out).
+    #[tokio::test(start_paused = true)]
+    async fn a_task_to_stop_is_stopped_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = fake(&[]);
+        let mut t = tasks(&rt, dir.path());
+        let mut st = crate::desired::tests::fixture();
+        st.tasks.get_mut("t1").unwrap().0.desired_state = crate::model::TaskState::Shutdown;
+        let plan = plan_of(&st, &t.stopping());
+        let mut drift = crate::drift::DriftWatch::new(applier().clone());
+        let mut pending = HashMap::new();
+        let mut cx = PassCx::new(&st, false, &mut drift, &mut pending);
+        t.apply(&plan, Phase::Main, &mut cx).await;
+        assert_eq!(t.stopping(), ["t1".to_string()].into());
+        assert!(plan_of(&st, &t.stopping()).stop.is_empty());
+        // After the grace period it is destroyed (and its record deleted).
+        rt.permits.add_permits(1);
+        while !t.stopping().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(rt.destroyed.load(Ordering::SeqCst), 1);
     }
 }

@@ -121,7 +121,7 @@ impl NodePlan {
                 (
                     net.id.clone(),
                     VipPlan {
-                        netns: desired::network_netns(f.netns_prefix, net),
+                        netns: crate::names::network_netns(f.netns_prefix, net),
                         ruleset: desired::lb_ruleset(st, f.node_id, &net.id),
                     },
                 )
@@ -181,7 +181,7 @@ impl NodePlan {
         NodePlan {
             guard: desired::guard_spec(st, f.node_id),
             overlays,
-            overlay_ns_prefix: format!("{}n-", f.netns_prefix),
+            overlay_ns_prefix: crate::names::network_netns_prefix(f.netns_prefix),
             ingress,
             vips,
             dns,

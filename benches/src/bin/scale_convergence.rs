@@ -279,7 +279,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(s)
         })??;
         observers.push(Observer {
-            netns: shoal::desired::network_netns(&prefix, &net),
+            netns: shoal::names::network_netns(&prefix, &net),
             node,
             sock,
         });
