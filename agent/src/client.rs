@@ -10,6 +10,10 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::api::{ServiceStatus, TaskLocation};
+use crate::cluster::{NetworkCreate, ServiceCreate, ServiceUpdate};
+use crate::model::{Network, Node, Service, Task};
+
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 
 /// Where the agent is: `-H/--host` or `SHOAL_HOST`, as `unix:///path` or a plain path.
@@ -131,11 +135,11 @@ impl Client {
         })
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.json(Method::GET, path, None).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(
+    async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
@@ -144,8 +148,73 @@ impl Client {
             .await
     }
 
-    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.json(Method::DELETE, path, None).await
+    }
+
+    // The API, one method per route (api.rs serves them): the only place its paths are
+    // written on the client side.
+
+    /// `GET /v1/info`: the agent's version and cluster summary.
+    pub async fn info(&self) -> anyhow::Result<serde_json::Value> {
+        self.get("/v1/info").await
+    }
+
+    pub async fn networks(&self) -> anyhow::Result<Vec<Network>> {
+        self.get("/v1/networks").await
+    }
+
+    pub async fn network(&self, name: &str) -> anyhow::Result<Network> {
+        self.get(&format!("/v1/networks/{}", seg(name))).await
+    }
+
+    pub async fn network_create(&self, req: &NetworkCreate) -> anyhow::Result<Network> {
+        self.post("/v1/networks", req).await
+    }
+
+    pub async fn network_rm(&self, name: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self.delete(&format!("/v1/networks/{}", seg(name))).await?;
+        Ok(())
+    }
+
+    pub async fn services(&self) -> anyhow::Result<Vec<ServiceStatus>> {
+        self.get("/v1/services").await
+    }
+
+    pub async fn service(&self, name: &str) -> anyhow::Result<ServiceStatus> {
+        self.get(&format!("/v1/services/{}", seg(name))).await
+    }
+
+    pub async fn service_create(&self, req: &ServiceCreate) -> anyhow::Result<Service> {
+        self.post("/v1/services", req).await
+    }
+
+    pub async fn service_update(&self, name: &str, req: &ServiceUpdate) -> anyhow::Result<Service> {
+        self.post(&format!("/v1/services/{}/update", seg(name)), req)
+            .await
+    }
+
+    pub async fn service_rm(&self, name: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self.delete(&format!("/v1/services/{}", seg(name))).await?;
+        Ok(())
+    }
+
+    pub async fn service_tasks(&self, name: &str) -> anyhow::Result<Vec<Task>> {
+        self.get(&format!("/v1/services/{}/tasks", seg(name))).await
+    }
+
+    /// A task by id, id prefix or name (`web.1`), with how to enter it.
+    pub async fn task(&self, what: &str) -> anyhow::Result<TaskLocation> {
+        self.get(&format!("/v1/tasks/{}", seg(what))).await
+    }
+
+    pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        self.get("/v1/nodes").await
+    }
+
+    /// `GET /v1/node`: this agent's node and its last reconcile report.
+    pub async fn node(&self) -> anyhow::Result<serde_json::Value> {
+        self.get("/v1/node").await
     }
 }
 

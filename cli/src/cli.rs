@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use shoal::api::ServiceStatus;
-use shoal::client::{Client, seg, socket_path, table};
+use shoal::client::{Client, socket_path, table};
 use shoal::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
 use shoal::config::StoreKind;
 use shoal::model::{
@@ -490,22 +490,19 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 name,
             } => {
                 let net: Network = c
-                    .post(
-                        "/v1/networks",
-                        &NetworkCreate {
-                            name,
-                            driver: Some(driver),
-                            subnet,
-                            gateway,
-                            attachable,
-                            internal,
-                        },
-                    )
+                    .network_create(&NetworkCreate {
+                        name,
+                        driver: Some(driver),
+                        subnet,
+                        gateway,
+                        attachable,
+                        internal,
+                    })
                     .await?;
                 println!("{}", net.id);
             }
             NetworkCmd::Ls(f) => {
-                let nets: Vec<Network> = c.get("/v1/networks").await?;
+                let nets: Vec<Network> = c.networks().await?;
                 if f.format == Format::Json {
                     return print_json(&nets);
                 }
@@ -545,13 +542,12 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             NetworkCmd::Inspect { name, format: _ } => {
-                let net: Network = c.get(&format!("/v1/networks/{}", seg(&name))).await?;
+                let net: Network = c.network(&name).await?;
                 print_json(&net)?;
             }
             NetworkCmd::Rm { names } => {
                 for n in names {
-                    let _: serde_json::Value =
-                        c.delete(&format!("/v1/networks/{}", seg(&n))).await?;
+                    c.network_rm(&n).await?;
                     println!("{n}");
                 }
             }
@@ -604,11 +600,11 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                     health,
                     lb,
                 };
-                let svc: Service = c.post("/v1/services", &req).await?;
+                let svc: Service = c.service_create(&req).await?;
                 println!("{}", svc.id);
             }
             ServiceCmd::Ls(f) => {
-                let svcs: Vec<ServiceStatus> = c.get("/v1/services").await?;
+                let svcs: Vec<ServiceStatus> = c.services().await?;
                 if f.format == Format::Json {
                     return print_json(&svcs);
                 }
@@ -644,8 +640,8 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             ServiceCmd::Ps { name, format } => {
-                let tasks: Vec<Task> = c.get(&format!("/v1/services/{}/tasks", seg(&name))).await?;
-                let nodes: Vec<Node> = c.get("/v1/nodes").await?;
+                let tasks: Vec<Task> = c.service_tasks(&name).await?;
+                let nodes: Vec<Node> = c.nodes().await?;
                 if format.format == Format::Json {
                     return print_json(&tasks);
                 }
@@ -685,7 +681,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             ServiceCmd::Inspect { name, format: _ } => {
-                let s: ServiceStatus = c.get(&format!("/v1/services/{}", seg(&name))).await?;
+                let s: ServiceStatus = c.service(&name).await?;
                 print_json(&s)?;
             }
             ServiceCmd::Scale { pairs } => {
@@ -697,8 +693,8 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         anyhow::anyhow!("invalid replicas {n:?} for {name}: not a number")
                     })?;
                     let _: Service = c
-                        .post(
-                            &format!("/v1/services/{}/update", seg(name)),
+                        .service_update(
+                            name,
                             &ServiceUpdate {
                                 replicas: Some(n),
                                 ..Default::default()
@@ -719,8 +715,8 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                     .map(|p| PortConfig::parse(p))
                     .collect::<Result<Vec<_>, _>>()?;
                 let _: Service = c
-                    .post(
-                        &format!("/v1/services/{}/update", seg(&name)),
+                    .service_update(
+                        &name,
                         &ServiceUpdate {
                             replicas,
                             publish_add,
@@ -732,16 +728,15 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
             }
             ServiceCmd::Rm { names } => {
                 for n in names {
-                    let _: serde_json::Value =
-                        c.delete(&format!("/v1/services/{}", seg(&n))).await?;
+                    c.service_rm(&n).await?;
                     println!("{n}");
                 }
             }
         },
         Cmd::Node(n) => match n {
             NodeCmd::Ls(f) => {
-                let info: serde_json::Value = c.get("/v1/info").await?;
-                let nodes: Vec<Node> = c.get("/v1/nodes").await?;
+                let info: serde_json::Value = c.info().await?;
+                let nodes: Vec<Node> = c.nodes().await?;
                 if f.format == Format::Json {
                     return print_json(&nodes);
                 }
@@ -767,7 +762,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             NodeCmd::Inspect => {
-                let v: serde_json::Value = c.get("/v1/node").await?;
+                let v: serde_json::Value = c.node().await?;
                 print_json(&v)?;
             }
         },

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::lab::{Lab, LabNode};
 use crate::whoami::Whoami;
 use shoal::api::{ServiceStatus, TaskLocation};
-use shoal::client::{Client, seg};
+use shoal::client::Client;
 use shoal::cluster::{NetworkAttach, NetworkCreate, ServiceCreate};
 use shoal::model::{
     Invalid, Network, Node, NodeStatus, PortConfig, Task, TaskState, invalid, parse_duration_ms,
@@ -1062,7 +1062,7 @@ pub async fn run(lab: &Lab, opts: &Options) -> anyhow::Result<Report> {
 async fn api_client(lab: &Lab) -> anyhow::Result<Client> {
     for n in &lab.nodes {
         let c = Client::new(&n.socket);
-        if c.get::<serde_json::Value>("/v1/info").await.is_ok() {
+        if c.info().await.is_ok() {
             return Ok(c);
         }
     }
@@ -1088,28 +1088,25 @@ fn whoami_command() -> Vec<String> {
 }
 
 async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
-    let nets: Vec<Network> = api.get("/v1/networks").await?;
+    let nets: Vec<Network> = api.networks().await?;
     if !nets.iter().any(|n| n.name == NETWORK) {
         let _: Network = api
-            .post(
-                "/v1/networks",
-                &NetworkCreate {
-                    name: NETWORK.into(),
-                    driver: Some("overlay".into()),
-                    ..Default::default()
-                },
-            )
+            .network_create(&NetworkCreate {
+                name: NETWORK.into(),
+                driver: Some("overlay".into()),
+                ..Default::default()
+            })
             .await
             .with_context(|| format!("creating network {NETWORK}"))?;
         created.network = true;
     }
-    let nodes: Vec<Node> = api.get("/v1/nodes").await?;
+    let nodes: Vec<Node> = api.nodes().await?;
     let ready = nodes
         .iter()
         .filter(|n| n.status == NodeStatus::Ready)
         .count()
         .max(1) as u32;
-    let svcs: Vec<ServiceStatus> = api.get("/v1/services").await?;
+    let svcs: Vec<ServiceStatus> = api.services().await?;
     let attach = vec![NetworkAttach {
         network: NETWORK.into(),
         aliases: vec![],
@@ -1145,17 +1142,14 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
         }
         None => {
             let _: shoal::model::Service = api
-                .post(
-                    "/v1/services",
-                    &ServiceCreate {
-                        name: SERVICE.into(),
-                        networks: attach.clone(),
-                        replicas: 1,
-                        ports: want,
-                        command: whoami_command(),
-                        ..Default::default()
-                    },
-                )
+                .service_create(&ServiceCreate {
+                    name: SERVICE.into(),
+                    networks: attach.clone(),
+                    replicas: 1,
+                    ports: want,
+                    command: whoami_command(),
+                    ..Default::default()
+                })
                 .await
                 .with_context(|| {
                     format!(
@@ -1172,16 +1166,13 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
         Some(_) => {}
         None => {
             let _: shoal::model::Service = api
-                .post(
-                    "/v1/services",
-                    &ServiceCreate {
-                        name: PROBE.into(),
-                        networks: attach,
-                        replicas: ready,
-                        command: whoami_command(),
-                        ..Default::default()
-                    },
-                )
+                .service_create(&ServiceCreate {
+                    name: PROBE.into(),
+                    networks: attach,
+                    replicas: ready,
+                    command: whoami_command(),
+                    ..Default::default()
+                })
                 .await
                 .with_context(|| format!("creating service {PROBE}"))?;
         }
@@ -1197,8 +1188,7 @@ fn on_network(nets: &[shoal::model::ServiceNetwork]) -> bool {
 async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
     let mut errors = vec![];
     for name in &created.services {
-        let r: anyhow::Result<serde_json::Value> =
-            api.delete(&format!("/v1/services/{}", seg(name))).await;
+        let r = api.service_rm(name).await;
         if let Err(e) = r
             && !shoal::client::ClientError::is_not_found(&e)
         {
@@ -1209,8 +1199,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
         // Refused while the tasks are still shutting down: retry for a while.
         let start = Instant::now();
         loop {
-            let r: anyhow::Result<serde_json::Value> =
-                api.delete(&format!("/v1/networks/{}", seg(NETWORK))).await;
+            let r = api.network_rm(NETWORK).await;
             match r {
                 Ok(_) => break,
                 Err(e) if shoal::client::ClientError::is_not_found(&e) => break,
@@ -1233,7 +1222,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
 async fn wait_running(api: &Client, timeout: Duration) -> anyhow::Result<(Vec<Task>, Vec<Task>)> {
     let start = Instant::now();
     loop {
-        let svcs: Vec<ServiceStatus> = api.get("/v1/services").await?;
+        let svcs: Vec<ServiceStatus> = api.services().await?;
         let mut all = vec![];
         let mut ready = true;
         let mut waiting = vec![];
@@ -1243,9 +1232,7 @@ async fn wait_running(api: &Client, timeout: Duration) -> anyhow::Result<(Vec<Ta
                 .find(|s| s.service.name == name)
                 .map(|s| s.service.replicas)
                 .with_context(|| format!("service {name} disappeared"))?;
-            let tasks: Vec<Task> = api
-                .get(&format!("/v1/services/{}/tasks", seg(name)))
-                .await?;
+            let tasks: Vec<Task> = api.service_tasks(name).await?;
             let running = tasks.iter().filter(|t| t.is_serving()).count();
             if running < want as usize {
                 ready = false;
@@ -1295,7 +1282,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         .map(|d| d.as_secs())
         .unwrap_or_default();
     let mut notes = vec![];
-    let cluster_nodes: Vec<Node> = api.get("/v1/nodes").await?;
+    let cluster_nodes: Vec<Node> = api.nodes().await?;
     let node_name = |id: &str| {
         cluster_nodes
             .iter()
@@ -1316,7 +1303,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
             ready
         })
         .collect();
-    let nets: Vec<Network> = api.get("/v1/networks").await?;
+    let nets: Vec<Network> = api.networks().await?;
     let net = nets
         .iter()
         .find(|n| n.name == NETWORK)
@@ -1419,7 +1406,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
             continue;
         };
         let loc: TaskLocation = Client::new(&n.socket)
-            .get(&format!("/v1/tasks/{}", seg(&t.id)))
+            .task(&t.id)
             .await
             .with_context(|| format!("locating {} on {}", t.name(), n.name))?;
         targets.push(Target {

@@ -389,7 +389,7 @@ async fn wait_ready(n: &LabNode, log: &Path) -> anyhow::Result<()> {
     let client = Client::new(&n.socket);
     let start = Instant::now();
     loop {
-        if client.get::<serde_json::Value>("/v1/info").await.is_ok() {
+        if client.info().await.is_ok() {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(20) || !pid_alive(n.pid) {
@@ -415,7 +415,7 @@ async fn wait_all_ready(lab: &Lab) -> anyhow::Result<()> {
     let want = lab.nodes.iter().filter(|n| pid_alive(n.pid)).count();
     let start = Instant::now();
     loop {
-        if let Ok(nodes) = client.get::<Vec<shoal::model::Node>>("/v1/nodes").await
+        if let Ok(nodes) = client.nodes().await
             && nodes
                 .iter()
                 .filter(|n| n.status == shoal::model::NodeStatus::Ready)
@@ -523,9 +523,8 @@ pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarge
     // when no live node has the task.
     let mut down = vec![];
     for n in &lab.nodes {
-        let loc: anyhow::Result<shoal::api::TaskLocation> = Client::new(&n.socket)
-            .get(&format!("/v1/tasks/{}", shoal::client::seg(target)))
-            .await;
+        let loc: anyhow::Result<shoal::api::TaskLocation> =
+            Client::new(&n.socket).task(target).await;
         match loc {
             Ok(l) if l.local => return Ok(ExecTarget::Task(Box::new(l))),
             Ok(_) => continue,

@@ -246,20 +246,18 @@ async fn main() -> anyhow::Result<()> {
 
     // One probe per node (placement spreads them); a socket inside each.
     let names: BTreeMap<String, String> = client
-        .get::<Vec<shoal::model::Node>>("/v1/nodes")
+        .nodes()
         .await?
         .into_iter()
         .map(|n| (n.id, n.name))
         .collect();
-    let net: shoal::model::Network = client.get("/v1/networks/appnet").await?;
-    let svc: shoal::model::Service = client.get("/v1/services/web").await?;
+    let net: shoal::model::Network = client.network("appnet").await?;
+    let svc: shoal::model::Service = client.service("web").await?.service;
     let start = Instant::now();
     let mut observers = vec![];
     for slot in 1..=nodes {
         let loc: TaskLocation = loop {
-            if let Ok(l) = client
-                .get::<TaskLocation>(&format!("/v1/tasks/probe.{slot}"))
-                .await
+            if let Ok(l) = client.task(&format!("probe.{slot}")).await
                 && l.task.state == shoal::model::TaskState::Running
             {
                 break l;
@@ -299,8 +297,8 @@ async fn main() -> anyhow::Result<()> {
         let want = if current == 3 { 6 } else { 3 };
         let t0 = Instant::now();
         let _: shoal::model::Service = client
-            .post(
-                "/v1/services/web/update",
+            .service_update(
+                "web",
                 &ServiceUpdate {
                     replicas: Some(want),
                     ..Default::default()
@@ -348,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
     if nodes > 1 {
         // Node loss: the last node goes; its web tasks must leave DNS on the others.
         let victim = b.observers.last().unwrap().node.clone();
-        let tasks: Vec<shoal::model::Task> = client.get("/v1/services/web/tasks").await?;
+        let tasks: Vec<shoal::model::Task> = client.service_tasks("web").await?;
         let victim_id = names
             .iter()
             .find(|(_, v)| **v == victim)
