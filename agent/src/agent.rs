@@ -14,7 +14,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::cluster::{Cluster, NODES, encode};
+use crate::cluster::{Cluster, encode};
 use crate::config::{AgentConfig, StoreKind};
 use crate::desired;
 use crate::drift::DriftWatch;
@@ -187,7 +187,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         listening: crate::listening::listening(),
     };
     store
-        .put(&format!("{NODES}{node_id}"), encode(&node))
+        .put(&crate::keys::node(&node_id), encode(&node))
         .await
         .context("registering the node")?;
     // The ingress network comes with the cluster: the first agent creates it.

@@ -10,33 +10,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::alloc;
+use crate::keys::{
+    self, ALIVE, ALLOC_PORT, ALLOC_SUBNETS, ALLOC_VNI, NETWORKS, NODES, SERVICES, TASKS,
+};
 use crate::model::{
     EndpointMode, Invalid, Network, Node, PortConfig, Protocol, PublishMode, Service,
     ServiceNetwork, Task, TaskState, invalid, new_id, parse_subnet, validate_name,
 };
 use crate::store::{Compare, KeyValue, Op, Store, StoreError};
 
-pub const ROOT: &str = "/shoal/";
-pub const NETWORKS: &str = "/shoal/networks/";
 /// Name of the ingress network, created with the cluster.
 pub const INGRESS_NETWORK: &str = "ingress";
-pub const SERVICES: &str = "/shoal/services/";
-pub const TASKS: &str = "/shoal/tasks/";
-pub const NODES: &str = "/shoal/nodes/";
-/// Per node, a key bound to the node's lease: present while the node's agent is alive.
-pub const ALIVE: &str = "/shoal/alive/";
-/// The leader election (etcd's election recipe under this prefix).
-pub const ELECTION: &str = "/shoal/election/leader";
-pub const ALLOC_SUBNETS: &str = "/shoal/alloc/subnets";
-pub const ALLOC_VNI: &str = "/shoal/alloc/vni/";
-pub const ALLOC_IP: &str = "/shoal/alloc/ip/";
-pub const ALLOC_PORT: &str = "/shoal/alloc/port/";
-/// Per service and slot: the id of the task that holds the slot. Creating a task for a slot
-/// is a compare-and-swap on this key, so a slot never gets two live tasks, however stale the
-/// orchestrator's view is.
-pub const SLOTS: &str = "/shoal/slots/";
-/// Per network: the address handed out last (a hint for serial allocation, not a claim).
-pub const ALLOC_IP_CURSOR: &str = "/shoal/alloc/ipcursor/";
 
 const MAX_RETRIES: usize = 64;
 
@@ -88,19 +72,6 @@ pub enum ClusterError {
 }
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
-
-pub fn ip_key(network_id: &str, ip: Ipv4Addr) -> String {
-    format!("{ALLOC_IP}{network_id}/{ip}")
-}
-pub fn port_key(proto: Protocol, port: u16) -> String {
-    format!("{ALLOC_PORT}{proto}/{port}")
-}
-pub fn slot_key(service_id: &str, slot: u32) -> String {
-    format!("{SLOTS}{service_id}/{slot}")
-}
-pub fn vni_key(vni: u32) -> String {
-    format!("{ALLOC_VNI}{vni}")
-}
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("model types serialise")
@@ -221,9 +192,7 @@ impl Cluster {
     /// Nodes, with their status from the liveness keys (ready while the agent holds its lease).
     /// Writes a node record (the agent's own).
     pub async fn put_node(&self, node: &Node) -> Result<()> {
-        self.store
-            .put(&format!("{NODES}{}", node.id), encode(node))
-            .await?;
+        self.store.put(&keys::node(&node.id), encode(node)).await?;
         Ok(())
     }
 
@@ -234,7 +203,10 @@ impl Cluster {
             .await?
             .kvs
             .into_iter()
-            .map(|kv| kv.key[ALIVE.len()..].to_string())
+            .filter_map(|kv| match keys::Record::parse(&kv.key) {
+                Some(keys::Record::Alive(id)) => Some(id.to_string()),
+                _ => None,
+            })
             .collect();
         Ok(self
             .list::<Node>(NODES)
@@ -259,14 +231,14 @@ impl Cluster {
     }
 
     pub async fn network(&self, name: &str) -> Result<Network> {
-        self.get(&format!("{NETWORKS}{name}"))
+        self.get(&keys::network(name))
             .await?
             .map(|(n, _)| n)
             .ok_or_else(|| ClusterError::NotFound(format!("network {name:?} not found")))
     }
 
     pub async fn service(&self, name: &str) -> Result<Service> {
-        self.get(&format!("{SERVICES}{name}"))
+        self.get(&keys::service(name))
             .await?
             .map(|(s, _)| s)
             .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))
@@ -299,7 +271,7 @@ impl Cluster {
             return Err(invalid("--gateway needs --subnet").into());
         }
         let ingress_net: Ipv4Net = alloc::INGRESS_SUBNET.parse().expect("constant");
-        let key = format!("{NETWORKS}{}", req.name);
+        let key = keys::network(&req.name);
         retry_txn!({
             if self.store.get(&key).await?.is_some() {
                 return Err(ClusterError::Conflict(format!(
@@ -374,15 +346,15 @@ impl Cluster {
                 .txn(
                     vec![
                         Compare::Absent(key.clone()),
-                        Compare::Absent(vni_key(vni)),
+                        Compare::Absent(keys::vni(vni)),
                         subnets_cmp,
-                        Compare::Absent(ip_key(&id, gateway)),
+                        Compare::Absent(keys::ip(&id, gateway)),
                     ],
                     vec![
                         Op::Put(key.clone(), encode(&net)),
-                        Op::Put(vni_key(vni), id.clone().into_bytes()),
+                        Op::Put(keys::vni(vni), id.clone().into_bytes()),
                         Op::Put(ALLOC_SUBNETS.into(), encode(&subnets)),
-                        Op::Put(ip_key(&id, gateway), b"gateway".to_vec()),
+                        Op::Put(keys::ip(&id, gateway), b"gateway".to_vec()),
                     ],
                 )
                 .await?;
@@ -401,7 +373,7 @@ impl Cluster {
             .await?
             .kvs
             .iter()
-            .filter_map(|kv| kv.key[ALLOC_VNI.len()..].parse().ok())
+            .filter_map(|kv| keys::parse_vni(&kv.key))
             .collect();
         alloc::pick_vni(&vnis).ok_or_else(|| ClusterError::Conflict("no VNI left".into()))
     }
@@ -409,7 +381,7 @@ impl Cluster {
     /// Creates the ingress network (`ingress`, [`alloc::INGRESS_SUBNET`], a VNI of its own)
     /// unless it exists; every agent calls this at start, the first one wins.
     pub async fn ensure_ingress(&self) -> Result<Network> {
-        let key = format!("{NETWORKS}{INGRESS_NETWORK}");
+        let key = keys::network(INGRESS_NETWORK);
         retry_txn!({
             if let Some((net, _)) = self.get::<Network>(&key).await? {
                 if !net.ingress {
@@ -437,11 +409,14 @@ impl Cluster {
             let res = self
                 .store
                 .txn(
-                    vec![Compare::Absent(key.clone()), Compare::Absent(vni_key(vni))],
+                    vec![
+                        Compare::Absent(key.clone()),
+                        Compare::Absent(keys::vni(vni)),
+                    ],
                     vec![
                         Op::Put(key.clone(), encode(&net)),
-                        Op::Put(vni_key(vni), id.clone().into_bytes()),
-                        Op::Put(ip_key(&id, gateway), b"gateway".to_vec()),
+                        Op::Put(keys::vni(vni), id.clone().into_bytes()),
+                        Op::Put(keys::ip(&id, gateway), b"gateway".to_vec()),
                     ],
                 )
                 .await?;
@@ -454,7 +429,7 @@ impl Cluster {
 
     /// Removes a network; refused while a service uses it.
     pub async fn remove_network(&self, name: &str) -> Result<()> {
-        let key = format!("{NETWORKS}{name}");
+        let key = keys::network(name);
         retry_txn!({
             let (net, rev): (Network, i64) = self
                 .get(&key)
@@ -492,9 +467,9 @@ impl Cluster {
             let subnets_kv = self.store.get(ALLOC_SUBNETS).await?;
             let mut ops = vec![
                 Op::Delete(key.clone()),
-                Op::Delete(vni_key(net.vni)),
-                Op::DeletePrefix(format!("{ALLOC_IP}{}/", net.id)),
-                Op::Delete(format!("{ALLOC_IP_CURSOR}{}", net.id)),
+                Op::Delete(keys::vni(net.vni)),
+                Op::DeletePrefix(keys::ip_prefix(&net.id)),
+                Op::Delete(keys::ip_cursor(&net.id)),
             ];
             let mut cmps = vec![Compare::ModRevision(key.clone(), rev)];
             if let Some(kv) = &subnets_kv {
@@ -545,7 +520,7 @@ impl Cluster {
             h.validate()?;
         }
         req.lb.validate()?;
-        let key = format!("{SERVICES}{}", req.name);
+        let key = keys::service(&req.name);
         retry_txn!({
             if self.store.get(&key).await?.is_some() {
                 return Err(ClusterError::Conflict(format!(
@@ -558,19 +533,14 @@ impl Cluster {
             let id = new_id();
             let mut networks = vec![];
             for a in &req.networks {
-                let (net, rev): (Network, i64) = self
-                    .get(&format!("{NETWORKS}{}", a.network))
-                    .await?
-                    .ok_or_else(|| {
+                let (net, rev): (Network, i64) =
+                    self.get(&keys::network(&a.network)).await?.ok_or_else(|| {
                         ClusterError::NotFound(format!("network {:?} not found", a.network))
                     })?;
                 if net.ingress {
                     return Err(invalid(format!("network {:?} is the ingress network; publish ports instead of attaching to it", a.network)).into());
                 }
-                cmps.push(Compare::ModRevision(
-                    format!("{NETWORKS}{}", a.network),
-                    rev,
-                ));
+                cmps.push(Compare::ModRevision(keys::network(&a.network), rev));
                 let vip = if req.endpoint_mode == EndpointMode::Vip {
                     Some(
                         self.claim_ip(&net, &format!("vip:{id}"), &mut cmps, &mut ops)
@@ -618,7 +588,7 @@ impl Cluster {
         cmps: &mut Vec<Compare>,
         ops: &mut Vec<Op>,
     ) -> Result<Ipv4Addr> {
-        let cursor_key = format!("{ALLOC_IP_CURSOR}{}", net.id);
+        let cursor_key = keys::ip_cursor(&net.id);
         // Several claims on one network in one transaction continue from the last one.
         let pending = ops.iter().rev().find_map(|op| match op {
             Op::Put(k, v) if *k == cursor_key => String::from_utf8_lossy(v).parse().ok(),
@@ -635,9 +605,7 @@ impl Cluster {
         let mut used = self.used_ips(net).await?;
         for op in ops.iter() {
             if let Op::Put(k, _) = op
-                && let Some(ip) = k
-                    .strip_prefix(&format!("{ALLOC_IP}{}/", net.id))
-                    .and_then(|s| s.parse().ok())
+                && let Some(ip) = keys::parse_ip(&net.id, k)
             {
                 used.insert(ip);
             }
@@ -648,8 +616,8 @@ impl Cluster {
                 net.name, net.subnet
             ))
         })?;
-        cmps.push(Compare::Absent(ip_key(&net.id, ip)));
-        ops.push(Op::Put(ip_key(&net.id, ip), owner.as_bytes().to_vec()));
+        cmps.push(Compare::Absent(keys::ip(&net.id, ip)));
+        ops.push(Op::Put(keys::ip(&net.id, ip), owner.as_bytes().to_vec()));
         // One cursor write per transaction (etcd refuses a key twice in one transaction).
         let cursor = Op::Put(cursor_key.clone(), ip.to_string().into_bytes());
         match ops
@@ -665,7 +633,7 @@ impl Cluster {
     async fn used_ips(&self, net: &Network) -> Result<HashSet<Ipv4Addr>> {
         let used: HashSet<Ipv4Addr> = self
             .store
-            .list(&format!("{ALLOC_IP}{}/", net.id))
+            .list(&keys::ip_prefix(&net.id))
             .await?
             .kvs
             .iter()
@@ -687,17 +655,13 @@ impl Cluster {
             taken
                 .kvs
                 .iter()
-                .find(|kv| kv.key == port_key(p, port))
+                .find(|kv| kv.key == keys::port(p, port))
                 .map(|kv| String::from_utf8_lossy(&kv.value).to_string())
         };
         let mut used: HashSet<(Protocol, u16)> = taken
             .kvs
             .iter()
-            .filter_map(|kv| {
-                let rest = &kv.key[ALLOC_PORT.len()..];
-                let (proto, port) = rest.split_once('/')?;
-                Some((proto.parse().ok()?, port.parse().ok()?))
-            })
+            .filter_map(|kv| keys::parse_port(&kv.key))
             .collect();
         // Ports another service publishes in host mode (ingress ones hold an allocation key)
         // and ports processes listen on, on any node: both are refused, never taken over.
@@ -711,7 +675,7 @@ impl Cluster {
         // before the transaction makes it read again.
         let node_recs = self.list::<Node>(NODES).await?;
         for (n, rev) in &node_recs {
-            cmps.push(Compare::ModRevision(format!("{NODES}{}", n.id), *rev));
+            cmps.push(Compare::ModRevision(keys::node(&n.id), *rev));
         }
         let nodes: Vec<Node> = node_recs.into_iter().map(|(n, _)| n).collect();
         let conflict = |p: &PortConfig| -> Option<String> {
@@ -777,9 +741,9 @@ impl Cluster {
                     continue;
                 }
                 used.insert((p.protocol, p.published));
-                cmps.push(Compare::Absent(port_key(p.protocol, p.published)));
+                cmps.push(Compare::Absent(keys::port(p.protocol, p.published)));
                 ops.push(Op::Put(
-                    port_key(p.protocol, p.published),
+                    keys::port(p.protocol, p.published),
                     service_id.as_bytes().to_vec(),
                 ));
             } else {
@@ -794,9 +758,9 @@ impl Cluster {
                     }
                     Some(_) => {}
                     None => {
-                        cmps.push(Compare::Absent(port_key(p.protocol, p.published)));
+                        cmps.push(Compare::Absent(keys::port(p.protocol, p.published)));
                         ops.push(Op::Put(
-                            port_key(p.protocol, p.published),
+                            keys::port(p.protocol, p.published),
                             service_id.as_bytes().to_vec(),
                         ));
                     }
@@ -817,7 +781,7 @@ impl Cluster {
             ))
             .into());
         }
-        let key = format!("{SERVICES}{name}");
+        let key = keys::service(name);
         retry_txn!({
             let (mut svc, rev): (Service, i64) = self
                 .get(&key)
@@ -849,7 +813,7 @@ impl Cluster {
                     )));
                 }
                 for p in &gone {
-                    ops.push(Op::Delete(port_key(p.protocol, p.published)));
+                    ops.push(Op::Delete(keys::port(p.protocol, p.published)));
                 }
                 svc.ports = kept;
                 debug_assert!(svc.ports.len() < before);
@@ -901,7 +865,7 @@ impl Cluster {
     /// Removes a service and releases its VIPs and ports; its tasks are shut down by the
     /// orchestrator and removed by their nodes.
     pub async fn remove_service(&self, name: &str) -> Result<()> {
-        let key = format!("{SERVICES}{name}");
+        let key = keys::service(name);
         retry_txn!({
             let (svc, rev): (Service, i64) = self
                 .get(&key)
@@ -909,15 +873,15 @@ impl Cluster {
                 .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))?;
             let mut ops = vec![
                 Op::Delete(key.clone()),
-                Op::DeletePrefix(format!("{SLOTS}{}/", svc.id)),
+                Op::DeletePrefix(keys::slots_prefix(&svc.id)),
             ];
             for n in &svc.networks {
                 if let Some(vip) = n.vip {
-                    ops.push(Op::Delete(ip_key(&n.network_id, vip)));
+                    ops.push(Op::Delete(keys::ip(&n.network_id, vip)));
                 }
             }
             for p in &svc.ports {
-                ops.push(Op::Delete(port_key(p.protocol, p.published)));
+                ops.push(Op::Delete(keys::port(p.protocol, p.published)));
             }
             if self
                 .store
@@ -976,19 +940,16 @@ impl Cluster {
         placements: &[(u32, String)],
         nets: &[&Network],
     ) -> Result<Vec<Task>> {
-        let mut cmps = vec![Compare::ModRevision(
-            format!("{SERVICES}{}", svc.name),
-            svc_rev,
-        )];
+        let mut cmps = vec![Compare::ModRevision(keys::service(&svc.name), svc_rev)];
         let mut ops = vec![];
         let mut tasks = vec![];
         for (slot, node_id) in placements {
             let id = new_id();
-            let slot_key = slot_key(&svc.id, *slot);
+            let slot_key = keys::slot(&svc.id, *slot);
             match self.store.get(&slot_key).await? {
                 Some(kv) => {
                     let holder = String::from_utf8_lossy(&kv.value).to_string();
-                    if let Some((t, _)) = self.get::<Task>(&format!("{TASKS}{holder}")).await?
+                    if let Some((t, _)) = self.get::<Task>(&keys::task(&holder)).await?
                         && t.desired_state == TaskState::Running
                     {
                         continue;
@@ -1037,8 +998,8 @@ impl Cluster {
                 error: None,
                 health: svc.health.as_ref().map(|_| crate::model::Health::Starting),
             };
-            ops.push(Op::Put(format!("{TASKS}{id}"), encode(&task)));
-            cmps.push(Compare::Absent(format!("{TASKS}{id}")));
+            ops.push(Op::Put(keys::task(&id), encode(&task)));
+            cmps.push(Compare::Absent(keys::task(&id)));
             tasks.push(task);
         }
         if tasks.is_empty() || !self.store.txn(cmps, ops).await?.succeeded {
@@ -1052,7 +1013,7 @@ impl Cluster {
         let (cmps, ops) = tasks
             .iter()
             .map(|(t, rev)| {
-                let key = format!("{TASKS}{}", t.id);
+                let key = keys::task(&t.id);
                 (
                     Compare::ModRevision(key.clone(), *rev),
                     Op::Put(key, encode(t)),
@@ -1065,12 +1026,12 @@ impl Cluster {
     /// Deletes a task and releases its addresses.
     pub async fn delete_task(&self, task: &Task) -> Result<()> {
         retry_txn!({
-            let mut ops = vec![Op::Delete(format!("{TASKS}{}", task.id))];
+            let mut ops = vec![Op::Delete(keys::task(&task.id))];
             for n in &task.networks {
-                ops.push(Op::Delete(ip_key(&n.network_id, n.ip)));
+                ops.push(Op::Delete(keys::ip(&n.network_id, n.ip)));
             }
             // Free the slot only if this task still holds it.
-            let slot_key = slot_key(&task.service_id, task.slot);
+            let slot_key = keys::slot(&task.service_id, task.slot);
             let mut cmps = vec![];
             if let Some(kv) = self.store.get(&slot_key).await?
                 && kv.value == task.id.as_bytes()
@@ -1094,7 +1055,7 @@ impl Cluster {
         id: &str,
         change: impl Fn(&Task) -> Option<Task>,
     ) -> Result<Option<Task>> {
-        let key = format!("{TASKS}{id}");
+        let key = keys::task(id);
         retry_txn!({
             let Some((t, rev)) = self.get::<Task>(&key).await? else {
                 return Ok(Some(None));

@@ -100,7 +100,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::cluster::{TASKS, decode, encode};
+    use crate::cluster::{decode, encode};
     use crate::model::TaskState;
     use crate::reports::tests::{flaky, task};
 
@@ -111,7 +111,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, c) = flaky(dir.path());
         c.store
-            .put(&format!("{TASKS}a"), encode(&task("a", TaskState::Running)))
+            .put(
+                &crate::keys::task("a"),
+                encode(&task("a", TaskState::Running)),
+            )
             .await
             .unwrap();
         let mut written = None;
@@ -121,7 +124,7 @@ mod tests {
         store.fail.store(0, Ordering::SeqCst);
         publish(&c, "a", Health::Healthy, &mut written).await;
         assert_eq!(written, Some(Health::Healthy));
-        let kv = c.store.get(&format!("{TASKS}a")).await.unwrap().unwrap();
+        let kv = c.store.get(&crate::keys::task("a")).await.unwrap().unwrap();
         assert_eq!(
             decode::<crate::model::Task>(&kv).unwrap().health,
             Some(Health::Healthy)

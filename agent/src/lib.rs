@@ -11,6 +11,7 @@ pub mod config;
 pub mod desired;
 pub mod drift;
 pub mod health;
+pub mod keys;
 pub mod listening;
 pub mod liveness;
 pub mod metrics;

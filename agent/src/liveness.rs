@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::cluster::{ALIVE, ELECTION};
+use crate::keys::{self, ELECTION};
 use crate::state::ClusterState;
 use crate::store::{LeaseId, Op, Store, StoreError};
 
@@ -115,7 +115,7 @@ impl Liveness {
 
 /// Holds the lease and the alive key; re-registers after expiry.
 async fn keep(store: Arc<dyn Store>, node_id: String, me: Arc<Liveness>) {
-    let key = format!("{ALIVE}{node_id}");
+    let key = keys::alive(&node_id);
     loop {
         let lease = match store.grant_lease(me.ttl).await {
             Ok(l) => l,

@@ -164,7 +164,8 @@ fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protoc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{ALIVE, NODES, NetworkAttach, NetworkCreate, ROOT, ServiceCreate, encode};
+    use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, encode};
+    use crate::keys::ROOT;
     use crate::model::NodeStatus;
     use crate::store::embedded::EmbeddedStore;
 
@@ -221,10 +222,10 @@ mod tests {
             listening: vec![],
         };
         store
-            .put(&format!("{NODES}n1"), encode(&node))
+            .put(&crate::keys::node("n1"), encode(&node))
             .await
             .unwrap();
-        store.put(&format!("{ALIVE}n1"), vec![]).await.unwrap();
+        store.put(&crate::keys::alive("n1"), vec![]).await.unwrap();
         let o = Orchestrator {
             cluster: c.clone(),
             liveness: Liveness::spawn(

@@ -140,7 +140,7 @@ pub(crate) mod tests {
     use futures::stream::BoxStream;
 
     use super::*;
-    use crate::cluster::{TASKS, encode};
+    use crate::cluster::encode;
     use crate::store::embedded::EmbeddedStore;
     use crate::store::{
         Compare, Event, KeyValue, Leadership, LeaseId, Op, Snapshot, Store, StoreError, TxnResult,
@@ -228,7 +228,7 @@ pub(crate) mod tests {
     }
 
     async fn read(c: &Cluster, id: &str) -> Task {
-        let kv = c.store.get(&format!("{TASKS}{id}")).await.unwrap().unwrap();
+        let kv = c.store.get(&crate::keys::task(id)).await.unwrap().unwrap();
         crate::cluster::decode(&kv).unwrap()
     }
 
@@ -283,7 +283,7 @@ pub(crate) mod tests {
         for id in ["a", "b"] {
             c.store
                 .put(
-                    &format!("{TASKS}{id}"),
+                    &crate::keys::task(id),
                     encode(&task(id, TaskState::Starting)),
                 )
                 .await

@@ -12,7 +12,8 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::cluster::{ALIVE, NETWORKS, NODES, ROOT, SERVICES, TASKS, decode};
+use crate::cluster::decode;
+use crate::keys::{ROOT, Record};
 use crate::model::{Network, Node, Service, Task};
 use crate::store::{Event, KeyValue, Store};
 
@@ -35,27 +36,24 @@ pub struct ClusterState {
 impl ClusterState {
     pub fn apply_put(&mut self, kv: &KeyValue) {
         let rev = kv.mod_revision;
-        let res = if let Some(name) = kv.key.strip_prefix(NETWORKS) {
-            decode(kv).map(|n| {
+        let res = match Record::parse(&kv.key) {
+            Some(Record::Network(name)) => decode(kv).map(|n| {
                 self.networks.insert(name.to_string(), n);
-            })
-        } else if let Some(name) = kv.key.strip_prefix(SERVICES) {
-            decode(kv).map(|s| {
+            }),
+            Some(Record::Service(name)) => decode(kv).map(|s| {
                 self.services.insert(name.to_string(), (s, rev));
-            })
-        } else if let Some(id) = kv.key.strip_prefix(TASKS) {
-            decode(kv).map(|t| {
+            }),
+            Some(Record::Task(id)) => decode(kv).map(|t| {
                 self.tasks.insert(id.to_string(), (t, rev));
-            })
-        } else if let Some(id) = kv.key.strip_prefix(NODES) {
-            decode(kv).map(|n| {
+            }),
+            Some(Record::Node(id)) => decode(kv).map(|n| {
                 self.nodes.insert(id.to_string(), (n, rev));
-            })
-        } else if let Some(id) = kv.key.strip_prefix(ALIVE) {
-            self.alive.insert(id.to_string());
-            Ok(())
-        } else {
-            Ok(())
+            }),
+            Some(Record::Alive(id)) => {
+                self.alive.insert(id.to_string());
+                Ok(())
+            }
+            None => Ok(()),
         };
         if let Err(e) = res {
             warn!(key = %kv.key, error = %e, "ignoring undecodable record");
@@ -64,16 +62,23 @@ impl ClusterState {
     }
 
     pub fn apply_delete(&mut self, key: &str, rev: i64) {
-        if let Some(name) = key.strip_prefix(NETWORKS) {
-            self.networks.remove(name);
-        } else if let Some(name) = key.strip_prefix(SERVICES) {
-            self.services.remove(name);
-        } else if let Some(id) = key.strip_prefix(TASKS) {
-            self.tasks.remove(id);
-        } else if let Some(id) = key.strip_prefix(NODES) {
-            self.nodes.remove(id);
-        } else if let Some(id) = key.strip_prefix(ALIVE) {
-            self.alive.remove(id);
+        match Record::parse(key) {
+            Some(Record::Network(name)) => {
+                self.networks.remove(name);
+            }
+            Some(Record::Service(name)) => {
+                self.services.remove(name);
+            }
+            Some(Record::Task(id)) => {
+                self.tasks.remove(id);
+            }
+            Some(Record::Node(id)) => {
+                self.nodes.remove(id);
+            }
+            Some(Record::Alive(id)) => {
+                self.alive.remove(id);
+            }
+            None => {}
         }
         self.revision = self.revision.max(rev);
     }
@@ -199,14 +204,14 @@ mod tests {
         for i in 0..2000 {
             let id = format!("t{i:04}");
             st.apply_put(&kv(
-                format!("{TASKS}{id}"),
+                crate::keys::task(&id),
                 encode(&task(&id, crate::model::TaskState::Running)),
                 i + 1,
             ));
         }
         let before = st.clone();
         st.apply_put(&kv(
-            format!("{TASKS}t1000"),
+            crate::keys::task("t1000"),
             encode(&task("t1000", crate::model::TaskState::Failed)),
             5000,
         ));

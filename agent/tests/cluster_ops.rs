@@ -269,7 +269,7 @@ async fn concurrent_creations_never_share_an_address_or_port() {
     let s0 = c.service("s0").await.unwrap();
     let rev = c
         .store
-        .get("/shoal/services/s0")
+        .get(&shoal::keys::service("s0"))
         .await
         .unwrap()
         .unwrap()
@@ -310,7 +310,7 @@ async fn a_slot_never_gets_two_live_tasks() {
         .unwrap();
     let rev = c
         .store
-        .get("/shoal/services/web")
+        .get(&shoal::keys::service("web"))
         .await
         .unwrap()
         .unwrap()
@@ -372,7 +372,7 @@ async fn one_transaction_creates_several_tasks_with_distinct_addresses() {
         .unwrap();
     let rev = c
         .store
-        .get("/shoal/services/web")
+        .get(&shoal::keys::service("web"))
         .await
         .unwrap()
         .unwrap()
