@@ -235,7 +235,7 @@ pub fn shoal_bin() -> anyhow::Result<PathBuf> {
         .context("locating the shoal binary")?;
     if !bin.exists() {
         bail!(
-            "{} is missing: build it first (cargo build --release -p shoal) or set SHOAL_BIN",
+            "{} is missing: build it first (cargo build --release -p shoal-cli) or set SHOAL_BIN",
             bin.display()
         );
     }

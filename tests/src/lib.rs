@@ -19,7 +19,7 @@ pub fn shoal_bin() -> PathBuf {
         .expect("target dir");
     assert!(
         bin.exists(),
-        "{} is missing: build it first (cargo build -p shoal), or set SHOAL_BIN",
+        "{} is missing: build it first (cargo build -p shoal-cli), or set SHOAL_BIN",
         bin.display()
     );
     bin

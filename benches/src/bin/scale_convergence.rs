@@ -5,7 +5,7 @@
 //! `--nodes` > 1, node-loss detection: from `lab kill` of the last node to its tasks being
 //! gone from DNS on all the other nodes.
 //!
-//! Run as root after `cargo build --release -p shoal`:
+//! Run as root after `cargo build --release -p shoal-cli`:
 //!   cargo run --release -p shoal-benches --bin scale_convergence -- [--nodes 3] [--events 20]
 //!
 //! Anchors (from the multi-node issue; no Docker engine or Kubernetes here to measure them
