@@ -195,30 +195,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         warn!(error = %e, "ingress network not available; published ports will not work");
     }
 
-    let upstreams = match &cfg.dns.upstreams {
-        Some(u) => u.clone(),
-        None => shoal_dns::nameservers_from_resolv_conf(
-            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-        ),
-    };
-    let search = match &cfg.dns.search {
-        Some(s) => s.clone(),
-        None => search_from_resolv_conf(
-            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-        ),
-    };
-    let resolver = shoal_dns::Resolver::new(shoal_dns::DnsConfig {
-        ttl: cfg.dns.ttl,
-        negative_ttl: cfg.dns.negative_ttl,
-        upstreams,
-        ..Default::default()
-    });
-    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
+    let (resolver, search) = resolver_of(&cfg);
+    let (exit_tx, exit_rx) = mpsc::unbounded_channel();
     let runtime: Arc<dyn Runtime> =
         ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?;
 
     let report = Arc::new(Mutex::new(NodeReport::default()));
-    let mut state_rx = spawn_cache(store.clone());
+    let state_rx = spawn_cache(store.clone());
     // When each revision arrives (the metrics' lag of a pass behind the watch).
     let mut seen_rx = state_rx.clone();
     tokio::spawn(async move {
@@ -314,48 +297,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         .run(state_rx.clone()),
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut first = true;
-    let resync = agent.cfg.resync_period();
-    // A full pass (every table of ours read back, IPVS diffed against the kernel) at least
-    // once per resync period, however busy the watch is; in between, the cheap drift canary
-    // (one nf_tables generation read per namespace) every DRIFT_CANARY.
-    let mut next_full = tokio::time::Instant::now() + resync;
-    let mut canary = tokio::time::interval(DRIFT_CANARY);
-    canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            r = state_rx.changed() => { if r.is_err() { break; } }
-            Some(ex) = exit_rx.recv() => { agent.on_exit(&state_rx, ex).await; }
-            _ = tokio::time::sleep_until(next_full) => {}
-            _ = canary.tick() => {
-                if !agent.drift.moved().await {
-                    continue;
-                }
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
-        let st = state_rx.borrow_and_update().clone();
-        if !st.synced {
-            continue;
-        }
-        if first {
-            agent.appliers.tasks.adopt(&st, &agent.node_id);
-            first = false;
-        }
-        let started = std::time::Instant::now();
-        let full = tokio::time::Instant::now() >= next_full;
-        if full {
-            next_full = tokio::time::Instant::now() + resync;
-        }
-        agent
-            .pass(&st, full)
-            .instrument(info_span!("sync", revision = st.revision, full))
-            .await;
-        let failed = !agent.report.lock().expect("lock").last_pass_ok;
-        crate::metrics::global().pass_done(st.revision, started.elapsed(), failed);
-    }
+    agent.serve(state_rx, exit_rx).await?;
     api.abort();
     if let Some(m) = metrics {
         m.abort();
@@ -363,6 +305,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&agent.cfg.socket);
     info!("agent stopped; tasks and kernel state are left for the next start to adopt");
     Ok(())
+}
+
+/// The embedded resolver and the search domains of task resolv.conf files: from the config,
+/// else from the host's /etc/resolv.conf.
+fn resolver_of(cfg: &AgentConfig) -> (shoal_dns::Resolver, Vec<String>) {
+    let host = || std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let upstreams = match &cfg.dns.upstreams {
+        Some(u) => u.clone(),
+        None => shoal_dns::nameservers_from_resolv_conf(&host()),
+    };
+    let search = match &cfg.dns.search {
+        Some(s) => s.clone(),
+        None => search_from_resolv_conf(&host()),
+    };
+    let resolver = shoal_dns::Resolver::new(shoal_dns::DnsConfig {
+        ttl: cfg.dns.ttl,
+        negative_ttl: cfg.dns.negative_ttl,
+        upstreams,
+        ..Default::default()
+    });
+    (resolver, search)
 }
 
 fn search_from_resolv_conf(text: &str) -> Vec<String> {
@@ -374,6 +337,57 @@ fn search_from_resolv_conf(text: &str) -> Vec<String> {
 }
 
 impl Agent {
+    /// The event loop: a pass on every store change, task exit, moved nf_tables generation
+    /// (the drift canary) and full-pass tick, until SIGINT or SIGTERM.
+    async fn serve(
+        &mut self,
+        mut state_rx: watch::Receiver<Arc<ClusterState>>,
+        mut exit_rx: mpsc::UnboundedReceiver<Exited>,
+    ) -> anyhow::Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut first = true;
+        let resync = self.cfg.resync_period();
+        // A full pass (every table of ours read back, IPVS diffed against the kernel) at least
+        // once per resync period, however busy the watch is; in between, the cheap drift canary
+        // (one nf_tables generation read per namespace) every DRIFT_CANARY.
+        let mut next_full = tokio::time::Instant::now() + resync;
+        let mut canary = tokio::time::interval(DRIFT_CANARY);
+        canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = state_rx.changed() => { if r.is_err() { break; } }
+                Some(ex) = exit_rx.recv() => { self.on_exit(&state_rx, ex).await; }
+                _ = tokio::time::sleep_until(next_full) => {}
+                _ = canary.tick() => {
+                    if !self.drift.moved().await {
+                        continue;
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+            let st = state_rx.borrow_and_update().clone();
+            if !st.synced {
+                continue;
+            }
+            if first {
+                self.appliers.tasks.adopt(&st, &self.node_id);
+                first = false;
+            }
+            let started = std::time::Instant::now();
+            let full = tokio::time::Instant::now() >= next_full;
+            if full {
+                next_full = tokio::time::Instant::now() + resync;
+            }
+            self.pass(&st, full)
+                .instrument(info_span!("sync", revision = st.revision, full))
+                .await;
+            let failed = !self.report.lock().expect("lock").last_pass_ok;
+            crate::metrics::global().pass_done(st.revision, started.elapsed(), failed);
+        }
+        Ok(())
+    }
+
     /// A process exited: reported (retried until written; see reports.rs).
     async fn on_exit(&mut self, state_rx: &watch::Receiver<Arc<ClusterState>>, ex: Exited) {
         let st = state_rx.borrow().clone();
