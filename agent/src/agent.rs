@@ -411,22 +411,34 @@ impl Agent {
         let drifted = self.drift.check(full).await;
         let stopping = self.appliers.tasks.stopping();
         let rt = self.appliers.tasks.runtime().clone();
-        let has_ns = move |id: &str| {
-            let ns = rt.netns(id);
-            shoal_netns::exists(&ns).then_some(ns)
-        };
-        let facts = NodeFacts {
-            node_id: &self.node_id,
-            netns_prefix: &self.cfg.netns_prefix,
-            underlay: self.underlay.as_ref(),
-            search: &self.search,
-            task_netns: &has_ns,
-            stopping: &stopping,
+        let (node_id, prefix) = (self.node_id.as_str(), self.cfg.netns_prefix.as_str());
+        let (underlay, search) = (self.underlay.as_ref(), self.search.as_slice());
+        // The plan from the node as it is now: which local task namespaces exist is looked
+        // up once per plan (the plan asks for each task several times).
+        let plan_of = || {
+            let present: HashMap<String, String> = desired::local_tasks(st, node_id)
+                .filter_map(|t| {
+                    let ns = rt.netns(&t.id);
+                    shoal_netns::exists(&ns).then(|| (t.id.clone(), ns))
+                })
+                .collect();
+            let task_netns = move |id: &str| present.get(id).cloned();
+            NodePlan::compute(
+                st,
+                &NodeFacts {
+                    node_id,
+                    netns_prefix: prefix,
+                    underlay,
+                    search,
+                    task_netns: &task_netns,
+                    stopping: &stopping,
+                },
+            )
         };
         let mut appliers = self.appliers.in_order();
         reconcile::on_drift(&mut appliers, drifted, &mut self.drift_pending);
         let mut cx = PassCx::new(st, full, &mut self.drift, &mut self.drift_pending);
-        reconcile::run_pass(&mut appliers, &mut cx, || NodePlan::compute(st, &facts)).await;
+        reconcile::run_pass(&mut appliers, &mut cx, plan_of).await;
         let mut errors: Vec<String> = cx.errors.iter().map(|e| e.chain()).collect();
         drop(cx);
         // Ports in use on this node, for the publish conflict check (a /proc scan of some

@@ -33,10 +33,6 @@ pub struct Guard {
 
 #[async_trait::async_trait]
 impl Dataplane for Guard {
-    fn name(&self) -> &'static str {
-        "guard"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         if phase != Phase::Fast || self.applied.as_ref() == Some(&plan.guard) {
             return;
@@ -75,10 +71,6 @@ pub struct Overlays {
 
 #[async_trait::async_trait]
 impl Dataplane for Overlays {
-    fn name(&self) -> &'static str {
-        "mesh"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         if phase != Phase::Main {
             return;
@@ -137,10 +129,6 @@ pub struct Ingress {
 
 #[async_trait::async_trait]
 impl Dataplane for Ingress {
-    fn name(&self) -> &'static str {
-        "mesh"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         if phase != Phase::Main {
             return;
@@ -276,10 +264,6 @@ impl Publish {
 
 #[async_trait::async_trait]
 impl Dataplane for Publish {
-    fn name(&self) -> &'static str {
-        "publish"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         match (phase, &plan.ingress) {
             // Backends and ports only leave: new ones wait for the routes to them.
@@ -368,6 +352,21 @@ fn vip_work(
     }
 }
 
+/// After a VIP phase: networks no longer here are forgotten (main phase), and the
+/// namespaces holding VIP tables are where flows to a lost node get deleted.
+fn vips_settled(
+    applied: &mut HashMap<String, VipPlan>,
+    plan: &NodePlan,
+    phase: Phase,
+    cx: &mut PassCx<'_>,
+) {
+    if phase == Phase::Main {
+        applied.retain(|id, _| plan.overlays.contains_key(id));
+    }
+    cx.nat_namespaces
+        .extend(applied.values().map(|v| v.netns.clone()));
+}
+
 fn vip_report(applied: &HashMap<String, VipPlan>, r: &mut NodeReport) {
     r.networks = applied.keys().cloned().collect();
     r.networks.sort();
@@ -407,10 +406,6 @@ impl Default for NftVips {
 
 #[async_trait::async_trait]
 impl Dataplane for NftVips {
-    fn name(&self) -> &'static str {
-        "lb_nft"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         for ns in &cx.removed_ns {
             self.syncer.forget(ns);
@@ -463,11 +458,7 @@ impl Dataplane for NftVips {
                 }
             }
         }
-        if phase == Phase::Main {
-            self.applied.retain(|id, _| plan.overlays.contains_key(id));
-        }
-        cx.nat_namespaces
-            .extend(self.applied.values().map(|v| v.netns.clone()));
+        vips_settled(&mut self.applied, plan, phase, cx);
     }
 
     fn forget(&mut self, d: &Drifted) -> bool {
@@ -503,10 +494,6 @@ impl IpvsVips {
 
 #[async_trait::async_trait]
 impl Dataplane for IpvsVips {
-    fn name(&self) -> &'static str {
-        "lb_ipvs"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         for (net_id, want) in vip_work(plan, &self.applied, phase, &cx.ok_networks) {
             if !shoal_netns::exists(&want.netns) {
@@ -550,11 +537,7 @@ impl Dataplane for IpvsVips {
                 }
             }
         }
-        if phase == Phase::Main {
-            self.applied.retain(|id, _| plan.overlays.contains_key(id));
-        }
-        cx.nat_namespaces
-            .extend(self.applied.values().map(|v| v.netns.clone()));
+        vips_settled(&mut self.applied, plan, phase, cx);
     }
 
     fn forget(&mut self, d: &Drifted) -> bool {
@@ -607,10 +590,6 @@ impl LostFlows {
 
 #[async_trait::async_trait]
 impl Dataplane for LostFlows {
-    fn name(&self) -> &'static str {
-        "conntrack"
-    }
-
     async fn apply(&mut self, _plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         // Only on a picture that has this node alive: one without it (no liveness read
         // yet) would take every task for lost.
@@ -668,10 +647,6 @@ impl Dns {
 
 #[async_trait::async_trait]
 impl Dataplane for Dns {
-    fn name(&self) -> &'static str {
-        "dns"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         if phase == Phase::Prepare {
             return;
@@ -716,10 +691,7 @@ impl Dataplane for Dns {
                 },
                 // New containers are attached in the main phase, once their networks are
                 // in place.
-                None if main
-                    && t.networks.iter().all(|n| cx.ok_networks.contains(n))
-                    && shoal_netns::exists(ns) =>
-                {
+                None if main && t.networks.iter().all(|n| cx.ok_networks.contains(n)) => {
                     match self.resolver.attach(id, ns, t.view.records.clone()).await {
                         Ok(()) => {
                             if self.reattach.remove(id) {
@@ -889,10 +861,6 @@ impl Tasks {
 
 #[async_trait::async_trait]
 impl Dataplane for Tasks {
-    fn name(&self) -> &'static str {
-        "tasks"
-    }
-
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
         match phase {
             Phase::Fast => {}

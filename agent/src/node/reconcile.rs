@@ -155,8 +155,6 @@ impl<'a> PassCx<'a> {
 /// against the kernel where the kernel can be read cheaply).
 #[async_trait::async_trait]
 pub trait Dataplane: Send {
-    /// The label of its errors and repairs (see [`crate::metrics::DATAPLANES`]).
-    fn name(&self) -> &'static str;
     /// Brings its part of the node to the plan in `phase`; failures go to `cx.fail`.
     async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>);
     /// Someone else changed one of its tables: forget what was applied there, so that the
@@ -235,9 +233,6 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Dataplane for Fake {
-        fn name(&self) -> &'static str {
-            self.name
-        }
         async fn apply(&mut self, _plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
             self.log
                 .lock()
