@@ -14,22 +14,22 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::cluster::{Cluster, encode};
 use crate::config::{AgentConfig, StoreKind};
-use crate::desired;
-use crate::drift::DriftWatch;
-use crate::liveness::Liveness;
-use crate::model::{Node, NodeStatus, TaskState};
-use crate::node::dataplanes::{
+use shoal_api::model::{Node, NodeStatus, TaskState};
+use shoal_control::cluster::{Cluster, encode};
+use shoal_control::liveness::Liveness;
+use shoal_control::state::{ClusterState, spawn_cache};
+use shoal_control::store::Store;
+use shoal_node::appliers::{Appliers, Vips};
+use shoal_node::dataplanes::{
     Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks,
 };
-use crate::node::plan::{NodeFacts, NodePlan};
-use crate::node::reconcile::{self, PassCx};
-use crate::node::report::NodeReport;
-use crate::node::{Appliers, Vips};
-use crate::runtime::{Exited, ProcessRuntime, Runtime};
-use crate::state::{ClusterState, spawn_cache};
-use crate::store::Store;
+use shoal_node::desired;
+use shoal_node::drift::DriftWatch;
+use shoal_node::plan::{NodeFacts, NodePlan};
+use shoal_node::reconcile::{self, PassCx};
+use shoal_node::report::NodeReport;
+use shoal_node::runtime::{Exited, ProcessRuntime, Runtime};
 
 /// How often the drift canary reads the nf_tables generations of our namespaces (one
 /// netlink round trip each): a flushed table is back within about this long.
@@ -67,7 +67,7 @@ pub async fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Store>> {
         StoreKind::Embedded => {
             let dir = cfg.state_dir.join("store");
             Arc::new(
-                crate::store::embedded::EmbeddedStore::open(&dir)
+                shoal_control::store::embedded::EmbeddedStore::open(&dir)
                     .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
             )
         }
@@ -77,7 +77,7 @@ pub async fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Store>> {
                 None => None,
             };
             Arc::new(
-                crate::store::etcd::EtcdStore::connect_tls(
+                shoal_control::store::etcd::EtcdStore::connect_tls(
                     &cfg.store.endpoints,
                     Default::default(),
                     tls,
@@ -131,7 +131,7 @@ pub(crate) fn node_id(state_dir: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     }
-    let id = crate::model::new_id();
+    let id = shoal_api::model::new_id();
     let tmp = state_dir.join(".node_id.tmp");
     let write = || -> std::io::Result<()> {
         use std::io::Write;
@@ -184,10 +184,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         addr: cfg.advertise_addr,
         status: NodeStatus::Ready,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        listening: crate::listening::listening(),
+        listening: shoal_node::listening::listening(),
     };
     store
-        .put(&crate::keys::node(&node_id), encode(&node))
+        .put(&shoal_control::keys::node(&node_id), encode(&node))
         .await
         .context("registering the node")?;
     // The ingress network comes with the cluster: the first agent creates it.
@@ -207,12 +207,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while seen_rx.changed().await.is_ok() {
             let revision = seen_rx.borrow_and_update().revision;
-            crate::metrics::global().revision_seen(revision);
+            shoal_node::metrics::global().revision_seen(revision);
         }
     });
-    let api = crate::api::serve(
+    let api = crate::server::serve(
         &cfg.socket,
-        crate::api::ApiState {
+        crate::server::ApiState {
             cluster: cluster.clone(),
             node_id: node_id.clone(),
             node_name: cfg.node_name.clone(),
@@ -225,9 +225,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let metrics_addr = cfg.metrics_socket()?;
     let metrics = match metrics_addr {
         Some(addr) => Some(
-            crate::metrics::serve(
+            crate::metrics_http::serve(
                 addr,
-                crate::metrics::MetricsSources {
+                shoal_node::metrics::MetricsSources {
                     dns: resolver.stats(),
                     state: state_rx.clone(),
                     node_id: node_id.clone(),
@@ -291,7 +291,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
     tokio::spawn(
-        crate::orchestrator::Orchestrator {
+        shoal_control::orchestrator::Orchestrator {
             cluster: agent.cluster.clone(),
             liveness: agent.liveness.clone(),
         }
@@ -383,7 +383,7 @@ impl Agent {
                 .instrument(info_span!("sync", revision = st.revision, full))
                 .await;
             let failed = !self.report.lock().expect("lock").last_pass_ok;
-            crate::metrics::global().pass_done(st.revision, started.elapsed(), failed);
+            shoal_node::metrics::global().pass_done(st.revision, started.elapsed(), failed);
         }
         Ok(())
     }
@@ -443,7 +443,7 @@ impl Agent {
         drop(cx);
         // Ports in use on this node, for the publish conflict check (a /proc scan of some
         // milliseconds: on the blocking pool).
-        let listening = tokio::task::spawn_blocking(crate::listening::listening)
+        let listening = tokio::task::spawn_blocking(shoal_node::listening::listening)
             .await
             .unwrap_or_else(|_| self.node.listening.clone());
         if listening != self.node.listening {

@@ -133,7 +133,7 @@ impl Default for AgentConfig {
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "node".into()),
-            socket: PathBuf::from(crate::client::DEFAULT_SOCKET),
+            socket: PathBuf::from(shoal_api::client::DEFAULT_SOCKET),
             state_dir: PathBuf::from("/var/lib/shoal"),
             netns_prefix: "shoal-".into(),
             advertise_addr: None,

@@ -7,14 +7,14 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use shoal::api::ServiceStatus;
-use shoal::client::{Client, socket_path, table};
-use shoal::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
 use shoal::config::StoreKind;
-use shoal::model::{
+use shoal_api::client::{Client, socket_path, table};
+use shoal_api::model::{
     EndpointMode, HealthCheck, LbOptions, Network, Node, PortConfig, Service, Task,
     parse_duration_ms,
 };
+use shoal_api::wire::ServiceStatus;
+use shoal_api::wire::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -529,7 +529,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                                 flags.push("attachable")
                             }
                             vec![
-                                shoal::model::short_id(&n.id).to_string(),
+                                shoal_api::model::short_id(&n.id).to_string(),
                                 n.name.clone(),
                                 n.driver.clone(),
                                 n.subnet.to_string(),
@@ -614,7 +614,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         .map(|s| {
                             let v = &s.service;
                             vec![
-                                shoal::model::short_id(&v.id).to_string(),
+                                shoal_api::model::short_id(&v.id).to_string(),
                                 v.name.clone(),
                                 format!(
                                     "replicated/{}",
@@ -664,7 +664,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                                 .map(|n| n.name.clone())
                                 .unwrap_or_else(|| t.node_id.clone());
                             vec![
-                                shoal::model::short_id(&t.id).to_string(),
+                                shoal_api::model::short_id(&t.id).to_string(),
                                 t.name(),
                                 node,
                                 t.desired_state.to_string(),
@@ -749,7 +749,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                             vec![
                                 format!(
                                     "{}{}",
-                                    shoal::model::short_id(&n.id),
+                                    shoal_api::model::short_id(&n.id),
                                     if n.id == me { " *" } else { "" }
                                 ),
                                 n.name.clone(),

@@ -32,12 +32,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::lab::{Lab, LabNode};
 use crate::whoami::Whoami;
-use shoal::api::{ServiceStatus, TaskLocation};
-use shoal::client::Client;
-use shoal::cluster::{NetworkAttach, NetworkCreate, ServiceCreate};
-use shoal::model::{
+use shoal_api::client::Client;
+use shoal_api::model::{
     Invalid, Network, Node, NodeStatus, PortConfig, Task, TaskState, invalid, parse_duration_ms,
 };
+use shoal_api::wire::{NetworkAttach, NetworkCreate, ServiceCreate};
+use shoal_api::wire::{ServiceStatus, TaskLocation};
 
 /// The network, service and probe service `compare` deploys (and reuses when present).
 pub const NETWORK: &str = "compare";
@@ -1141,7 +1141,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
             }
         }
         None => {
-            let _: shoal::model::Service = api
+            let _: shoal_api::model::Service = api
                 .service_create(&ServiceCreate {
                     name: SERVICE.into(),
                     networks: attach.clone(),
@@ -1165,7 +1165,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
         ),
         Some(_) => {}
         None => {
-            let _: shoal::model::Service = api
+            let _: shoal_api::model::Service = api
                 .service_create(&ServiceCreate {
                     name: PROBE.into(),
                     networks: attach,
@@ -1181,7 +1181,7 @@ async fn deploy(api: &Client, created: &mut Created) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn on_network(nets: &[shoal::model::ServiceNetwork]) -> bool {
+fn on_network(nets: &[shoal_api::model::ServiceNetwork]) -> bool {
     nets.iter().any(|n| n.network == NETWORK)
 }
 
@@ -1190,7 +1190,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
     for name in &created.services {
         let r = api.service_rm(name).await;
         if let Err(e) = r
-            && !shoal::client::ClientError::is_not_found(&e)
+            && !shoal_api::client::ClientError::is_not_found(&e)
         {
             errors.push(format!("removing service {name}: {e:#}"));
         }
@@ -1202,7 +1202,7 @@ async fn undeploy(api: &Client, created: &Created) -> anyhow::Result<()> {
             let r = api.network_rm(NETWORK).await;
             match r {
                 Ok(_) => break,
-                Err(e) if shoal::client::ClientError::is_not_found(&e) => break,
+                Err(e) if shoal_api::client::ClientError::is_not_found(&e) => break,
                 Err(e) if start.elapsed() > Duration::from_secs(30) => {
                     errors.push(format!("removing network {NETWORK}: {e:#}"));
                     break;
@@ -1272,7 +1272,7 @@ async fn wait_running(api: &Client, timeout: Duration) -> anyhow::Result<(Vec<Ta
 
 /// Addresses of a namespace (loopback excluded); empty when it cannot be entered.
 fn ns_ips(netns: &str) -> Vec<IpAddr> {
-    shoal_netns::run_in(netns, shoal::listening::local_ips).unwrap_or_default()
+    shoal_netns::run_in(netns, shoal_node::listening::local_ips).unwrap_or_default()
 }
 
 async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Report> {
@@ -1357,7 +1357,7 @@ async fn measure(lab: &Lab, api: &Client, opts: &Options) -> anyhow::Result<Repo
         }
         let prefix = format!("{}-", n.netns);
         for net in &nets {
-            let ns = shoal::names::network_netns(&prefix, net);
+            let ns = shoal_node::names::network_netns(&prefix, net);
             if shoal_netns::exists(&ns) {
                 for ip in ns_ips(&ns) {
                     labels.add(ip, format!("{} on {}", n.name, net.name));
@@ -1676,7 +1676,7 @@ pub fn print(r: &Report) {
         "lab {}: replica {} on {} ({}), {} ms per target, sequential requests, one connection each",
         r.lab, r.replica.task, r.replica.node, r.replica.ip, r.duration_ms
     );
-    shoal::client::table(&TABLE_HEADER, table_rows(r));
+    shoal_api::client::table(&TABLE_HEADER, table_rows(r));
     println!();
     for l in r.summary.lines() {
         println!("{l}");

@@ -19,8 +19,8 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shoal_netns::CommandExt as _;
 
-use shoal::client::Client;
 use shoal::config::{AgentConfig, DnsSettings, StoreConfig, StoreKind};
+use shoal_api::client::Client;
 
 pub const LAB_ROOT: &str = "/run/shoal/lab";
 const UNDERLAY: &str = "192.0.2";
@@ -418,7 +418,7 @@ async fn wait_all_ready(lab: &Lab) -> anyhow::Result<()> {
         if let Ok(nodes) = client.nodes().await
             && nodes
                 .iter()
-                .filter(|n| n.status == shoal::model::NodeStatus::Ready)
+                .filter(|n| n.status == shoal_api::model::NodeStatus::Ready)
                 .count()
                 >= want
         {
@@ -509,7 +509,7 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
 /// What `lab exec` runs in.
 pub enum ExecTarget {
     Netns(String),
-    Task(Box<shoal::api::TaskLocation>),
+    Task(Box<shoal_api::wire::TaskLocation>),
 }
 
 pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarget> {
@@ -523,13 +523,15 @@ pub async fn resolve_target(lab: &Lab, target: &str) -> anyhow::Result<ExecTarge
     // when no live node has the task.
     let mut down = vec![];
     for n in &lab.nodes {
-        let loc: anyhow::Result<shoal::api::TaskLocation> =
+        let loc: anyhow::Result<shoal_api::wire::TaskLocation> =
             Client::new(&n.socket).task(target).await;
         match loc {
             Ok(l) if l.local => return Ok(ExecTarget::Task(Box::new(l))),
             Ok(_) => continue,
-            Err(e) if shoal::client::ClientError::is_not_found(&e) => continue,
-            Err(e) if shoal::client::ClientError::is_unreachable(&e) => down.push(n.name.clone()),
+            Err(e) if shoal_api::client::ClientError::is_not_found(&e) => continue,
+            Err(e) if shoal_api::client::ClientError::is_unreachable(&e) => {
+                down.push(n.name.clone())
+            }
             Err(e) => return Err(e),
         }
     }
@@ -558,7 +560,7 @@ pub fn exec(target: ExecTarget, cmd: &[String]) -> anyhow::Error {
     };
     let mut c = match target {
         ExecTarget::Netns(ns) => {
-            let mut c = Command::new(shoal::runtime::resolve_program(prog));
+            let mut c = Command::new(shoal_node::runtime::resolve_program(prog));
             c.args(&cmd[1..]);
             if let Err(e) = c.in_netns(&ns) {
                 return e.into();
@@ -566,7 +568,8 @@ pub fn exec(target: ExecTarget, cmd: &[String]) -> anyhow::Error {
             c
         }
         // The runtime says how to enter its sandbox.
-        ExecTarget::Task(loc) => match loc.entry.command(cmd, false) {
+        ExecTarget::Task(loc) => match shoal_node::runtime::sandbox_command(&loc.entry, cmd, false)
+        {
             Ok(mut c) => {
                 c.env("SHOAL_TASK_NAME", loc.task.name())
                     .env("SHOAL_SERVICE_NAME", &loc.task.service_name);

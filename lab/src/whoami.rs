@@ -53,7 +53,7 @@ impl Identity {
                 .unwrap_or_default(),
             task: std::env::var("SHOAL_TASK_NAME").unwrap_or_default(),
             service: std::env::var("SHOAL_SERVICE_NAME").unwrap_or_default(),
-            ips: shoal::listening::local_ips(),
+            ips: shoal_node::listening::local_ips(),
         }
     }
     fn answer(&self, remote: SocketAddr) -> Whoami {

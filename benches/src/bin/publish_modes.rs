@@ -7,7 +7,7 @@
 //! per path over the rounds. The lab is
 //! always taken down (also on error or panic).
 //!
-//! Run as root after `cargo build --release -p shoal -p shoal-benches`:
+//! Run as root after `cargo build --release -p shoal-cli -p shoal-benches`:
 //!   ./target/release/publish_modes [--rounds 5] [--duration 3s]
 //! (`SHOAL_BIN` overrides the `shoal` binary; by default the one next to this program.)
 //! Writes benches/reports/publish_modes.md and publish_modes.html (latencies pooled over the

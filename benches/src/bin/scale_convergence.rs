@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
-use shoal::api::TaskLocation;
-use shoal::client::Client;
-use shoal::cluster::ServiceUpdate;
+use shoal_api::client::Client;
+use shoal_api::wire::ServiceUpdate;
+use shoal_api::wire::TaskLocation;
 use shoal_benches::{Leftover, arg, check_flags, clean_up_on_signal, ms, quantile, write_report};
 
 const LAB: &str = "bconv";
@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
         .strip_prefix("export SHOAL_HOST=")
         .context("lab up output")?
         .to_string();
-    let client = Client::new(&shoal::client::socket_path(Some(&host)));
+    let client = Client::new(&shoal_api::client::socket_path(Some(&host)));
     let h = ["-H", host.as_str()];
     let n = nodes.to_string();
     shoal(&[&h[..], &["network", "create", "appnet"]].concat())?;
@@ -251,14 +251,14 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|n| (n.id, n.name))
         .collect();
-    let net: shoal::model::Network = client.network("appnet").await?;
-    let svc: shoal::model::Service = client.service("web").await?.service;
+    let net: shoal_api::model::Network = client.network("appnet").await?;
+    let svc: shoal_api::model::Service = client.service("web").await?.service;
     let start = Instant::now();
     let mut observers = vec![];
     for slot in 1..=nodes {
         let loc: TaskLocation = loop {
             if let Ok(l) = client.task(&format!("probe.{slot}")).await
-                && l.task.state == shoal::model::TaskState::Running
+                && l.task.state == shoal_api::model::TaskState::Running
             {
                 break l;
             }
@@ -277,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(s)
         })??;
         observers.push(Observer {
-            netns: shoal::names::network_netns(&prefix, &net),
+            netns: shoal_node::names::network_netns(&prefix, &net),
             node,
             sock,
         });
@@ -296,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..events {
         let want = if current == 3 { 6 } else { 3 };
         let t0 = Instant::now();
-        let _: shoal::model::Service = client
+        let _: shoal_api::model::Service = client
             .service_update(
                 "web",
                 &ServiceUpdate {
@@ -346,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
     if nodes > 1 {
         // Node loss: the last node goes; its web tasks must leave DNS on the others.
         let victim = b.observers.last().unwrap().node.clone();
-        let tasks: Vec<shoal::model::Task> = client.service_tasks("web").await?;
+        let tasks: Vec<shoal_api::model::Task> = client.service_tasks("web").await?;
         let victim_id = names
             .iter()
             .find(|(_, v)| **v == victim)
@@ -384,7 +384,7 @@ async fn main() -> anyhow::Result<()> {
     let table = table.join("\n");
     println!("{table}");
     let report = format!(
-        "# Convergence, {nodes} node(s)\n\nLab with {nodes} node(s) ({store} store), `web` alternating 3 <-> 6 replicas, {events} events; time from the API call until the change is visible on EVERY node. DNS is polled every 1 ms from inside a container on each node; the nft maps are read in-process through libnftables (no process per poll). A scale-up includes creating the new tasks' namespaces, links and processes.\n\n{table}\n\nAnchor: Docker Swarm's gossip converges in about 1-2 s plus a fixed 2 s delay (not measurable here: no Docker engine). Target: p99 under 200 ms.{detection}\nReproduce: `cargo build --release -p shoal && cargo run --release -p shoal-benches --bin scale_convergence -- --nodes {nodes} --events {events}` (root).\n"
+        "# Convergence, {nodes} node(s)\n\nLab with {nodes} node(s) ({store} store), `web` alternating 3 <-> 6 replicas, {events} events; time from the API call until the change is visible on EVERY node. DNS is polled every 1 ms from inside a container on each node; the nft maps are read in-process through libnftables (no process per poll). A scale-up includes creating the new tasks' namespaces, links and processes.\n\n{table}\n\nAnchor: Docker Swarm's gossip converges in about 1-2 s plus a fixed 2 s delay (not measurable here: no Docker engine). Target: p99 under 200 ms.{detection}\nReproduce: `cargo build --release -p shoal-cli && cargo run --release -p shoal-benches --bin scale_convergence -- --nodes {nodes} --events {events}` (root).\n"
     );
     let p = write_report(&format!("convergence_{nodes}node"), &report)?;
     println!("report: {}", p.display());

@@ -1,7 +1,7 @@
 //! Soak: a 3-node lab under continuous DNS and HTTP load while a service is scaled up and
 //! down every few seconds and one node is killed and later started again.
 //!
-//! Run as root after `cargo build --release -p shoal -p shoal-benches`:
+//! Run as root after `cargo build --release -p shoal-cli -p shoal-benches`:
 //!   ./target/release/soak [--duration 10m] [--churn-every 3s] [--report soak]
 //! (`SHOAL_BIN` overrides the `shoal` binary; by default the one next to this program.)
 //!

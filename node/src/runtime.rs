@@ -17,6 +17,7 @@ use anyhow::{Context, anyhow};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use shoal_api::wire::SandboxEntry;
 use tokio::sync::mpsc;
 
 /// What a runtime needs to start a task.
@@ -70,7 +71,7 @@ pub trait Runtime: Send + Sync {
         argv: &[String],
         timeout: Duration,
     ) -> anyhow::Result<bool> {
-        let mut cmd = self.entry(task_id, hostname).command(argv, true)?;
+        let mut cmd = sandbox_command(&self.entry(task_id, hostname), argv, true)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -82,43 +83,30 @@ pub trait Runtime: Send + Sync {
     }
 }
 
-/// How to enter a task's sandbox: what the API hands `lab exec`, and what health checks
-/// run in. A runtime with containers of its own (podman) adds its own way.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum SandboxEntry {
-    /// The process runtime's sandbox: the task's network namespace (a path), its
-    /// resolv.conf bound over /etc/resolv.conf in a mount namespace of its own, and its
-    /// hostname in a UTS namespace of its own.
-    Process {
-        netns: PathBuf,
-        resolv_conf: PathBuf,
-        hostname: String,
-    },
-}
-
-impl SandboxEntry {
-    /// A command that runs `argv` inside the sandbox (`new_session`: detached from the
-    /// caller's terminal; an interactive `lab exec` keeps it).
-    pub fn command(&self, argv: &[String], new_session: bool) -> anyhow::Result<Command> {
-        let prog = argv.first().context("no command to run in the task")?;
-        let mut cmd = Command::new(resolve_program(prog));
-        cmd.args(&argv[1..]);
-        match self {
-            SandboxEntry::Process {
-                netns,
-                resolv_conf,
-                hostname,
-            } => {
-                let netns = netns.to_str().context("namespace path is not UTF-8")?;
-                let sb = Sandbox::new(netns, resolv_conf, hostname)?;
-                let sb = if new_session { sb } else { sb.same_session() };
-                cmd.env("HOSTNAME", hostname);
-                sb.apply(&mut cmd);
-            }
+/// A command that runs `argv` inside a sandbox (`new_session`: detached from the caller's
+/// terminal; an interactive `lab exec` keeps it).
+pub fn sandbox_command(
+    entry: &SandboxEntry,
+    argv: &[String],
+    new_session: bool,
+) -> anyhow::Result<Command> {
+    let prog = argv.first().context("no command to run in the task")?;
+    let mut cmd = Command::new(resolve_program(prog));
+    cmd.args(&argv[1..]);
+    match entry {
+        SandboxEntry::Process {
+            netns,
+            resolv_conf,
+            hostname,
+        } => {
+            let netns = netns.to_str().context("namespace path is not UTF-8")?;
+            let sb = Sandbox::new(netns, resolv_conf, hostname)?;
+            let sb = if new_session { sb } else { sb.same_session() };
+            cmd.env("HOSTNAME", hostname);
+            sb.apply(&mut cmd);
         }
-        Ok(cmd)
     }
+    Ok(cmd)
 }
 
 /// Prepared, allocation-free setup applied in the child between fork and exec.

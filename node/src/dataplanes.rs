@@ -1,5 +1,5 @@
 //! The node's appliers, one per dataplane, each owning what it applied. Their order in a
-//! pass (see [`super::Appliers`]): guard, overlays, ingress, published ports, VIPs, lost
+//! pass (see [`crate::appliers::Appliers`]): guard, overlays, ingress, published ports, VIPs, lost
 //! flows, DNS, tasks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use super::plan::{NodePlan, VipPlan};
-use super::reconcile::{Dataplane, PassCx, Phase};
-use super::report::{NodeReport, ProgrammedPort, ProgrammedVip};
-use crate::cluster::Cluster;
 use crate::desired::{self, View};
 use crate::drift::{Check, Drifted, Write};
 use crate::names::NODE_NS;
-use crate::reports::{Adoption, Pending, Report};
+use crate::plan::{NodePlan, VipPlan};
+use crate::reconcile::{Dataplane, PassCx, Phase};
+use crate::report::{NodeReport, ProgrammedPort, ProgrammedVip};
 use crate::runtime::Runtime;
-use crate::state::ClusterState;
+use shoal_control::cluster::Cluster;
+use shoal_control::reports::{Adoption, Pending, Report};
+use shoal_control::state::ClusterState;
 
 fn applier() -> &'static shoal_lb::Applier {
     shoal_lb::Applier::global()
@@ -761,7 +761,7 @@ impl Tasks {
     /// reported running if the earlier run's write of that was lost).
     pub fn adopt(&mut self, st: &ClusterState, node_id: &str) {
         for t in desired::local_tasks(st, node_id) {
-            let a = crate::reports::adoption(t, self.runtime.is_running(&t.id));
+            let a = shoal_control::reports::adoption(t, self.runtime.is_running(&t.id));
             if a == Adoption::None {
                 continue;
             }
@@ -810,7 +810,7 @@ impl Tasks {
 
     /// Out of DNS and backends already (they are not serving): after the grace period,
     /// stopped and removed, then the record forgotten.
-    fn stop(&mut self, t: &crate::model::Task) {
+    fn stop(&mut self, t: &shoal_api::model::Task) {
         self.stopping.lock().expect("lock").insert(t.id.clone());
         self.started.remove(&t.id);
         let (rt, cluster, stopping, t) = (
@@ -892,7 +892,7 @@ impl Dataplane for Tasks {
                 }
                 // Written with retries; what the store refuses now stays for the next pass.
                 for e in self.reports.flush(&self.cluster).await {
-                    cx.errors.push(super::reconcile::ApplyError::new(
+                    cx.errors.push(crate::reconcile::ApplyError::new(
                         "tasks",
                         e.to_string(),
                         e.source,
@@ -911,8 +911,9 @@ impl Dataplane for Tasks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::plan::NodeFacts;
-    use crate::runtime::{SandboxEntry, TaskSpec};
+    use crate::plan::NodeFacts;
+    use crate::runtime::TaskSpec;
+    use shoal_api::wire::SandboxEntry;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A runtime that records what it is asked; `destroy` waits for a permit (a unit test
@@ -970,7 +971,7 @@ mod tests {
     }
 
     fn tasks(rt: &Arc<FakeRuntime>, dir: &std::path::Path) -> Tasks {
-        let store = Arc::new(crate::store::embedded::EmbeddedStore::open(dir).unwrap());
+        let store = Arc::new(shoal_control::store::embedded::EmbeddedStore::open(dir).unwrap());
         Tasks::new(
             rt.clone(),
             Cluster::new(store),
@@ -1053,7 +1054,7 @@ mod tests {
         let rt = fake(&[]);
         let mut t = tasks(&rt, dir.path());
         let mut st = crate::desired::tests::fixture();
-        st.tasks.get_mut("t1").unwrap().0.desired_state = crate::model::TaskState::Shutdown;
+        st.tasks.get_mut("t1").unwrap().0.desired_state = shoal_api::model::TaskState::Shutdown;
         let plan = plan_of(&st, &t.stopping());
         let mut drift = crate::drift::DriftWatch::new(applier().clone());
         let mut pending = HashMap::new();

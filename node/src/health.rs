@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::cluster::Cluster;
-use crate::model::{Health, HealthCheck};
 use crate::runtime::Runtime;
+use shoal_api::model::{Health, HealthCheck};
+use shoal_control::cluster::Cluster;
 
 pub struct Probe {
     pub task_id: String,
@@ -51,7 +51,7 @@ pub(crate) async fn publish(
         return;
     }
     match cluster
-        .update_task(task_id, |t| crate::reports::with_health(t, status))
+        .update_task(task_id, |t| shoal_control::reports::with_health(t, status))
         .await
     {
         Ok(_) => *written = Some(status),
@@ -100,9 +100,9 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::cluster::{decode, encode};
-    use crate::model::TaskState;
-    use crate::reports::tests::{flaky, task};
+    use shoal_api::model::TaskState;
+    use shoal_control::cluster::{decode, encode};
+    use shoal_control::testing::{flaky, task};
 
     /// Bug 3: a health result the store refused (down, or more lost races than the old ten
     /// tries) is written on a later round, though the checker's status did not change.
@@ -112,7 +112,7 @@ mod tests {
         let (store, c) = flaky(dir.path());
         c.store
             .put(
-                &crate::keys::task("a"),
+                &shoal_control::keys::task("a"),
                 encode(&task("a", TaskState::Running)),
             )
             .await
@@ -124,9 +124,14 @@ mod tests {
         store.fail.store(0, Ordering::SeqCst);
         publish(&c, "a", Health::Healthy, &mut written).await;
         assert_eq!(written, Some(Health::Healthy));
-        let kv = c.store.get(&crate::keys::task("a")).await.unwrap().unwrap();
+        let kv = c
+            .store
+            .get(&shoal_control::keys::task("a"))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            decode::<crate::model::Task>(&kv).unwrap().health,
+            decode::<shoal_api::model::Task>(&kv).unwrap().health,
             Some(Health::Healthy)
         );
     }

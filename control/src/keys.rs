@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::model::Protocol;
+use shoal_api::model::Protocol;
 
 /// Everything of Shoal's lives under this prefix.
 pub const ROOT: &str = "/shoal/";

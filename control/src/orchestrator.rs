@@ -9,8 +9,8 @@ use tracing::warn;
 
 use crate::cluster::Cluster;
 use crate::liveness::Liveness;
-use crate::model::{Node, PublishMode, Task, TaskState};
 use crate::state::ClusterState;
+use shoal_api::model::{Node, PublishMode, Task, TaskState};
 
 pub struct Orchestrator {
     pub cluster: Cluster,
@@ -94,7 +94,7 @@ impl Orchestrator {
         if ready.is_empty() {
             return errors;
         }
-        let networks: Vec<&crate::model::Network> = st.networks.values().collect();
+        let networks: Vec<&shoal_api::model::Network> = st.networks.values().collect();
         for (svc, svc_rev) in st.services.values() {
             let live: Vec<&Task> = st
                 .task_list()
@@ -153,7 +153,11 @@ impl Orchestrator {
 }
 
 /// True when a live task on `node` already publishes one of `ports` in host mode.
-fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protocol, u16)]) -> bool {
+fn host_port_taken(
+    st: &ClusterState,
+    node: &str,
+    ports: &[(shoal_api::model::Protocol, u16)],
+) -> bool {
     st.task_list()
         .filter(|t| t.node_id == node && t.desired_state == TaskState::Running)
         .filter_map(|t| st.service_by_id(&t.service_id))
@@ -164,10 +168,11 @@ fn host_port_taken(st: &ClusterState, node: &str, ports: &[(crate::model::Protoc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{NetworkAttach, NetworkCreate, ServiceCreate, encode};
+    use crate::cluster::encode;
     use crate::keys::ROOT;
-    use crate::model::NodeStatus;
     use crate::store::embedded::EmbeddedStore;
+    use shoal_api::model::NodeStatus;
+    use shoal_api::wire::{NetworkAttach, NetworkCreate, ServiceCreate};
 
     async fn state(c: &Cluster) -> ClusterState {
         let snap = c.store.list(ROOT).await.unwrap();

@@ -10,9 +10,9 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{ServiceStatus, TaskLocation};
-use crate::cluster::{NetworkCreate, ServiceCreate, ServiceUpdate};
 use crate::model::{Network, Node, Service, Task};
+use crate::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
+use crate::wire::{ServiceStatus, TaskLocation};
 
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 

@@ -1,14 +1,14 @@
 //! What this node's kernel and processes should look like, computed whole from the cluster
 //! model and a few facts about the node: plain data, no kernel access, no applied state.
-//! The appliers ([`super::dataplanes`]) diff it against what they applied (and the kernel).
+//! The appliers ([`crate::dataplanes`]) diff it against what they applied (and the kernel).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crate::desired::{self, Underlay, View};
-use crate::model::{HealthCheck, Task, TaskState};
 use crate::runtime::TaskSpec;
-use crate::state::ClusterState;
+use shoal_api::model::{HealthCheck, Task, TaskState};
+use shoal_control::state::ClusterState;
 
 /// What the plan needs to know about the node besides the cluster model.
 pub struct NodeFacts<'a> {
@@ -63,7 +63,7 @@ pub struct IngressPlan {
 pub struct RunTask {
     pub spec: TaskSpec,
     pub health: Option<HealthCheck>,
-    pub last_health: Option<crate::model::Health>,
+    pub last_health: Option<shoal_api::model::Health>,
 }
 
 /// The whole desired state of this node.
@@ -196,7 +196,7 @@ impl NodePlan {
 mod tests {
     use super::*;
     use crate::desired::tests::{fixture, net};
-    use crate::model::{Health, Node, NodeStatus, TaskNetwork};
+    use shoal_api::model::{Health, Node, NodeStatus, TaskNetwork};
 
     /// The plan of node "me" where the tasks in `with_ns` have their namespace.
     fn plan(st: &ClusterState, with_ns: &[&str], stopping: &[&str]) -> NodePlan {
@@ -369,7 +369,7 @@ mod tests {
         let other: std::net::Ipv4Addr = "192.0.2.2".parse().unwrap();
         assert_eq!(
             ing.marks.keys().collect::<Vec<_>>(),
-            [&crate::model::vtep_mac(other)]
+            [&shoal_api::model::vtep_mac(other)]
         );
         assert!(ing.spec.peers.is_empty());
         // The port unpublished: no ingress plan (the appliers take it all down).

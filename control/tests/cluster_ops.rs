@@ -3,11 +3,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use shoal::cluster::{
-    Cluster, ClusterError, NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate,
-};
-use shoal::model::{PortConfig, Protocol, PublishMode};
-use shoal::store::embedded::EmbeddedStore;
+use shoal_api::model::{PortConfig, Protocol, PublishMode};
+use shoal_api::wire::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
+use shoal_control::cluster::{Cluster, ClusterError};
+use shoal_control::store::embedded::EmbeddedStore;
 
 fn cluster() -> (Cluster, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -259,7 +258,7 @@ async fn concurrent_creations_never_share_an_address_or_port() {
         assert!(ports.insert(s.ports[0].published), "port handed out twice");
     }
     // Tasks racing for addresses on the same network.
-    let nets: BTreeMap<String, shoal::model::Network> = c
+    let nets: BTreeMap<String, shoal_api::model::Network> = c
         .networks()
         .await
         .unwrap()
@@ -269,7 +268,7 @@ async fn concurrent_creations_never_share_an_address_or_port() {
     let s0 = c.service("s0").await.unwrap();
     let rev = c
         .store
-        .get(&shoal::keys::service("s0"))
+        .get(&shoal_control::keys::service("s0"))
         .await
         .unwrap()
         .unwrap()
@@ -310,12 +309,12 @@ async fn a_slot_never_gets_two_live_tasks() {
         .unwrap();
     let rev = c
         .store
-        .get(&shoal::keys::service("web"))
+        .get(&shoal_control::keys::service("web"))
         .await
         .unwrap()
         .unwrap()
         .mod_revision;
-    let nets: BTreeMap<String, shoal::model::Network> = c
+    let nets: BTreeMap<String, shoal_api::model::Network> = c
         .networks()
         .await
         .unwrap()
@@ -340,7 +339,7 @@ async fn a_slot_never_gets_two_live_tasks() {
     let failed = c
         .update_task(&first.id, |t| {
             let mut t = t.clone();
-            t.desired_state = shoal::model::TaskState::Shutdown;
+            t.desired_state = shoal_api::model::TaskState::Shutdown;
             Some(t)
         })
         .await
@@ -372,12 +371,12 @@ async fn one_transaction_creates_several_tasks_with_distinct_addresses() {
         .unwrap();
     let rev = c
         .store
-        .get(&shoal::keys::service("web"))
+        .get(&shoal_control::keys::service("web"))
         .await
         .unwrap()
         .unwrap()
         .mod_revision;
-    let nets: BTreeMap<String, shoal::model::Network> = c
+    let nets: BTreeMap<String, shoal_api::model::Network> = c
         .networks()
         .await
         .unwrap()

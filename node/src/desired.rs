@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::model::{EndpointMode, LbSelection, Network, PublishMode, Service, Task, TaskState};
 use crate::names::{LB_TABLE, host_ifname, network_netns, task_ifname};
-use crate::state::ClusterState;
+use shoal_api::model::{EndpointMode, LbSelection, Network, PublishMode, Service, Task, TaskState};
+use shoal_control::state::ClusterState;
 
 /// Container MTU on a 1500-byte underlay with VXLAN.
 pub const OVERLAY_MTU: u32 = 1450;
@@ -182,7 +182,7 @@ fn remote_endpoints(
             Some(shoal_mesh::RemoteEndpoint {
                 ip,
                 vtep,
-                vtep_mac: crate::model::vtep_mac(vtep),
+                vtep_mac: shoal_api::model::vtep_mac(vtep),
             })
         })
         .collect();
@@ -230,7 +230,7 @@ pub fn mesh_specs(
                 host_ifname: host_ifname(&t.id),
                 ifname: task_ifname(i),
                 ip: tn.ip,
-                mac: crate::model::mac_for(tn.ip),
+                mac: shoal_api::model::mac_for(tn.ip),
                 default_route: default_net.as_deref() == Some(tn.network_id.as_str()),
             });
         }
@@ -246,7 +246,7 @@ pub fn mesh_specs(
                 .into_iter()
                 .map(|vtep| shoal_mesh::Peer {
                     vtep,
-                    vtep_mac: crate::model::vtep_mac(vtep),
+                    vtep_mac: shoal_api::model::vtep_mac(vtep),
                 })
                 .collect();
         }
@@ -279,7 +279,7 @@ fn network_spec(
             underlay_netns: None,
             underlay_dev: u.dev.clone(),
             port: VXLAN_PORT,
-            mac: crate::model::vtep_mac(u.addr),
+            mac: shoal_api::model::vtep_mac(u.addr),
             remotes: remote_endpoints(state, node_id, &net.id),
             peers: vec![],
         }),
@@ -436,7 +436,7 @@ pub fn ingress_marks(state: &ClusterState, node_id: &str) -> BTreeMap<[u8; 6], u
         .into_iter()
         .map(|ip| {
             (
-                crate::model::vtep_mac(ip),
+                shoal_api::model::vtep_mac(ip),
                 shoal_mesh::ingress::peer_mark(ip),
             )
         })
@@ -470,8 +470,8 @@ pub fn publish_spec(
             backends.sort();
             ports.push(PublishedPort {
                 protocol: match p.protocol {
-                    crate::model::Protocol::Tcp => shoal_lb::Protocol::Tcp,
-                    crate::model::Protocol::Udp => shoal_lb::Protocol::Udp,
+                    shoal_api::model::Protocol::Tcp => shoal_lb::Protocol::Tcp,
+                    shoal_api::model::Protocol::Udp => shoal_lb::Protocol::Udp,
                 },
                 port: p.published,
                 kind,
@@ -567,7 +567,7 @@ pub fn resolv_conf(search: &[String]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::*;
+    use shoal_api::model::*;
 
     pub(crate) fn net(id: &str, name: &str, subnet: &str, internal: bool) -> Network {
         let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
@@ -576,7 +576,7 @@ pub(crate) mod tests {
             name: name.into(),
             driver: "overlay".into(),
             subnet,
-            gateway: crate::alloc::default_gateway(&subnet),
+            gateway: shoal_control::alloc::default_gateway(&subnet),
             vni: 4096,
             attachable: false,
             internal,
@@ -849,7 +849,7 @@ pub(crate) mod tests {
         // t2 is being stopped (grace period): it drains; t1 still serves.
         st.tasks.get_mut("t2").unwrap().0.desired_state = TaskState::Shutdown;
         let web = &mut st.services.get_mut("web").unwrap().0;
-        web.lb = crate::model::LbOptions {
+        web.lb = shoal_api::model::LbOptions {
             selection: LbSelection::Consistent,
             affinity_secs: Some(600),
         };

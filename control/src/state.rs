@@ -14,8 +14,8 @@ use tracing::{debug, warn};
 
 use crate::cluster::decode;
 use crate::keys::{ROOT, Record};
-use crate::model::{Network, Node, Service, Task};
 use crate::store::{Event, KeyValue, Store};
+use shoal_api::model::{Network, Node, Service, Task};
 
 /// One consistent picture of the cluster. Values keep their store revision for CAS writes.
 #[derive(Debug, Clone, Default)]
@@ -184,7 +184,7 @@ use futures::FutureExt as _;
 mod tests {
     use super::*;
     use crate::cluster::encode;
-    use crate::reports::tests::task;
+    use crate::testing::task;
 
     fn kv(key: String, value: Vec<u8>, rev: i64) -> KeyValue {
         KeyValue {
@@ -205,14 +205,14 @@ mod tests {
             let id = format!("t{i:04}");
             st.apply_put(&kv(
                 crate::keys::task(&id),
-                encode(&task(&id, crate::model::TaskState::Running)),
+                encode(&task(&id, shoal_api::model::TaskState::Running)),
                 i + 1,
             ));
         }
         let before = st.clone();
         st.apply_put(&kv(
             crate::keys::task("t1000"),
-            encode(&task("t1000", crate::model::TaskState::Failed)),
+            encode(&task("t1000", shoal_api::model::TaskState::Failed)),
             5000,
         ));
         let shared = (0..2000)
@@ -223,8 +223,11 @@ mod tests {
         assert!(!std::ptr::eq(&before.tasks["t1000"], &st.tasks["t1000"]));
         assert_eq!(
             before.tasks["t1000"].0.state,
-            crate::model::TaskState::Running
+            shoal_api::model::TaskState::Running
         );
-        assert_eq!(st.tasks["t1000"].0.state, crate::model::TaskState::Failed);
+        assert_eq!(
+            st.tasks["t1000"].0.state,
+            shoal_api::model::TaskState::Failed
+        );
     }
 }

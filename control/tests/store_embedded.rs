@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use shoal::store::conformance;
-use shoal::store::embedded::{EmbeddedOptions, EmbeddedStore, STATE_FILE};
-use shoal::store::{Event, Op, Store, StoreError};
+use shoal_control::store::conformance;
+use shoal_control::store::embedded::{EmbeddedOptions, EmbeddedStore, STATE_FILE};
+use shoal_control::store::{Event, Op, Store, StoreError};
 use tempfile::TempDir;
 
 const P: &str = "/conformance/";

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use shoal::store::conformance;
-use shoal::store::etcd::{EtcdOptions, EtcdStore};
-use shoal::store::{Store, StoreError};
+use shoal_control::store::conformance;
+use shoal_control::store::etcd::{EtcdOptions, EtcdStore};
+use shoal_control::store::{Store, StoreError};
 use tempfile::TempDir;
 
 const ETCD_BIN: &str = "/usr/bin/etcd";

@@ -6,18 +6,12 @@
 //! lines of text, not worth a registry crate and its adapters for the dns crate's stats.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-
-use crate::model::TaskState;
-use crate::state::ClusterState;
+use shoal_api::model::TaskState;
+use shoal_control::state::ClusterState;
 
 /// Bounds of the sync duration buckets, seconds.
 const SYNC_BOUNDS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
@@ -495,35 +489,4 @@ pub fn render(src: &MetricsSources) -> String {
     );
     let _ = writeln!(out, "shoal_nodes_alive {}", st.alive.len());
     out
-}
-
-/// Serves `/metrics` on `addr` until the process ends.
-pub async fn serve(
-    addr: SocketAddr,
-    src: MetricsSources,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics_addr {addr}: cannot listen: {e}"))?;
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let src = src.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        render(&src),
-                    )
-                }
-            }),
-        )
-        .fallback(|| async {
-            (StatusCode::NOT_FOUND, "only /metrics is served here\n").into_response()
-        });
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    }))
 }

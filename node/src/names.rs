@@ -2,7 +2,7 @@
 //! table. (The tables of the leaf crates are named there: `shoal_lb::guard::GUARD_TABLE`,
 //! `shoal_lb::publish::{PUBLISH_TABLE, MARK_TABLE}`, `shoal_mesh::VXLAN_IFNAME`, ...)
 
-use crate::model::Network;
+use shoal_api::model::Network;
 
 /// The nft table that holds a network's VIPs in its namespace.
 pub const LB_TABLE: &str = "shoal_lb";
@@ -26,7 +26,7 @@ pub fn network_netns_prefix(prefix: &str) -> String {
 
 /// The network namespace of a task: `{prefix}t-{short task id}`.
 pub fn task_netns(prefix: &str, task_id: &str) -> String {
-    format!("{prefix}t-{}", crate::model::short_id(task_id))
+    format!("{prefix}t-{}", shoal_api::model::short_id(task_id))
 }
 
 /// Node-side veth of a task in a network namespace.

@@ -6,18 +6,19 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use crate::alloc;
 use crate::keys::{
     self, ALIVE, ALLOC_PORT, ALLOC_SUBNETS, ALLOC_VNI, NETWORKS, NODES, SERVICES, TASKS,
 };
-use crate::model::{
+use crate::store::{Compare, KeyValue, Op, Store, StoreError};
+use shoal_api::model::{
     EndpointMode, Invalid, Network, Node, PortConfig, Protocol, PublishMode, Service,
     ServiceNetwork, Task, TaskState, invalid, new_id, parse_subnet, validate_name,
 };
-use crate::store::{Compare, KeyValue, Op, Store, StoreError};
+use shoal_api::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
 
 /// Name of the ingress network, created with the cluster.
 pub const INGRESS_NETWORK: &str = "ingress";
@@ -79,69 +80,6 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(&kv.value)
         .map_err(|e| StoreError::corrupt_because(kv.key.clone(), e).into())
-}
-
-/// A request to create a network (what the CLI sends).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkCreate {
-    pub name: String,
-    #[serde(default)]
-    pub driver: Option<String>,
-    #[serde(default)]
-    pub subnet: Option<String>,
-    #[serde(default)]
-    pub gateway: Option<String>,
-    #[serde(default)]
-    pub attachable: bool,
-    #[serde(default)]
-    pub internal: bool,
-}
-
-/// `--network NET[,alias=A]...`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkAttach {
-    pub network: String,
-    #[serde(default)]
-    pub aliases: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceCreate {
-    pub name: String,
-    #[serde(default)]
-    pub networks: Vec<NetworkAttach>,
-    #[serde(default = "one")]
-    pub replicas: u32,
-    #[serde(default)]
-    pub endpoint_mode: EndpointMode,
-    #[serde(default)]
-    pub ports: Vec<PortConfig>,
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub env: Vec<String>,
-    #[serde(default)]
-    pub health: Option<crate::model::HealthCheck>,
-    #[serde(default)]
-    pub lb: crate::model::LbOptions,
-}
-
-fn one() -> u32 {
-    1
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceUpdate {
-    #[serde(default)]
-    pub replicas: Option<u32>,
-    #[serde(default)]
-    pub publish_add: Vec<PortConfig>,
-    /// Published ports to remove (any protocol), or `PORT/PROTO`.
-    #[serde(default)]
-    pub publish_rm: Vec<String>,
 }
 
 pub const MAX_REPLICAS: u32 = 10_000;
@@ -214,9 +152,9 @@ impl Cluster {
             .into_iter()
             .map(|(mut n, _)| {
                 n.status = if alive.contains(&n.id) {
-                    crate::model::NodeStatus::Ready
+                    shoal_api::model::NodeStatus::Ready
                 } else {
-                    crate::model::NodeStatus::Down
+                    shoal_api::model::NodeStatus::Down
                 };
                 n
             })
@@ -843,11 +781,11 @@ impl Cluster {
                     let ip = self
                         .claim_ip(&ingress, &format!("task:{}", t.id), &mut cmps, &mut ops)
                         .await?;
-                    t.networks.push(crate::model::TaskNetwork {
+                    t.networks.push(shoal_api::model::TaskNetwork {
                         network: ingress.name.clone(),
                         network_id: ingress.id.clone(),
                         ip,
-                        mac: crate::model::mac_string(crate::model::mac_for(ip)),
+                        mac: shoal_api::model::mac_string(shoal_api::model::mac_for(ip)),
                     });
                     task_cmps.push(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
                     ops.push(Op::Put(kv.key.clone(), encode(&t)));
@@ -979,11 +917,11 @@ impl Cluster {
                 let ip = self
                     .claim_ip(net, &format!("task:{id}"), &mut cmps, &mut ops)
                     .await?;
-                networks.push(crate::model::TaskNetwork {
+                networks.push(shoal_api::model::TaskNetwork {
                     network: net.name.clone(),
                     network_id: net.id.clone(),
                     ip,
-                    mac: crate::model::mac_string(crate::model::mac_for(ip)),
+                    mac: shoal_api::model::mac_string(shoal_api::model::mac_for(ip)),
                 });
             }
             let task = Task {
@@ -996,7 +934,10 @@ impl Cluster {
                 state: TaskState::New,
                 networks,
                 error: None,
-                health: svc.health.as_ref().map(|_| crate::model::Health::Starting),
+                health: svc
+                    .health
+                    .as_ref()
+                    .map(|_| shoal_api::model::Health::Starting),
             };
             ops.push(Op::Put(keys::task(&id), encode(&task)));
             cmps.push(Compare::Absent(keys::task(&id)));
@@ -1114,6 +1055,7 @@ fn check_ports(ports: &[PortConfig]) -> std::result::Result<(), Invalid> {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+    use shoal_api::wire::NetworkAttach;
 
     fn host_port(port: u16) -> PortConfig {
         PortConfig {

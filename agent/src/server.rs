@@ -1,5 +1,5 @@
 //! The agent's HTTP/JSON API on a unix socket (mode 0600). All validation happens here and
-//! in [`crate::cluster`]; a refused request changes nothing.
+//! in [`shoal_control::cluster`]; a refused request changes nothing.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,13 +12,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{Cluster, ClusterError, NetworkCreate, ServiceCreate, ServiceUpdate};
-use crate::node::report::NodeReport;
-use crate::store::StoreError;
+use shoal_api::wire::{NetworkCreate, ServiceCreate, ServiceStatus, ServiceUpdate, TaskLocation};
+use shoal_control::cluster::{Cluster, ClusterError};
+use shoal_control::store::StoreError;
+use shoal_node::report::NodeReport;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -30,9 +30,9 @@ pub struct ApiState {
     pub node_name: String,
     pub report: Arc<Mutex<NodeReport>>,
     /// The node's runtime: how to enter a local task's sandbox.
-    pub runtime: Arc<dyn crate::runtime::Runtime>,
+    pub runtime: Arc<dyn shoal_node::runtime::Runtime>,
     /// The agent's view of the cluster, for lookups that must work while the store is away.
-    pub state: tokio::sync::watch::Receiver<Arc<crate::state::ClusterState>>,
+    pub state: tokio::sync::watch::Receiver<Arc<shoal_control::state::ClusterState>>,
 }
 
 pub struct ApiError(StatusCode, String);
@@ -119,21 +119,21 @@ async fn info(State(s): State<ApiState>) -> Json<serde_json::Value> {
     )
 }
 
-async fn networks(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Network>> {
+async fn networks(State(s): State<ApiState>) -> ApiResult<Vec<shoal_api::model::Network>> {
     Ok(Json(s.cluster.networks().await?))
 }
 
 async fn network_create(
     State(s): State<ApiState>,
     b: Result<Json<NetworkCreate>, JsonRejection>,
-) -> ApiResult<crate::model::Network> {
+) -> ApiResult<shoal_api::model::Network> {
     Ok(Json(s.cluster.create_network(body(b)?).await?))
 }
 
 async fn network_get(
     State(s): State<ApiState>,
     UrlPath(name): UrlPath<String>,
-) -> ApiResult<crate::model::Network> {
+) -> ApiResult<shoal_api::model::Network> {
     Ok(Json(s.cluster.network(&name).await?))
 }
 
@@ -157,28 +157,10 @@ async fn services(State(s): State<ApiState>) -> ApiResult<Vec<ServiceStatus>> {
     Ok(Json(out))
 }
 
-/// A service with its running count, as `service ls` shows it.
-#[derive(Serialize, serde::Deserialize)]
-pub struct ServiceStatus {
-    #[serde(flatten)]
-    pub service: crate::model::Service,
-    pub running: usize,
-}
-
-impl ServiceStatus {
-    fn new(service: crate::model::Service, tasks: &[crate::model::Task]) -> Self {
-        let running = tasks
-            .iter()
-            .filter(|t| t.service_id == service.id && t.is_serving())
-            .count();
-        ServiceStatus { service, running }
-    }
-}
-
 async fn service_create(
     State(s): State<ApiState>,
     b: Result<Json<ServiceCreate>, JsonRejection>,
-) -> ApiResult<crate::model::Service> {
+) -> ApiResult<shoal_api::model::Service> {
     Ok(Json(s.cluster.create_service(body(b)?).await?))
 }
 
@@ -195,7 +177,7 @@ async fn service_update(
     State(s): State<ApiState>,
     UrlPath(name): UrlPath<String>,
     b: Result<Json<ServiceUpdate>, JsonRejection>,
-) -> ApiResult<crate::model::Service> {
+) -> ApiResult<shoal_api::model::Service> {
     Ok(Json(s.cluster.update_service(&name, body(b)?).await?))
 }
 
@@ -210,23 +192,12 @@ async fn service_rm(
 async fn service_tasks(
     State(s): State<ApiState>,
     UrlPath(name): UrlPath<String>,
-) -> ApiResult<Vec<crate::model::Task>> {
+) -> ApiResult<Vec<shoal_api::model::Task>> {
     Ok(Json(s.cluster.service_tasks(&name).await?))
 }
 
-async fn tasks(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Task>> {
+async fn tasks(State(s): State<ApiState>) -> ApiResult<Vec<shoal_api::model::Task>> {
     Ok(Json(s.cluster.tasks().await?))
-}
-
-/// A task and where its sandbox lives on this node (for `lab exec`).
-#[derive(Serialize, serde::Deserialize)]
-pub struct TaskLocation {
-    pub task: crate::model::Task,
-    pub local: bool,
-    /// The task's network namespace (Shoal's, whatever the runtime).
-    pub netns: String,
-    /// How to run a command inside the task (`lab exec`).
-    pub entry: crate::runtime::SandboxEntry,
 }
 
 async fn task_get(
@@ -237,7 +208,7 @@ async fn task_get(
     let task = match s.cluster.find_task(&what).await {
         Err(ClusterError::Store(StoreError::Unavailable { .. })) => {
             let st = s.state.borrow().clone();
-            crate::cluster::pick_task(st.task_list(), &what)?
+            shoal_control::cluster::pick_task(st.task_list(), &what)?
         }
         r => r?,
     };
@@ -249,7 +220,7 @@ async fn task_get(
     }))
 }
 
-async fn nodes(State(s): State<ApiState>) -> ApiResult<Vec<crate::model::Node>> {
+async fn nodes(State(s): State<ApiState>) -> ApiResult<Vec<shoal_api::model::Node>> {
     Ok(Json(s.cluster.nodes().await?))
 }
 

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use tracing::{info, warn};
 
-use super::plan::NodePlan;
 use crate::drift::{DriftWatch, Drifted, Write};
-use crate::state::ClusterState;
+use crate::plan::NodePlan;
+use shoal_control::state::ClusterState;
 
 /// The phases of a pass, in order. Every applier sees each phase and acts where it has work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,7 @@ pub trait Dataplane: Send {
         false
     }
     /// Its part of the node report.
-    fn report(&self, _r: &mut super::report::NodeReport) {}
+    fn report(&self, _r: &mut crate::report::NodeReport) {}
 }
 
 /// Hands each drifted table to the applier that owns it.
@@ -274,7 +274,7 @@ mod tests {
         let stopping = HashSet::new();
         NodePlan::compute(
             &st,
-            &super::super::plan::NodeFacts {
+            &crate::plan::NodeFacts {
                 node_id: "n",
                 netns_prefix: "p-",
                 underlay: None,

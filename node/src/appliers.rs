@@ -1,14 +1,9 @@
-//! The node reconciler: the node's desired state computed whole ([`plan::NodePlan`]), then
-//! one applier per dataplane ([`dataplanes`]) diffing it against what it applied and the
-//! kernel, run in order by [`reconcile::run_pass`].
+//! Every applier of the node, in the order a pass runs them.
 
-pub mod dataplanes;
-pub mod plan;
-pub mod reconcile;
-pub mod report;
-
-use dataplanes::{Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks};
-use reconcile::Dataplane;
+use crate::dataplanes::{
+    Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks,
+};
+use crate::reconcile::Dataplane;
 
 /// The VIP dataplane chosen in the configuration.
 pub enum Vips {
@@ -51,7 +46,7 @@ impl Appliers {
     }
 
     /// The node report's view of what is programmed.
-    pub fn report(&mut self, r: &mut report::NodeReport) {
+    pub fn report(&mut self, r: &mut crate::report::NodeReport) {
         for a in self.in_order() {
             a.report(r);
         }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::model::Protocol;
+use shoal_api::model::Protocol;
 
 /// TCP state LISTEN in /proc/net/tcp*.
 const TCP_LISTEN: &str = "0A";

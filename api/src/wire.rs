@@ -1,0 +1,115 @@
+//! The API's request and response bodies (what the CLI sends and reads back), next to the
+//! model types they carry.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{EndpointMode, HealthCheck, LbOptions, PortConfig, Service, Task};
+
+/// A request to create a network (what the CLI sends).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub attachable: bool,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+/// `--network NET[,alias=A]...`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkAttach {
+    pub network: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCreate {
+    pub name: String,
+    #[serde(default)]
+    pub networks: Vec<NetworkAttach>,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    #[serde(default)]
+    pub lb: LbOptions,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceUpdate {
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub publish_add: Vec<PortConfig>,
+    /// Published ports to remove (any protocol), or `PORT/PROTO`.
+    #[serde(default)]
+    pub publish_rm: Vec<String>,
+}
+
+/// A service with its running count, as `service ls` shows it.
+#[derive(Serialize, Deserialize)]
+pub struct ServiceStatus {
+    #[serde(flatten)]
+    pub service: Service,
+    pub running: usize,
+}
+
+impl ServiceStatus {
+    pub fn new(service: Service, tasks: &[Task]) -> Self {
+        let running = tasks
+            .iter()
+            .filter(|t| t.service_id == service.id && t.is_serving())
+            .count();
+        ServiceStatus { service, running }
+    }
+}
+
+/// A task and where its sandbox lives on this node (for `lab exec`).
+#[derive(Serialize, Deserialize)]
+pub struct TaskLocation {
+    pub task: Task,
+    pub local: bool,
+    /// The task's network namespace (Shoal's, whatever the runtime).
+    pub netns: String,
+    /// How to run a command inside the task (`lab exec`).
+    pub entry: SandboxEntry,
+}
+
+/// How to enter a task's sandbox: what the API hands `lab exec`, and what health checks
+/// run in. A runtime with containers of its own (podman) adds its own way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SandboxEntry {
+    /// The process runtime's sandbox: the task's network namespace (a path), its
+    /// resolv.conf bound over /etc/resolv.conf in a mount namespace of its own, and its
+    /// hostname in a UTS namespace of its own.
+    Process {
+        netns: PathBuf,
+        resolv_conf: PathBuf,
+        hostname: String,
+    },
+}
