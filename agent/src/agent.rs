@@ -22,7 +22,8 @@ use shoal_control::state::{ClusterState, spawn_cache};
 use shoal_control::store::Store;
 use shoal_node::appliers::{Appliers, Vips};
 use shoal_node::dataplanes::{
-    Dns, Guard, Ingress, IpvsVips, LostFlows, NftVips, Overlays, Publish, Tasks,
+    Conntrack, Dns, Guard, Ingress, IpvsVips, KernelConntrack, LostFlows, NftVips, Overlays,
+    Publish, Tasks,
 };
 use shoal_node::desired;
 use shoal_node::drift::DriftWatch;
@@ -259,6 +260,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         crate::config::Dataplane::Ipvs => Vips::Ipvs(IpvsVips::new(cfg.lb.ipvs_options())),
         crate::config::Dataplane::Nftables => Vips::Nft(NftVips::default()),
     };
+    let conntrack: Arc<dyn Conntrack> = Arc::new(KernelConntrack);
     let tasks = Tasks::new(
         runtime,
         cluster.clone(),
@@ -270,9 +272,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             guard: Guard::default(),
             overlays: Overlays::default(),
             ingress: Ingress::default(),
-            publish: Publish::default(),
+            publish: Publish::new(conntrack.clone()),
             vips,
-            lost: LostFlows::new(&node_id),
+            lost: LostFlows::new(&node_id, conntrack),
             dns: Dns::new(resolver),
             tasks,
         },

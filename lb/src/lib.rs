@@ -192,6 +192,15 @@ pub enum LbError {
         #[source]
         source: std::io::Error,
     },
+    /// Asking the kernel whether an nf_tables object exists failed.
+    #[error("looking up {object} in network namespace {netns:?}: {what}: {source}")]
+    Lookup {
+        netns: String,
+        object: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// `nft` (or libnftables) ran and refused the script or command.
     #[error(
         "nft {action} in network namespace {netns:?} failed ({status}): {stderr}{}",

@@ -2,6 +2,7 @@
 //! libnftables when it can be loaded (see `libnft`), else by spawning `nft`.
 
 mod elements;
+mod exists;
 mod generation;
 mod libnft;
 mod process;
@@ -12,6 +13,7 @@ use std::sync::{Arc, Once, OnceLock};
 use tracing::{debug, info, instrument, warn};
 
 use crate::{LbError, Ruleset, render, validate};
+use exists::Object;
 
 pub use elements::{ElementLoad, load_elements};
 pub use generation::{Generation, GenerationReader};
@@ -178,16 +180,10 @@ impl Applier {
     #[instrument(skip(self))]
     pub async fn list_table(&self, netns: &str, table: &str) -> Result<Option<String>, LbError> {
         check_table_name(table)?;
-        match self
+        let res = self
             .run(netns, "list", Cmd::ListTable(table.to_string()))
-            .await
-        {
-            Ok(out) => Ok(Some(out)),
-            Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+            .await;
+        or_missing(netns, Object::Table(table.to_string()), res).await
     }
 
     /// `nft -s list table ip TABLE` (the table without counter values: the same text for as
@@ -196,27 +192,18 @@ impl Applier {
     #[instrument(skip(self))]
     pub async fn fingerprint(&self, netns: &str, table: &str) -> Result<Option<String>, LbError> {
         check_table_name(table)?;
-        match self
+        let res = self
             .run(netns, "list", Cmd::ListStateless(table.to_string()))
-            .await
-        {
-            Ok(out) => Ok(Some(out)),
-            Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+            .await;
+        or_missing(netns, Object::Table(table.to_string()), res).await
     }
 
-    /// `nft -j list OBJECT` (`OBJECT` e.g. `table ip T`), or None when it does not exist.
-    async fn list_json(&self, netns: &str, object: String) -> Result<Option<String>, LbError> {
-        match self.run(netns, "list", Cmd::ListJson(object)).await {
-            Ok(out) => Ok(Some(out)),
-            Err(LbError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+    /// `nft -j list OBJECT`, or None when it does not exist.
+    async fn list_json(&self, netns: &str, object: Object) -> Result<Option<String>, LbError> {
+        let res = self
+            .run(netns, "list", Cmd::ListJson(object.to_string()))
+            .await;
+        or_missing(netns, object, res).await
     }
 
     /// Runs an nft script of our own making (one transaction).
@@ -387,6 +374,30 @@ pub async fn delete_table(netns: &str, table: &str) -> Result<(), LbError> {
 /// `nft list table ip TABLE` inside the namespace, or None when the table does not exist.
 pub async fn list_table(netns: &str, table: &str) -> Result<Option<String>, LbError> {
     Applier::global().list_table(netns, table).await
+}
+
+/// A listing, or None when the listed object does not exist: a failed `nft list` is
+/// "missing" only when the kernel says so (ENOENT over netlink), never from nft's message.
+async fn or_missing(
+    netns: &str,
+    object: Object,
+    listed: Result<String, LbError>,
+) -> Result<Option<String>, LbError> {
+    let err = match listed {
+        Ok(out) => return Ok(Some(out)),
+        Err(e @ LbError::Nft { .. }) => e,
+        Err(e) => return Err(e),
+    };
+    let (ns, obj) = (netns.to_string(), object.clone());
+    let found = tokio::task::spawn_blocking(move || exists::exists(&ns, &obj))
+        .await
+        .map_err(|e| LbError::Lookup {
+            netns: netns.to_string(),
+            object: object.to_string(),
+            what: "lookup thread".into(),
+            source: std::io::Error::other(e),
+        })??;
+    if found { Err(err) } else { Ok(None) }
 }
 
 fn check_table_name(table: &str) -> Result<(), LbError> {

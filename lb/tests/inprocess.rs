@@ -326,3 +326,31 @@ fn context_socket_is_close_on_exec() {
     }
     assert!(left.is_empty(), "inheritable netfilter sockets: {left:?}");
 }
+
+/// A missing table lists as None, through either backend, for the full and the counter-free
+/// listing; one that is there lists as Some. "Missing" is the kernel's ENOENT to a netlink
+/// GETTABLE, not nft's message; in a namespace that does not exist the listing is an error.
+#[test]
+fn a_missing_table_is_none_and_a_missing_namespace_an_error() {
+    require_root_and_nft();
+    let mut guard = NsGuard::default();
+    let ns = guard.create_with(PREFIX);
+    let rt = rt();
+    for a in [in_process(), Applier::process()] {
+        let kind = if a.is_in_process() { "libnftables" } else { "nft process" };
+        assert_eq!(rt.block_on(a.list_table(&ns, TABLE)).unwrap(), None, "{kind}");
+        assert_eq!(rt.block_on(a.fingerprint(&ns, TABLE)).unwrap(), None, "{kind}");
+        let gone = format!("{ns}-gone");
+        assert!(
+            rt.block_on(a.list_table(&gone, TABLE)).is_err(),
+            "{kind}: a namespace that does not exist is not a missing table"
+        );
+    }
+    let lib = in_process();
+    rt.block_on(lib.apply(&ns, &fixtures::all()[0].1)).unwrap();
+    for a in [lib, Applier::process()] {
+        let listed = rt.block_on(a.list_table(&ns, TABLE)).unwrap();
+        assert!(listed.is_some_and(|t| t.contains(TABLE)));
+        assert!(rt.block_on(a.fingerprint(&ns, TABLE)).unwrap().is_some());
+    }
+}

@@ -24,6 +24,47 @@ fn applier() -> &'static shoal_lb::Applier {
     shoal_lb::Applier::global()
 }
 
+/// The appliers' conntrack clean-ups. Each one dumps a whole conntrack table over
+/// ctnetlink, which blocks for as long as the table is large, so the appliers call it on
+/// tokio's blocking pool, never on a runtime worker (bug 6 of issue 15). A trait so that a
+/// unit test can see which thread it runs on.
+pub trait Conntrack: Send + Sync + 'static {
+    /// Deletes every NATed flow in `netns` whose target is one of `targets`.
+    fn delete_nated_to(
+        &self,
+        netns: &str,
+        targets: &BTreeSet<Ipv4Addr>,
+    ) -> Result<usize, shoal_lb::conntrack::CtError>;
+    /// Deletes the node namespace's flows to NAT targets that `now` no longer publishes.
+    fn clean_published(
+        &self,
+        before: &shoal_lb::publish::PublishSpec,
+        now: &shoal_lb::publish::PublishSpec,
+    ) -> Result<usize, shoal_lb::LbError>;
+}
+
+/// The kernel's conntrack tables (`shoal_lb::conntrack`).
+pub struct KernelConntrack;
+
+impl Conntrack for KernelConntrack {
+    fn delete_nated_to(
+        &self,
+        netns: &str,
+        targets: &BTreeSet<Ipv4Addr>,
+    ) -> Result<usize, shoal_lb::conntrack::CtError> {
+        shoal_lb::conntrack::delete_nated_to(netns, targets)
+    }
+    fn clean_published(
+        &self,
+        before: &shoal_lb::publish::PublishSpec,
+        now: &shoal_lb::publish::PublishSpec,
+    ) -> Result<usize, shoal_lb::LbError> {
+        let local = crate::listening::local_ips();
+        let is_local = |ip: Ipv4Addr| ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip));
+        shoal_lb::publish::clean_conntrack(NODE_NS, before, now, &is_local)
+    }
+}
+
 /// The underlay guard in the node namespace (VXLAN from peers only; only published flows
 /// into the ingress namespace): first of all, before any VXLAN device exists.
 #[derive(Default)]
@@ -200,15 +241,23 @@ impl Dataplane for Ingress {
 
 /// Published ports in the node namespace, and the UDP conntrack entries that would keep
 /// sending to old NAT targets.
-#[derive(Default)]
 pub struct Publish {
     /// None: not programmed yet in this process, or removed.
     applied: Option<shoal_lb::publish::PublishSpec>,
     /// The node namespace is known to hold no published-port table of ours.
     clean: bool,
+    conntrack: Arc<dyn Conntrack>,
 }
 
 impl Publish {
+    pub fn new(conntrack: Arc<dyn Conntrack>) -> Publish {
+        Publish {
+            applied: None,
+            clean: false,
+            conntrack,
+        }
+    }
+
     async fn program(&mut self, spec: shoal_lb::publish::PublishSpec, cx: &mut PassCx<'_>) {
         if self.applied.as_ref() == Some(&spec) {
             return;
@@ -232,13 +281,8 @@ impl Publish {
             });
         // A ctnetlink dump: on the blocking pool, not on a runtime worker.
         let now = spec.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let local = crate::listening::local_ips();
-            let is_local =
-                |ip: Ipv4Addr| ip.is_loopback() || local.contains(&std::net::IpAddr::V4(ip));
-            shoal_lb::publish::clean_conntrack(NODE_NS, &before, &now, &is_local)
-        })
-        .await;
+        let ct = self.conntrack.clone();
+        let res = tokio::task::spawn_blocking(move || ct.clean_published(&before, &now)).await;
         match res {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => cx.fail("publish", "published ports: conntrack clean-up", e),
@@ -564,14 +608,16 @@ pub struct LostFlows {
     cleaned: BTreeSet<Ipv4Addr>,
     /// Task address -> its node, for [`desired::lost_targets`].
     target_nodes: BTreeMap<Ipv4Addr, String>,
+    conntrack: Arc<dyn Conntrack>,
 }
 
 impl LostFlows {
-    pub fn new(node_id: &str) -> LostFlows {
+    pub fn new(node_id: &str, conntrack: Arc<dyn Conntrack>) -> LostFlows {
         LostFlows {
             node_id: node_id.to_string(),
             cleaned: Default::default(),
             target_nodes: Default::default(),
+            conntrack,
         }
     }
 
@@ -604,11 +650,11 @@ impl Dataplane for LostFlows {
         }
         let namespaces: Vec<String> = cx.nat_namespaces.iter().cloned().collect();
         let targets = new.clone();
+        let ct = self.conntrack.clone();
+        // ctnetlink dumps: on the blocking pool, not on a runtime worker.
         let res = tokio::task::spawn_blocking(move || {
             namespaces.iter().try_fold(0, |n, ns| {
-                Ok::<usize, shoal_lb::conntrack::CtError>(
-                    n + shoal_lb::conntrack::delete_nated_to(ns, &targets)?,
-                )
+                Ok::<usize, shoal_lb::conntrack::CtError>(n + ct.delete_nated_to(ns, &targets)?)
             })
         })
         .await;
@@ -1068,5 +1114,72 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(rt.destroyed.load(Ordering::SeqCst), 1);
+    }
+
+    /// Records which thread each conntrack clean-up ran on.
+    #[derive(Default)]
+    struct FakeConntrack {
+        calls: Mutex<Vec<(String, BTreeSet<Ipv4Addr>, std::thread::ThreadId)>>,
+    }
+
+    impl Conntrack for FakeConntrack {
+        fn delete_nated_to(
+            &self,
+            netns: &str,
+            targets: &BTreeSet<Ipv4Addr>,
+        ) -> Result<usize, shoal_lb::conntrack::CtError> {
+            let me = std::thread::current().id();
+            let call = (netns.to_string(), targets.clone(), me);
+            self.calls.lock().unwrap().push(call);
+            Ok(1)
+        }
+        fn clean_published(
+            &self,
+            _before: &shoal_lb::publish::PublishSpec,
+            _now: &shoal_lb::publish::PublishSpec,
+        ) -> Result<usize, shoal_lb::LbError> {
+            let me = std::thread::current().id();
+            let call = (NODE_NS.to_string(), BTreeSet::new(), me);
+            self.calls.lock().unwrap().push(call);
+            Ok(0)
+        }
+    }
+
+    /// Bug 6: the ctnetlink dumps for the flows of a lost node run on the blocking pool.
+    /// The test's runtime has one thread, the test's own; a dump called inline would run
+    /// on it (and stall every other task of the agent while the table is dumped).
+    #[tokio::test(flavor = "current_thread")]
+    async fn flows_of_a_lost_node_are_deleted_off_the_runtime_thread() {
+        let ct = Arc::new(FakeConntrack::default());
+        let mut lost = LostFlows::new("me", ct.clone());
+        let mut st = crate::desired::tests::fixture();
+        st.alive.remove("other-node");
+        let plan = plan_of(&st, &HashSet::new());
+        let mut drift = crate::drift::DriftWatch::new(applier().clone());
+        let mut pending = HashMap::new();
+        let mut cx = PassCx::new(&st, false, &mut drift, &mut pending);
+        cx.nat_namespaces = ["p-n-a".to_string(), "p-n-b".to_string()].into();
+        lost.apply(&plan, Phase::Main, &mut cx).await;
+        assert!(cx.errors.is_empty(), "{:?}", cx.errors);
+        let runtime_thread = std::thread::current().id();
+        let calls = ct.calls.lock().unwrap().clone();
+        let t2: BTreeSet<Ipv4Addr> = ["10.0.1.4".parse().unwrap()].into();
+        assert_eq!(
+            calls
+                .iter()
+                .map(|(ns, t, _)| (ns.as_str(), t))
+                .collect::<Vec<_>>(),
+            [("p-n-a", &t2), ("p-n-b", &t2)],
+            "the lost node's task, in every namespace with NAT state"
+        );
+        for (ns, _, thread) in &calls {
+            assert_ne!(
+                *thread, runtime_thread,
+                "{ns}: dumped on the runtime thread"
+            );
+        }
+        // Cleaned once while the node stays down.
+        lost.apply(&plan, Phase::Main, &mut cx).await;
+        assert_eq!(ct.calls.lock().unwrap().len(), 2);
     }
 }

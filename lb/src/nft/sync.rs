@@ -483,7 +483,7 @@ impl Syncer {
     async fn read_back(&self, netns: &str, table: &str) -> Result<Found, LbError> {
         let Some(json) = self
             .applier
-            .list_json(netns, format!("table ip {table}"))
+            .list_json(netns, super::exists::Object::Table(table.to_string()))
             .await?
         else {
             return Ok(Found::Absent);
@@ -505,7 +505,10 @@ impl Syncer {
     async fn clean_affinity(&self, netns: &str, want: &Model) -> Result<usize, LbError> {
         let Some(json) = self
             .applier
-            .list_json(netns, format!("map ip {} affinity", want.table))
+            .list_json(
+                netns,
+                super::exists::Object::Map(want.table.clone(), "affinity".into()),
+            )
             .await?
         else {
             return Ok(0);
