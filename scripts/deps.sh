@@ -30,6 +30,11 @@ have qemu-system-x86_64 || need+=(qemu-system-x86)
 dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
 have ipvsadm || [ -x /usr/sbin/ipvsadm ] || need+=(ipvsadm)
 have depmod  || [ -x /usr/sbin/depmod ]  || need+=(kmod)
+# Image tasks (`service create --image`) run through podman with runc (crun refuses hybrid
+# cgroup hosts such as this one); the CNI backend of podman uses Shoal's CNI plugin.
+have podman || need+=(podman)
+have runc   || need+=(runc)
+[ -d /usr/lib/cni ] || need+=(containernetworking-plugins)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "deps: missing packages: ${need[*]} (run as root so they can be installed)" >&2

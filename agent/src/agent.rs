@@ -28,6 +28,7 @@ use shoal_node::dataplanes::{
 use shoal_node::desired;
 use shoal_node::drift::DriftWatch;
 use shoal_node::plan::{NodeFacts, NodePlan};
+use shoal_node::podman::NodeRuntime;
 use shoal_node::reconcile::{self, PassCx};
 use shoal_node::report::NodeReport;
 use shoal_node::runtime::{Exited, ProcessRuntime, Runtime};
@@ -198,8 +199,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let (resolver, search) = resolver_of(&cfg);
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
-    let runtime: Arc<dyn Runtime> =
-        ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?;
+    let podman = cfg.runtime.podman();
+    info!(podman = ?podman, "container runtime");
+    let runtime: Arc<dyn Runtime> = NodeRuntime::new(
+        ProcessRuntime::new(&cfg.netns_prefix, &cfg.state_dir.join("tasks"), exit_tx)?,
+        podman,
+    );
 
     let report = Arc::new(Mutex::new(NodeReport::default()));
     let state_rx = spawn_cache(store.clone());
@@ -293,10 +298,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
     // wait for its own node's kernel work.
     tokio::spawn(
-        shoal_control::orchestrator::Orchestrator {
-            cluster: agent.cluster.clone(),
-            liveness: agent.liveness.clone(),
-        }
+        shoal_control::orchestrator::Orchestrator::new(
+            agent.cluster.clone(),
+            agent.liveness.clone(),
+            Duration::from_secs(agent.cfg.restart_delay_secs),
+        )
         .run(state_rx.clone()),
     );
     agent.serve(state_rx, exit_rx).await?;

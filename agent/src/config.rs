@@ -25,6 +25,9 @@ pub struct AgentConfig {
     pub stop_grace_secs: u64,
     /// Seconds between SIGTERM and SIGKILL.
     pub kill_timeout_secs: u64,
+    /// Seconds before a slot whose task exited or failed gets a new task (Docker Swarm's
+    /// restart delay: a task that crashes at once is not restarted in a hot loop).
+    pub restart_delay_secs: u64,
     /// TTL of the node's liveness lease: a node whose agent stops renewing it is declared
     /// down this long after its last renewal.
     pub lease_ttl_secs: u64,
@@ -35,6 +38,8 @@ pub struct AgentConfig {
     pub underlay_dev: Option<String>,
     /// How VIPs are load-balanced.
     pub lb: LbSettings,
+    /// How image tasks run.
+    pub runtime: RuntimeSettings,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP; loopback by default).
     /// An empty string turns it off.
     pub metrics_addr: String,
@@ -49,6 +54,53 @@ pub struct LbSettings {
     /// IPVS scheduler of services with random selection (`rr`, `wrr`, `lc`, `sh`, ...);
     /// services with consistent selection always use `mh`. Only read with `dataplane = "ipvs"`.
     pub ipvs_scheduler: String,
+}
+
+/// `[runtime]`: image tasks are containers run by podman.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// The podman binary.
+    pub podman: PathBuf,
+    /// The OCI runtime podman uses: "auto" (runc on hosts with hybrid cgroups, where crun
+    /// fails; podman's default elsewhere), "default" (podman's), or a name or path.
+    pub oci_runtime: String,
+    /// `--ulimit` values for every container. Absent: detected (none where root has
+    /// CAP_SYS_RESOURCE; nofile=1024:1024 and nproc=4096:4096 where it lacks it, since
+    /// podman's defaults fail with EPERM there).
+    pub ulimits: Option<Vec<String>>,
+    /// Seconds a pull of an image the node does not have may take.
+    pub pull_timeout_secs: u64,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            podman: PathBuf::from("podman"),
+            oci_runtime: "auto".into(),
+            ulimits: None,
+            pull_timeout_secs: 60,
+        }
+    }
+}
+
+impl RuntimeSettings {
+    /// The settings podman is run with, with "auto" and absent values detected.
+    pub fn podman(&self) -> shoal_node::podman::PodmanSettings {
+        shoal_node::podman::PodmanSettings {
+            engine: self.podman.clone(),
+            oci_runtime: match self.oci_runtime.as_str() {
+                "auto" => shoal_node::podman::detect_oci_runtime(),
+                "default" => None,
+                r => Some(r.to_string()),
+            },
+            ulimits: self
+                .ulimits
+                .clone()
+                .unwrap_or_else(shoal_node::podman::detect_ulimits),
+            pull_timeout: std::time::Duration::from_secs(self.pull_timeout_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -141,10 +193,12 @@ impl Default for AgentConfig {
             dns: DnsSettings::default(),
             stop_grace_secs: 1,
             kill_timeout_secs: 5,
+            restart_delay_secs: 5,
             lease_ttl_secs: 3,
             resync_secs: 10,
             underlay_dev: None,
             lb: LbSettings::default(),
+            runtime: RuntimeSettings::default(),
             metrics_addr: DEFAULT_METRICS_ADDR.into(),
         }
     }
@@ -251,6 +305,38 @@ impl AgentConfig {
             }
         }
         self.metrics_socket()?;
+        if self.restart_delay_secs > 3600 {
+            anyhow::bail!(
+                "restart_delay_secs {} is out of range (0-3600)",
+                self.restart_delay_secs
+            );
+        }
+        if self.runtime.oci_runtime.is_empty() || self.runtime.oci_runtime.starts_with('-') {
+            anyhow::bail!(
+                "runtime.oci_runtime {:?} must be \"auto\", \"default\", or a runtime name or path such as \"runc\"",
+                self.runtime.oci_runtime
+            );
+        }
+        for u in self.runtime.ulimits.iter().flatten() {
+            let ok = u.split_once('=').is_some_and(|(name, v)| {
+                !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_lowercase())
+                    && !v.is_empty()
+                    && v.split(':').count() <= 2
+                    && v.split(':').all(|n| n == "-1" || n.parse::<u64>().is_ok())
+            });
+            if !ok {
+                anyhow::bail!(
+                    "runtime.ulimits: {u:?} is not NAME=SOFT[:HARD] (e.g. nofile=1024:1024)"
+                );
+            }
+        }
+        if !(1..=3600).contains(&self.runtime.pull_timeout_secs) {
+            anyhow::bail!(
+                "runtime.pull_timeout_secs {} is out of range (1-3600)",
+                self.runtime.pull_timeout_secs
+            );
+        }
         let sched = &self.lb.ipvs_scheduler;
         if sched.is_empty()
             || sched.len() > 15

@@ -250,6 +250,11 @@ pub struct Service {
     pub replicas: u32,
     pub endpoint_mode: EndpointMode,
     pub ports: Vec<PortConfig>,
+    /// The OCI image each task runs (a container, through podman); None: a process task
+    /// of the lab runtime, running `command` on the host's filesystem.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The command (with an image: overrides the image's command; empty keeps it).
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
@@ -484,6 +489,25 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), Invalid> {
     } else {
         Err(invalid(format!(
             "invalid {kind} name {name:?}: use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+/// An image reference as podman takes it (`busybox`, `localhost/whoami:1`,
+/// `docker.io/library/nginx:1.25`, `name@sha256:...`). Refused: empty, too long, spaces or
+/// other characters no reference has, and a leading '-' (it would read as a flag).
+pub fn validate_image(image: &str) -> Result<(), Invalid> {
+    let ok = !image.is_empty()
+        && image.len() <= 255
+        && !image.starts_with(['-', '.', '/', ':', '@'])
+        && image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid image {image:?}: expected a reference like busybox, localhost/whoami:1 or docker.io/library/nginx:1.25"
         )))
     }
 }

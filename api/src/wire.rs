@@ -45,6 +45,10 @@ pub struct ServiceCreate {
     pub endpoint_mode: EndpointMode,
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// The image tasks run (containers through podman); None: process tasks.
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
@@ -111,5 +115,11 @@ pub enum SandboxEntry {
         netns: PathBuf,
         resolv_conf: PathBuf,
         hostname: String,
+    },
+    /// A container of an image task: commands run through `ENGINE exec CONTAINER`.
+    Container {
+        /// The container engine (podman).
+        engine: PathBuf,
+        container: String,
     },
 }

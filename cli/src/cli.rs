@@ -42,7 +42,7 @@ pub enum Cmd {
     #[command(subcommand)]
     Node(NodeCmd),
     /// Run the node agent
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Built-in HTTP/UDP echo server reporting who answered and whom it saw
     Whoami {
         /// TCP port of the HTTP server
@@ -265,7 +265,7 @@ pub enum NetworkCmd {
 #[derive(Subcommand, Debug)]
 pub enum ServiceCmd {
     /// Create a service
-    Create(ServiceCreateArgs),
+    Create(Box<ServiceCreateArgs>),
     /// List services
     Ls(FormatArg),
     /// List a service's tasks
@@ -351,9 +351,41 @@ pub struct ServiceCreateArgs {
     /// went to, for this long (e.g. 10m, 3h; max 24h)
     #[arg(long)]
     pub affinity_timeout: Option<String>,
-    /// The command each task runs
-    #[arg(last = true, required = true)]
+    /// The OCI image each task runs, as a container through podman (Docker's positional
+    /// IMAGE also works)
+    #[arg(long)]
+    pub image: Option<String>,
+    /// IMAGE [CMD]... as `docker service create` takes them
+    #[arg(value_name = "IMAGE [CMD]...", allow_hyphen_values = true)]
+    pub image_and_command: Vec<String>,
+    /// The command each task runs (with an image: instead of the image's command; without
+    /// one: a process task of the lab runtime, on the host's filesystem)
+    #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+impl ServiceCreateArgs {
+    /// (image, command) from `--image IMAGE [-- CMD...]`, `IMAGE [CMD...]` or `-- CMD...`.
+    pub fn image_and_command(&self) -> anyhow::Result<(Option<String>, Vec<String>)> {
+        let (image, mut command) = match (&self.image, self.image_and_command.split_first()) {
+            (Some(_), Some((first, _))) => bail!(
+                "service create: both --image and a positional image ({first:?}) given; use one, and put the command after --"
+            ),
+            (Some(i), None) => (Some(i.clone()), vec![]),
+            (None, Some((i, rest))) => (Some(i.clone()), rest.to_vec()),
+            (None, None) => (None, vec![]),
+        };
+        if !self.command.is_empty() {
+            if !command.is_empty() {
+                bail!("service create: a command both after the image and after --; give it once");
+            }
+            command = self.command.clone();
+        }
+        if image.is_none() && command.is_empty() {
+            bail!("service create needs an image (IMAGE or --image IMAGE) or a command (after --)");
+        }
+        Ok((image, command))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -589,13 +621,15 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         None => None,
                     },
                 };
+                let (image, command) = a.image_and_command()?;
                 let req = ServiceCreate {
                     name: a.name,
                     networks,
                     replicas: a.replicas,
                     endpoint_mode,
                     ports,
-                    command: a.command,
+                    image,
+                    command,
                     env: a.env,
                     health,
                     lb,
@@ -645,10 +679,18 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 if format.format == Format::Json {
                     return print_json(&tasks);
                 }
+                // Process tasks (no image) run the service's command on the host.
+                let image = c
+                    .service(&name)
+                    .await?
+                    .service
+                    .image
+                    .unwrap_or_else(|| "(process)".into());
                 table(
                     &[
                         "ID",
                         "NAME",
+                        "IMAGE",
                         "NODE",
                         "DESIRED STATE",
                         "CURRENT STATE",
@@ -666,6 +708,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                             vec![
                                 shoal_api::model::short_id(&t.id).to_string(),
                                 t.name(),
+                                image.clone(),
                                 node,
                                 t.desired_state.to_string(),
                                 t.state.to_string(),
@@ -1012,6 +1055,47 @@ mod tests {
             }
             // Ok or a clap error; a panic fails the test.
             let _ = Cli::try_parse_from(&argv);
+        }
+    }
+
+    fn create_args(argv: &[&str]) -> anyhow::Result<(Option<String>, Vec<String>)> {
+        let mut full = vec!["shoal", "service", "create", "--name", "web"];
+        full.extend_from_slice(argv);
+        let cli = Cli::try_parse_from(&full)?;
+        let Cmd::Service(ServiceCmd::Create(a)) = cli.command else {
+            panic!("not service create");
+        };
+        a.image_and_command()
+    }
+
+    /// `--image IMAGE [-- CMD]`, Docker's `IMAGE [CMD...]`, and `-- CMD` for process tasks;
+    /// ambiguous or empty forms are refused.
+    #[test]
+    fn service_create_takes_an_image_in_either_form() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            create_args(&["--image", "localhost/web:1"]).unwrap(),
+            (Some("localhost/web:1".into()), v(&[]))
+        );
+        assert_eq!(
+            create_args(&["--image", "busybox", "--", "sleep", "10"]).unwrap(),
+            (Some("busybox".into()), v(&["sleep", "10"]))
+        );
+        assert_eq!(
+            create_args(&["--replicas", "2", "busybox", "httpd", "-f", "-p", "80"]).unwrap(),
+            (Some("busybox".into()), v(&["httpd", "-f", "-p", "80"]))
+        );
+        assert_eq!(
+            create_args(&["--", "shoal", "whoami"]).unwrap(),
+            (None, v(&["shoal", "whoami"]))
+        );
+        // After a positional IMAGE everything is its command, a `--` too (as in Docker).
+        assert_eq!(
+            create_args(&["busybox", "echo", "--", "x"]).unwrap(),
+            (Some("busybox".into()), v(&["echo", "--", "x"]))
+        );
+        for bad in [&["--image", "a", "b"][..], &[][..]] {
+            assert!(create_args(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::keys::{
 use crate::store::{Compare, KeyValue, Op, Store, StoreError};
 use shoal_api::model::{
     EndpointMode, Invalid, Network, Node, PortConfig, Protocol, PublishMode, Service,
-    ServiceNetwork, Task, TaskState, invalid, new_id, parse_subnet, validate_name,
+    ServiceNetwork, Task, TaskState, invalid, new_id, parse_subnet, validate_image, validate_name,
 };
 use shoal_api::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
 
@@ -426,8 +426,15 @@ impl Cluster {
     /// Creates a service: validates, allocates VIPs and published ports in one transaction.
     pub async fn create_service(&self, req: ServiceCreate) -> Result<Service> {
         validate_name("service", &req.name)?;
-        if req.command.is_empty() {
-            return Err(invalid("service create needs a command (after --)").into());
+        match &req.image {
+            Some(image) => validate_image(image)?,
+            None if req.command.is_empty() => {
+                return Err(invalid(
+                    "service create needs an image (--image IMAGE) or a command (after --)",
+                )
+                .into());
+            }
+            None => {}
         }
         if req.replicas > MAX_REPLICAS {
             return Err(invalid(format!(
@@ -504,6 +511,7 @@ impl Cluster {
                 replicas: req.replicas,
                 endpoint_mode: req.endpoint_mode,
                 ports,
+                image: req.image.clone(),
                 command: req.command.clone(),
                 env: req.env.clone(),
                 health: req.health.clone(),

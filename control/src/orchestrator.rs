@@ -2,7 +2,8 @@
 //! node reconciler and acts on the same state snapshots.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::warn;
@@ -15,9 +16,50 @@ use shoal_api::model::{Node, PublishMode, Task, TaskState};
 pub struct Orchestrator {
     pub cluster: Cluster,
     pub liveness: Arc<Liveness>,
+    /// How long a slot whose task exited or failed waits for its next task.
+    pub restart_delay: Duration,
+    /// (service id, slot) -> the failed task last seen there and when it was first seen.
+    failures: Mutex<HashMap<(String, u32), (String, Instant)>>,
 }
 
 impl Orchestrator {
+    pub fn new(cluster: Cluster, liveness: Arc<Liveness>, restart_delay: Duration) -> Self {
+        Orchestrator {
+            cluster,
+            liveness,
+            restart_delay,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers slots whose task failed (an exit, a failed start) when the failure is
+    /// first seen, and forgets those whose delay is over; true for a slot still waiting.
+    /// Kept in the leader's memory: the failed task's record is gone once its node removed
+    /// it, which is usually before the delay ends (a new leader starts without delays).
+    fn note_failures(&self, st: &ClusterState) -> impl Fn(&str, u32) -> bool + '_ {
+        let mut f = self.failures.lock().expect("lock");
+        let now = Instant::now();
+        for t in st.task_list() {
+            if t.state == TaskState::Failed && st.alive.contains(&t.node_id) {
+                let e = f
+                    .entry((t.service_id.clone(), t.slot))
+                    .or_insert_with(|| (t.id.clone(), now));
+                if e.0 != t.id {
+                    *e = (t.id.clone(), now);
+                }
+            }
+        }
+        let delay = self.restart_delay;
+        f.retain(|_, (_, at)| now.duration_since(*at) < delay);
+        drop(f);
+        move |svc: &str, slot: u32| {
+            self.failures
+                .lock()
+                .expect("lock")
+                .contains_key(&(svc.to_string(), slot))
+        }
+    }
+
     /// Runs a pass on every new snapshot while this node is the leader, and every second
     /// (leadership can arrive without a store change).
     pub async fn run(self, mut state_rx: watch::Receiver<Arc<ClusterState>>) {
@@ -95,6 +137,7 @@ impl Orchestrator {
             return errors;
         }
         let networks: Vec<&shoal_api::model::Network> = st.networks.values().collect();
+        let waiting = self.note_failures(st);
         for (svc, svc_rev) in st.services.values() {
             let live: Vec<&Task> = st
                 .task_list()
@@ -110,7 +153,7 @@ impl Orchestrator {
             let mut placed: HashMap<String, usize> = HashMap::new();
             let mut placements = vec![];
             for slot in 1..=svc.replicas {
-                if live.iter().any(|t| t.slot == slot) {
+                if live.iter().any(|t| t.slot == slot) || waiting(&svc.id, slot) {
                     continue;
                 }
                 let candidates: Vec<&&Node> = ready
@@ -231,14 +274,11 @@ mod tests {
             .await
             .unwrap();
         store.put(&crate::keys::alive("n1"), vec![]).await.unwrap();
-        let o = Orchestrator {
-            cluster: c.clone(),
-            liveness: Liveness::spawn(
-                store.clone(),
-                "n1".into(),
-                std::time::Duration::from_secs(3),
-            ),
-        };
+        let o = Orchestrator::new(
+            c.clone(),
+            Liveness::spawn(store.clone(), "n1".into(), Duration::from_secs(3)),
+            Duration::ZERO,
+        );
         let errors = o.orchestrate(&state(&c).await).await;
         assert_eq!(errors.len(), 1, "{errors:?}");
         let msg = format!("{:#}", errors[0]);
@@ -248,5 +288,62 @@ mod tests {
         );
         let fine = c.service_tasks("b-fine").await.unwrap();
         assert_eq!(fine.len(), 2, "b-fine placed despite a-full");
+    }
+
+    /// A slot whose task failed gets its next task only after the restart delay (no hot
+    /// crash loop); without a delay at once.
+    #[tokio::test]
+    async fn a_failed_slot_waits_for_the_restart_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let c = Cluster::new(store.clone());
+        c.create_network(NetworkCreate {
+            name: "net".into(),
+            subnet: Some("10.79.0.0/24".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.create_service(svc("crashy", "net", 1)).await.unwrap();
+        let node = Node {
+            id: "n1".into(),
+            name: "node1".into(),
+            addr: None,
+            status: NodeStatus::Ready,
+            version: "test".into(),
+            listening: vec![],
+        };
+        store
+            .put(&crate::keys::node("n1"), encode(&node))
+            .await
+            .unwrap();
+        store.put(&crate::keys::alive("n1"), vec![]).await.unwrap();
+        let liveness = Liveness::spawn(store.clone(), "n1".into(), Duration::from_secs(3));
+        let slow = Orchestrator::new(c.clone(), liveness.clone(), Duration::from_secs(3600));
+        assert!(slow.orchestrate(&state(&c).await).await.is_empty());
+        let first = c.tasks().await.unwrap();
+        assert_eq!(first.len(), 1);
+        c.update_task(&first[0].id, |t| {
+            crate::reports::Report::Exited("exit code 1".into()).apply(t)
+        })
+        .await
+        .unwrap();
+        for _ in 0..3 {
+            assert!(slow.orchestrate(&state(&c).await).await.is_empty());
+        }
+        assert_eq!(
+            c.tasks().await.unwrap().len(),
+            1,
+            "replaced within the delay"
+        );
+        let quick = Orchestrator::new(c.clone(), liveness, Duration::ZERO);
+        assert!(quick.orchestrate(&state(&c).await).await.is_empty());
+        let now = c.tasks().await.unwrap();
+        assert_eq!(
+            now.len(),
+            2,
+            "a new task for the slot once the delay is over"
+        );
     }
 }

@@ -474,6 +474,9 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
     let p = prefix(name);
     let mut removed = vec![];
     let mut errors = vec![];
+    if let Err(e) = remove_containers(&p) {
+        errors.push(format!("{e:#}"));
+    }
     let all = shoal_netns::list()?;
     // Tasks and networks first, then nodes and the underlay.
     let mut ours: Vec<String> = all.into_iter().filter(|n| n.starts_with(&p)).collect();
@@ -504,6 +507,50 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
         bail!("lab down left things behind: {}", errors.join("; "));
     }
     Ok(removed)
+}
+
+/// Removes the podman containers of the lab's agents (their label names a namespace
+/// prefix under the lab's), at once: the lab is going away. Nothing to do without podman.
+fn remove_containers(lab_prefix: &str) -> anyhow::Result<()> {
+    let label = shoal_node::names::LABEL_PREFIX;
+    let listed = match Command::new("podman")
+        .args(["ps", "-a", "--filter", &format!("label={label}")])
+        .args([
+            "--format",
+            &format!("{{{{.Names}}}} {{{{index .Labels \"{label}\"}}}}"),
+        ])
+        .output()
+    {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => bail!(
+            "listing the lab's containers: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        // No podman: no containers.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::Error::new(e).context("running podman")),
+    };
+    let ours: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, prefix)| prefix.starts_with(lab_prefix))
+        .map(|(name, _)| name)
+        .collect();
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let o = Command::new("podman")
+        .args(["rm", "-f", "--ignore", "-t", "0"])
+        .args(&ours)
+        .output()
+        .context("running podman rm")?;
+    if !o.status.success() {
+        bail!(
+            "removing the lab's containers {ours:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// What `lab exec` runs in.

@@ -337,9 +337,21 @@ fn a_missing_table_is_none_and_a_missing_namespace_an_error() {
     let ns = guard.create_with(PREFIX);
     let rt = rt();
     for a in [in_process(), Applier::process()] {
-        let kind = if a.is_in_process() { "libnftables" } else { "nft process" };
-        assert_eq!(rt.block_on(a.list_table(&ns, TABLE)).unwrap(), None, "{kind}");
-        assert_eq!(rt.block_on(a.fingerprint(&ns, TABLE)).unwrap(), None, "{kind}");
+        let kind = if a.is_in_process() {
+            "libnftables"
+        } else {
+            "nft process"
+        };
+        assert_eq!(
+            rt.block_on(a.list_table(&ns, TABLE)).unwrap(),
+            None,
+            "{kind}"
+        );
+        assert_eq!(
+            rt.block_on(a.fingerprint(&ns, TABLE)).unwrap(),
+            None,
+            "{kind}"
+        );
         let gone = format!("{ns}-gone");
         assert!(
             rt.block_on(a.list_table(&gone, TABLE)).is_err(),

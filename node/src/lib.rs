@@ -14,6 +14,7 @@ pub mod listening;
 pub mod metrics;
 pub mod names;
 pub mod plan;
+pub mod podman;
 pub mod reconcile;
 pub mod report;
 pub mod runtime;

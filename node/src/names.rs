@@ -38,3 +38,14 @@ pub fn host_ifname(task_id: &str) -> String {
 pub fn task_ifname(index: usize) -> String {
     format!("eth{index}")
 }
+
+/// The podman container of an image task: named as its namespace (unique on the host).
+pub fn task_container(prefix: &str, task_id: &str) -> String {
+    task_netns(prefix, task_id)
+}
+
+/// Container labels: the task id, its service, and the agent's namespace prefix (which
+/// containers are this agent's, or a lab's).
+pub const LABEL_TASK: &str = "io.shoal.task";
+pub const LABEL_SERVICE: &str = "io.shoal.service";
+pub const LABEL_PREFIX: &str = "io.shoal.prefix";

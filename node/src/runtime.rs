@@ -28,8 +28,12 @@ pub struct TaskSpec {
     pub name: String,
     pub service: String,
     pub hostname: String,
+    /// The image of a container task; None: a process task.
+    pub image: Option<String>,
     pub command: Vec<String>,
     pub env: Vec<String>,
+    /// The resolv.conf search list.
+    pub search: Vec<String>,
     /// Lines of the task's /etc/resolv.conf.
     pub resolv_conf: String,
 }
@@ -91,22 +95,35 @@ pub fn sandbox_command(
     new_session: bool,
 ) -> anyhow::Result<Command> {
     let prog = argv.first().context("no command to run in the task")?;
-    let mut cmd = Command::new(resolve_program(prog));
-    cmd.args(&argv[1..]);
     match entry {
         SandboxEntry::Process {
             netns,
             resolv_conf,
             hostname,
         } => {
+            let mut cmd = Command::new(resolve_program(prog));
+            cmd.args(&argv[1..]);
             let netns = netns.to_str().context("namespace path is not UTF-8")?;
             let sb = Sandbox::new(netns, resolv_conf, hostname)?;
             let sb = if new_session { sb } else { sb.same_session() };
             cmd.env("HOSTNAME", hostname);
             sb.apply(&mut cmd);
+            Ok(cmd)
+        }
+        SandboxEntry::Container { engine, container } => {
+            let mut cmd = Command::new(engine);
+            cmd.arg("exec");
+            if !new_session {
+                // Interactive (`lab exec`): stdin, and a terminal when there is one.
+                cmd.arg("-i");
+                if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    cmd.arg("-t");
+                }
+            }
+            cmd.arg(container).args(argv);
+            Ok(cmd)
         }
     }
-    Ok(cmd)
 }
 
 /// Prepared, allocation-free setup applied in the child between fork and exec.
@@ -205,8 +222,27 @@ impl ProcessRuntime {
         }))
     }
 
-    fn task_dir(&self, task_id: &str) -> PathBuf {
+    pub(crate) fn task_dir(&self, task_id: &str) -> PathBuf {
         self.dir.join(task_id)
+    }
+
+    /// Records the pid of a task's first process (a container's, started by another
+    /// runtime in this task's sandbox): what `is_running` checks.
+    pub(crate) fn record_pid(&self, task_id: &str, pid: u32) -> anyhow::Result<()> {
+        fs::write(self.task_dir(task_id).join("pid"), pid.to_string())?;
+        self.children
+            .lock()
+            .expect("lock")
+            .insert(task_id.to_string(), pid);
+        Ok(())
+    }
+
+    pub(crate) fn exits(&self) -> &mpsc::UnboundedSender<Exited> {
+        &self.exits
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn pid_of(&self, task_id: &str) -> Option<u32> {

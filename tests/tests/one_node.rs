@@ -520,6 +520,7 @@ fn exits_are_replaced_and_health_gates_dns() {
             .first()
             .map(|t| t["id"].as_str().unwrap().to_string())
     });
+    let seen_running = std::time::Instant::now();
     let second = lab.wait_for("a new task for flaky.1", Duration::from_secs(30), || {
         lab.running_tasks("flaky")
             .first()
@@ -527,6 +528,13 @@ fn exits_are_replaced_and_health_gates_dns() {
             .filter(|id| *id != first)
     });
     assert_ne!(first, second);
+    // Not in a hot loop: the slot waited for the restart delay (5 s by default) after the
+    // exit, which came a second after the start.
+    let replaced_after = seen_running.elapsed();
+    assert!(
+        replaced_after >= Duration::from_secs(5),
+        "replaced {replaced_after:?} after it ran: no restart delay"
+    );
     lab.shoal(&["service", "rm", "flaky"]).ok();
 
     // Health: the check passes while a marker file exists.
