@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, kernel tests included (they need root and never skip here), then a
-# check that the host namespace is as it was: same namespaces, same nft ruleset.
+# check that the host namespace is as it was: same namespaces, same nft ruleset, same
+# podman containers.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
@@ -10,8 +11,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 ns_before=$(ip netns list | sort)
 nft_before=$(nft list ruleset)
+containers() { podman ps -a --format '{{.Names}}' | sort; }
+ct_before=$(containers)
 start=$(date +%s)
 cargo build --workspace --all-targets
+# The images of the container tests, built offline from Debian packages and this build.
+bash scripts/images.sh target/debug/shoal
 status=0
 # Kernel tests that cannot run (no root, no nft) fail instead of skipping.
 export SHOAL_REQUIRE_KERNEL_TESTS=1
@@ -30,6 +35,12 @@ fi
 if [ "$nft_before" != "$nft_after" ]; then
   echo "FAIL: the tests changed the host's nft ruleset" >&2
   diff <(echo "$nft_before") <(echo "$nft_after") >&2 || true
+  status=1
+fi
+ct_after=$(containers)
+if [ "$ct_before" != "$ct_after" ]; then
+  echo "FAIL: the tests left podman containers behind:" >&2
+  diff <(echo "$ct_before") <(echo "$ct_after") >&2 || true
   status=1
 fi
 passed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($i ~ /^passed;?$/) s+=$(i-1)} END {print s+0}' "$log")
