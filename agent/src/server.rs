@@ -10,12 +10,15 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use shoal_api::wire::{NetworkCreate, ServiceCreate, ServiceStatus, ServiceUpdate, TaskLocation};
+use shoal_api::wire::{
+    ContainerCreate, ContainerStatus, NetworkCreate, ServiceCreate, ServiceStatus, ServiceUpdate,
+    TaskLocation,
+};
 use shoal_control::cluster::{Cluster, ClusterError};
 use shoal_control::store::StoreError;
 use shoal_node::report::NodeReport;
@@ -81,6 +84,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}", get(service_get).delete(service_rm))
         .route("/v1/services/{name}/update", post(service_update))
         .route("/v1/services/{name}/tasks", get(service_tasks))
+        .route("/v1/containers", get(containers).post(container_create))
+        .route("/v1/containers/{name}", delete(container_rm))
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{what}", get(task_get))
         .route("/v1/nodes", get(nodes))
@@ -152,9 +157,43 @@ async fn services(State(s): State<ApiState>) -> ApiResult<Vec<ServiceStatus>> {
         .services()
         .await?
         .into_iter()
+        .filter(|svc| svc.standalone.is_none())
         .map(|svc| ServiceStatus::new(svc, &tasks))
         .collect();
     Ok(Json(out))
+}
+
+/// `shoal run`: on this agent's node.
+async fn container_create(
+    State(s): State<ApiState>,
+    b: Result<Json<ContainerCreate>, JsonRejection>,
+) -> ApiResult<shoal_api::model::Service> {
+    Ok(Json(
+        s.cluster.create_container(body(b)?, &s.node_id).await?,
+    ))
+}
+
+async fn containers(State(s): State<ApiState>) -> ApiResult<Vec<ContainerStatus>> {
+    let tasks = s.cluster.tasks().await?;
+    let out = s
+        .cluster
+        .containers()
+        .await?
+        .into_iter()
+        .map(|c| {
+            let task = tasks.iter().find(|t| t.service_id == c.id).cloned();
+            ContainerStatus { container: c, task }
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+async fn container_rm(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    s.cluster.remove_container(&name).await?;
+    Ok(Json(json!({ "removed": name })))
 }
 
 async fn service_create(

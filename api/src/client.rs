@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::model::{Network, Node, Service, Task};
+use crate::wire::{ContainerCreate, ContainerStatus, ServiceStatus, TaskLocation};
 use crate::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
-use crate::wire::{ServiceStatus, TaskLocation};
 
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 
@@ -196,6 +196,22 @@ impl Client {
 
     pub async fn service_rm(&self, name: &str) -> anyhow::Result<()> {
         let _: serde_json::Value = self.delete(&format!("/v1/services/{}", seg(name))).await?;
+        Ok(())
+    }
+
+    /// `shoal run`: a standalone container on the node of the agent asked.
+    pub async fn container_create(&self, req: &ContainerCreate) -> anyhow::Result<Service> {
+        self.post("/v1/containers", req).await
+    }
+
+    pub async fn containers(&self) -> anyhow::Result<Vec<ContainerStatus>> {
+        self.get("/v1/containers").await
+    }
+
+    pub async fn container_rm(&self, name: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .delete(&format!("/v1/containers/{}", seg(name)))
+            .await?;
         Ok(())
     }
 

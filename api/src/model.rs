@@ -263,6 +263,22 @@ pub struct Service {
     /// How the VIP picks a task for a new connection.
     #[serde(default)]
     pub lb: LbOptions,
+    /// Set for a standalone container (`shoal run`), not a service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standalone: Option<Standalone>,
+}
+
+/// A standalone container (`shoal run`): one task on the node it was started from, never
+/// moved or restarted; its name and aliases resolve to its own address (no VIP). Stored
+/// as a service record so that names, addresses and DNS work as for services.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Standalone {
+    /// The node it runs on.
+    pub node_id: String,
+    /// Why it ended (its exit), once it did: it is not started again.
+    #[serde(default)]
+    pub exited: Option<String>,
 }
 
 /// `--lb random|consistent` and `--affinity-timeout DURATION` of a service.

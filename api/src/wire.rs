@@ -7,6 +7,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{EndpointMode, HealthCheck, LbOptions, PortConfig, Service, Task};
 
+/// `shoal run`: a standalone container on the node of the agent asked, on attachable
+/// networks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerCreate {
+    /// Its name (and DNS name); default: `ctr-` and six hex digits of its id.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub networks: Vec<NetworkAttach>,
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+/// A standalone container and its task (None before it is placed or after it ended).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub container: Service,
+    pub task: Option<Task>,
+}
+
 /// A request to create a network (what the CLI sends).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,11 +10,13 @@ use serde::Serialize;
 use shoal::config::StoreKind;
 use shoal_api::client::{Client, socket_path, table};
 use shoal_api::model::{
-    EndpointMode, HealthCheck, LbOptions, Network, Node, PortConfig, Service, Task,
+    EndpointMode, HealthCheck, LbOptions, Network, Node, PortConfig, Service, Task, TaskState,
     parse_duration_ms,
 };
-use shoal_api::wire::ServiceStatus;
-use shoal_api::wire::{NetworkAttach, NetworkCreate, ServiceCreate, ServiceUpdate};
+use shoal_api::wire::{
+    ContainerCreate, ContainerStatus, NetworkAttach, NetworkCreate, SandboxEntry, ServiceCreate,
+    ServiceStatus, ServiceUpdate, TaskLocation,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +43,27 @@ pub enum Cmd {
     /// Show nodes
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Run a standalone container on this node, on attachable networks (docker run)
+    Run(Box<RunArgs>),
+    /// List standalone containers
+    Ps(FormatArg),
+    /// Remove standalone containers
+    Rm {
+        /// Container names
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Show a standalone container's or a task's output (podman logs, on its node)
+    Logs {
+        /// Follow the output
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines
+        #[arg(long)]
+        tail: Option<u32>,
+        /// A container name or a task (web.1, a task id)
+        name: String,
+    },
     /// Run the node agent
     Agent(Box<AgentArgs>),
     /// Built-in HTTP/UDP echo server reporting who answered and whom it saw
@@ -386,6 +409,28 @@ impl ServiceCreateArgs {
         }
         Ok((image, command))
     }
+}
+
+/// `shoal run`: Docker's `docker run --network NET` for containers outside services.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Detach: return once the container runs (otherwise its output follows until it ends)
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Its name, also its DNS name on its networks (default: ctr- and six hex digits)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// NET[,alias=ALIAS]... (repeatable; attachable networks only)
+    #[arg(long, required = true)]
+    pub network: Vec<String>,
+    /// KEY=VALUE (repeatable)
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// The image to run
+    pub image: String,
+    /// The command (default: the image's)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -809,7 +854,135 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 print_json(&v)?;
             }
         },
+        Cmd::Run(a) => {
+            let networks = a
+                .network
+                .iter()
+                .map(|n| parse_network_attach(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let ctr: Service = c
+                .container_create(&ContainerCreate {
+                    name: a.name.clone(),
+                    networks,
+                    image: a.image.clone(),
+                    command: a.command.clone(),
+                    env: a.env.clone(),
+                })
+                .await?;
+            // Like `docker run -d`: back once it runs (or with the reason it did not).
+            let start = std::time::Instant::now();
+            loop {
+                let all: Vec<ContainerStatus> = c.containers().await?;
+                let me = all.iter().find(|x| x.container.id == ctr.id);
+                if let Some(why) = me.and_then(|x| x.container.standalone.as_ref()?.exited.clone())
+                {
+                    bail!("container {} did not run: {why}", ctr.name);
+                }
+                if me
+                    .and_then(|x| x.task.as_ref())
+                    .is_some_and(|t| t.state == TaskState::Running)
+                {
+                    break;
+                }
+                if start.elapsed() > std::time::Duration::from_secs(120) {
+                    bail!(
+                        "container {} is not running after 2 minutes (see shoal ps)",
+                        ctr.name
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            println!("{}", ctr.name);
+            if !a.detach {
+                // Attached: its output until it ends.
+                logs(&c, &ctr.name, true, None).await?;
+            }
+        }
+        Cmd::Ps(f) => {
+            let all: Vec<ContainerStatus> = c.containers().await?;
+            if f.format == Format::Json {
+                return print_json(&all);
+            }
+            let nodes: Vec<Node> = c.nodes().await?;
+            table(
+                &["ID", "NAME", "IMAGE", "NODE", "STATE", "ADDRESSES", "ERROR"],
+                all.iter()
+                    .map(|x| {
+                        let sa = x.container.standalone.as_ref();
+                        let node = sa
+                            .and_then(|s| nodes.iter().find(|n| n.id == s.node_id))
+                            .map(|n| n.name.clone())
+                            .unwrap_or_default();
+                        let exited = sa.and_then(|s| s.exited.clone());
+                        vec![
+                            shoal_api::model::short_id(&x.container.id).to_string(),
+                            x.container.name.clone(),
+                            x.container.image.clone().unwrap_or_default(),
+                            node,
+                            match (&exited, &x.task) {
+                                (Some(_), _) => "exited".into(),
+                                (None, Some(t)) => t.state.to_string(),
+                                (None, None) => "pending".into(),
+                            },
+                            x.task
+                                .iter()
+                                .flat_map(|t| &t.networks)
+                                .map(|n| format!("{}={}", n.network, n.ip))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            exited.unwrap_or_default(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Rm { names } => {
+            for n in names {
+                c.container_rm(&n).await?;
+                println!("{n}");
+            }
+        }
+        Cmd::Logs { follow, tail, name } => logs(&c, &name, follow, tail).await?,
         _ => unreachable!("not a client command"),
+    }
+    Ok(())
+}
+
+/// `shoal logs`: podman's log of a container on this node.
+async fn logs(c: &Client, name: &str, follow: bool, tail: Option<u32>) -> anyhow::Result<()> {
+    // A standalone container's task is `NAME.1`.
+    let what = match c
+        .containers()
+        .await?
+        .iter()
+        .find(|x| x.container.name == name)
+    {
+        Some(_) => format!("{name}.1"),
+        None => name.to_string(),
+    };
+    let loc: TaskLocation = c.task(&what).await?;
+    if !loc.local {
+        bail!("{name} runs on another node: ask that node's agent (-H)");
+    }
+    let SandboxEntry::Container { engine, container } = &loc.entry else {
+        bail!(
+            "{name} is a process task: its output is in the agent's task directory, not podman's"
+        );
+    };
+    let mut cmd = std::process::Command::new(engine);
+    cmd.arg("logs");
+    if follow {
+        cmd.arg("-f");
+    }
+    if let Some(n) = tail {
+        cmd.args(["--tail", &n.to_string()]);
+    }
+    let st = cmd
+        .arg(container)
+        .status()
+        .with_context(|| format!("running {}", engine.display()))?;
+    if !st.success() {
+        bail!("podman logs {container}: {st}");
     }
     Ok(())
 }

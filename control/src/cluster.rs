@@ -16,9 +16,10 @@ use crate::keys::{
 use crate::store::{Compare, KeyValue, Op, Store, StoreError};
 use shoal_api::model::{
     EndpointMode, Invalid, Network, Node, PortConfig, Protocol, PublishMode, Service,
-    ServiceNetwork, Task, TaskState, invalid, new_id, parse_subnet, validate_image, validate_name,
+    ServiceNetwork, Standalone, Task, TaskState, invalid, new_id, parse_subnet, validate_image,
+    validate_name,
 };
-use shoal_api::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
+use shoal_api::wire::{ContainerCreate, NetworkCreate, ServiceCreate, ServiceUpdate};
 
 /// Name of the ingress network, created with the cluster.
 pub const INGRESS_NETWORK: &str = "ingress";
@@ -425,7 +426,78 @@ impl Cluster {
 
     /// Creates a service: validates, allocates VIPs and published ports in one transaction.
     pub async fn create_service(&self, req: ServiceCreate) -> Result<Service> {
-        validate_name("service", &req.name)?;
+        self.create(req, None).await
+    }
+
+    /// Creates a standalone container on `node_id` (`shoal run`): a service record of one
+    /// task pinned to that node, DNS round robin (its name is its own address), only on
+    /// attachable networks. Its name shares the services' namespace.
+    pub async fn create_container(&self, req: ContainerCreate, node_id: &str) -> Result<Service> {
+        if req.networks.is_empty() {
+            return Err(invalid("shoal run needs --network NET (an attachable network)").into());
+        }
+        let name = req
+            .name
+            .unwrap_or_else(|| format!("ctr-{}", &new_id()[..6]));
+        self.create(
+            ServiceCreate {
+                name,
+                networks: req.networks,
+                replicas: 1,
+                endpoint_mode: EndpointMode::Dnsrr,
+                image: Some(req.image),
+                command: req.command,
+                env: req.env,
+                ..Default::default()
+            },
+            Some(Standalone {
+                node_id: node_id.to_string(),
+                exited: None,
+            }),
+        )
+        .await
+    }
+
+    /// Records that a standalone container ended (it is not started again). Nothing is
+    /// written when the record changed meanwhile (the next pass sees the new one).
+    pub async fn container_exited(&self, svc: &Service, rev: i64, why: String) -> Result<()> {
+        let mut svc = svc.clone();
+        if let Some(sa) = svc.standalone.as_mut() {
+            sa.exited = Some(why);
+        }
+        let key = keys::service(&svc.name);
+        self.store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                vec![Op::Put(key, encode(&svc))],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a standalone container (its task stops, its name leaves DNS).
+    pub async fn remove_container(&self, name: &str) -> Result<()> {
+        self.remove(name, true).await
+    }
+
+    /// Standalone containers (services are listed by [`Cluster::services`]).
+    pub async fn containers(&self) -> Result<Vec<Service>> {
+        Ok(self
+            .list(SERVICES)
+            .await?
+            .into_iter()
+            .map(|(s, _): (Service, i64)| s)
+            .filter(|s| s.standalone.is_some())
+            .collect())
+    }
+
+    async fn create(&self, req: ServiceCreate, standalone: Option<Standalone>) -> Result<Service> {
+        let kind = if standalone.is_some() {
+            "container"
+        } else {
+            "service"
+        };
+        validate_name(kind, &req.name)?;
         match &req.image {
             Some(image) => validate_image(image)?,
             None if req.command.is_empty() => {
@@ -467,11 +539,17 @@ impl Cluster {
         req.lb.validate()?;
         let key = keys::service(&req.name);
         retry_txn!({
-            if self.store.get(&key).await?.is_some() {
-                return Err(ClusterError::Conflict(format!(
-                    "service {:?} already exists",
-                    req.name
-                )));
+            if let Some((other, _)) = self.get::<Service>(&key).await? {
+                let other_kind = if other.standalone.is_some() {
+                    "container"
+                } else {
+                    "service"
+                };
+                return Err(ClusterError::Conflict(if other_kind == kind {
+                    format!("{kind} {:?} already exists", req.name)
+                } else {
+                    format!("the name {:?} is in use by a {other_kind}", req.name)
+                }));
             }
             let mut cmps = vec![Compare::Absent(key.clone())];
             let mut ops = vec![];
@@ -484,6 +562,13 @@ impl Cluster {
                     })?;
                 if net.ingress {
                     return Err(invalid(format!("network {:?} is the ingress network; publish ports instead of attaching to it", a.network)).into());
+                }
+                if standalone.is_some() && !net.attachable {
+                    return Err(invalid(format!(
+                        "network {:?} is not attachable: standalone containers join only networks created with --attachable",
+                        a.network
+                    ))
+                    .into());
                 }
                 cmps.push(Compare::ModRevision(keys::network(&a.network), rev));
                 let vip = if req.endpoint_mode == EndpointMode::Vip {
@@ -516,6 +601,7 @@ impl Cluster {
                 env: req.env.clone(),
                 health: req.health.clone(),
                 lb: req.lb,
+                standalone: standalone.clone(),
             };
             ops.push(Op::Put(key.clone(), encode(&svc)));
             if self.store.txn(cmps, ops).await?.succeeded {
@@ -733,6 +819,11 @@ impl Cluster {
                 .get(&key)
                 .await?
                 .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))?;
+            if svc.standalone.is_some() {
+                return Err(
+                    invalid(format!("{name:?} is a standalone container, not a service")).into(),
+                );
+            }
             let mut cmps = vec![Compare::ModRevision(key.clone(), rev)];
             let mut ops = vec![];
             if let Some(r) = upd.replicas {
@@ -811,12 +902,27 @@ impl Cluster {
     /// Removes a service and releases its VIPs and ports; its tasks are shut down by the
     /// orchestrator and removed by their nodes.
     pub async fn remove_service(&self, name: &str) -> Result<()> {
+        self.remove(name, false).await
+    }
+
+    async fn remove(&self, name: &str, container: bool) -> Result<()> {
         let key = keys::service(name);
+        let kind = if container { "container" } else { "service" };
         retry_txn!({
             let (svc, rev): (Service, i64) = self
                 .get(&key)
                 .await?
-                .ok_or_else(|| ClusterError::NotFound(format!("service {name:?} not found")))?;
+                .ok_or_else(|| ClusterError::NotFound(format!("{kind} {name:?} not found")))?;
+            if svc.standalone.is_some() != container {
+                return Err(invalid(if container {
+                    format!(
+                        "{name:?} is a service, not a standalone container: use shoal service rm"
+                    )
+                } else {
+                    format!("{name:?} is a standalone container, not a service: use shoal rm")
+                })
+                .into());
+            }
             let mut ops = vec![
                 Op::Delete(key.clone()),
                 Op::DeletePrefix(keys::slots_prefix(&svc.id)),

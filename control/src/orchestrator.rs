@@ -139,6 +139,26 @@ impl Orchestrator {
         let networks: Vec<&shoal_api::model::Network> = st.networks.values().collect();
         let waiting = self.note_failures(st);
         for (svc, svc_rev) in st.services.values() {
+            if let Some(sa) = &svc.standalone {
+                // A standalone container runs once: its exit is recorded, never replaced.
+                if sa.exited.is_some() {
+                    continue;
+                }
+                let failed = st
+                    .task_list()
+                    .find(|t| t.service_id == svc.id && t.state == TaskState::Failed);
+                if let Some(t) = failed {
+                    let why = t.error.clone().unwrap_or_else(|| "exited".into());
+                    if let Err(e) = self.cluster.container_exited(svc, *svc_rev, why).await {
+                        errors.push(
+                            anyhow::Error::new(e)
+                                .context(format!("recording the exit of container {}", svc.name)),
+                        );
+                    }
+                    continue;
+                }
+            }
+            let pinned = svc.standalone.as_ref().map(|s| s.node_id.as_str());
             let live: Vec<&Task> = st
                 .task_list()
                 .filter(|t| t.service_id == svc.id && t.desired_state == TaskState::Running)
@@ -153,11 +173,14 @@ impl Orchestrator {
             let mut placed: HashMap<String, usize> = HashMap::new();
             let mut placements = vec![];
             for slot in 1..=svc.replicas {
-                if live.iter().any(|t| t.slot == slot) || waiting(&svc.id, slot) {
+                if live.iter().any(|t| t.slot == slot)
+                    || (pinned.is_none() && waiting(&svc.id, slot))
+                {
                     continue;
                 }
                 let candidates: Vec<&&Node> = ready
                     .iter()
+                    .filter(|n| pinned.is_none_or(|p| p == n.id))
                     .filter(|n| host_ports.is_empty() || !host_port_taken(st, &n.id, &host_ports))
                     .collect();
                 let Some(node) = candidates

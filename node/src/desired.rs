@@ -647,6 +647,7 @@ pub(crate) mod tests {
             env: vec![],
             health: None,
             lb: Default::default(),
+            standalone: None,
         };
         let db = Service {
             id: "s2".into(),
@@ -665,6 +666,7 @@ pub(crate) mod tests {
             env: vec![],
             health: None,
             lb: Default::default(),
+            standalone: None,
         };
         let t1 = task(
             "t1",

@@ -366,3 +366,141 @@ fn missing_or_bad_images_are_clear_errors() {
         lab_containers(&lab)
     );
 }
+
+/// `shoal run` on attachable networks: a standalone container resolves services, services
+/// resolve it by its name and aliases, `shoal logs` shows its output, `shoal rm` takes its
+/// name out of DNS, an exit is recorded and not restarted; a network that is not
+/// attachable or unknown, or a name in use, is refused with nothing left behind.
+#[test]
+fn standalone_containers_on_attachable_networks() {
+    if !require_kernel("standalone_containers_on_attachable_networks") {
+        return;
+    }
+    let image = whoami_image();
+    let lab = Lab::up(1, "embedded");
+    lab.shoal(&["network", "create", "--attachable", "appnet"])
+        .ok();
+    lab.shoal(&["network", "create", "closed"]).ok();
+    lab.shoal(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--image",
+        &image,
+    ])
+    .ok();
+    wait_serving(&lab, "web", 1);
+
+    let run = lab
+        .shoal(&[
+            "run",
+            "-d",
+            "--name",
+            "box",
+            "--network",
+            "appnet,alias=boxy",
+            "localhost/shoal-busybox:2",
+            "sh",
+            "-c",
+            "echo hello-from-box; exec sleep 1000",
+        ])
+        .ok();
+    assert_eq!(run.stdout.trim(), "box");
+    let ps: Vec<serde_json::Value> =
+        serde_json::from_str(&lab.shoal(&["ps", "--format", "json"]).ok().stdout).unwrap();
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert_eq!(ps[0]["task"]["state"], "running");
+    let box_ip = ps[0]["task"]["networks"][0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let svc: serde_json::Value =
+        serde_json::from_str(&lab.shoal(&["service", "inspect", "web"]).ok().stdout).unwrap();
+    let vip = svc["networks"][0]["vip"].as_str().unwrap().to_string();
+    let ls = lab.shoal(&["service", "ls"]).ok().stdout;
+    assert!(!ls.contains("box"), "a container is not a service: {ls}");
+
+    // Names both ways.
+    let out = lab.exec("box.1", &["nslookup", "web"]).ok().stdout;
+    assert!(out.contains(&vip), "box -> web: {out}");
+    for name in ["box", "boxy"] {
+        let out = lab.exec("web.1", &["nslookup", name]).ok().stdout;
+        assert!(out.contains(&box_ip), "web -> {name}: {out}");
+    }
+    let logs = lab.shoal(&["logs", "box"]).ok().stdout;
+    assert!(logs.contains("hello-from-box"), "logs: {logs}");
+
+    // Refused, with nothing made.
+    for (args, why) in [
+        (&["--network", "closed"][..], "not attachable"),
+        (&["--network", "nosuch"][..], "not found"),
+        (
+            &["--name", "web", "--network", "appnet"][..],
+            "in use by a service",
+        ),
+        (
+            &["--name", "box", "--network", "appnet"][..],
+            "already exists",
+        ),
+    ] {
+        let mut argv = vec!["run", "-d"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["localhost/shoal-busybox:2", "sleep", "1"]);
+        let r = lab.shoal(&argv);
+        assert_ne!(r.code, 0, "{argv:?} accepted");
+        assert!(r.stderr.contains(why), "{argv:?}: {}", r.stderr);
+    }
+    let svc_rm = lab.shoal(&["service", "rm", "box"]);
+    assert!(svc_rm.stderr.contains("standalone container"), "{svc_rm:?}");
+    assert_eq!(lab_containers(&lab).len(), 2, "{:?}", lab_containers(&lab));
+
+    // Removed: its name leaves DNS, its container goes.
+    lab.shoal(&["rm", "box"]).ok();
+    lab.wait_for("box to leave DNS", Duration::from_secs(10), || {
+        let out = lab.exec("web.1", &["nslookup", "box"]).stdout;
+        (!out.contains(&box_ip)).then_some(())
+    });
+    lab.wait_for("box's container to go", Duration::from_secs(20), || {
+        (lab_containers(&lab).len() == 1).then_some(())
+    });
+
+    // An exit is recorded and the container is not started again.
+    let _ = lab.shoal(&[
+        "run",
+        "-d",
+        "--name",
+        "once",
+        "--network",
+        "appnet",
+        "localhost/shoal-busybox:2",
+        "sh",
+        "-c",
+        "sleep 1; exit 3",
+    ]);
+    let exited = lab.wait_for("once to exit", Duration::from_secs(30), || {
+        let r = lab.shoal(&["ps", "--format", "json"]);
+        let ps: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).ok()?;
+        ps.iter()
+            .find(|c| c["container"]["name"] == "once")
+            .and_then(|c| {
+                c["container"]["standalone"]["exited"]
+                    .as_str()
+                    .map(String::from)
+            })
+    });
+    assert!(exited.contains("exit code 3"), "{exited}");
+    std::thread::sleep(Duration::from_secs(7));
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(
+        &lab.shoal(&["service", "ps", "once", "--format", "json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        tasks.iter().all(|t| t["desired_state"] != "running"),
+        "restarted: {tasks:?}"
+    );
+}
