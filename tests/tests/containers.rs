@@ -117,7 +117,6 @@ fn image_services_on_three_nodes() {
         return;
     }
     let image = whoami_image();
-    let before = podman(&["ps", "-a", "--format", "{{.Names}}"]).ok().stdout;
     let lab = Lab::up(3, "etcd");
     lab.shoal(&["network", "create", "appnet"]).ok();
     // Docker's positional form: IMAGE after the options.
@@ -309,9 +308,20 @@ fn image_services_on_three_nodes() {
         },
     );
 
+    // Other tests' labs run beside this one: only this lab's containers count.
+    let ours = format!("shoal-{}-", lab.name);
     drop(lab);
-    let after = podman(&["ps", "-a", "--format", "{{.Names}}"]).ok().stdout;
-    assert_eq!(before, after, "containers left behind after lab down");
+    let left: Vec<String> = podman(&["ps", "-a", "--format", "{{.Names}}"])
+        .ok()
+        .stdout
+        .lines()
+        .filter(|n| n.starts_with(&ours))
+        .map(String::from)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "containers left behind after lab down: {left:?}"
+    );
 }
 
 /// An image the node does not have (and no registry to pull from) fails its task at once

@@ -485,6 +485,12 @@ fn kernel_state(lab: &Lab, node: &str) -> Vec<String> {
                 if l.contains("valid_lft") || l.is_empty() {
                     continue;
                 }
+                // The kernel's own IPv6 link-local routes (like the addresses above, which
+                // `valid_lft` skips): made some time after a link comes up, not by Shoal,
+                // which is IPv4 only; a snapshot taken early would miss them.
+                if l.contains("fe80::") && l.contains("proto kernel") {
+                    continue;
+                }
                 out.push(format!("{short}: {} | {l}", cmd.join(" ")));
             }
         }
