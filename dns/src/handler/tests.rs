@@ -563,7 +563,8 @@ fn fuzz_one_million() {
     fuzz_on_two_threads(1_000_000);
 }
 
-/// Cost of the query path (run with `--release -- --ignored --nocapture`).
+/// Cost of the query path (run with `--release -- --ignored --nocapture`; `SHOAL_TIMING_N`
+/// sets the iterations per shape).
 #[test]
 #[ignore = "timing; run in release"]
 fn timing_local_answer() {
@@ -580,7 +581,11 @@ fn timing_local_answer() {
     ] {
         let r = if what.starts_with("SRV") { &srv } else { &r };
         let mut out = Vec::with_capacity(512);
-        let n = 1_000_000;
+        // SHOAL_TIMING_N: fewer iterations (e.g. under callgrind, to count instructions).
+        let n = std::env::var("SHOAL_TIMING_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
         let start = std::time::Instant::now();
         for _ in 0..n {
             std::hint::black_box(h.handle(std::hint::black_box(&q), r, Transport::Udp, &mut out));
