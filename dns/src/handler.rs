@@ -425,7 +425,9 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
     let reply = |rcode| ParseError::Reply {
         id: md.id,
         op,
-        rd: md.recursion_desired,
+        // RD is defined only for QUERY (RFC 1035 4.1.1): a NOTIMP answer to another opcode
+        // echoes the opcode and the id, nothing else.
+        rd: md.recursion_desired && md.op_code == OpCode::Query,
         rcode,
     };
     if md.op_code != OpCode::Query {

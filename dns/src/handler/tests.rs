@@ -859,3 +859,33 @@ fn truncated_udp_answer_carries_whole_records() {
         .collect();
     assert_eq!(targets, expected);
 }
+
+/// Issue 16: RD is defined only for QUERY (RFC 1035 4.1.1); a NOTIMP answer to another
+/// opcode echoes the opcode and the id but not RD (nor any other QUERY-only bit).
+#[test]
+fn notimp_for_other_opcodes_clears_rd() {
+    let (h, r) = (handler(true), view());
+    let good = query("web", RecordType::A, None);
+    assert_eq!(good[2] & 0x01, 1, "the query has RD");
+    for op in 1..=15u8 {
+        let mut q = good.clone();
+        // QR=0, opcode, AA, TC and RD set; RA, Z, AD and CD set too.
+        q[2] = (op << 3) | 0x07;
+        q[3] = 0xF0;
+        let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).expect("a reply");
+        assert_eq!(bytes.len(), 12, "header only: {bytes:02x?}");
+        assert_eq!(bytes[..2], q[..2]);
+        // QR=1, the opcode echoed, AA, TC and RD clear; RA, Z, AD, CD clear, NOTIMP.
+        assert_eq!(bytes[2], 0x80 | (op << 3), "opcode {op}: {:08b}", bytes[2]);
+        assert_eq!(bytes[3], RCODE_NOTIMP, "opcode {op}: {:08b}", bytes[3]);
+        let m = Message::from_vec(&bytes).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert!(!m.metadata.recursion_desired);
+        assert_eq!(u8::from(m.metadata.op_code), op);
+    }
+    // QUERY keeps echoing RD, in errors too (FORMERR: two questions).
+    let mut q = good.clone();
+    q[5] = 2;
+    let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).unwrap();
+    assert_eq!((bytes[2], bytes[3]), (0x81, RCODE_FORMERR));
+}
