@@ -24,6 +24,8 @@ have iptables-legacy-restore || need+=(iptables)
 have ping      || need+=(iputils-ping)
 have ps        || need+=(procps)
 have cc        || need+=(gcc)
+# dns/tests/kernel.rs builds a static musl client (musl-gcc -static) for the truncation test
+have musl-gcc  || need+=(musl-tools)
 # IPVS tests in a qemu VM (scripts/ipvs-vm.sh): the kernel itself is NOT installed on the host,
 # its .deb is downloaded into target/ipvs-vm/ and unpacked there (see below).
 have qemu-system-x86_64 || need+=(qemu-system-x86)

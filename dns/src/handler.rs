@@ -16,6 +16,10 @@
 //! SRV answers (priority 0, weight 1) carry the A records of their targets in the
 //! additional section; over UDP those are dropped first when the answer does not fit, and
 //! TC is set only when the SRV records themselves do not fit (RFC 2181 9).
+//!
+//! A UDP answer whose answer section does not fit keeps as many whole answer records as fit
+//! (in the shuffled order) and sets TC, as Docker's resolver does: clients that never retry
+//! over TCP (musl before 1.2.4) still get addresses.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -248,9 +252,13 @@ impl Handler {
             additionals = 0;
         }
         if out.len() + opt * OPT_LEN > limit || answers > usize::from(u16::MAX) {
-            out.truncate(p.q_end);
+            // As many whole answer records as fit, in the order already written (after the
+            // shuffle), and TC: clients that never retry over TCP (musl before 1.2.4) still
+            // get addresses. Only this rare path walks the records.
+            let (end, fit) = whole_records(out, p.q_end, answers, limit - opt * OPT_LEN);
+            out.truncate(end);
             out[2] |= 0x02; // TC
-            answers = 0;
+            answers = fit;
             authorities = 0;
         }
         if opt == 1 {
@@ -417,7 +425,9 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
     let reply = |rcode| ParseError::Reply {
         id: md.id,
         op,
-        rd: md.recursion_desired,
+        // RD is defined only for QUERY (RFC 1035 4.1.1): a NOTIMP answer to another opcode
+        // echoes the opcode and the id, nothing else.
+        rd: md.recursion_desired && md.op_code == OpCode::Query,
         rcode,
     };
     if md.op_code != OpCode::Query {
@@ -499,6 +509,27 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
         p.key_len = Some(len);
     }
     Ok(p)
+}
+
+/// The first of the `count` answer records written from `start` in `out` that end at most at
+/// `budget` (and at most `u16::MAX` of them): the end of the last one, and how many. Every
+/// answer record this module writes has a 2-byte compressed owner name, so a record is 12
+/// bytes of owner, type, class, TTL and RDLENGTH, then RDLENGTH bytes of data.
+fn whole_records(out: &[u8], start: usize, count: usize, budget: usize) -> (usize, usize) {
+    let mut at = start;
+    let mut n = 0;
+    while n < count.min(usize::from(u16::MAX)) {
+        let Some(&[hi, lo]) = out.get(at + 10..at + 12) else {
+            break;
+        };
+        let end = at + 12 + usize::from(u16::from_be_bytes([hi, lo]));
+        if end > budget || end > out.len() {
+            break;
+        }
+        at = end;
+        n += 1;
+    }
+    (at, n)
 }
 
 /// End of the (single) question of a message: after its uncompressed name, type and class.

@@ -213,11 +213,12 @@ async fn large_answer_truncates_over_udp_only() {
     let resolver = Resolver::new(DnsConfig::default());
     resolver.attach("c1", &ns.name, view()).await.unwrap();
 
-    // 100 A records (about 1.6 kB): over UDP without EDNS, or with 1232, truncated.
-    for size in ["+noedns", "+bufsize=1232"] {
+    // 100 A records (about 1.6 kB): over UDP without EDNS, or with 1232, truncated to the
+    // whole records that fit: (512 - 12 - 10) / 16 = 30, (1232 - 12 - 10 - 11) / 16 = 74.
+    for (size, fit) in [("+noedns", 30), ("+bufsize=1232", 74)] {
         let text = ns.dig(&["+ignore", size, "many"]).await;
         assert!(text.contains("flags: qr aa tc rd;"), "{size}: {text}");
-        assert_eq!(answer_count(&text), 0, "{text}");
+        assert_eq!(answer_count(&text), fit, "{text}");
     }
     // A large enough EDNS buffer gets everything over UDP.
     let text = ns.dig(&["+ignore", "+bufsize=4096", "many"]).await;
@@ -808,10 +809,12 @@ async fn bursts_from_many_clients() {
                     assert!(!seen[k], "duplicate answer");
                     seen[k] = true;
                     assert_eq!(m.queries[0].name().to_ascii(), names[k % names.len()]);
+                    // many.: truncated to the 30 whole records that fit in 512 bytes.
                     let want = match k % names.len() {
                         0 => 1,
                         1 => 2,
-                        _ => 0,
+                        2 => 0,
+                        _ => 30,
                     };
                     assert_eq!(m.answers.len(), want, "{m:?}");
                 }
@@ -1176,5 +1179,104 @@ async fn tcp_local_answer_overtakes_slow_forward() {
     assert!(got[2].2 >= Duration::from_millis(700), "{got:?}");
     assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>()[2..], [1, 1]);
     assert_eq!(slow.seen.load(Ordering::SeqCst), 2);
+    resolver.detach("c1").await;
+}
+
+/// A directory under the system temp dir, removed on drop (even on panic).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-dns-{what}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Issue 16: musl before 1.2.4 (Alpine 3.17 and older, Debian 12's musl 1.2.3) asks over UDP
+/// with a 512-byte buffer, no EDNS, and never retries over TCP after TC; an answer truncated
+/// to the question alone was "name not found" for it. A static musl program
+/// (tests/musl_resolve.c, built here with `musl-gcc -static`) resolves a name with 40 A
+/// records through the resolver: it must get the records that fit in 512 bytes.
+#[tokio::test]
+async fn musl_gets_addresses_from_a_truncated_answer() {
+    require_root!("musl_gets_addresses_from_a_truncated_answer");
+    let Some(musl_gcc) = ["/usr/bin/musl-gcc", "/usr/local/bin/musl-gcc"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        if std::env::var_os("SHOAL_REQUIRE_KERNEL_TESTS").is_some() {
+            panic!(
+                "musl_gets_addresses_from_a_truncated_answer must run but musl-gcc is missing (scripts/deps.sh installs musl-tools)"
+            );
+        }
+        eprintln!(
+            "SKIP musl_gets_addresses_from_a_truncated_answer: musl-gcc not found (apt-get install musl-tools)"
+        );
+        return;
+    };
+    let dir = TempDir::new("musl");
+    let bin = dir.0.join("musl_resolve");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/musl_resolve.c");
+    let out = Command::new(musl_gcc)
+        .args(["-static", "-O1", "-Wall", "-o"])
+        .arg(&bin)
+        .arg(src)
+        .output()
+        .expect("run musl-gcc");
+    assert!(
+        out.status.success(),
+        "musl-gcc -static {src}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ns = Ns::new();
+    std::fs::create_dir_all(ns.etc_dir()).unwrap();
+    std::fs::write(
+        ns.etc_dir().join("resolv.conf"),
+        "nameserver 127.0.0.11\noptions timeout:2 attempts:1\n",
+    )
+    .unwrap();
+    let big: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(10, 2, 0, i)).collect();
+    let records = Records::builder()
+        .a("tasks.big", &big, true)
+        .a("web", &[ip(2)], false)
+        .build();
+    let resolver = Resolver::new(DnsConfig::default());
+    resolver
+        .attach("c1", &ns.name, Arc::new(records))
+        .await
+        .unwrap();
+    let bin = bin.to_str().unwrap();
+
+    // A small answer, to show the program and the namespace's resolv.conf work at all.
+    let (ok, text) = ns.exec(bin, &["web"]).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("getaddrinfo 10.0.0.2"), "{text}");
+
+    // 40 A records (652 bytes) do not fit in 512: the truncated answer carries what fits.
+    let (ok, text) = ns.exec(bin, &["tasks.big"]).await;
+    assert!(ok, "musl found no address for tasks.big: {text}");
+    for call in ["getaddrinfo", "gethostbyname"] {
+        let got: Vec<Ipv4Addr> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(call)?.trim().parse().ok())
+            .collect();
+        // (512 - 12 header - 15 question) / 16 bytes per A record = 30 whole records.
+        assert!(
+            got.len() == 30 && got.iter().all(|a| big.contains(a)),
+            "{call}: {got:?}\n{text}"
+        );
+    }
     resolver.detach("c1").await;
 }

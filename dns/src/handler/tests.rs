@@ -219,10 +219,11 @@ fn unknown_names_forward_or_nxdomain() {
 #[test]
 fn truncation_and_edns() {
     let (h, r) = (handler(false), view());
-    // 100 A records: about 1.6 kB.
+    // 100 A records: about 1.6 kB. Truncated: the records that fit (see
+    // truncated_udp_answer_carries_whole_records).
     let m = ask(&h, &r, &query("many", RecordType::A, None), Transport::Udp);
     assert!(m.metadata.truncation);
-    assert!(m.answers.is_empty());
+    assert_eq!(m.answers.len(), 30);
     assert_eq!(m.queries.len(), 1);
     let m = ask(
         &h,
@@ -231,6 +232,7 @@ fn truncation_and_edns() {
         Transport::Udp,
     );
     assert!(m.metadata.truncation);
+    assert_eq!(m.answers.len(), 74);
     assert_eq!(m.edns.as_ref().unwrap().max_payload(), MAX_UDP_PAYLOAD);
     let m = ask(
         &h,
@@ -563,7 +565,8 @@ fn fuzz_one_million() {
     fuzz_on_two_threads(1_000_000);
 }
 
-/// Cost of the query path (run with `--release -- --ignored --nocapture`).
+/// Cost of the query path (run with `--release -- --ignored --nocapture`; `SHOAL_TIMING_N`
+/// sets the iterations per shape).
 #[test]
 #[ignore = "timing; run in release"]
 fn timing_local_answer() {
@@ -580,7 +583,11 @@ fn timing_local_answer() {
     ] {
         let r = if what.starts_with("SRV") { &srv } else { &r };
         let mut out = Vec::with_capacity(512);
-        let n = 1_000_000;
+        // SHOAL_TIMING_N: fewer iterations (e.g. under callgrind, to count instructions).
+        let n = std::env::var("SHOAL_TIMING_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
         let start = std::time::Instant::now();
         for _ in 0..n {
             std::hint::black_box(h.handle(std::hint::black_box(&q), r, Transport::Udp, &mut out));
@@ -744,7 +751,7 @@ fn srv_truncation_drops_additional_first() {
         Transport::Tcp,
     );
     assert_eq!((m.answers.len(), m.additionals.len()), (12, 36));
-    // 40 SRV records do not fit in 512: TC, question only.
+    // 40 SRV records do not fit in 512: TC, the SRV records that fit, no additional.
     let m = ask(
         &h,
         &r,
@@ -752,7 +759,7 @@ fn srv_truncation_drops_additional_first() {
         Transport::Udp,
     );
     assert!(m.metadata.truncation);
-    assert!(m.answers.is_empty() && m.additionals.is_empty());
+    assert_eq!((m.answers.len(), m.additionals.len()), (12, 0));
     let m = ask(
         &h,
         &r,
@@ -760,4 +767,125 @@ fn srv_truncation_drops_additional_first() {
         Transport::Tcp,
     );
     assert_eq!((m.answers.len(), m.additionals.len()), (40, 36));
+}
+
+/// Issue 16: a UDP answer too large for the client carries as many whole records as fit
+/// (TC set), as Docker's resolver does, not the question alone: musl before 1.2.4 never
+/// retries over TCP and took an empty truncated answer for "no such name".
+#[test]
+fn truncated_udp_answer_carries_whole_records() {
+    let h = handler(false);
+    let big: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(10, 2, 0, i)).collect();
+    let r = Records::builder()
+        .a("tasks.big", &big, true)
+        .a("ordered", &big, false)
+        .build();
+    // Header 12, question (name + 2, type, class), A record 16 (pointer, type, class,
+    // TTL, length, address), OPT 11.
+    let question = |name: &str| name.len() + 2 + 4;
+    let fit = |name: &str, limit: usize, opt: usize| (limit - 12 - question(name) - opt) / A_RR_LEN;
+    assert_eq!(fit("tasks.big", 512, 0), 30);
+    assert_eq!(fit("tasks.big", 600, 11), 35);
+    assert_eq!(fit("ordered", 512, 0), 30);
+    for (edns, limit, opt) in [(None, 512, 0), (Some(600), 600, 11)] {
+        for name in ["tasks.big", "ordered"] {
+            let q = query(name, RecordType::A, edns);
+            let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).unwrap();
+            let m = Message::from_vec(&bytes).expect("truncated answer parses");
+            assert!(m.metadata.truncation, "{name} {edns:?}");
+            assert!(m.metadata.authoritative);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            let n = fit(name, limit, opt);
+            assert_eq!(m.answers.len(), n, "{name} {edns:?}");
+            // Whole records only: the message is exactly header, question, n records and
+            // the OPT, nothing cut in the middle.
+            let whole = 12 + question(name) + n * A_RR_LEN + opt;
+            assert_eq!(bytes.len(), whole, "{name} {edns:?}");
+            assert!(bytes.len() <= limit);
+            assert!(m.authorities.is_empty());
+            assert_eq!(m.edns.is_some(), edns.is_some());
+            for rec in &m.answers {
+                assert_eq!((rec.name.to_ascii(), rec.ttl), (format!("{name}."), 5));
+            }
+            let got = a_answers(&m);
+            let distinct: std::collections::HashSet<_> = got.iter().collect();
+            assert_eq!(distinct.len(), n, "{got:?}");
+            assert!(got.iter().all(|a| big.contains(a)));
+            if name == "ordered" {
+                // Not shuffled: the first n of the full answer.
+                assert_eq!(got, big[..n]);
+            }
+        }
+    }
+    // Shuffled before it is cut: over many answers every address gets its turn, in
+    // varying order.
+    let mut seen = std::collections::HashSet::new();
+    let mut orders = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let m = ask(
+            &h,
+            &r,
+            &query("tasks.big", RecordType::A, None),
+            Transport::Udp,
+        );
+        let got = a_answers(&m);
+        seen.extend(got.iter().copied());
+        orders.insert(got);
+    }
+    assert_eq!(seen.len(), 40);
+    assert!(orders.len() > 90, "{}", orders.len());
+    // TCP: everything, no TC.
+    let m = ask(
+        &h,
+        &r,
+        &query("tasks.big", RecordType::A, None),
+        Transport::Tcp,
+    );
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 40);
+    // Variable-size records (SRV): whole ones too. Question "_80._tcp.lots" 15 + 4;
+    // each SRV record 12 + 6 + 22 (target h00.some-long-name.x).
+    let r = srv_view();
+    let q = query("_80._tcp.lots", RecordType::SRV, None);
+    let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).unwrap();
+    let m = Message::from_vec(&bytes).unwrap();
+    let n = (512 - 12 - 19) / 40;
+    assert!(m.metadata.truncation);
+    assert_eq!((m.answers.len(), m.additionals.len()), (n, 0));
+    assert_eq!(bytes.len(), 12 + 19 + n * 40);
+    let targets: Vec<String> = srv_answers(&m).into_iter().map(|s| s.0).collect();
+    let expected: Vec<String> = (0..n)
+        .map(|i| format!("h{i:02}.some-long-name.x."))
+        .collect();
+    assert_eq!(targets, expected);
+}
+
+/// Issue 16: RD is defined only for QUERY (RFC 1035 4.1.1); a NOTIMP answer to another
+/// opcode echoes the opcode and the id but not RD (nor any other QUERY-only bit).
+#[test]
+fn notimp_for_other_opcodes_clears_rd() {
+    let (h, r) = (handler(true), view());
+    let good = query("web", RecordType::A, None);
+    assert_eq!(good[2] & 0x01, 1, "the query has RD");
+    for op in 1..=15u8 {
+        let mut q = good.clone();
+        // QR=0, opcode, AA, TC and RD set; RA, Z, AD and CD set too.
+        q[2] = (op << 3) | 0x07;
+        q[3] = 0xF0;
+        let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).expect("a reply");
+        assert_eq!(bytes.len(), 12, "header only: {bytes:02x?}");
+        assert_eq!(bytes[..2], q[..2]);
+        // QR=1, the opcode echoed, AA, TC and RD clear; RA, Z, AD, CD clear, NOTIMP.
+        assert_eq!(bytes[2], 0x80 | (op << 3), "opcode {op}: {:08b}", bytes[2]);
+        assert_eq!(bytes[3], RCODE_NOTIMP, "opcode {op}: {:08b}", bytes[3]);
+        let m = Message::from_vec(&bytes).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert!(!m.metadata.recursion_desired);
+        assert_eq!(u8::from(m.metadata.op_code), op);
+    }
+    // QUERY keeps echoing RD, in errors too (FORMERR: two questions).
+    let mut q = good.clone();
+    q[5] = 2;
+    let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).unwrap();
+    assert_eq!((bytes[2], bytes[3]), (0x81, RCODE_FORMERR));
 }
