@@ -7,11 +7,18 @@
 //! a local answer costs no allocation beyond what hickory's parser needs for the question.
 //! Every shape of answer is parsed back with hickory's `Message` in the tests.
 //!
-//! Negative answers (NXDOMAIN, and NODATA for names that exist without the asked type)
-//! carry a synthetic SOA in the authority section whose owner is the last label of the
-//! queried name (`web.` for `web`, `arpa.` for reverse names, the root for the root), with
-//! MNAME `ns.shoal.internal.`, RNAME `hostmaster.shoal.internal.`, serial 1, refresh 3600,
-//! retry 600, expire 86400, and MINIMUM and TTL both `negative_ttl` (RFC 2308).
+//! Zone model: the resolver is authoritative for one zone whose apex is the root, holding
+//! every name of the view (service, `tasks.`, task, alias and reverse names; they are single
+//! labels or sit under no common suffix, so the root is the only apex above all of them).
+//! Its one SOA, `. SOA ns.shoal.internal. hostmaster.shoal.internal. 1 3600 600 86400 N`
+//! with TTL and MINIMUM both `negative_ttl` = N (RFC 2308), is the answer to an SOA query
+//! for the root and the authority record of every negative answer (NXDOMAIN, and NODATA
+//! for names that exist without the asked type, SOA included: no name but the apex has
+//! one). Without forwarding the zone is the whole namespace: the root and the empty
+//! non-terminals above the view's names (`abc` for `web.1.abc`) exist (NODATA), every
+//! other name does not (NXDOMAIN). With forwarding, only the view's names and the root's
+//! SOA are answered here; everything else (the root's other types, empty non-terminals
+//! and unknown names) is forwarded.
 //!
 //! SRV answers (priority 0, weight 1) carry the A records of their targets in the
 //! additional section; over UDP those are dropped first when the answer does not fit, and
@@ -73,10 +80,10 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Handler {
     ttl: u32,
-    negative_ttl: u32,
     has_upstreams: bool,
-    /// SOA RDATA in wire form (names uncompressed).
-    soa_rdata: Box<[u8]>,
+    /// The zone's SOA record without its owner name (the root): type, class, TTL,
+    /// RDLENGTH and RDATA (names uncompressed).
+    soa_rr: Box<[u8]>,
 }
 
 /// What parsing a query found.
@@ -92,9 +99,8 @@ struct Parsed {
     /// (root, or a label holding a '.').
     key_len: Option<usize>,
     key_buf: [u8; 256],
-    /// Offset in the message of the last label of the name (for the SOA owner), or `None`
-    /// for the root.
-    last_label: Option<u16>,
+    /// The name is the root (the zone's apex).
+    root: bool,
     /// EDNS: (client payload size, version) when the query had an OPT record.
     edns: Option<(u16, u8)>,
     /// The DO bit of the OPT record.
@@ -115,17 +121,21 @@ enum ParseError {
 
 impl Handler {
     pub fn new(config: &DnsConfig) -> Self {
-        let mut soa = Vec::with_capacity(64);
-        push_name(&mut soa, "ns.shoal.internal");
-        push_name(&mut soa, "hostmaster.shoal.internal");
+        let mut rdata = Vec::with_capacity(64);
+        push_name(&mut rdata, "ns.shoal.internal");
+        push_name(&mut rdata, "hostmaster.shoal.internal");
         for v in [1u32, 3600, 600, 86400, config.negative_ttl] {
-            soa.extend_from_slice(&v.to_be_bytes());
+            rdata.extend_from_slice(&v.to_be_bytes());
         }
+        let mut soa = Vec::with_capacity(10 + rdata.len());
+        soa.extend_from_slice(&[0, 6, 0, 1]);
+        soa.extend_from_slice(&config.negative_ttl.to_be_bytes());
+        soa.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        soa.extend_from_slice(&rdata);
         Handler {
             ttl: config.ttl,
-            negative_ttl: config.negative_ttl,
             has_upstreams: !config.upstreams.is_empty(),
-            soa_rdata: soa.into_boxed_slice(),
+            soa_rr: soa.into_boxed_slice(),
         }
     }
 
@@ -178,15 +188,20 @@ impl Handler {
             _ => None,
         };
         let exists = a.is_some() || ptr.is_some() || srv.is_some();
-        if !exists && may_forward {
+        // The apex of the zone (see the module docs); its SOA is ours even when forwarding.
+        let apex = class_ok && p.root;
+        if !exists && may_forward && !(apex && p.qtype == RecordType::SOA) {
             return Outcome::Forward;
         }
+        // Not forwarded: the zone is the whole namespace. The apex and the empty
+        // non-terminals of the view exist; any other name not in the view does not.
+        let nxdomain = !exists && !apex && !key.is_some_and(|k| records.ents.contains(k));
 
         self.begin(
             out,
             query,
             &p,
-            if exists { 0 } else { RCODE_NXDOMAIN },
+            if nxdomain { RCODE_NXDOMAIN } else { 0 },
             may_forward,
         );
         let mut answers = 0usize;
@@ -225,16 +240,16 @@ impl Handler {
             }
             answers += targets.len();
         }
+        if apex && wants(RecordType::SOA) {
+            // Owner: a pointer to the question's name (the root), as every answer record.
+            out.extend_from_slice(&[0xC0, HEADER_LEN as u8]);
+            out.extend_from_slice(&self.soa_rr);
+            answers = 1;
+        }
         let mut authorities = 0;
         if answers == 0 {
-            match p.last_label {
-                Some(off) => out.extend_from_slice(&(0xC000 | off).to_be_bytes()),
-                None => out.push(0),
-            }
-            out.extend_from_slice(&[0, 6, 0, 1]);
-            out.extend_from_slice(&self.negative_ttl.to_be_bytes());
-            out.extend_from_slice(&(self.soa_rdata.len() as u16).to_be_bytes());
-            out.extend_from_slice(&self.soa_rdata);
+            out.push(0); // owner: the root
+            out.extend_from_slice(&self.soa_rr);
             authorities = 1;
         }
         let additional_start = out.len();
@@ -466,7 +481,7 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
         qclass: question.query_class(),
         key_len: None,
         key_buf: [0; 256],
-        last_label: None,
+        root: query.get(HEADER_LEN) == Some(&0),
         edns,
         dnssec_ok,
     };
@@ -502,7 +517,6 @@ fn parse(query: &[u8]) -> Result<Parsed, ParseError> {
             *dst = b.to_ascii_lowercase();
         }
         len += l;
-        p.last_label = Some(i as u16);
         i += 1 + l;
     }
     if matchable && len > 0 {

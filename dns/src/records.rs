@@ -4,8 +4,8 @@
 //! no trailing dot. The query path converts the wire name into the same form in a stack
 //! buffer, so a lookup allocates nothing.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 /// A records for one name.
@@ -35,6 +35,11 @@ pub struct Records {
     pub(crate) ptr: HashMap<Ipv4Addr, Vec<Box<[u8]>>>,
     /// SRV targets per name (`_80._tcp.web`), in insertion order.
     pub(crate) srv: HashMap<Box<[u8]>, Vec<SrvTarget>>,
+    /// Every proper ancestor (but the root) of the view's names, reverse names included:
+    /// the empty non-terminals of the zone (`abc` and `1.abc` for `web.1.abc`), which exist
+    /// without records of their own (NODATA, not NXDOMAIN: RFC 8020). May hold names that
+    /// have records too; those are found first. Filled by [`RecordsBuilder::build`].
+    pub(crate) ents: HashSet<Box<[u8]>>,
     pub(crate) forward: bool,
 }
 
@@ -175,8 +180,34 @@ impl RecordsBuilder {
 
     /// The snapshot (the builder stays usable).
     pub fn build(&self) -> Records {
-        self.records.clone()
+        let mut records = self.records.clone();
+        records.ents = empty_non_terminals(&records);
+        records
     }
+}
+
+/// Every proper ancestor of the names of `records` (A, SRV and reverse names), the root
+/// excepted.
+fn empty_non_terminals(records: &Records) -> HashSet<Box<[u8]>> {
+    let mut ents: HashSet<Box<[u8]>> = HashSet::new();
+    let mut add = |name: &[u8]| {
+        let mut rest = name;
+        while let Some(dot) = rest.iter().position(|&b| b == b'.') {
+            rest = &rest[dot + 1..];
+            // Present already: so are all of its ancestors.
+            if !ents.insert(rest.into()) {
+                break;
+            }
+        }
+    };
+    for name in records.a.keys().chain(records.srv.keys()) {
+        add(name);
+    }
+    for ip in records.ptr.keys() {
+        let [a, b, c, d] = ip.octets();
+        add(format!("{d}.{c}.{b}.{a}.in-addr.arpa").as_bytes());
+    }
+    ents
 }
 
 /// Normal form of a name: lowercase, no trailing dot, each label 1..=63 bytes of printable
@@ -240,6 +271,36 @@ mod tests {
         assert!(!r.forward_allowed());
         assert!(Records::empty().forward_allowed());
         assert!(Records::empty().is_empty());
+    }
+
+    #[test]
+    fn empty_non_terminals_of_every_name() {
+        let r = Records::builder()
+            .a("web", &[Ipv4Addr::new(10, 0, 0, 2)], false)
+            .a("Web.1.ABC", &[Ipv4Addr::new(10, 0, 0, 3)], false)
+            .srv("_80._tcp.web", &[("web.1.abc".into(), 80)])
+            .ptr(Ipv4Addr::new(10, 0, 0, 3), "web.1.abc")
+            .build();
+        let mut ents: Vec<&str> = r
+            .ents
+            .iter()
+            .map(|e| std::str::from_utf8(e).unwrap())
+            .collect();
+        ents.sort();
+        assert_eq!(
+            ents,
+            [
+                "0.0.10.in-addr.arpa",
+                "0.10.in-addr.arpa",
+                "1.abc",
+                "10.in-addr.arpa",
+                "_tcp.web",
+                "abc",
+                "arpa",
+                "in-addr.arpa",
+                "web",
+            ]
+        );
     }
 
     #[test]

@@ -175,22 +175,37 @@ async fn local_names_over_udp_and_tcp() {
     let text = ns.dig(&["+noall", "+answer", "web"]).await;
     assert!(text.contains("web.\t\t\t5\tIN\tA\t10.0.0.2"), "{text}");
 
-    // NODATA for AAAA: NOERROR, no answer, SOA in authority.
-    let text = ns.dig(&["web", "AAAA"]).await;
+    // One zone whose apex is the root: its SOA answers `. SOA` and is the authority of
+    // every negative answer.
+    let soa = ".\t\t\t5\tIN\tSOA\tns.shoal.internal. hostmaster.shoal.internal. 1 3600 600 86400 5";
+    let text = ns.dig(&[".", "SOA"]).await;
     assert_eq!(status(&text), "NOERROR", "{text}");
-    assert_eq!(answer_count(&text), 0);
     assert!(
-        text.contains("AUTHORITY SECTION:\nweb.\t\t\t5\tIN\tSOA\tns.shoal.internal."),
+        text.contains(&format!("ANSWER SECTION:\n{soa}\n")),
         "{text}"
     );
+    // NODATA for AAAA, and for SOA of a service name (not an apex): NOERROR, no answer,
+    // the SOA in authority.
+    for rtype in ["AAAA", "SOA"] {
+        let text = ns.dig(&["web", rtype]).await;
+        assert_eq!(status(&text), "NOERROR", "{text}");
+        assert_eq!(answer_count(&text), 0);
+        assert!(
+            text.contains(&format!("AUTHORITY SECTION:\n{soa}\n")),
+            "{text}"
+        );
+    }
 
-    // NXDOMAIN (no upstreams) with SOA.
+    // NXDOMAIN (no upstreams) with the same SOA.
     for extra in [&[][..], &["+tcp"][..]] {
         let mut args = extra.to_vec();
         args.push("nope.example");
         let text = ns.dig(&args).await;
         assert_eq!(status(&text), "NXDOMAIN", "{text}");
-        assert!(text.contains("example.\t\t5\tIN\tSOA"), "{text}");
+        assert!(
+            text.contains(&format!("AUTHORITY SECTION:\n{soa}\n")),
+            "{text}"
+        );
     }
 
     // EDNS is echoed; without it there is no OPT.
@@ -866,7 +881,8 @@ async fn srv_with_additional_records_via_dig() {
         ns.dig_short(&["SRV", "_80._TCP.Web."]).await,
         vec!["0 1 80 web.1.abc.", "0 1 8080 web.2.abc."]
     );
-    // SRV for a name with only A records: NODATA with SOA; unknown: NXDOMAIN.
+    // SRV for a name with only A records: NODATA with the zone's SOA (owned by the root,
+    // the apex of the one zone); unknown: NXDOMAIN.
     let text = ns.dig(&["SRV", "web"]).await;
     assert_eq!(
         (status(&text), answer_count(&text)),
@@ -874,7 +890,7 @@ async fn srv_with_additional_records_via_dig() {
         "{text}"
     );
     assert!(
-        text.contains("AUTHORITY SECTION:\nweb.\t\t\t5\tIN\tSOA"),
+        text.contains("AUTHORITY SECTION:\n.\t\t\t5\tIN\tSOA\tns.shoal.internal."),
         "{text}"
     );
     let text = ns.dig(&["SRV", "_81._tcp.web"]).await;

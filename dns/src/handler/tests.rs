@@ -129,7 +129,8 @@ fn nodata_for_other_types() {
         let m = ask(&h, &r, &query("tasks.web.", t, None), Transport::Udp);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.answers.is_empty());
-        assert_eq!(soa_of(&m), ("web.".to_string(), 7, 7));
+        // The SOA of the one zone, at the root (see one_zone_at_the_root).
+        assert_eq!(soa_of(&m), (".".to_string(), 7, 7));
         assert!(m.metadata.recursion_available);
     }
     // ANY returns the A records.
@@ -160,16 +161,24 @@ fn ptr_records() {
         Transport::Udp,
     );
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
-    assert_eq!(soa_of(&m).0, "arpa.");
+    // Reverse names live in the same zone as the others: its SOA is at the root.
+    assert_eq!(soa_of(&m).0, ".");
     // Unknown address, and names that are not addresses.
-    for name in [
-        "9.0.0.10.in-addr.arpa.",
-        "03.0.0.10.in-addr.arpa.",
-        "0.0.10.in-addr.arpa.",
-    ] {
+    for name in ["9.0.0.10.in-addr.arpa.", "03.0.0.10.in-addr.arpa."] {
         let m = ask(&h, &r, &query(name, RecordType::PTR, None), Transport::Udp);
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
     }
+    // Not an address, but the empty non-terminal above 3.0.0.10.in-addr.arpa: it exists
+    // in the zone (NODATA; it was NXDOMAIN, which denied the name below it, RFC 8020).
+    let m = ask(
+        &h,
+        &r,
+        &query("0.0.10.in-addr.arpa.", RecordType::PTR, None),
+        Transport::Udp,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
+    assert_eq!(soa_of(&m).0, ".");
     assert_eq!(
         reverse_v4(b"4.3.2.1.in-addr.arpa"),
         Some(Ipv4Addr::new(1, 2, 3, 4))
@@ -187,10 +196,11 @@ fn unknown_names_forward_or_nxdomain() {
         handler(true).handle(&q, &r, Transport::Udp, &mut out),
         Outcome::Forward
     );
-    // No upstreams: NXDOMAIN with the SOA of the last label.
+    // No upstreams: NXDOMAIN with the SOA of the zone, whose apex is the root (not `com.`:
+    // an SOA owned by `com.` claimed a zone this resolver does not serve).
     let m = ask(&handler(false), &r, &q, Transport::Udp);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    assert_eq!(soa_of(&m), ("com.".to_string(), 7, 7));
+    assert_eq!(soa_of(&m), (".".to_string(), 7, 7));
     // The view forbids forwarding.
     let internal = Records::builder()
         .a("web", &[ip(2)], false)
@@ -199,13 +209,16 @@ fn unknown_names_forward_or_nxdomain() {
     let m = ask(&handler(true), &internal, &q, Transport::Udp);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     assert!(!m.metadata.recursion_available);
-    // The root.
+    // The root without upstreams: the apex of the zone exists, so NS there is NODATA (it
+    // was NXDOMAIN, which denied the apex of the SOA it carried).
     let m = ask(
         &handler(false),
         &r,
         &query(".", RecordType::NS, None),
         Transport::Udp,
     );
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
     assert_eq!(soa_of(&m).0, ".");
     // Another class is never answered locally.
     let mut q = Message::query();
@@ -888,4 +901,146 @@ fn notimp_for_other_opcodes_clears_rd() {
     q[5] = 2;
     let bytes = handle_to_vec(&h, &q, &r, Transport::Udp).unwrap();
     assert_eq!((bytes[2], bytes[3]), (0x81, RCODE_FORMERR));
+}
+
+fn soa_rdata(rec: &hickory_proto::rr::Record) -> hickory_proto::rr::rdata::SOA {
+    match &rec.data {
+        RData::SOA(soa) => soa.clone(),
+        other => panic!("not SOA: {other:?}"),
+    }
+}
+
+/// Issue 16: one zone model for every answer. The resolver is authoritative for one zone
+/// whose apex is the root: every name of the view (service, `tasks.`, task, alias and
+/// reverse names) is in it, every negative answer carries that apex's SOA, an SOA query for
+/// the root answers it, and an SOA query for any other name is NODATA (no name but the apex
+/// has an SOA). Without forwarding the zone is the whole namespace: the apex and the empty
+/// non-terminals above the view's names exist (NODATA), other names do not (NXDOMAIN).
+/// With forwarding, names outside the view (including those empty non-terminals) and the
+/// root's other types go upstream; only the root's SOA stays ours.
+#[test]
+fn one_zone_at_the_root() {
+    let r = Records::builder()
+        .a("web", &[ip(2)], false)
+        .a("tasks.web", &[ip(3)], true)
+        .a("web.1.abc", &[ip(3)], false)
+        .ptr(ip(3), "web.1.abc")
+        .build();
+    let local = Records::builder()
+        .a("web.1.abc", &[ip(3)], false)
+        .ptr(ip(3), "web.1.abc")
+        .forward(false)
+        .build();
+    let h = handler(false);
+    let q = |name: &str, t| query(name, t, None);
+
+    // The apex answers its SOA; TTL and MINIMUM are the negative TTL.
+    let m = ask(&h, &r, &q(".", RecordType::SOA), Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(m.answers.len(), 1);
+    assert!(m.authorities.is_empty());
+    let apex = m.answers[0].clone();
+    assert_eq!((apex.name.to_ascii().as_str(), apex.ttl), (".", 7));
+    let soa = soa_rdata(&apex);
+    assert_eq!(soa.mname.to_ascii(), "ns.shoal.internal.");
+    assert_eq!(soa.rname.to_ascii(), "hostmaster.shoal.internal.");
+    assert_eq!(
+        (soa.serial, soa.refresh, soa.retry, soa.expire, soa.minimum),
+        (1, 3600, 600, 86400, 7)
+    );
+    // ANY at the apex: its only record.
+    let m = ask(&h, &r, &q(".", RecordType::ANY), Transport::Udp);
+    assert_eq!(m.answers, vec![apex.clone()]);
+
+    // Every negative answer carries exactly that record in AUTHORITY: NODATA for names
+    // that exist (SOA for a service name included: it is not an apex), NXDOMAIN for
+    // names that do not.
+    for (name, t, rcode) in [
+        ("web", RecordType::SOA, ResponseCode::NoError),
+        ("tasks.web", RecordType::SOA, ResponseCode::NoError),
+        ("web", RecordType::AAAA, ResponseCode::NoError),
+        (
+            "3.0.0.10.in-addr.arpa",
+            RecordType::SOA,
+            ResponseCode::NoError,
+        ),
+        (".", RecordType::NS, ResponseCode::NoError),
+        (".", RecordType::A, ResponseCode::NoError),
+        // Empty non-terminals above web.1.abc and 3.0.0.10.in-addr.arpa (RFC 8020: an
+        // NXDOMAIN there would deny the names below).
+        ("abc", RecordType::A, ResponseCode::NoError),
+        ("1.abc", RecordType::SOA, ResponseCode::NoError),
+        (
+            "0.0.10.in-addr.arpa",
+            RecordType::PTR,
+            ResponseCode::NoError,
+        ),
+        ("in-addr.arpa", RecordType::NS, ResponseCode::NoError),
+        ("arpa", RecordType::SOA, ResponseCode::NoError),
+        ("nosuch", RecordType::A, ResponseCode::NXDomain),
+        ("nosuch", RecordType::SOA, ResponseCode::NXDomain),
+        ("x.web", RecordType::A, ResponseCode::NXDomain),
+        ("x.abc", RecordType::A, ResponseCode::NXDomain),
+        ("example.com", RecordType::SOA, ResponseCode::NXDomain),
+        (
+            "9.0.0.10.in-addr.arpa",
+            RecordType::PTR,
+            ResponseCode::NXDomain,
+        ),
+    ] {
+        let m = ask(&h, &r, &q(name, t), Transport::Udp);
+        assert_eq!(m.metadata.response_code, rcode, "{name} {t}");
+        assert!(m.metadata.authoritative, "{name} {t}");
+        assert!(m.answers.is_empty(), "{name} {t}");
+        assert_eq!(m.authorities, vec![apex.clone()], "{name} {t}");
+    }
+
+    // With upstreams and a view that may forward: names of the view are still answered
+    // here (NODATA with the same SOA), the root's SOA too; anything else is forwarded,
+    // the root's other types included (`dig +trace` asks for `. NS`, validators for
+    // `. DNSKEY`), and so are the empty non-terminals (an alias `db.example.com` must not
+    // hide `example.com`).
+    let hf = handler(true);
+    let m = ask(&hf, &r, &q("web", RecordType::SOA), Transport::Udp);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.authorities, vec![apex.clone()]);
+    let m = ask(&hf, &r, &q(".", RecordType::SOA), Transport::Udp);
+    assert_eq!(m.answers, vec![apex.clone()]);
+    assert!(m.metadata.recursion_available);
+    let mut out = Vec::new();
+    for (name, t) in [
+        (".", RecordType::NS),
+        (".", RecordType::ANY),
+        (".", RecordType::DNSKEY),
+        ("abc", RecordType::A),
+        ("arpa", RecordType::NS),
+        ("nosuch", RecordType::SOA),
+    ] {
+        assert_eq!(
+            hf.handle(&q(name, t), &r, Transport::Udp, &mut out),
+            Outcome::Forward,
+            "{name} {t}"
+        );
+    }
+    // A view that never forwards: the whole namespace is the zone even with upstreams.
+    for (name, t, rcode) in [
+        (".", RecordType::NS, ResponseCode::NoError),
+        ("abc", RecordType::A, ResponseCode::NoError),
+        ("example.com", RecordType::A, ResponseCode::NXDomain),
+    ] {
+        let m = ask(&hf, &local, &q(name, t), Transport::Udp);
+        assert_eq!(m.metadata.response_code, rcode, "{name} {t}");
+        assert_eq!(m.authorities, vec![apex.clone()], "{name} {t}");
+        assert!(!m.metadata.recursion_available);
+    }
+    // Over TCP and with EDNS alike.
+    let m = ask(
+        &h,
+        &r,
+        &query(".", RecordType::SOA, Some(1232)),
+        Transport::Tcp,
+    );
+    assert_eq!(m.answers, vec![apex]);
+    assert!(m.edns.is_some());
 }
