@@ -286,6 +286,39 @@ pub fn lab_up(bin: &std::path::Path, name: &str, nodes: u32) -> anyhow::Result<L
     Ok(guard)
 }
 
+/// Asks the resolver `sock` is connected to (127.0.0.11 inside a container) for the A
+/// records of `name`, with DNS id `id`; the addresses answered.
+pub fn ask(
+    sock: &std::net::UdpSocket,
+    id: u16,
+    name: &str,
+) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    let mut m = hickory_proto::op::Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(hickory_proto::op::Query::query(
+        hickory_proto::rr::Name::from_ascii(name)?,
+        hickory_proto::rr::RecordType::A,
+    ));
+    sock.send(&m.to_vec()?)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf)?;
+        let r = hickory_proto::op::Message::from_vec(&buf[..n])?;
+        if r.metadata.id != id {
+            continue;
+        }
+        return Ok(r
+            .answers
+            .iter()
+            .filter_map(|rr| match &rr.data {
+                hickory_proto::rr::RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,6 +251,23 @@ mod tests {
         st
     }
 
+    /// A ready node `id` whose liveness key is there.
+    async fn ready_node(store: &Arc<dyn crate::store::Store>, id: &str) {
+        let node = Node {
+            id: id.into(),
+            name: format!("node-{id}"),
+            addr: None,
+            status: NodeStatus::Ready,
+            version: "test".into(),
+            listening: vec![],
+        };
+        store
+            .put(&crate::keys::node(id), encode(&node))
+            .await
+            .unwrap();
+        store.put(&crate::keys::alive(id), vec![]).await.unwrap();
+    }
+
     fn svc(name: &str, net: &str, replicas: u32) -> ServiceCreate {
         ServiceCreate {
             name: name.into(),
@@ -284,19 +301,7 @@ mod tests {
         // "a-..." sorts first: the old loop stopped there.
         c.create_service(svc("a-full", "small", 20)).await.unwrap();
         c.create_service(svc("b-fine", "big", 2)).await.unwrap();
-        let node = Node {
-            id: "n1".into(),
-            name: "node1".into(),
-            addr: None,
-            status: NodeStatus::Ready,
-            version: "test".into(),
-            listening: vec![],
-        };
-        store
-            .put(&crate::keys::node("n1"), encode(&node))
-            .await
-            .unwrap();
-        store.put(&crate::keys::alive("n1"), vec![]).await.unwrap();
+        ready_node(&store, "n1").await;
         let o = Orchestrator::new(
             c.clone(),
             Liveness::spawn(store.clone(), "n1".into(), Duration::from_secs(3)),
@@ -329,19 +334,7 @@ mod tests {
         .await
         .unwrap();
         c.create_service(svc("crashy", "net", 1)).await.unwrap();
-        let node = Node {
-            id: "n1".into(),
-            name: "node1".into(),
-            addr: None,
-            status: NodeStatus::Ready,
-            version: "test".into(),
-            listening: vec![],
-        };
-        store
-            .put(&crate::keys::node("n1"), encode(&node))
-            .await
-            .unwrap();
-        store.put(&crate::keys::alive("n1"), vec![]).await.unwrap();
+        ready_node(&store, "n1").await;
         let liveness = Liveness::spawn(store.clone(), "n1".into(), Duration::from_secs(3));
         let slow = Orchestrator::new(c.clone(), liveness.clone(), Duration::from_secs(3600));
         assert!(slow.orchestrate(&state(&c).await).await.is_empty());

@@ -20,12 +20,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hickory_proto::op::{Message, Query};
-use hickory_proto::rr::{Name, RData, RecordType};
 use shoal_api::client::Client;
 use shoal_api::model::TaskState;
 use shoal_benches::{
-    Leftover, arg, check_flags, clean_up_on_signal, ms, quantile, shoal_bin, write_report,
+    Leftover, arg, ask, check_flags, clean_up_on_signal, ms, quantile, shoal_bin, write_report,
 };
 
 const LAB: &str = "bstart";
@@ -47,41 +45,6 @@ impl Drop for Down<'_> {
     fn drop(&mut self) {
         let _ = shoal(self.0, &["lab", "down", "--name", LAB]);
     }
-}
-
-/// Addresses 127.0.0.11 answers for `name`, asked on `sock` (inside the observer).
-fn ask(sock: &UdpSocket, id: u16, name: &str) -> Vec<Ipv4Addr> {
-    let mut m = Message::query();
-    m.metadata.id = id;
-    m.metadata.recursion_desired = true;
-    let Ok(n) = Name::from_ascii(name) else {
-        return vec![];
-    };
-    m.add_query(Query::query(n, RecordType::A));
-    let Ok(bytes) = m.to_vec() else {
-        return vec![];
-    };
-    if sock.send(&bytes).is_err() {
-        return vec![];
-    }
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = sock.recv(&mut buf) {
-        let Ok(r) = Message::from_vec(&buf[..n]) else {
-            continue;
-        };
-        if r.metadata.id != id {
-            continue;
-        }
-        return r
-            .answers
-            .iter()
-            .filter_map(|rr| match &rr.data {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .collect();
-    }
-    vec![]
 }
 
 /// True when an HTTP GET to `vip:80` from namespace `ns` is answered.
@@ -215,7 +178,11 @@ async fn main() -> anyhow::Result<()> {
         let (mut d, mut l) = (None, None);
         while d.is_none() || l.is_none() {
             id = id.wrapping_add(1);
-            if d.is_none() && !ask(&sock, id, &format!("tasks.{name}.")).is_empty() {
+            if d.is_none()
+                && !ask(&sock, id, &format!("tasks.{name}."))
+                    .unwrap_or_default()
+                    .is_empty()
+            {
                 d = Some(t0.elapsed());
             }
             if l.is_none() && http_ok(&observer, v) {

@@ -13,18 +13,18 @@
 //! node-loss detection takes Docker 4-24 s and Kubernetes 40-50 s.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hickory_proto::op::{Message, Query};
-use hickory_proto::rr::{Name, RData, RecordType};
 use shoal_api::client::Client;
 use shoal_api::wire::ServiceUpdate;
 use shoal_api::wire::TaskLocation;
-use shoal_benches::{Leftover, arg, check_flags, clean_up_on_signal, ms, quantile, write_report};
+use shoal_benches::{
+    Leftover, arg, ask, check_flags, clean_up_on_signal, ms, quantile, write_report,
+};
 
 const LAB: &str = "bconv";
 
@@ -68,31 +68,6 @@ impl Drop for LabGuard {
             }
         }
         let _ = shoal(&["lab", "down", "--name", LAB]);
-    }
-}
-
-/// Asks 127.0.0.11 inside a container for `name` and returns the addresses.
-fn ask(sock: &UdpSocket, id: u16, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
-    let mut m = Message::query();
-    m.metadata.id = id;
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
-    sock.send(&m.to_vec()?)?;
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = sock.recv(&mut buf)?;
-        let r = Message::from_vec(&buf[..n])?;
-        if r.metadata.id != id {
-            continue;
-        }
-        return Ok(r
-            .answers
-            .iter()
-            .filter_map(|rr| match &rr.data {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .collect());
     }
 }
 
