@@ -152,7 +152,7 @@ impl Client {
         self.json(Method::DELETE, path, None).await
     }
 
-    // The API, one method per route (api.rs serves them): the only place its paths are
+    // The API, one method per route (agent/src/server.rs serves them): the only place its paths are
     // written on the client side.
 
     /// `GET /v1/info`: the agent's version and cluster summary.
