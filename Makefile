@@ -9,7 +9,7 @@ deps:
 	@bash scripts/deps.sh
 
 build: deps
-	cargo build --release -p shoal-cli
+	cargo build --release -p shoal-cli -p shoal-cni
 
 demo: build
 	bash scripts/demo.sh target/release/shoal

@@ -225,6 +225,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             report: report.clone(),
             runtime: runtime.clone(),
             state: state_rx.clone(),
+            search: search.clone(),
         },
     )
     .await?;
@@ -282,6 +283,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             lost: LostFlows::new(&node_id, conntrack),
             dns: Dns::new(resolver),
             tasks,
+            cni: shoal_node::cni::CniConfigs::new(cfg.cni.paths(&cfg.socket)),
         },
         cfg,
         node_id,
@@ -425,9 +427,14 @@ impl Agent {
         // up once per plan (the plan asks for each task several times).
         let plan_of = || {
             let present: HashMap<String, String> = desired::local_tasks(st, node_id)
-                .filter_map(|t| {
-                    let ns = rt.netns(&t.id);
-                    shoal_netns::exists(&ns).then(|| (t.id.clone(), ns))
+                .filter_map(|t| match desired::cni_of(st, t) {
+                    // Another runtime's namespace, given by path (CNI).
+                    Some(c) => shoal_netns::exists_at(std::path::Path::new(&c.netns))
+                        .then(|| (t.id.clone(), c.netns.clone())),
+                    None => {
+                        let ns = rt.netns(&t.id);
+                        shoal_netns::exists(&ns).then(|| (t.id.clone(), ns))
+                    }
                 })
                 .collect();
             let task_netns = move |id: &str| present.get(id).cloned();

@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub lb: LbSettings,
     /// How image tasks run.
     pub runtime: RuntimeSettings,
+    /// The CNI plugin for other runtimes' containers.
+    pub cni: CniSettings,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP; loopback by default).
     /// An empty string turns it off.
     pub metrics_addr: String,
@@ -71,6 +73,52 @@ pub struct RuntimeSettings {
     pub ulimits: Option<Vec<String>>,
     /// Seconds a pull of an image the node does not have may take.
     pub pull_timeout_secs: u64,
+}
+
+/// `[cni]`: conflists for the attachable networks and the plugin binary, for podman's CNI
+/// backend and containerd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniSettings {
+    pub enabled: bool,
+    /// Where runtimes read network configurations.
+    pub config_dir: PathBuf,
+    /// Where runtimes look for plugin binaries.
+    pub plugin_dir: PathBuf,
+    /// The plugin binary to install; absent: `shoal-cni` beside the agent's binary.
+    pub plugin: Option<PathBuf>,
+}
+
+impl Default for CniSettings {
+    fn default() -> Self {
+        CniSettings {
+            enabled: true,
+            config_dir: PathBuf::from("/etc/cni/net.d"),
+            plugin_dir: PathBuf::from("/opt/cni/bin"),
+            plugin: None,
+        }
+    }
+}
+
+impl CniSettings {
+    /// Where the node writes, or None when CNI is off.
+    pub fn paths(&self, socket: &Path) -> Option<shoal_node::cni::CniPaths> {
+        if !self.enabled {
+            return None;
+        }
+        let plugin_src = self.plugin.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join(shoal_node::cni::PLUGIN_TYPE)))
+                .unwrap_or_else(|| PathBuf::from(shoal_node::cni::PLUGIN_TYPE))
+        });
+        Some(shoal_node::cni::CniPaths {
+            config_dir: self.config_dir.clone(),
+            plugin_dir: self.plugin_dir.clone(),
+            plugin_src,
+            socket: std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf()),
+        })
+    }
 }
 
 impl Default for RuntimeSettings {
@@ -199,6 +247,7 @@ impl Default for AgentConfig {
             underlay_dev: None,
             lb: LbSettings::default(),
             runtime: RuntimeSettings::default(),
+            cni: CniSettings::default(),
             metrics_addr: DEFAULT_METRICS_ADDR.into(),
         }
     }

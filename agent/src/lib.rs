@@ -5,6 +5,7 @@
 //! liveness, orchestrator) <- `shoal-node` (plan, appliers, runtime, health) <- this crate.
 
 pub mod agent;
+pub mod cni_api;
 pub mod config;
 pub mod metrics_http;
 pub mod server;

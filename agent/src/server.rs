@@ -36,9 +36,11 @@ pub struct ApiState {
     pub runtime: Arc<dyn shoal_node::runtime::Runtime>,
     /// The agent's view of the cluster, for lookups that must work while the store is away.
     pub state: tokio::sync::watch::Receiver<Arc<shoal_control::state::ClusterState>>,
+    /// The search list of containers' resolv.conf (the CNI result carries it).
+    pub search: Vec<String>,
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -69,9 +71,9 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(v)| v).map_err(ApiError::from)
 }
 
@@ -86,6 +88,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}/tasks", get(service_tasks))
         .route("/v1/containers", get(containers).post(container_create))
         .route("/v1/containers/{name}", delete(container_rm))
+        .route("/v1/cni/add", post(crate::cni_api::add))
+        .route("/v1/cni/check", post(crate::cni_api::check))
+        .route("/v1/cni/del", post(crate::cni_api::del))
+        .route("/v1/cni/gc", post(crate::cni_api::gc))
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{what}", get(task_get))
         .route("/v1/nodes", get(nodes))

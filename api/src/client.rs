@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::model::{Network, Node, Service, Task};
+use crate::wire::{CniAttached, CniGc, CniRequest};
 use crate::wire::{ContainerCreate, ContainerStatus, ServiceStatus, TaskLocation};
 use crate::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
 
@@ -213,6 +214,29 @@ impl Client {
             .delete(&format!("/v1/containers/{}", seg(name)))
             .await?;
         Ok(())
+    }
+
+    /// `POST /v1/cni/add`: attaches a container (idempotent), answered once it is plumbed
+    /// and in DNS.
+    pub async fn cni_add(&self, req: &CniRequest) -> anyhow::Result<CniAttached> {
+        self.post("/v1/cni/add", req).await
+    }
+
+    /// `POST /v1/cni/check`: the attachment exists and the kernel has it (404: unknown).
+    pub async fn cni_check(&self, req: &CniRequest) -> anyhow::Result<CniAttached> {
+        self.post("/v1/cni/check", req).await
+    }
+
+    /// `POST /v1/cni/del`: detaches (nothing to do for an unknown container).
+    pub async fn cni_del(&self, req: &CniRequest) -> anyhow::Result<()> {
+        let _: serde_json::Value = self.post("/v1/cni/del", req).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/cni/gc`: removes this node's attachments on the network that are not
+    /// listed; answers the names removed.
+    pub async fn cni_gc(&self, req: &CniGc) -> anyhow::Result<Vec<String>> {
+        self.post("/v1/cni/gc", req).await
     }
 
     pub async fn service_tasks(&self, name: &str) -> anyhow::Result<Vec<Task>> {

@@ -279,6 +279,22 @@ pub struct Standalone {
     /// Why it ended (its exit), once it did: it is not started again.
     #[serde(default)]
     pub exited: Option<String>,
+    /// Set for a container another runtime made and attached through Shoal's CNI plugin:
+    /// its sandbox is that runtime's, Shoal only plumbs its interface and serves its DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniAttachment>,
+}
+
+/// A container of another runtime (podman, containerd), attached through the CNI plugin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CniAttachment {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_NETNS`: the path of the container's network namespace.
+    pub netns: String,
+    /// `CNI_IFNAME`: the container-side interface name.
+    pub ifname: String,
 }
 
 /// `--lb random|consistent` and `--affinity-timeout DURATION` of a service.

@@ -31,6 +31,51 @@ pub struct ContainerStatus {
     pub task: Option<Task>,
 }
 
+/// A CNI ADD, CHECK or DEL as the plugin forwards it to the agent of its node (the
+/// plugin's configuration names the network; the runtime's environment gives the rest).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CniRequest {
+    pub network: String,
+    pub container_id: String,
+    /// Empty for a DEL without a namespace (the spec allows it).
+    #[serde(default)]
+    pub netns: String,
+    pub ifname: String,
+    /// The container's name (`K8S_POD_NAME` in `CNI_ARGS`, which podman sets); None: `ctr-`
+    /// and the first 12 characters of the container id.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its aliases on the network (the `aliases` capability of the runtime config).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// What ADD and CHECK answer: the attachment as Shoal made it (the plugin writes the CNI
+/// result from it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CniAttached {
+    /// The name the container has in DNS.
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub mac: String,
+    /// Nameserver and search list for the container's resolv.conf.
+    pub nameserver: std::net::Ipv4Addr,
+    pub search: Vec<String>,
+}
+
+/// A CNI GC (spec 1.1): the attachments of `network` the runtime still has; the node's
+/// other CNI attachments on that network are removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CniGc {
+    pub network: String,
+    /// (container id, interface name)
+    pub valid: Vec<(String, String)>,
+}
+
 /// A request to create a network (what the CLI sends).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -512,6 +512,16 @@ pub enum LabCmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a containers.conf that points podman's CNI backend at a lab node's conflists
+    /// and the lab's plugin: `CONTAINERS_CONF=FILE podman run --network NET ...`
+    PodmanConf {
+        /// Lab name (SHOAL_LAB)
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        /// The node whose agent attaches the containers
+        #[arg(long, default_value = "node1")]
+        node: String,
+    },
     /// Run a command in a task (web.1), a node (node1) or the client
     Exec {
         /// Lab name (SHOAL_LAB)
@@ -1071,6 +1081,10 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
                 shoal_lab::compare::print(&r);
             }
             eprintln!("report: {}", report.display());
+        }
+        LabCmd::PodmanConf { name, node } => {
+            let lab = shoal_lab::lab::Lab::load(&name)?;
+            print!("{}", shoal_lab::lab::podman_conf(&lab, &node)?);
         }
         LabCmd::Exec {
             name,

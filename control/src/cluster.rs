@@ -14,12 +14,19 @@ use crate::keys::{
     self, ALIVE, ALLOC_PORT, ALLOC_SUBNETS, ALLOC_VNI, NETWORKS, NODES, SERVICES, TASKS,
 };
 use crate::store::{Compare, KeyValue, Op, Store, StoreError};
+use shoal_api::model::CniAttachment;
 use shoal_api::model::{
     EndpointMode, Invalid, Network, Node, PortConfig, Protocol, PublishMode, Service,
     ServiceNetwork, Standalone, Task, TaskState, invalid, new_id, parse_subnet, validate_image,
     validate_name,
 };
+use shoal_api::wire::{CniRequest, NetworkAttach};
 use shoal_api::wire::{ContainerCreate, NetworkCreate, ServiceCreate, ServiceUpdate};
+
+/// The first 12 characters of a container id (as podman and Docker show it).
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
 
 /// Name of the ingress network, created with the cluster.
 pub const INGRESS_NETWORK: &str = "ingress";
@@ -453,6 +460,68 @@ impl Cluster {
             Some(Standalone {
                 node_id: node_id.to_string(),
                 exited: None,
+                cni: None,
+            }),
+        )
+        .await
+    }
+
+    /// The standalone container a CNI ADD made for (container id, interface), if any.
+    pub async fn cni_container(&self, container_id: &str, ifname: &str) -> Result<Option<Service>> {
+        Ok(self.containers().await?.into_iter().find(|s| {
+            s.standalone
+                .as_ref()
+                .and_then(|sa| sa.cni.as_ref())
+                .is_some_and(|c| c.container_id == container_id && c.ifname == ifname)
+        }))
+    }
+
+    /// A CNI ADD on `node_id`: a standalone container whose sandbox is the runtime's
+    /// namespace `req.netns`, on one attachable network. Idempotent: the container already
+    /// attached with this id and interface is returned as it is. A container id attached
+    /// with another interface or network is refused (one Shoal network per container).
+    pub async fn attach_cni(&self, req: CniRequest, node_id: &str) -> Result<Service> {
+        if req.container_id.is_empty() || req.ifname.is_empty() || req.netns.is_empty() {
+            return Err(invalid("CNI ADD needs CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME").into());
+        }
+        if let Some(svc) = self.cni_container(&req.container_id, &req.ifname).await? {
+            return Ok(svc);
+        }
+        if let Some(other) = self.containers().await?.into_iter().find(|s| {
+            s.standalone
+                .as_ref()
+                .and_then(|sa| sa.cni.as_ref())
+                .is_some_and(|c| c.container_id == req.container_id)
+        }) {
+            return Err(ClusterError::Conflict(format!(
+                "container {} is already attached to Shoal as {:?} (one Shoal network per container through CNI)",
+                short(&req.container_id),
+                other.name
+            )));
+        }
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("ctr-{}", short(&req.container_id)));
+        self.create(
+            ServiceCreate {
+                name,
+                networks: vec![NetworkAttach {
+                    network: req.network.clone(),
+                    aliases: req.aliases.clone(),
+                }],
+                replicas: 1,
+                endpoint_mode: EndpointMode::Dnsrr,
+                ..Default::default()
+            },
+            Some(Standalone {
+                node_id: node_id.to_string(),
+                exited: None,
+                cni: Some(CniAttachment {
+                    container_id: req.container_id,
+                    netns: req.netns,
+                    ifname: req.ifname,
+                }),
             }),
         )
         .await
@@ -500,6 +569,8 @@ impl Cluster {
         validate_name(kind, &req.name)?;
         match &req.image {
             Some(image) => validate_image(image)?,
+            // A CNI container runs what its own runtime started.
+            None if standalone.as_ref().is_some_and(|sa| sa.cni.is_some()) => {}
             None if req.command.is_empty() => {
                 return Err(invalid(
                     "service create needs an image (--image IMAGE) or a command (after --)",

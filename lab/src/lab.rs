@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shoal_netns::CommandExt as _;
 
-use shoal::config::{AgentConfig, DnsSettings, StoreConfig, StoreKind};
+use shoal::config::{AgentConfig, CniSettings, DnsSettings, StoreConfig, StoreKind};
 use shoal_api::client::Client;
 
 pub const LAB_ROOT: &str = "/run/shoal/lab";
@@ -238,6 +238,14 @@ async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::
             dns: DnsSettings {
                 upstreams: Some(vec![]),
                 search: Some(vec![]),
+                ..Default::default()
+            },
+            // The lab's CNI files stay under the lab (the host's /etc/cni is left alone):
+            // conflists per node, one plugin binary per lab. `lab cni-conf` prints a
+            // containers.conf that points podman at them.
+            cni: CniSettings {
+                config_dir: ndir.join("cni/net.d"),
+                plugin_dir: dir.join("cni-bin"),
                 ..Default::default()
             },
             ..Default::default()
@@ -463,7 +471,13 @@ fn stop_pid(pid: u32, grace: Duration) {
 /// namespaces, removes the namespaces (links and nft tables go with them) and the files.
 pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
     validate_lab_name(name)?;
+    let mut errors = vec![];
     if let Ok(lab) = Lab::load(name) {
+        // Containers podman attached through the lab's CNI plugin, while their agents can
+        // still answer the DEL.
+        if let Err(e) = remove_cni_containers(&lab).await {
+            errors.push(format!("{e:#}"));
+        }
         for n in &lab.nodes {
             stop_pid(n.pid, Duration::from_secs(3));
         }
@@ -473,7 +487,6 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
     }
     let p = prefix(name);
     let mut removed = vec![];
-    let mut errors = vec![];
     if let Err(e) = remove_containers(&p) {
         errors.push(format!("{e:#}"));
     }
@@ -507,6 +520,69 @@ pub async fn down(name: &str) -> anyhow::Result<Vec<String>> {
         bail!("lab down left things behind: {}", errors.join("; "));
     }
     Ok(removed)
+}
+
+/// A containers.conf for podman's CNI backend on a lab node: the node's conflists, the
+/// lab's plugin directory, and the OCI runtime and rlimits the agents detect on this host.
+pub fn podman_conf(lab: &Lab, node: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        lab.nodes.iter().any(|n| n.name == node),
+        "lab {:?} has no node {node:?}",
+        lab.name
+    );
+    let dir = lab_dir(&lab.name);
+    let q = |p: &std::path::Path| toml::Value::from(p.display().to_string()).to_string();
+    let mut out = String::from("[network]\nnetwork_backend = \"cni\"\n");
+    out += &format!(
+        "network_config_dir = {}\n",
+        q(&dir.join(node).join("cni/net.d"))
+    );
+    out += &format!("cni_plugin_dirs = [{}]\n", q(&dir.join("cni-bin")));
+    let ulimits = shoal_node::podman::detect_ulimits();
+    if !ulimits.is_empty() {
+        let v: Vec<String> = ulimits
+            .iter()
+            .map(|u| toml::Value::from(u.as_str()).to_string())
+            .collect();
+        out += &format!("\n[containers]\ndefault_ulimits = [{}]\n", v.join(", "));
+    }
+    if let Some(rt) = shoal_node::podman::detect_oci_runtime() {
+        out += &format!("\n[engine]\nruntime = {}\n", toml::Value::from(rt));
+    }
+    Ok(out)
+}
+
+/// Removes the containers podman attached through the lab's CNI plugin (listed by each
+/// node's agent), with the lab's containers.conf so that podman calls the plugin's DEL.
+async fn remove_cni_containers(lab: &Lab) -> anyhow::Result<()> {
+    for n in &lab.nodes {
+        let Ok(list) = Client::new(&n.socket).containers().await else {
+            continue;
+        };
+        let ids: Vec<String> = list
+            .iter()
+            .filter_map(|c| c.container.standalone.as_ref()?.cni.as_ref())
+            .map(|c| c.container_id.clone())
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let conf = lab_dir(&lab.name).join(format!("{}-podman.conf", n.name));
+        std::fs::write(&conf, podman_conf(lab, &n.name)?)?;
+        let o = Command::new("podman")
+            .env("CONTAINERS_CONF", &conf)
+            .args(["rm", "-f", "--ignore", "-t", "0"])
+            .args(&ids)
+            .output()
+            .context("running podman rm")?;
+        if !o.status.success() {
+            bail!(
+                "removing the lab's CNI containers {ids:?}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Removes the podman containers of the lab's agents (their label names a namespace

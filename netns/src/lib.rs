@@ -80,6 +80,12 @@ pub fn exists(name: &str) -> bool {
     validate_name(name).is_ok() && is_netns_mount(&path(name))
 }
 
+/// True when `path` (a namespace another runtime pinned, e.g. podman's
+/// `/run/netns/netns-...`) is a mounted namespace.
+pub fn exists_at(path: &Path) -> bool {
+    is_netns_mount(path)
+}
+
 fn is_netns_mount(p: &Path) -> bool {
     // A pinned namespace is a bind mount of an nsfs inode: its device differs from the
     // directory's. An unmounted leftover file shares the directory's device.

@@ -21,14 +21,16 @@ pub struct Appliers {
     pub lost: LostFlows,
     pub dns: Dns,
     pub tasks: Tasks,
+    pub cni: crate::cni::CniConfigs,
 }
 
 impl Appliers {
     /// The appliers in the order a pass runs them: the guard before anything else; the
     /// overlays before what needs them (ingress, VIPs, DNS); published ports once the ingress
     /// plumbing is there; lost flows once the VIPs and ports have dropped their backends;
-    /// DNS before the processes it must answer.
-    pub fn in_order(&mut self) -> [&mut dyn Dataplane; 8] {
+    /// DNS before the processes it must answer; the CNI conflists last (they name
+    /// networks, not kernel objects).
+    pub fn in_order(&mut self) -> [&mut dyn Dataplane; 9] {
         let vips: &mut dyn Dataplane = match &mut self.vips {
             Vips::Nft(v) => v,
             Vips::Ipvs(v) => v,
@@ -42,6 +44,7 @@ impl Appliers {
             &mut self.lost,
             &mut self.dns,
             &mut self.tasks,
+            &mut self.cni,
         ]
     }
 

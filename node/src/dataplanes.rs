@@ -807,12 +807,20 @@ impl Tasks {
     /// reported running if the earlier run's write of that was lost).
     pub fn adopt(&mut self, st: &ClusterState, node_id: &str) {
         for t in desired::local_tasks(st, node_id) {
-            let a = shoal_control::reports::adoption(t, self.runtime.is_running(&t.id));
+            let cni = desired::cni_of(st, t);
+            let running = match cni {
+                // Another runtime's container: alive while its namespace is.
+                Some(c) => shoal_netns::exists_at(std::path::Path::new(&c.netns)),
+                None => self.runtime.is_running(&t.id),
+            };
+            let a = shoal_control::reports::adoption(t, running);
             if a == Adoption::None {
                 continue;
             }
             self.started.insert(t.id.clone());
-            self.runtime.clone().adopt(&t.id);
+            if cni.is_none() {
+                self.runtime.clone().adopt(&t.id);
+            }
             if a == Adoption::AdoptAndReport {
                 self.reports.add(&t.id, Report::Running);
             }
@@ -851,6 +859,27 @@ impl Tasks {
             };
             let h = crate::health::spawn(self.cluster.clone(), probe, check.clone(), r.last_health);
             self.health.insert(id.clone(), h);
+        }
+    }
+
+    /// A container another runtime made (CNI): running once its interface and DNS are in
+    /// place (the CNI ADD waits for that); ended when its namespace is gone without a DEL.
+    fn external(&mut self, id: &str, r: &crate::plan::RunTask, plan: &NodePlan, cx: &PassCx<'_>) {
+        let gone = plan.dns.get(id).is_none_or(|d| d.netns.is_none());
+        if self.started.contains(id) {
+            if gone {
+                self.started.remove(id);
+                self.reports.add(
+                    id,
+                    Report::Exited(
+                        "its network namespace is gone (ended without a CNI DEL)".into(),
+                    ),
+                );
+            }
+        } else if !gone && cx.dns_attached.contains(id) {
+            info!(task = %r.spec.name, "CNI container attached");
+            self.started.insert(id.to_string());
+            self.reports.add(id, Report::Running);
         }
     }
 
@@ -912,7 +941,9 @@ impl Dataplane for Tasks {
             Phase::Fast => {}
             Phase::Prepare => {
                 for (id, t) in &plan.dns {
+                    let external = plan.run.get(id).is_some_and(|r| r.spec.external);
                     if !self.started.contains(id)
+                        && !external
                         && let Err(e) = self.runtime.prepare(id).await
                     {
                         cx.fail("tasks", format!("task {}", t.name), e);
@@ -921,6 +952,10 @@ impl Dataplane for Tasks {
             }
             Phase::Main => {
                 for (id, r) in &plan.run {
+                    if r.spec.external {
+                        self.external(id, r, plan, cx);
+                        continue;
+                    }
                     if self.started.contains(id) || !cx.dns_attached.contains(id) {
                         continue;
                     }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use crate::names::{LB_TABLE, host_ifname, network_netns, task_ifname};
-use shoal_api::model::{EndpointMode, LbSelection, Network, PublishMode, Service, Task, TaskState};
+use shoal_api::model::{
+    CniAttachment, EndpointMode, LbSelection, Network, PublishMode, Service, Task, TaskState,
+};
 use shoal_control::state::ClusterState;
 
 /// Container MTU on a 1500-byte underlay with VXLAN.
@@ -158,6 +160,30 @@ pub fn local_tasks<'a>(
     state.task_list().filter(move |t| t.node_id == node_id)
 }
 
+/// The CNI attachment of a task whose container another runtime made (its sandbox is that
+/// runtime's namespace), if it is one.
+pub fn cni_of<'a>(state: &'a ClusterState, t: &Task) -> Option<&'a CniAttachment> {
+    state
+        .service_by_id(&t.service_id)?
+        .standalone
+        .as_ref()?
+        .cni
+        .as_ref()
+}
+
+/// The networks containers of other runtimes may join through the CNI plugin: the
+/// attachable ones (never the ingress network), sorted by name.
+pub fn cni_networks(state: &ClusterState) -> Vec<String> {
+    let mut v: Vec<String> = state
+        .networks
+        .values()
+        .filter(|n| n.attachable && !n.ingress)
+        .map(|n| n.name.clone())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Where this node meets the other nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Underlay {
@@ -218,6 +244,7 @@ pub fn mesh_specs(
             })
             .or(t.networks.first())
             .map(|n| n.network_id.clone());
+        let cni = cni_of(state, t);
         for (i, tn) in t.networks.iter().enumerate() {
             let Some(net) = state.network_by_id(&tn.network_id) else {
                 continue;
@@ -228,7 +255,8 @@ pub fn mesh_specs(
             spec.endpoints.push(shoal_mesh::EndpointSpec {
                 task_netns: tns.clone(),
                 host_ifname: host_ifname(&t.id),
-                ifname: task_ifname(i),
+                // A CNI container's interface is named by its runtime (one network).
+                ifname: cni.map_or_else(|| task_ifname(i), |c| c.ifname.clone()),
                 ip: tn.ip,
                 mac: shoal_api::model::mac_for(tn.ip),
                 default_route: default_net.as_deref() == Some(tn.network_id.as_str()),

@@ -6,6 +6,7 @@
 //! and mesh crates.
 
 pub mod appliers;
+pub mod cni;
 pub mod dataplanes;
 pub mod desired;
 pub mod drift;

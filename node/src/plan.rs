@@ -86,6 +86,8 @@ pub struct NodePlan {
     pub stop: Vec<Task>,
     /// Every task id the cluster has (a runtime's task outside it is garbage).
     pub known_tasks: HashSet<String>,
+    /// Networks that get a CNI conflist: the attachable ones, by name.
+    pub cni_networks: Vec<String>,
 }
 
 impl NodePlan {
@@ -169,6 +171,7 @@ impl NodePlan {
                             service: svc.name.clone(),
                             hostname: t.hostname(),
                             image: svc.image.clone(),
+                            external: svc.standalone.as_ref().is_some_and(|sa| sa.cni.is_some()),
                             command: svc.command.clone(),
                             env: svc.env.clone(),
                             search: f.search.to_vec(),
@@ -190,6 +193,7 @@ impl NodePlan {
             run,
             stop,
             known_tasks: st.tasks.keys().cloned().collect(),
+            cni_networks: desired::cni_networks(st),
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct TaskSpec {
     pub hostname: String,
     /// The image of a container task; None: a process task.
     pub image: Option<String>,
+    /// A container another runtime made and attached through the CNI plugin: there is
+    /// nothing to prepare, start or stop, only its network and DNS.
+    pub external: bool,
     pub command: Vec<String>,
     pub env: Vec<String>,
     /// The resolv.conf search list.
