@@ -180,6 +180,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let cluster = Cluster::new(store.clone());
+    let peer_token = match cluster.peer_token().await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(error = %e, "no peer token: logs of other nodes' tasks will not be served");
+            None
+        }
+    };
+    let peer_addr = cfg
+        .advertise_addr
+        .filter(|_| cfg.peer_port != 0 && peer_token.is_some())
+        .map(|ip| std::net::SocketAddr::from((ip, cfg.peer_port)));
     let node = Node {
         id: node_id.clone(),
         name: cfg.node_name.clone(),
@@ -187,6 +198,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         status: NodeStatus::Ready,
         version: env!("CARGO_PKG_VERSION").to_string(),
         listening: shoal_node::listening::listening(),
+        peer_port: peer_addr.map(|a| a.port()),
     };
     store
         .put(&shoal_control::keys::node(&node_id), encode(&node))
@@ -226,9 +238,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             runtime: runtime.clone(),
             state: state_rx.clone(),
             search: search.clone(),
+            peer_token: peer_token.clone(),
         },
     )
     .await?;
+    let _peer = match (peer_addr, &peer_token) {
+        (Some(addr), Some(token)) => Some(
+            crate::logs::serve_peer(
+                addr,
+                crate::logs::PeerState {
+                    node_id: node_id.clone(),
+                    token: token.clone(),
+                    runtime: runtime.clone(),
+                    state: state_rx.clone(),
+                },
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     let metrics_addr = cfg.metrics_socket()?;
     let metrics = match metrics_addr {
         Some(addr) => Some(

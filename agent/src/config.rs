@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub underlay_dev: Option<String>,
     /// How VIPs are load-balanced.
     pub lb: LbSettings,
+    /// TCP port of the peer API on advertise_addr, where other agents fetch this node's
+    /// task logs (with the cluster's token). 0: off (logs of this node's tasks are then
+    /// read only through its own socket).
+    pub peer_port: u16,
     /// How image tasks run.
     pub runtime: RuntimeSettings,
     /// The CNI plugin for other runtimes' containers.
@@ -246,6 +250,7 @@ impl Default for AgentConfig {
             resync_secs: 10,
             underlay_dev: None,
             lb: LbSettings::default(),
+            peer_port: 7950,
             runtime: RuntimeSettings::default(),
             cni: CniSettings::default(),
             metrics_addr: DEFAULT_METRICS_ADDR.into(),

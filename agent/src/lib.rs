@@ -7,5 +7,6 @@
 pub mod agent;
 pub mod cni_api;
 pub mod config;
+pub mod logs;
 pub mod metrics_http;
 pub mod server;

@@ -38,6 +38,8 @@ pub struct ApiState {
     pub state: tokio::sync::watch::Receiver<Arc<shoal_control::state::ClusterState>>,
     /// The search list of containers' resolv.conf (the CNI result carries it).
     pub search: Vec<String>,
+    /// The cluster's peer API token (other nodes' task logs); None: not available.
+    pub peer_token: Option<String>,
 }
 
 pub struct ApiError(pub StatusCode, pub String);
@@ -86,6 +88,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}", get(service_get).delete(service_rm))
         .route("/v1/services/{name}/update", post(service_update))
         .route("/v1/services/{name}/tasks", get(service_tasks))
+        .route("/v1/services/{name}/logs", get(crate::logs::service_logs))
+        .route("/v1/tasks/{what}/logs", get(crate::logs::task_logs))
         .route("/v1/containers", get(containers).post(container_create))
         .route("/v1/containers/{name}", delete(container_rm))
         .route("/v1/cni/add", post(crate::cni_api::add))

@@ -17,6 +17,13 @@ use crate::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
 
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 
+fn log_query(tail: Option<u32>, follow: bool) -> String {
+    match tail {
+        Some(n) => format!("follow={follow}&tail={n}"),
+        None => format!("follow={follow}"),
+    }
+}
+
 /// Where the agent is: `-H/--host` or `SHOAL_HOST`, as `unix:///path` or a plain path.
 pub fn socket_path(host: Option<&str>) -> PathBuf {
     match host {
@@ -237,6 +244,87 @@ impl Client {
     /// listed; answers the names removed.
     pub async fn cni_gc(&self, req: &CniGc) -> anyhow::Result<Vec<String>> {
         self.post("/v1/cni/gc", req).await
+    }
+
+    /// `GET /v1/services/{name}/logs`: every task's output, prefixed `web.1@node2 | `,
+    /// copied to `out` as it arrives (until the agent ends it, or forever with `follow`).
+    pub async fn service_logs(
+        &self,
+        name: &str,
+        tail: Option<u32>,
+        follow: bool,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> anyhow::Result<()> {
+        let path = format!(
+            "/v1/services/{}/logs?{}",
+            seg(name),
+            log_query(tail, follow)
+        );
+        self.stream(&path, out).await
+    }
+
+    /// `GET /v1/tasks/{what}/logs`: one task's output, lines bare (a container is `NAME.1`).
+    pub async fn task_logs(
+        &self,
+        what: &str,
+        tail: Option<u32>,
+        follow: bool,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> anyhow::Result<()> {
+        let path = format!(
+            "/v1/tasks/{}/logs?{}&prefix=false",
+            seg(what),
+            log_query(tail, follow)
+        );
+        self.stream(&path, out).await
+    }
+
+    /// A GET whose body is copied to `out` frame by frame.
+    async fn stream(
+        &self,
+        path: &str,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> anyhow::Result<()> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to the agent")?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "shoal")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("talking to the agent")?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        if !(200..300).contains(&status) {
+            let bytes = body
+                .collect()
+                .await
+                .context("reading the agent's answer")?
+                .to_bytes();
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).to_string());
+            return Err(ClientError::Api { status, message }.into());
+        }
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.context("reading the agent's answer")?.into_data() {
+                out.write_all(&data)?;
+                out.flush()?;
+            }
+        }
+        Ok(())
     }
 
     pub async fn service_tasks(&self, name: &str) -> anyhow::Result<Vec<Task>> {

@@ -37,6 +37,9 @@ pub struct Node {
     /// the agent): publishing one of them is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listening: Vec<(Protocol, u16)>,
+    /// TCP port of the agent's peer API on `addr` (other agents fetch task logs there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

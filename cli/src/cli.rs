@@ -14,8 +14,8 @@ use shoal_api::model::{
     parse_duration_ms,
 };
 use shoal_api::wire::{
-    ContainerCreate, ContainerStatus, NetworkAttach, NetworkCreate, SandboxEntry, ServiceCreate,
-    ServiceStatus, ServiceUpdate, TaskLocation,
+    ContainerCreate, ContainerStatus, NetworkAttach, NetworkCreate, ServiceCreate, ServiceStatus,
+    ServiceUpdate,
 };
 
 #[derive(Parser, Debug)]
@@ -53,7 +53,7 @@ pub enum Cmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Show a standalone container's or a task's output (podman logs, on its node)
+    /// Show a standalone container's or a task's output, from whichever node runs it
     Logs {
         /// Follow the output
         #[arg(short, long)]
@@ -297,6 +297,18 @@ pub enum ServiceCmd {
         name: String,
         #[command(flatten)]
         format: FormatArg,
+    },
+    /// Show the output of every task of a service, from whichever node runs it
+    /// (`web.1@node2 | ...`)
+    Logs {
+        /// Follow the output
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each task
+        #[arg(long)]
+        tail: Option<u32>,
+        /// Name
+        name: String,
     },
     /// Show a service
     Inspect {
@@ -728,6 +740,10 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         .collect(),
                 );
             }
+            ServiceCmd::Logs { follow, tail, name } => {
+                c.service_logs(&name, tail, follow, &mut std::io::stdout())
+                    .await?;
+            }
             ServiceCmd::Ps { name, format } => {
                 let tasks: Vec<Task> = c.service_tasks(&name).await?;
                 let nodes: Vec<Node> = c.nodes().await?;
@@ -958,7 +974,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `shoal logs`: podman's log of a container on this node.
+/// `shoal logs`: a container's or a task's output, from whichever node runs it.
 async fn logs(c: &Client, name: &str, follow: bool, tail: Option<u32>) -> anyhow::Result<()> {
     // A standalone container's task is `NAME.1`.
     let what = match c
@@ -970,31 +986,8 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: Option<u32>) -> anyhow
         Some(_) => format!("{name}.1"),
         None => name.to_string(),
     };
-    let loc: TaskLocation = c.task(&what).await?;
-    if !loc.local {
-        bail!("{name} runs on another node: ask that node's agent (-H)");
-    }
-    let SandboxEntry::Container { engine, container } = &loc.entry else {
-        bail!(
-            "{name} is a process task: its output is in the agent's task directory, not podman's"
-        );
-    };
-    let mut cmd = std::process::Command::new(engine);
-    cmd.arg("logs");
-    if follow {
-        cmd.arg("-f");
-    }
-    if let Some(n) = tail {
-        cmd.args(["--tail", &n.to_string()]);
-    }
-    let st = cmd
-        .arg(container)
-        .status()
-        .with_context(|| format!("running {}", engine.display()))?;
-    if !st.success() {
-        bail!("podman logs {container}: {st}");
-    }
-    Ok(())
+    c.task_logs(&what, tail, follow, &mut std::io::stdout())
+        .await
 }
 
 pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {

@@ -176,6 +176,23 @@ impl Cluster {
         }
     }
 
+    /// The cluster's peer API token: read, or made once (random, 128 bits) by the first
+    /// agent to ask. Whoever can read the store has it; nobody else does.
+    pub async fn peer_token(&self) -> Result<String> {
+        loop {
+            if let Some(kv) = self.store.get(keys::PEER_TOKEN).await? {
+                return Ok(String::from_utf8_lossy(&kv.value).into_owned());
+            }
+            let token = format!("{:032x}", rand::random::<u128>());
+            self.store
+                .txn(
+                    vec![Compare::Absent(keys::PEER_TOKEN.into())],
+                    vec![Op::Put(keys::PEER_TOKEN.into(), token.into_bytes())],
+                )
+                .await?;
+        }
+    }
+
     pub async fn network(&self, name: &str) -> Result<Network> {
         self.get(&keys::network(name))
             .await?

@@ -36,6 +36,9 @@ pub fn service(name: &str) -> String {
 pub fn task(id: &str) -> String {
     format!("{TASKS}{id}")
 }
+/// The secret agents show each other on the peer API (made by the first agent).
+pub const PEER_TOKEN: &str = "/shoal/peer-token";
+
 pub fn node(id: &str) -> String {
     format!("{NODES}{id}")
 }

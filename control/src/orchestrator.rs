@@ -260,6 +260,7 @@ mod tests {
             status: NodeStatus::Ready,
             version: "test".into(),
             listening: vec![],
+            peer_port: None,
         };
         store
             .put(&crate::keys::node(id), encode(&node))

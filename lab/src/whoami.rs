@@ -76,10 +76,13 @@ pub async fn run(port: u16, udp_port: u16) -> anyhow::Result<()> {
     let udp = tokio::net::UdpSocket::bind(("0.0.0.0", udp_port))
         .await
         .with_context(|| format!("binding UDP port {udp_port}"))?;
-    eprintln!(
-        "whoami: {} serving HTTP on :{port}, UDP on :{udp_port}",
+    // One write: a line written in pieces is several partial records in podman's log,
+    // and `podman logs --tail N` counts records, not lines.
+    let line = format!(
+        "whoami: {} serving HTTP on :{port}, UDP on :{udp_port}\n",
         id.hostname
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     let uid = id.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];

@@ -347,6 +347,7 @@ mod tests {
                 status: NodeStatus::Ready,
                 version: String::new(),
                 listening: vec![],
+                peer_port: None,
             };
             st.nodes.insert(id.into(), (node, 1));
         }

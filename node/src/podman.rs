@@ -343,6 +343,28 @@ impl Runtime for NodeRuntime {
         }
     }
 
+    /// A container's log through `podman logs`; a process task's as the process runtime has it.
+    fn logs(
+        &self,
+        task_id: &str,
+        tail: Option<u32>,
+        follow: bool,
+    ) -> Option<std::process::Command> {
+        let Some(name) = self.container_of(task_id) else {
+            return self.process.logs(task_id, tail, follow);
+        };
+        let mut cmd = std::process::Command::new(&self.podman.engine);
+        cmd.arg("logs");
+        if let Some(n) = tail {
+            cmd.args(["--tail", &n.to_string()]);
+        }
+        if follow {
+            cmd.arg("-f");
+        }
+        cmd.arg(name);
+        Some(cmd)
+    }
+
     fn entry(&self, task_id: &str, hostname: &str) -> SandboxEntry {
         match self.container_of(task_id) {
             Some(container) => SandboxEntry::Container {

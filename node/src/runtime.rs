@@ -68,6 +68,11 @@ pub trait Runtime: Send + Sync {
     fn adopt(self: Arc<Self>, task_id: &str);
     /// How to run a command inside the task's sandbox (health checks, `lab exec`).
     fn entry(&self, task_id: &str, hostname: &str) -> SandboxEntry;
+    /// A command printing the task's output (its last `tail` lines, or all; then more as it
+    /// comes with `follow`); None when this runtime has no output of it.
+    fn logs(&self, _task_id: &str, _tail: Option<u32>, _follow: bool) -> Option<Command> {
+        None
+    }
 
     /// Runs `argv` inside the task's sandbox, output discarded; true when it exits 0
     /// within `timeout` (killed otherwise).
@@ -282,6 +287,22 @@ fn alive_in(pid: u32, netns: &str) -> bool {
 impl Runtime for ProcessRuntime {
     fn netns(&self, task_id: &str) -> String {
         crate::names::task_netns(&self.prefix, task_id)
+    }
+
+    /// The process's output file, through `tail`.
+    fn logs(&self, task_id: &str, tail: Option<u32>, follow: bool) -> Option<Command> {
+        let log = self.task_dir(task_id).join("log");
+        if !log.exists() {
+            return None;
+        }
+        let mut cmd = Command::new("tail");
+        cmd.arg("-n")
+            .arg(tail.map_or("+1".to_string(), |n| n.to_string()));
+        if follow {
+            cmd.arg("-f");
+        }
+        cmd.arg(log);
+        Some(cmd)
     }
 
     fn entry(&self, task_id: &str, hostname: &str) -> SandboxEntry {

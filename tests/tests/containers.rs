@@ -169,6 +169,32 @@ fn image_services_on_three_nodes() {
         use std::os::unix::fs::MetadataExt;
         assert_eq!(in_ns.ino(), netns.ino(), "{ns} runs outside its namespace");
     }
+
+    // `service logs` from node1's agent: every task's output, from the node that runs it,
+    // with Docker's prefix (tasks on node2 and node3 come through their agents' peer API).
+    let logs = lab
+        .shoal(&["service", "logs", "web", "--tail", "1"])
+        .ok()
+        .stdout;
+    for t in &web {
+        let prefix = format!(
+            "web.{}@{} | ",
+            t["slot"],
+            nodes[t["node_id"].as_str().unwrap()]
+        );
+        let hostname = &t["id"].as_str().unwrap()[..12];
+        assert!(
+            logs.lines()
+                .any(|l| l.starts_with(&prefix)
+                    && l.contains(&format!("whoami: {hostname} serving"))),
+            "no start line of {prefix}: {logs}"
+        );
+    }
+    assert_eq!(
+        logs.lines().filter(|l| !l.is_empty()).count(),
+        3,
+        "one start line per task: {logs}"
+    );
     let svc: serde_json::Value =
         serde_json::from_str(&lab.shoal(&["service", "inspect", "web"]).ok().stdout).unwrap();
     assert_eq!(
