@@ -943,7 +943,17 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         vec![
                             shoal_api::model::short_id(&x.container.id).to_string(),
                             x.container.name.clone(),
-                            x.container.image.clone().unwrap_or_default(),
+                            // A CNI container's image is its runtime's business.
+                            x.container.image.clone().unwrap_or_else(|| {
+                                sa.and_then(|s| s.cni.as_ref())
+                                    .map(|c| {
+                                        format!(
+                                            "(cni {})",
+                                            shoal_api::model::short_id(&c.container_id)
+                                        )
+                                    })
+                                    .unwrap_or_default()
+                            }),
                             node,
                             match (&exited, &x.task) {
                                 (Some(_), _) => "exited".into(),
