@@ -729,6 +729,10 @@ impl Dataplane for Dns {
             let Some(ns) = &t.netns else { continue };
             match self.views.get(id) {
                 Some(old) if *old == t.view.view => {}
+                // Before the main phase only removals are served: a new VIP or task address
+                // is answered once this pass has routed it. A client told a VIP whose route
+                // is not there yet would wait a second for its next ARP probe.
+                Some(old) if !main && !t.view.view.only_removes_from(old) => {}
                 Some(_) => match self.resolver.update(id, t.view.records.clone()) {
                     Ok(()) => {
                         self.views.insert(id.clone(), t.view.view.clone());
@@ -1125,6 +1129,61 @@ mod tests {
         rt.prepared.lock().unwrap().clear();
         t.apply(&plan, Phase::Prepare, &mut cx).await;
         assert_eq!(*rt.prepared.lock().unwrap(), ["t3", "t4"]);
+    }
+
+    /// A CNI container's sandbox is its runtime's: never prepared or started by ours;
+    /// running once its DNS is attached, ended when its namespace is gone.
+    #[tokio::test]
+    async fn a_cni_container_is_never_prepared_or_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = fake(&[]);
+        let mut t = tasks(&rt, dir.path());
+        let mut st = crate::desired::tests::fixture();
+        let sid = st.tasks["t1"].0.service_id.clone();
+        let name = st
+            .services
+            .iter()
+            .find(|(_, (s, _))| s.id == sid)
+            .map(|(n, _)| n.clone())
+            .unwrap();
+        st.services.get_mut(&name).unwrap().0.standalone = Some(shoal_api::model::Standalone {
+            node_id: "me".into(),
+            exited: None,
+            cni: Some(shoal_api::model::CniAttachment {
+                container_id: "c".repeat(64),
+                netns: "/run/netns/netns-x".into(),
+                ifname: "eth0".into(),
+            }),
+        });
+        let plan = plan_of(&st, &t.stopping());
+        assert!(plan.run["t1"].spec.external);
+        let mut drift = crate::drift::DriftWatch::new(applier().clone());
+        let mut pending = HashMap::new();
+        let mut cx = PassCx::new(&st, false, &mut drift, &mut pending);
+        t.apply(&plan, Phase::Prepare, &mut cx).await;
+        assert!(!rt.prepared.lock().unwrap().contains(&"t1".to_string()));
+        cx.dns_attached = ["t1".to_string()].into();
+        t.apply(&plan, Phase::Main, &mut cx).await;
+        assert!(
+            rt.started.lock().unwrap().is_empty(),
+            "ours never starts it"
+        );
+        assert!(t.started.contains("t1"), "running once answered");
+        // Its namespace gone (no DEL): ended.
+        let gone = NodePlan::compute(
+            &st,
+            &NodeFacts {
+                node_id: "me",
+                netns_prefix: "p-",
+                underlay: None,
+                search: &[],
+                task_netns: &|id| (id != "t1").then(|| format!("p-t-{id}")),
+                stopping: &t.stopping(),
+            },
+        );
+        t.apply(&gone, Phase::Main, &mut cx).await;
+        assert!(!t.started.contains("t1"));
+        assert!(rt.started.lock().unwrap().is_empty());
     }
 
     /// A task to stop is stopped once (it is then in `stopping`, which the next plan

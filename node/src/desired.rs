@@ -38,6 +38,27 @@ pub struct View {
 }
 
 impl View {
+    /// True when every record of `self` is in `old` too: going from `old` to `self` only
+    /// takes names and addresses away.
+    pub fn only_removes_from(&self, old: &View) -> bool {
+        self.forward == old.forward
+            && self.a.iter().all(|(n, (ips, _))| {
+                old.a
+                    .get(n)
+                    .is_some_and(|(o, _)| ips.iter().all(|ip| o.contains(ip)))
+            })
+            && self.ptr.iter().all(|(ip, ns)| {
+                old.ptr
+                    .get(ip)
+                    .is_some_and(|o| ns.iter().all(|n| o.contains(n)))
+            })
+            && self.srv.iter().all(|(n, t)| {
+                old.srv
+                    .get(n)
+                    .is_some_and(|o| t.iter().all(|x| o.contains(x)))
+            })
+    }
+
     fn add(&mut self, name: String, ip: Ipv4Addr, shuffle: bool) {
         let e = self
             .a
@@ -595,6 +616,26 @@ pub fn resolv_conf(search: &[String]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// Removing a task only removes records; adding one (or a service) does not.
+    #[test]
+    fn a_view_knows_when_it_only_removes() {
+        let st = fixture();
+        let nets: Vec<String> = st.tasks["t1"]
+            .0
+            .networks
+            .iter()
+            .map(|n| n.network_id.clone())
+            .collect();
+        let full = dns_view(&st, &nets);
+        let mut less = st.clone();
+        less.tasks.remove("t1");
+        let fewer = dns_view(&less, &nets);
+        assert_ne!(full, fewer, "the fixture's t1 is in the view");
+        assert!(fewer.only_removes_from(&full));
+        assert!(!full.only_removes_from(&fewer));
+        assert!(full.only_removes_from(&full));
+    }
     use shoal_api::model::*;
 
     pub(crate) fn net(id: &str, name: &str, subnet: &str, internal: bool) -> Network {
