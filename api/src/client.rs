@@ -17,6 +17,15 @@ use crate::wire::{NetworkCreate, ServiceCreate, ServiceUpdate};
 
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 
+/// The agent's error answer: its `{"error": ...}` message, else the body as text.
+fn api_error(status: u16, bytes: &[u8]) -> anyhow::Error {
+    let message = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).to_string());
+    ClientError::Api { status, message }.into()
+}
+
 fn log_query(tail: Option<u32>, follow: bool) -> String {
     match tail {
         Some(n) => format!("follow={follow}&tail={n}"),
@@ -81,12 +90,13 @@ impl Client {
         }
     }
 
-    async fn call(
+    /// Sends one request; the answer's head, its body still to read.
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Unreachable {
@@ -103,10 +113,19 @@ impl Client {
             .header("host", "shoal")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .context("talking to the agent")?;
+            .context("talking to the agent")
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let resp = self.send(method, path, body).await?;
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
@@ -125,15 +144,7 @@ impl Client {
     ) -> anyhow::Result<T> {
         let (status, bytes) = self.call(method, path, body).await?;
         if !(200..300).contains(&status) {
-            let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).to_string());
-            return Err(ClientError::Api {
-                status,
-                message: msg,
-            }
-            .into());
+            return Err(api_error(status, &bytes));
         }
         serde_json::from_slice(&bytes).with_context(|| {
             format!(
@@ -285,25 +296,7 @@ impl Client {
         path: &str,
         out: &mut (dyn std::io::Write + Send),
     ) -> anyhow::Result<()> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                socket: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("talking to the agent")?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .header("host", "shoal")
-            .body(Full::new(Bytes::new()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .context("talking to the agent")?;
+        let resp = self.send(Method::GET, path, None).await?;
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         if !(200..300).contains(&status) {
@@ -312,11 +305,7 @@ impl Client {
                 .await
                 .context("reading the agent's answer")?
                 .to_bytes();
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).to_string());
-            return Err(ClientError::Api { status, message }.into());
+            return Err(api_error(status, &bytes));
         }
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.context("reading the agent's answer")?.into_data() {
