@@ -96,11 +96,24 @@ pub async fn add(
     b: Result<Json<CniRequest>, JsonRejection>,
 ) -> ApiResult<CniAttached> {
     let req = body(b)?;
-    let existed = s
+    let mut existed = false;
+    if let Some(old) = s
         .cluster
         .cni_container(&req.container_id, &req.ifname)
         .await?
-        .is_some();
+    {
+        let sa = old.standalone.as_ref();
+        let stale = sa.is_some_and(|sa| {
+            sa.exited.is_some() || sa.cni.as_ref().is_some_and(|c| c.netns != req.netns)
+        });
+        if stale {
+            // An earlier sandbox of this container (it ended, or the runtime made a new
+            // namespace without a DEL): replaced by this one.
+            s.cluster.remove_container(&old.name).await?;
+        } else {
+            existed = true;
+        }
+    }
     let svc = s.cluster.attach_cni(req, &s.node_id).await?;
     match wait_running(&s, &svc).await {
         Ok(a) => Ok(Json(a)),

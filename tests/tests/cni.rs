@@ -305,6 +305,26 @@ fn cni_plugin_protocol() {
     let (_, r) = call(&env("ADD", &id_b), &conf);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(containers(&lab).len(), 2);
+    // The runtime made a new namespace for it without a DEL: the new one replaces the old.
+    let ns3 = Netns::new(format!("shoal-{}-cninew", lab.name));
+    let mut moved = as_ref(&env("ADD", &id_b));
+    moved[2].1 = ns3.path();
+    let (res3, r) = call(&moved, &conf);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(res3["interfaces"][0]["sandbox"], ns3.path().as_str());
+    let ip3 = res3["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    lab.wait_for(
+        "the name to follow the new sandbox",
+        Duration::from_secs(10),
+        || (dig_in(&ns2.0, "probe") == ip3).then_some(()),
+    );
+    assert_eq!(containers(&lab).len(), 2);
     let mut gc = plugin_conf(&lab, "node1", "appnet", json!({"cniVersion": "1.1.0"}));
     let listed = |id: &str| json!({ "containerID": id, "ifname": "eth0" });
     gc["cni.dev/valid-attachments"] = json!([listed(&id_b), listed(&id_o)]);
