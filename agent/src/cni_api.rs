@@ -95,30 +95,11 @@ pub async fn add(
     State(s): State<ApiState>,
     b: Result<Json<CniRequest>, JsonRejection>,
 ) -> ApiResult<CniAttached> {
-    let req = body(b)?;
-    let mut existed = false;
-    if let Some(old) = s
-        .cluster
-        .cni_container(&req.container_id, &req.ifname)
-        .await?
-    {
-        let sa = old.standalone.as_ref();
-        let stale = sa.is_some_and(|sa| {
-            sa.exited.is_some() || sa.cni.as_ref().is_some_and(|c| c.netns != req.netns)
-        });
-        if stale {
-            // An earlier sandbox of this container (it ended, or the runtime made a new
-            // namespace without a DEL): replaced by this one.
-            s.cluster.remove_container(&old.name).await?;
-        } else {
-            existed = true;
-        }
-    }
-    let svc = s.cluster.attach_cni(req, &s.node_id).await?;
+    let (svc, created) = s.cluster.attach_cni(body(b)?, &s.node_id).await?;
     match wait_running(&s, &svc).await {
         Ok(a) => Ok(Json(a)),
         Err(e) => {
-            if !existed && let Err(rm) = s.cluster.remove_container(&svc.name).await {
+            if created && let Err(rm) = s.cluster.remove_container(&svc.name).await {
                 tracing::warn!(container = %svc.name, error = %rm, "removing a failed CNI attachment");
             }
             Err(e)

@@ -55,12 +55,8 @@ pub enum Cmd {
     },
     /// Show a standalone container's or a task's output, from whichever node runs it
     Logs {
-        /// Follow the output
-        #[arg(short, long)]
-        follow: bool,
-        /// Only the last N lines
-        #[arg(long)]
-        tail: Option<u32>,
+        #[command(flatten)]
+        opts: LogOpts,
         /// A container name or a task (web.1, a task id)
         name: String,
     },
@@ -285,6 +281,17 @@ pub enum NetworkCmd {
     },
 }
 
+/// `-f/--follow` and `--tail N` of `logs` and `service logs`.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct LogOpts {
+    /// Follow the output
+    #[arg(short, long)]
+    follow: bool,
+    /// Only the last N lines (of each task)
+    #[arg(long)]
+    tail: Option<u32>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ServiceCmd {
     /// Create a service
@@ -301,12 +308,8 @@ pub enum ServiceCmd {
     /// Show the output of every task of a service, from whichever node runs it
     /// (`web.1@node2 | ...`)
     Logs {
-        /// Follow the output
-        #[arg(short, long)]
-        follow: bool,
-        /// Only the last N lines of each task
-        #[arg(long)]
-        tail: Option<u32>,
+        #[command(flatten)]
+        opts: LogOpts,
         /// Name
         name: String,
     },
@@ -740,8 +743,8 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         .collect(),
                 );
             }
-            ServiceCmd::Logs { follow, tail, name } => {
-                c.service_logs(&name, tail, follow, &mut std::io::stdout())
+            ServiceCmd::Logs { opts, name } => {
+                c.service_logs(&name, opts.tail, opts.follow, &mut std::io::stdout())
                     .await?;
             }
             ServiceCmd::Ps { name, format } => {
@@ -978,7 +981,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 println!("{n}");
             }
         }
-        Cmd::Logs { follow, tail, name } => logs(&c, &name, follow, tail).await?,
+        Cmd::Logs { opts, name } => logs(&c, &name, opts.follow, opts.tail).await?,
         _ => unreachable!("not a client command"),
     }
     Ok(())

@@ -131,60 +131,52 @@ fn agent_error(e: anyhow::Error, command: &str) -> CniError {
     CniError::new(code, msg).details(detail)
 }
 
+/// The version of an answer when the call's own could not be read.
+pub const FALLBACK_VERSION: &str = "1.0.0";
+
+/// The command and the configuration of a call.
+fn parse(c: &Call) -> Result<(String, Value), CniError> {
+    let command = env(c, "CNI_COMMAND")?.to_string();
+    match serde_json::from_slice(&c.stdin) {
+        Ok(v @ Value::Object(_)) => Ok((command, v)),
+        Ok(_) => Err(CniError::new(
+            DECODE,
+            "the network configuration on stdin is not a JSON object",
+        )),
+        Err(e) => Err(CniError::new(
+            DECODE,
+            format!("decoding the network configuration on stdin: {e}"),
+        )),
+    }
+}
+
 /// Runs one call; the configuration's version is returned for the output either way.
 pub async fn run(c: &Call) -> (String, Result<Output, CniError>) {
-    let command = match env(c, "CNI_COMMAND") {
-        Ok(v) => v.to_string(),
-        Err(e) => return ("1.0.0".into(), Err(e)),
+    let (command, conf) = match parse(c) {
+        Ok(p) => p,
+        Err(e) => return (FALLBACK_VERSION.into(), Err(e)),
     };
-    let conf: Value = match serde_json::from_slice(&c.stdin) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
-            return (
-                "1.0.0".into(),
-                Err(CniError::new(
-                    DECODE,
-                    "the network configuration on stdin is not a JSON object",
-                )),
-            );
-        }
-        Err(e) => {
-            return (
-                "1.0.0".into(),
-                Err(CniError::new(
-                    DECODE,
-                    format!("decoding the network configuration on stdin: {e}"),
-                )),
-            );
-        }
-    };
-    let version = version_of(&conf).unwrap_or("1.0.0").to_string();
-    if command == "VERSION" {
+    let version = version_of(&conf).unwrap_or(FALLBACK_VERSION).to_string();
+    let out = if command == "VERSION" {
         let answer = if SUPPORTED.contains(&version.as_str()) {
-            version.clone()
+            version.as_str()
         } else {
-            SUPPORTED[SUPPORTED.len() - 1].to_string()
+            SUPPORTED[SUPPORTED.len() - 1]
         };
-        return (
-            version,
-            Ok(Some(
-                json!({ "cniVersion": answer, "supportedVersions": SUPPORTED }),
-            )),
-        );
-    }
-    if !SUPPORTED.contains(&version.as_str()) {
-        return (
-            version.clone(),
-            Err(CniError::new(
-                INCOMPATIBLE_VERSION,
-                format!(
-                    "CNI version {version:?} is not supported (this plugin speaks {})",
-                    SUPPORTED.join(", ")
-                ),
-            )),
-        );
-    }
-    let out = dispatch(c, &command, &version, &conf).await;
+        Ok(Some(
+            json!({ "cniVersion": answer, "supportedVersions": SUPPORTED }),
+        ))
+    } else if !SUPPORTED.contains(&version.as_str()) {
+        Err(CniError::new(
+            INCOMPATIBLE_VERSION,
+            format!(
+                "CNI version {version:?} is not supported (this plugin speaks {})",
+                SUPPORTED.join(", ")
+            ),
+        ))
+    } else {
+        dispatch(c, &command, &version, &conf).await
+    };
     (version, out)
 }
 

@@ -11,7 +11,7 @@ fn main() {
     };
     let (version, out) = match read {
         Err(e) => (
-            "1.0.0".to_string(),
+            shoal_cni::FALLBACK_VERSION.to_string(),
             Err(shoal_cni::CniError::new(
                 shoal_cni::DECODE,
                 format!("reading stdin: {e}"),

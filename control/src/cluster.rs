@@ -494,22 +494,31 @@ impl Cluster {
     }
 
     /// A CNI ADD on `node_id`: a standalone container whose sandbox is the runtime's
-    /// namespace `req.netns`, on one attachable network. Idempotent: the container already
-    /// attached with this id and interface is returned as it is. A container id attached
-    /// with another interface or network is refused (one Shoal network per container).
-    pub async fn attach_cni(&self, req: CniRequest, node_id: &str) -> Result<Service> {
+    /// namespace `req.netns`, on one attachable network; true when this call made it.
+    /// Idempotent: the container already attached with this id, interface and namespace is
+    /// returned as it is; a record of an earlier sandbox of it (another namespace: the
+    /// runtime made a new one without a DEL; or one that ended) is replaced. A container id
+    /// attached with another interface or network is refused (one Shoal network per
+    /// container).
+    pub async fn attach_cni(&self, req: CniRequest, node_id: &str) -> Result<(Service, bool)> {
         if req.container_id.is_empty() || req.ifname.is_empty() || req.netns.is_empty() {
             return Err(invalid("CNI ADD needs CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME").into());
         }
-        if let Some(svc) = self.cni_container(&req.container_id, &req.ifname).await? {
-            return Ok(svc);
-        }
-        if let Some(other) = self.containers().await?.into_iter().find(|s| {
-            s.standalone
-                .as_ref()
-                .and_then(|sa| sa.cni.as_ref())
-                .is_some_and(|c| c.container_id == req.container_id)
-        }) {
+        let all = self.containers().await?;
+        let mine: Vec<(&Service, &Standalone, &CniAttachment)> = all
+            .iter()
+            .filter_map(|s| {
+                let sa = s.standalone.as_ref()?;
+                Some((s, sa, sa.cni.as_ref()?))
+            })
+            .filter(|(_, _, c)| c.container_id == req.container_id)
+            .collect();
+        if let Some((svc, sa, c)) = mine.iter().find(|(_, _, c)| c.ifname == req.ifname) {
+            if sa.exited.is_none() && c.netns == req.netns {
+                return Ok(((*svc).clone(), false));
+            }
+            self.remove_container(&svc.name).await?;
+        } else if let Some((other, _, _)) = mine.first() {
             return Err(ClusterError::Conflict(format!(
                 "container {} is already attached to Shoal as {:?} (one Shoal network per container through CNI)",
                 short(&req.container_id),
@@ -542,6 +551,7 @@ impl Cluster {
             }),
         )
         .await
+        .map(|svc| (svc, true))
     }
 
     /// Records that a standalone container ended (it is not started again). Nothing is

@@ -569,18 +569,31 @@ async fn remove_cni_containers(lab: &Lab) -> anyhow::Result<()> {
         }
         let conf = lab_dir(&lab.name).join(format!("{}-podman.conf", n.name));
         std::fs::write(&conf, podman_conf(lab, &n.name)?)?;
-        let o = Command::new("podman")
-            .env("CONTAINERS_CONF", &conf)
-            .args(["rm", "-f", "--ignore", "-t", "0"])
-            .args(&ids)
-            .output()
-            .context("running podman rm")?;
-        if !o.status.success() {
-            bail!(
-                "removing the lab's CNI containers {ids:?}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
+        podman_rm(Some(&conf), &ids, "the lab's CNI containers")?;
+    }
+    Ok(())
+}
+
+/// `podman rm -f` of `names` at once (with `conf` as CONTAINERS_CONF when given).
+fn podman_rm(
+    conf: Option<&std::path::Path>,
+    names: &[impl AsRef<std::ffi::OsStr> + std::fmt::Debug],
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut cmd = Command::new("podman");
+    if let Some(c) = conf {
+        cmd.env("CONTAINERS_CONF", c);
+    }
+    let o = cmd
+        .args(["rm", "-f", "--ignore", "-t", "0"])
+        .args(names)
+        .output()
+        .context("running podman rm")?;
+    if !o.status.success() {
+        bail!(
+            "removing {what} {names:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -615,18 +628,7 @@ fn remove_containers(lab_prefix: &str) -> anyhow::Result<()> {
     if ours.is_empty() {
         return Ok(());
     }
-    let o = Command::new("podman")
-        .args(["rm", "-f", "--ignore", "-t", "0"])
-        .args(&ours)
-        .output()
-        .context("running podman rm")?;
-    if !o.status.success() {
-        bail!(
-            "removing the lab's containers {ours:?}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(())
+    podman_rm(None, &ours, "the lab's containers")
 }
 
 /// What `lab exec` runs in.

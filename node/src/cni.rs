@@ -140,11 +140,57 @@ fn ours(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Brings the directory to `want`, installing the plugin first unless `installed`; what
+/// failed, and whether the plugin is in place. Blocking file work (the plugin is tens of
+/// MB): run off the async threads.
+fn sync_dir(
+    p: &CniPaths,
+    want: &BTreeMap<String, String>,
+    installed: bool,
+) -> (bool, Vec<(String, anyhow::Error)>) {
+    let mut failed = vec![];
+    let mut installed = installed;
+    if !want.is_empty() && !installed {
+        match install_plugin(p) {
+            Ok(changed) => {
+                if changed {
+                    info!(dir = %p.plugin_dir.display(), "CNI plugin installed");
+                }
+                installed = true;
+            }
+            // Without the plugin a conflist would name a binary that is not there.
+            Err(e) => return (false, vec![("installing the CNI plugin".into(), e)]),
+        }
+    }
+    for (name, content) in want {
+        let path = p.config_dir.join(name);
+        match write_if_changed(&path, content.as_bytes()) {
+            Ok(true) => info!(file = %path.display(), "CNI network configuration written"),
+            Ok(false) => {}
+            Err(e) => failed.push((format!("writing {}", path.display()), e)),
+        }
+    }
+    for name in ours(&p.config_dir) {
+        if !want.contains_key(&name) {
+            let path = p.config_dir.join(&name);
+            match fs::remove_file(&path) {
+                Ok(()) => info!(file = %path.display(), "CNI network configuration removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => failed.push((format!("removing {}", path.display()), e.into())),
+            }
+        }
+    }
+    (installed, failed)
+}
+
 /// Brings the configuration directory to the plan's conflists; the plugin is installed
-/// before the first one is written.
+/// before the first one is written. The directory is looked at when the conflists change,
+/// after a failure, and on full passes (someone may have deleted a file).
 pub struct CniConfigs {
     paths: Option<CniPaths>,
     installed: bool,
+    /// What the directory was last brought to, without a failure.
+    synced: Option<BTreeMap<String, String>>,
 }
 
 impl CniConfigs {
@@ -153,6 +199,7 @@ impl CniConfigs {
         CniConfigs {
             paths,
             installed: false,
+            synced: None,
         }
     }
 }
@@ -165,35 +212,19 @@ impl Dataplane for CniConfigs {
             return;
         }
         let want = desired(&plan.cni_networks, &p.socket);
-        if !want.is_empty() && !self.installed {
-            match install_plugin(p) {
-                Ok(changed) => {
-                    if changed {
-                        info!(dir = %p.plugin_dir.display(), "CNI plugin installed");
-                    }
-                    self.installed = true;
-                }
-                // Without the plugin a conflist would name a binary that is not there.
-                Err(e) => return cx.fail("cni", "installing the CNI plugin", e),
-            }
+        if !cx.full && self.synced.as_ref() == Some(&want) {
+            return;
         }
-        for (name, content) in &want {
-            let path = p.config_dir.join(name);
-            match write_if_changed(&path, content.as_bytes()) {
-                Ok(true) => info!(file = %path.display(), "CNI network configuration written"),
-                Ok(false) => {}
-                Err(e) => cx.fail("cni", format!("writing {}", path.display()), e),
-            }
-        }
-        for name in ours(&p.config_dir) {
-            if !want.contains_key(&name) {
-                let path = p.config_dir.join(&name);
-                match fs::remove_file(&path) {
-                    Ok(()) => info!(file = %path.display(), "CNI network configuration removed"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => cx.fail("cni", format!("removing {}", path.display()), e),
-                }
-            }
+        let (p, installed, w) = (p.clone(), self.installed, want.clone());
+        let (installed, failed) =
+            match tokio::task::spawn_blocking(move || sync_dir(&p, &w, installed)).await {
+                Ok(r) => r,
+                Err(e) => (self.installed, vec![("CNI files".into(), e.into())]),
+            };
+        self.installed = installed;
+        self.synced = failed.is_empty().then_some(want);
+        for (what, e) in failed {
+            cx.fail("cni", what, e);
         }
     }
 }
