@@ -469,6 +469,10 @@ pub enum LabCmd {
         /// Lab name (several labs can run side by side)
         #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
         name: String,
+        /// DNS server (IP:PORT) the agents forward other names to, e.g. one in the lab's
+        /// client namespace; repeatable. None by default: the lab never asks outside.
+        #[arg(long = "dns-upstream", value_name = "IP:PORT")]
+        dns_upstream: Vec<std::net::SocketAddr>,
     },
     /// Remove everything the lab made
     Down {
@@ -1005,12 +1009,17 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: Option<u32>) -> anyhow
 
 pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { nodes, store, name } => {
+        LabCmd::Up {
+            nodes,
+            store,
+            name,
+            dns_upstream,
+        } => {
             let store = match store {
                 StoreArg::Embedded => StoreKind::Embedded,
                 StoreArg::Etcd => StoreKind::Etcd,
             };
-            let lab = shoal_lab::lab::up(&name, nodes, store).await?;
+            let lab = shoal_lab::lab::up(&name, nodes, store, &dns_upstream).await?;
             eprintln!(
                 "lab {:?} is up: {} node(s), store {:?}, client at 192.0.2.100",
                 lab.name,

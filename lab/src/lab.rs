@@ -128,8 +128,15 @@ fn plug(ul: &str, ns: &str, port: &str, addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `shoal lab up`. On any failure everything made so far is removed again.
-pub async fn up(name: &str, nodes: u32, store: StoreKind) -> anyhow::Result<Lab> {
+/// `shoal lab up`. On any failure everything made so far is removed again. `upstreams`:
+/// the DNS servers the agents forward names outside the cluster to (none by default: the
+/// lab never talks to the outside unless told to, e.g. to a server in its client namespace).
+pub async fn up(
+    name: &str,
+    nodes: u32,
+    store: StoreKind,
+    upstreams: &[std::net::SocketAddr],
+) -> anyhow::Result<Lab> {
     validate_lab_name(name)?;
     if nodes == 0 || nodes > 9 {
         bail!("--nodes must be between 1 and 9");
@@ -148,7 +155,7 @@ pub async fn up(name: &str, nodes: u32, store: StoreKind) -> anyhow::Result<Lab>
         );
     }
     std::fs::create_dir_all(&dir)?;
-    match build(name, nodes, store, &dir).await {
+    match build(name, nodes, store, upstreams, &dir).await {
         Ok(lab) => Ok(lab),
         Err(e) => {
             let _ = down(name).await;
@@ -157,7 +164,13 @@ pub async fn up(name: &str, nodes: u32, store: StoreKind) -> anyhow::Result<Lab>
     }
 }
 
-async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::Result<Lab> {
+async fn build(
+    name: &str,
+    nodes: u32,
+    store: StoreKind,
+    upstreams: &[std::net::SocketAddr],
+    dir: &Path,
+) -> anyhow::Result<Lab> {
     let p = prefix(name);
     let ul = format!("{p}ul");
     shoal_netns::create(&ul)?;
@@ -234,9 +247,10 @@ async fn build(name: &str, nodes: u32, store: StoreKind, dir: &Path) -> anyhow::
                 endpoints: endpoints.clone(),
                 tls: None,
             },
-            // The lab never talks to the outside: no upstream servers, no search list.
+            // The lab never talks to the outside: no search list, and no upstream servers
+            // but those given (`lab up --dns-upstream`).
             dns: DnsSettings {
-                upstreams: Some(vec![]),
+                upstreams: Some(upstreams.to_vec()),
                 search: Some(vec![]),
                 ..Default::default()
             },

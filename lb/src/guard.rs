@@ -7,6 +7,13 @@
 //!   and out of it only their replies: a host on the underlay that routes 10.255.0.0/16 via
 //!   a node reaches no task, and tasks have no way out through the ingress network.
 //!
+//! - Egress (Docker's docker_gwbridge counterpart): flows that containers start through a
+//!   network's egress link (`egress_links`), or through the ingress link from a task with
+//!   a way out (`egress_sources`, the ingress addresses of such tasks: publishing tasks
+//!   default-route through the ingress network), are masqueraded to the address of the
+//!   interface they leave by; only replies go back in. Nothing passes from one egress link
+//!   to another (networks stay apart), and no flow started outside enters one.
+//!
 //! Nothing else is filtered: the host's own services are the operator's business.
 //! Replaced as a whole in one transaction on every change.
 
@@ -27,6 +34,33 @@ pub struct GuardSpec {
     pub peers: Vec<Ipv4Addr>,
     /// The node's link to the ingress namespace, when it exists.
     pub ingress_link: Option<String>,
+    /// Node-side egress links of the networks with a way out on this node.
+    pub egress_links: Vec<String>,
+    /// Ingress addresses of local tasks that may leave through the ingress link.
+    pub egress_sources: Vec<Ipv4Addr>,
+}
+
+/// `{ "a", "b" }`: an anonymous set of interface names (checked).
+fn ifname_set(names: &[String]) -> Result<String, LbError> {
+    let mut v = names.to_vec();
+    v.sort();
+    v.dedup();
+    for n in &v {
+        check_ifname(n)?;
+    }
+    let quoted: Vec<String> = v.iter().map(|n| format!("\"{n}\"")).collect();
+    Ok(format!("{{ {} }}", quoted.join(", ")))
+}
+
+fn addr_elements(addrs: &[Ipv4Addr]) -> String {
+    let mut v = addrs.to_vec();
+    v.sort();
+    v.dedup();
+    if v.is_empty() {
+        return String::new();
+    }
+    let elems: Vec<String> = v.iter().map(Ipv4Addr::to_string).collect();
+    format!("    elements = {{ {} }}\n", elems.join(", "))
 }
 
 /// The table as one nft script (delete and re-create: one transaction).
@@ -37,26 +71,49 @@ pub fn render_guard(spec: &GuardSpec) -> Result<String, LbError> {
     let t = GUARD_TABLE;
     let mut s = format!("table ip {t} {{}}\ndelete table ip {t}\ntable ip {t} {{\n");
     s.push_str("  set peers {\n    type ipv4_addr\n");
-    if !spec.peers.is_empty() {
-        let mut peers = spec.peers.clone();
-        peers.sort();
-        peers.dedup();
-        let elems: Vec<String> = peers.iter().map(Ipv4Addr::to_string).collect();
-        let _ = writeln!(s, "    elements = {{ {} }}", elems.join(", "));
-    }
+    s.push_str(&addr_elements(&spec.peers));
+    s.push_str("  }\n");
+    s.push_str("  set egress_sources {\n    type ipv4_addr\n");
+    s.push_str(&addr_elements(&spec.egress_sources));
     s.push_str("  }\n");
     let _ = writeln!(
         s,
         "  chain input {{\n    type filter hook input priority -10; policy accept;\n    udp dport {} ip saddr != @peers counter drop comment \"vxlan from a non-peer\"\n  }}",
         spec.vxlan_port
     );
+    if spec.ingress_link.is_none() && spec.egress_links.is_empty() {
+        s.push_str("}\n");
+        return Ok(s);
+    }
+    let mut fwd = String::from(
+        "  chain forward {\n    type filter hook forward priority -10; policy accept;\n",
+    );
+    let mut nat = String::from(
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    if !spec.egress_links.is_empty() {
+        let links = ifname_set(&spec.egress_links)?;
+        let _ = writeln!(
+            fwd,
+            "    iifname {links} oifname {links} counter drop comment \"no way between networks\"\n    oifname {links} ct direction reply accept\n    oifname {links} counter drop comment \"no way in through egress\""
+        );
+        let _ = writeln!(nat, "    iifname {links} masquerade");
+    }
     if let Some(link) = &spec.ingress_link {
         check_ifname(link)?;
         let _ = writeln!(
-            s,
-            "  chain forward {{\n    type filter hook forward priority -10; policy accept;\n    oifname \"{link}\" ct status dnat accept\n    oifname \"{link}\" counter drop comment \"not a published port\"\n    iifname \"{link}\" ct status dnat accept\n    iifname \"{link}\" counter drop comment \"no way out through ingress\"\n  }}"
+            fwd,
+            "    oifname \"{link}\" ct status dnat accept\n    oifname \"{link}\" ct direction reply ip daddr @egress_sources accept\n    oifname \"{link}\" counter drop comment \"not a published port\"\n    iifname \"{link}\" ct status dnat accept\n    iifname \"{link}\" ct direction original ip saddr @egress_sources accept\n    iifname \"{link}\" counter drop comment \"no way out through ingress\""
+        );
+        let _ = writeln!(
+            nat,
+            "    iifname \"{link}\" ip saddr @egress_sources masquerade"
         );
     }
+    fwd.push_str("  }\n");
+    nat.push_str("  }\n");
+    s.push_str(&fwd);
+    s.push_str(&nat);
     s.push_str("}\n");
     Ok(s)
 }
@@ -90,6 +147,8 @@ mod tests {
             vxlan_port: 4789,
             peers: vec!["192.0.2.13".parse().unwrap(), "192.0.2.12".parse().unwrap()],
             ingress_link: Some("shoal-ingress".into()),
+            egress_links: vec![],
+            egress_sources: vec![],
         })
         .unwrap();
         assert!(s.contains("elements = { 192.0.2.12, 192.0.2.13 }"), "{s}");
@@ -107,6 +166,8 @@ mod tests {
             vxlan_port: 4789,
             peers: vec![],
             ingress_link: None,
+            egress_links: vec![],
+            egress_sources: vec![],
         })
         .unwrap();
         assert!(!s.contains("elements"), "{s}");
@@ -115,8 +176,60 @@ mod tests {
             vxlan_port: 4789,
             peers: vec![],
             ingress_link: Some("bad name;".into()),
+            egress_links: vec![],
+            egress_sources: vec![],
         })
         .unwrap_err();
         assert!(e.to_string().contains("bad name"), "{e}");
+    }
+
+    #[test]
+    fn renders_egress() {
+        let s = render_guard(&GuardSpec {
+            vxlan_port: 4789,
+            peers: vec![],
+            ingress_link: Some("shoal-ingress".into()),
+            egress_links: vec!["se-b".into(), "se-a".into()],
+            egress_sources: vec!["10.255.0.9".parse().unwrap()],
+        })
+        .unwrap();
+        let links = "{ \"se-a\", \"se-b\" }";
+        for want in [
+            format!("iifname {links} oifname {links} counter drop"),
+            format!("oifname {links} ct direction reply accept"),
+            format!("oifname {links} counter drop comment \"no way in through egress\""),
+            format!("iifname {links} masquerade"),
+            "elements = { 10.255.0.9 }".to_string(),
+            "iifname \"shoal-ingress\" ct direction original ip saddr @egress_sources accept"
+                .to_string(),
+            "iifname \"shoal-ingress\" ip saddr @egress_sources masquerade".to_string(),
+        ] {
+            assert!(s.contains(&want), "{want:?} missing in\n{s}");
+        }
+        // The egress rules come before the ingress link's drops.
+        assert!(
+            s.find("no way in through egress") < s.find("not a published port"),
+            "{s}"
+        );
+        // Egress without an ingress link still gets its chains.
+        let s = render_guard(&GuardSpec {
+            vxlan_port: 4789,
+            peers: vec![],
+            ingress_link: None,
+            egress_links: vec!["se-a".into()],
+            egress_sources: vec![],
+        })
+        .unwrap();
+        assert!(s.contains("iifname { \"se-a\" } masquerade"), "{s}");
+        assert!(!s.contains("shoal-ingress"), "{s}");
+        let e = render_guard(&GuardSpec {
+            vxlan_port: 4789,
+            peers: vec![],
+            ingress_link: None,
+            egress_links: vec!["x;y".into()],
+            egress_sources: vec![],
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("x;y"), "{e}");
     }
 }

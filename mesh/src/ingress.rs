@@ -27,15 +27,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoData, InfoVeth};
-use netlink_packet_route::route::RouteScope;
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use rtnetlink::{IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::IpVersion;
 
-use crate::nl::{Link, Nl, Route};
+use crate::nl::{Nl, Route};
+use crate::pair::{ensure_addr, ensure_pair, ensure_route, ensure_up};
 use crate::{Applied, MeshError, SHOAL_RT_PROTO, VXLAN_IFNAME};
 
 /// Node-side end of the link to the ingress namespace.
@@ -103,7 +101,8 @@ pub async fn apply_ingress(spec: &IngressSpec) -> Result<Applied, MeshError> {
     )?;
     let node = Nl::open(&nodens)?;
     let ns = Nl::open(&spec.netns)?;
-    let (nl_link, ns_link) = ensure_link(&node, &ns, spec, &mut ap).await?;
+    let (nl_link, ns_link) =
+        ensure_pair(&node, &ns, &spec.netns, NODE_LINK, NS_LINK, &mut ap).await?;
     // A packet from 127.0.0.1 DNATed to the ingress subnet leaves through the link (it is
     // SNATed on the way out): the kernel routes it only with route_localnet.
     crate::ensure_sysctl(
@@ -112,8 +111,24 @@ pub async fn apply_ingress(spec: &IngressSpec) -> Result<Applied, MeshError> {
         "1",
         &mut ap.created,
     )?;
-    ensure_addr(&node, nl_link.index, NODE_LINK_ADDR, NODE_LINK, &mut ap).await?;
-    ensure_addr(&ns, ns_link.index, NS_LINK_ADDR, NS_LINK, &mut ap).await?;
+    ensure_addr(
+        &node,
+        nl_link.index,
+        NODE_LINK_ADDR,
+        LINK_PREFIX,
+        NODE_LINK,
+        &mut ap,
+    )
+    .await?;
+    ensure_addr(
+        &ns,
+        ns_link.index,
+        NS_LINK_ADDR,
+        LINK_PREFIX,
+        NS_LINK,
+        &mut ap,
+    )
+    .await?;
     ensure_up(&node, &nl_link, &mut ap).await?;
     ensure_up(&ns, &ns_link, &mut ap).await?;
 
@@ -226,166 +241,6 @@ pub async fn remove_ingress_link(node_netns: Option<&str>) -> Result<bool, MeshE
 
 fn is_peer_table_route(r: &Route) -> bool {
     r.proto == SHOAL_RT_PROTO && r.dst_len == 0 && !matches!(r.table, 0 | 253..=255)
-}
-
-/// The veth pair, recreated when one end is missing or not the other's peer.
-async fn ensure_link(
-    node: &Nl,
-    ns: &Nl,
-    spec: &IngressSpec,
-    ap: &mut Applied,
-) -> Result<(Link, Link), MeshError> {
-    let a = node.link(NODE_LINK).await?;
-    let b = ns.link(NS_LINK).await?;
-    if let (Some(a), Some(b)) = (&a, &b)
-        && a.is_veth
-        && b.is_veth
-        && a.peer_index == Some(b.index)
-        && b.peer_index == Some(a.index)
-    {
-        return Ok((a.clone(), b.clone()));
-    }
-    if let Some(a) = &a {
-        if !a.is_veth {
-            return Err(MeshError::Conflict {
-                ns: node.ns.clone(),
-                what: format!("interface {NODE_LINK} exists and is not a veth"),
-            });
-        }
-        node.del_link(a.index, NODE_LINK).await?;
-        ap.removed
-            .push(format!("link {NODE_LINK} (peer not found)"));
-    }
-    if let Some(b) = ns.link(NS_LINK).await? {
-        ns.del_link(b.index, NS_LINK).await?;
-    }
-    let fd = shoal_netns::open(&spec.netns).map_err(|source| MeshError::Netns {
-        what: format!("opening ingress namespace {:?}", spec.netns),
-        source,
-    })?;
-    let peer = LinkUnspec::new_with_name(NS_LINK)
-        .setns_by_fd(fd.as_raw_fd())
-        .build();
-    let msg = LinkVeth::new(NODE_LINK, NS_LINK)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-    node.handle
-        .link()
-        .add(msg)
-        .execute()
-        .await
-        .map_err(node.err(format!(
-            "creating veth {NODE_LINK} (peer {NS_LINK} in {:?})",
-            spec.netns
-        )))?;
-    drop(fd);
-    ap.created
-        .push(format!("link {NODE_LINK} <-> {NS_LINK} in {}", spec.netns));
-    let missing = |ns: &Nl, name: &str| MeshError::Missing {
-        ns: ns.ns.clone(),
-        what: format!("{name} vanished right after creation"),
-    };
-    let a = node
-        .link(NODE_LINK)
-        .await?
-        .ok_or_else(|| missing(node, NODE_LINK))?;
-    let b = ns
-        .link(NS_LINK)
-        .await?
-        .ok_or_else(|| missing(ns, NS_LINK))?;
-    Ok((a, b))
-}
-
-async fn ensure_up(nl: &Nl, l: &Link, ap: &mut Applied) -> Result<(), MeshError> {
-    if !l.up {
-        nl.set_link(
-            format!("setting {} up", l.name),
-            LinkUnspec::new_with_index(l.index).up(),
-        )
-        .await?;
-        ap.created.push(format!("link {} up", l.name));
-    }
-    Ok(())
-}
-
-/// Exactly one IPv4 address `ip/30` on the link.
-async fn ensure_addr(
-    nl: &Nl,
-    index: u32,
-    ip: Ipv4Addr,
-    ifname: &str,
-    ap: &mut Applied,
-) -> Result<(), MeshError> {
-    let mut present = false;
-    for a in nl.addrs().await?.iter().filter(|a| a.index == index) {
-        if a.ip == ip && a.prefix == LINK_PREFIX {
-            present = true;
-            continue;
-        }
-        nl.handle
-            .address()
-            .del(a.msg.clone())
-            .execute()
-            .await
-            .map_err(nl.err(format!(
-                "deleting address {}/{} from {ifname}",
-                a.ip, a.prefix
-            )))?;
-        ap.removed
-            .push(format!("address {}/{} on {ifname}", a.ip, a.prefix));
-    }
-    if !present {
-        crate::add_address(nl, index, ip, LINK_PREFIX, ifname).await?;
-        ap.created
-            .push(format!("address {ip}/{LINK_PREFIX} on {ifname}"));
-    }
-    Ok(())
-}
-
-/// `dst/len via gw dev oif [onlink]` in `table`, replaced when it differs.
-#[allow(clippy::too_many_arguments)]
-async fn ensure_route(
-    nl: &Nl,
-    routes: &[Route],
-    table: u32,
-    dst: Ipv4Addr,
-    len: u8,
-    gw: Ipv4Addr,
-    oif: u32,
-    onlink: bool,
-    ap: &mut Applied,
-) -> Result<(), MeshError> {
-    let present = routes.iter().any(|r| {
-        r.table == table
-            && r.dst_len == len
-            && r.dst == dst
-            && r.gateway == Some(gw)
-            && r.oif == Some(oif)
-            && r.proto == SHOAL_RT_PROTO
-    });
-    if present {
-        return Ok(());
-    }
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .table_id(table)
-        .protocol(crate::proto())
-        .scope(RouteScope::Universe)
-        .destination_prefix(dst, len)
-        .gateway(gw)
-        .output_interface(oif);
-    if onlink {
-        b = b.onlink();
-    }
-    nl.handle
-        .route()
-        .add(b.build())
-        .replace()
-        .execute()
-        .await
-        .map_err(nl.err(format!("adding route {dst}/{len} via {gw} table {table}")))?;
-    ap.created
-        .push(format!("route {dst}/{len} via {gw} table {table}"));
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -12,7 +12,9 @@
 //!   `proxy_arp=1`, `neigh.<if>.proxy_delay=0` and a `IP/32 dev sv…` route;
 //! - each task namespace: the veth peer (`eth0`, `eth1`, …) with the spec's MAC and MTU,
 //!   `IP/prefix` (the network prefix stays on-link), `lo` up, and optionally
-//!   `default via gateway`.
+//!   `default via gateway`;
+//! - with [`NetworkSpec::egress`], the network's way out through the node (module
+//!   [`egress`]: a veth to the node namespace and the routes through it).
 //!
 //! Everything we add carries a tag so that a diff never removes what someone else made:
 //! routes and addresses have protocol [`SHOAL_RT_PROTO`], node-side veths start with
@@ -29,8 +31,10 @@ use netlink_packet_route::link::{InfoData, InfoVeth};
 use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+pub mod egress;
 pub mod ingress;
 mod nl;
+mod pair;
 pub mod plan;
 mod vxlan;
 
@@ -44,7 +48,7 @@ pub const ENDPOINT_PREFIX: &str = "sv";
 /// Route and address protocol number tagging what Shoal added (not in iproute2's rt_protos).
 pub const SHOAL_RT_PROTO: u8 = 83;
 
-const RT_TABLE_MAIN: u32 = 254;
+pub(crate) const RT_TABLE_MAIN: u32 = 254;
 const RT_TABLE_LOCAL: u32 = 255;
 
 /// One overlay network as this node must program it.
@@ -65,6 +69,9 @@ pub struct NetworkSpec {
     /// The network's VXLAN overlay towards other nodes; None = this node only (no VXLAN
     /// device; one that we made earlier is removed).
     pub vxlan: Option<VxlanSpec>,
+    /// The network's way out through this node (see [`egress`]); None = `--internal` (no
+    /// way out; a link made earlier is removed).
+    pub egress: Option<egress::EgressSpec>,
 }
 
 /// The IANA VXLAN port, used by every network.
@@ -368,6 +375,9 @@ pub async fn apply_network(spec: &NetworkSpec) -> Result<Applied, MeshError> {
     if let Err(e) = vxlan::sync(&nl, spec, &mut ap).await {
         failures.push(e);
     }
+    if let Err(e) = egress::sync(&nl, spec, &mut ap).await {
+        failures.push(e);
+    }
     sweep_host_routes(&nl, spec, &mut ap).await?;
     if !ap.is_empty() {
         tracing::info!(created = ?ap.created, removed = ?ap.removed, "network applied");
@@ -394,12 +404,9 @@ pub async fn remove_network(netns: &str) -> Result<(), MeshError> {
         // The VXLAN device goes first and synchronously: namespace teardown is
         // asynchronous, and until its device is gone the VNI stays taken in the underlay
         // namespace (a quick re-apply would fail with EEXIST).
-        for l in nl
-            .links()
-            .await?
-            .iter()
-            .filter(|l| is_endpoint(l) || vxlan::is_ours(l))
-        {
+        for l in nl.links().await?.iter().filter(|l| {
+            is_endpoint(l) || vxlan::is_ours(l) || (l.is_veth && l.name == egress::NS_LINK)
+        }) {
             nl.del_link(l.index, &l.name).await?;
         }
     }
@@ -602,7 +609,7 @@ async fn sync_vips(
     Ok(())
 }
 
-async fn add_route(nl: &Nl, msg: RouteMessage, what: String) -> Result<(), MeshError> {
+pub(crate) async fn add_route(nl: &Nl, msg: RouteMessage, what: String) -> Result<(), MeshError> {
     nl.handle
         .route()
         .add(msg)
@@ -611,7 +618,7 @@ async fn add_route(nl: &Nl, msg: RouteMessage, what: String) -> Result<(), MeshE
         .map_err(nl.err(what))
 }
 
-async fn del_route(nl: &Nl, msg: &RouteMessage, what: String) -> Result<(), MeshError> {
+pub(crate) async fn del_route(nl: &Nl, msg: &RouteMessage, what: String) -> Result<(), MeshError> {
     nl.handle
         .route()
         .del(msg.clone())

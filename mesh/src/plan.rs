@@ -292,6 +292,7 @@ mod tests {
             mtu: 1450,
             endpoints: eps,
             vxlan: None,
+            egress: None,
         }
     }
 

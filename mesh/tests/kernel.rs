@@ -102,6 +102,7 @@ fn network(netns: &str, third: u8, vips: &[&str], endpoints: Vec<EndpointSpec>) 
         mtu: 1450,
         endpoints,
         vxlan: None,
+        egress: None,
     }
 }
 
@@ -777,5 +778,61 @@ async fn drift_is_repaired() {
     assert!(applied.removed.is_empty(), "{applied:?}");
     assert_reaches(&a, &b, ip4("10.77.14.3"), 9013);
     assert_reaches(&b, &net, ip4("10.77.14.100"), 9014);
+    assert_eq!(apply_network(&spec).await.unwrap(), empty());
+}
+
+/// The egress link: a task reaches its node namespace's own address (standing for the
+/// outside, before any masquerade) over it; a second apply changes nothing; the
+/// unreachable route keeps unknown subnet addresses from going out; egress None removes
+/// the link on both sides and the route.
+#[tokio::test]
+async fn egress_link_to_the_node() {
+    let mut ns = Namespaces::new();
+    let net = ns.name();
+    let node = ns.task();
+    let a = ns.task();
+    ip(&node, &["link", "set", "lo", "up"]);
+    ip(&node, &["addr", "add", "198.51.100.1/32", "dev", "lo"]);
+    let mut spec = network(
+        &net,
+        9,
+        &[],
+        vec![endpoint(&a, "sv0000000000a9", "eth0", "10.77.9.2", true)],
+    );
+    spec.egress = Some(shoal_mesh::egress::EgressSpec {
+        node_netns: Some(node.clone()),
+        node_link: "se-test9".into(),
+    });
+    assert!(!apply_network(&spec).await.unwrap().is_empty());
+    assert!(has_link(&node, "se-test9"));
+    assert!(has_link(&net, shoal_mesh::egress::NS_LINK));
+    assert_reaches(&a, &node, ip4("198.51.100.1"), 9009);
+    let routes = ip(&net, &["route", "show"]);
+    assert!(routes.contains("unreachable 10.77.9.0/24"), "{routes}");
+    assert!(
+        routes.contains("default via 169.254.84.1 dev eg0"),
+        "{routes}"
+    );
+    let node_routes = ip(&node, &["route", "show"]);
+    assert!(
+        node_routes.contains("10.77.9.0/24 via 169.254.84.2 dev se-test9"),
+        "{node_routes}"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let before: Vec<String> = [&net, &node, &a].iter().map(|n| snapshot(n)).collect();
+    assert_eq!(apply_network(&spec).await.unwrap(), empty());
+    let after: Vec<String> = [&net, &node, &a].iter().map(|n| snapshot(n)).collect();
+    assert_eq!(before, after);
+    // An address of the subnet without an endpoint is refused in the network namespace,
+    // not sent to the node (which would route it straight back).
+    let r = fetch(&a, ip4("10.77.9.77"), 9);
+    assert!(r.is_err(), "{r:?}");
+
+    spec.egress = None;
+    let ap = apply_network(&spec).await.unwrap();
+    assert!(!ap.removed.is_empty(), "{ap:?}");
+    assert!(!has_link(&net, shoal_mesh::egress::NS_LINK));
+    assert!(!has_link(&node, "se-test9"));
+    assert!(!ip(&net, &["route", "show"]).contains("unreachable"));
     assert_eq!(apply_network(&spec).await.unwrap(), empty());
 }

@@ -334,6 +334,7 @@ impl Net {
                 remotes,
                 peers: vec![],
             }),
+            egress: None,
         }
     }
 
@@ -979,6 +980,7 @@ async fn underlay_of_the_calling_process() {
                 }],
                 peers: vec![],
             }),
+            egress: None,
         };
         let applied = shoal_netns::run_in(&v[1], move || {
             tokio::runtime::Builder::new_current_thread()

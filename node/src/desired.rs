@@ -254,14 +254,18 @@ pub fn mesh_specs(
         };
         // Tasks that publish ports answer clients anywhere through the ingress network
         // (unconnected UDP sockets pick their source address by route): their default route
-        // is there, as Docker's is on docker_gwbridge. Others default to their first network.
+        // is there, as Docker's is on docker_gwbridge (their way out is there too, when
+        // they have one). Others default to their first network with a way out (not
+        // `--internal`), else to their first network.
+        let net_of = |n: &&shoal_api::model::TaskNetwork| state.network_by_id(&n.network_id);
         let default_net = t
             .networks
             .iter()
-            .find(|n| {
-                state
-                    .network_by_id(&n.network_id)
-                    .is_some_and(|net| net.ingress)
+            .find(|n| net_of(n).is_some_and(|net| net.ingress))
+            .or_else(|| {
+                t.networks
+                    .iter()
+                    .find(|n| net_of(n).is_some_and(|net| !net.internal))
             })
             .or(t.networks.first())
             .map(|n| n.network_id.clone());
@@ -322,6 +326,12 @@ fn network_spec(
         vips: vips_of(state, &net.id),
         mtu: OVERLAY_MTU,
         endpoints: vec![],
+        // Containers leave through their node unless the network is internal; the ingress
+        // network's way out is its existing link to the node (see `guard_spec`).
+        egress: (!net.internal && !net.ingress).then(|| shoal_mesh::egress::EgressSpec {
+            node_netns: None,
+            node_link: crate::names::egress_link(net),
+        }),
         vxlan: underlay.map(|u| shoal_mesh::VxlanSpec {
             vni: net.vni,
             local: u.addr,
@@ -425,7 +435,11 @@ pub fn publish_removals_only(
 /// The node namespace's guard table: VXLAN only from the other registered nodes (alive or
 /// not: a lease that lapses for a moment must not cut a node off), and only DNATed flows
 /// through the ingress link.
-pub fn guard_spec(state: &ClusterState, node_id: &str) -> shoal_lb::guard::GuardSpec {
+pub fn guard_spec(
+    state: &ClusterState,
+    node_id: &str,
+    overlays: &BTreeMap<String, shoal_mesh::NetworkSpec>,
+) -> shoal_lb::guard::GuardSpec {
     let mut peers: Vec<Ipv4Addr> = state
         .nodes
         .values()
@@ -438,7 +452,32 @@ pub fn guard_spec(state: &ClusterState, node_id: &str) -> shoal_lb::guard::Guard
         vxlan_port: shoal_mesh::VXLAN_PORT,
         peers,
         ingress_link: Some(shoal_mesh::ingress::NODE_LINK.to_string()),
+        egress_links: overlays
+            .values()
+            .filter_map(|n| n.egress.as_ref().map(|e| e.node_link.clone()))
+            .collect(),
+        egress_sources: egress_sources(state, node_id),
     }
+}
+
+/// Ingress addresses of the local tasks with a way out (a network that is not internal):
+/// publishing tasks default-route through the ingress network, so that is their way out.
+fn egress_sources(state: &ClusterState, node_id: &str) -> Vec<Ipv4Addr> {
+    let Some(ing) = ingress_network(state) else {
+        return vec![];
+    };
+    let mut v: Vec<Ipv4Addr> = local_tasks(state, node_id)
+        .filter(|t| {
+            t.networks.iter().any(|n| {
+                state
+                    .network_by_id(&n.network_id)
+                    .is_some_and(|net| !net.internal && !net.ingress)
+            })
+        })
+        .filter_map(|t| t.ip_on(&ing.id))
+        .collect();
+    v.sort();
+    v
 }
 
 /// The ingress plumbing of this node (link to the node namespace, return path per peer,
@@ -954,6 +993,89 @@ pub(crate) mod tests {
         assert!(app.endpoints[0].default_route);
         assert_eq!(app.vips, vec!["10.0.1.2".parse::<Ipv4Addr>().unwrap()]);
         assert_eq!(app.gateway.to_string(), "10.0.1.1");
+    }
+
+    /// Non-internal networks get a way out; a task defaults to the ingress network when it
+    /// publishes, else to its first network with a way out; the guard lets out the ingress
+    /// addresses of tasks with a way out only.
+    #[test]
+    fn egress_follows_internal() {
+        let mut st = fixture();
+        // t4 (db, internal "other") also joins appnet, second.
+        st.tasks
+            .get_mut("t4")
+            .unwrap()
+            .0
+            .networks
+            .push(TaskNetwork {
+                network: String::new(),
+                network_id: "n1aaaaaaaaaaaa".into(),
+                ip: "10.0.1.9".parse().unwrap(),
+                mac: String::new(),
+            });
+        let all = |id: &str| Some(format!("p-t-{id}"));
+        let specs = mesh_specs(&st, "me", "p-", None, &all);
+        let app = &specs["n1aaaaaaaaaaaa"];
+        assert_eq!(
+            app.egress.as_ref().map(|e| e.node_link.as_str()),
+            Some("se-n1aaaaaaaaaa")
+        );
+        assert_eq!(specs["n2bbbbbbbbbbbb"].egress, None, "internal: no way out");
+        let t4_app = app
+            .endpoints
+            .iter()
+            .find(|e| e.host_ifname == "svt4")
+            .unwrap();
+        let t4_other = &specs["n2bbbbbbbbbbbb"].endpoints[0];
+        assert!(t4_app.default_route && !t4_other.default_route);
+        let guard = guard_spec(&st, "me", &specs);
+        assert_eq!(guard.egress_links, ["se-n1aaaaaaaaaa"]);
+        assert!(guard.egress_sources.is_empty(), "no ingress network yet");
+
+        // With the ingress network: t1 (publishes, appnet) may leave through it; a task on
+        // the internal network only (t5) may not, though it publishes too.
+        let mut ing = net("ingressnetid0", "ingress", "10.255.0.0/16", false);
+        ing.ingress = true;
+        st.networks.insert("ingress".into(), ing);
+        let web = st.services["web"].0.clone();
+        for (id, nets) in [
+            (
+                "t1",
+                vec![
+                    ("n1aaaaaaaaaaaa", "10.0.1.3"),
+                    ("ingressnetid0", "10.255.0.3"),
+                ],
+            ),
+            (
+                "t5",
+                vec![
+                    ("n2bbbbbbbbbbbb", "10.0.2.5"),
+                    ("ingressnetid0", "10.255.0.5"),
+                ],
+            ),
+        ] {
+            let t = task(id, &web, 9, "me", &nets, TaskState::Running);
+            st.tasks.insert(id.into(), (t, 2));
+        }
+        let specs = mesh_specs(&st, "me", "p-", None, &all);
+        assert_eq!(
+            specs["ingressnetid0"].egress, None,
+            "ingress leaves by its own link"
+        );
+        let t1_ing = specs["ingressnetid0"]
+            .endpoints
+            .iter()
+            .find(|e| e.host_ifname == "svt1")
+            .unwrap();
+        assert!(
+            t1_ing.default_route,
+            "publishers default to the ingress network"
+        );
+        let guard = guard_spec(&st, "me", &specs);
+        assert_eq!(
+            guard.egress_sources,
+            ["10.255.0.3".parse::<Ipv4Addr>().unwrap()]
+        );
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub fn network_netns_prefix(prefix: &str) -> String {
     format!("{prefix}n-")
 }
 
+/// Node-side end of a network's egress link: `se-{network id, 12 chars}` (15 bytes).
+pub fn egress_link(net: &Network) -> String {
+    format!("se-{}", &net.id[..net.id.len().min(12)])
+}
+
 /// The network namespace of a task: `{prefix}t-{short task id}`.
 pub fn task_netns(prefix: &str, task_id: &str) -> String {
     format!("{prefix}t-{}", shoal_api::model::short_id(task_id))

@@ -184,7 +184,7 @@ impl NodePlan {
             }
         }
         NodePlan {
-            guard: desired::guard_spec(st, f.node_id),
+            guard: desired::guard_spec(st, f.node_id, &overlays),
             overlays,
             overlay_ns_prefix: crate::names::network_netns_prefix(f.netns_prefix),
             ingress,

@@ -97,6 +97,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Lab {
     pub fn up(nodes: u32, store: &str) -> Lab {
+        Lab::up_with(nodes, store, &[])
+    }
+
+    /// `lab up` with more arguments (e.g. `--dns-upstream`).
+    pub fn up_with(nodes: u32, store: &str, extra: &[&str]) -> Lab {
         let name = format!(
             "t{}{}",
             std::process::id() % 100_000,
@@ -113,6 +118,7 @@ impl Lab {
                 "--store",
                 store,
             ])
+            .args(extra)
             .output()
             .expect("run shoal");
         let r = Run::from(out);

@@ -259,8 +259,9 @@ fn vxlan_frame(vni: u32, inner_dst: Ipv4Addr) -> Vec<u8> {
 
 /// From the underlay (the lab's client), a node answers published ports and nothing else
 /// of Shoal: task addresses behind the node are unreachable even with a route to them,
-/// VXLAN from a non-peer never reaches an overlay, and tasks get no way out through the
-/// ingress network.
+/// VXLAN from a non-peer never reaches an overlay, and a task of an internal network gets
+/// no way out through the ingress network (a task with a non-internal network leaves
+/// masqueraded: tests/egress.rs).
 #[test]
 fn underlay_reaches_only_published_ports() {
     if !require_kernel("underlay_reaches_only_published_ports") {
@@ -376,13 +377,21 @@ fn underlay_reaches_only_published_ports() {
         !r.stdout.contains("Hostname:"),
         "a task of an internal network reached the underlay: {r:?}"
     );
+    // web.1 (appnet is not internal) leaves through the ingress network, masqueraded: the
+    // server sees a node's address, never the task's ingress address.
     let r = lab.exec(
         "web.1",
         &["curl", "-s", "--max-time", "3", "http://192.0.2.100:9999/"],
     );
+    let seen = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RemoteAddr: "))
+        .unwrap_or_else(|| panic!("web.1 has no way out: {r:?}"));
+    let ip = seen.rsplit_once(':').map_or(seen, |(ip, _)| ip);
     assert!(
-        !r.stdout.contains("Hostname:"),
-        "a task reached the underlay through the ingress network: {r:?}"
+        ["192.0.2.11", "192.0.2.12", "192.0.2.13"].contains(&ip),
+        "not masqueraded to a node's address: {seen}"
     );
 }
 
