@@ -19,6 +19,8 @@ have dnsperf   || need+=(dnsperf)
 have dnsmasq || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 have curl      || need+=(curl)
 have conntrack || need+=(conntrack)
+# tests/tests/encrypted.rs captures on the lab underlay: no plaintext of encrypted networks
+have tcpdump || [ -x /usr/bin/tcpdump ] || need+=(tcpdump)
 # benches/lb_sync compares against iptables-restore (legacy and nft back ends)
 have iptables-legacy-restore || need+=(iptables)
 have ping      || need+=(iputils-ping)

@@ -23,7 +23,7 @@ use shoal_control::store::Store;
 use shoal_node::appliers::{Appliers, Vips};
 use shoal_node::dataplanes::{
     Conntrack, Dns, Guard, Ingress, IpvsVips, KernelConntrack, LostFlows, NftVips, Overlays,
-    Publish, Tasks,
+    Publish, Tasks, WireGuard,
 };
 use shoal_node::desired;
 use shoal_node::drift::DriftWatch;
@@ -54,6 +54,15 @@ pub struct Agent {
     drift_pending: HashMap<(String, &'static str), (&'static str, bool)>,
     /// One applier per dataplane, each with what it applied.
     appliers: Appliers,
+    /// The node's WireGuard key and port (None: `[wireguard] port = 0`).
+    wg: Option<desired::WgFacts>,
+    /// Key rotations asked through the API.
+    rotate_rx: mpsc::UnboundedReceiver<crate::server::RotateRequest>,
+}
+
+/// Where the node's WireGuard private key lives.
+fn wg_key_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("wireguard").join("private.key")
 }
 
 /// The interface holding `addr` in this namespace (the VXLAN underlay).
@@ -191,6 +200,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .advertise_addr
         .filter(|_| cfg.peer_port != 0 && peer_token.is_some())
         .map(|ip| std::net::SocketAddr::from((ip, cfg.peer_port)));
+    // The node's WireGuard key pair: made here on first start, kept in the state directory
+    // (0600); only the public key goes into the node record.
+    let wg = match cfg.wireguard.port {
+        0 => None,
+        port => {
+            let path = wg_key_path(&cfg.state_dir);
+            let (private_key, made) = shoal_wg::keys::load_or_create(&path)
+                .with_context(|| format!("the WireGuard key in {}", path.display()))?;
+            if made {
+                info!(path = %path.display(), public_key = %private_key.public(), "made the node's WireGuard key pair");
+            }
+            Some(desired::WgFacts { private_key, port })
+        }
+    };
     let node = Node {
         id: node_id.clone(),
         name: cfg.node_name.clone(),
@@ -199,6 +222,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         listening: shoal_node::listening::listening(),
         peer_port: peer_addr.map(|a| a.port()),
+        wireguard: wg.as_ref().map(|w| shoal_api::model::NodeWireguard {
+            public_key: w.private_key.public().to_base64(),
+            port: w.port,
+        }),
     };
     store
         .put(&shoal_control::keys::node(&node_id), encode(&node))
@@ -219,6 +246,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
 
     let report = Arc::new(Mutex::new(NodeReport::default()));
+    let (rotate_tx, rotate_rx) = mpsc::unbounded_channel();
     let state_rx = spawn_cache(store.clone());
     // When each revision arrives (the metrics' lag of a pass behind the watch).
     let mut seen_rx = state_rx.clone();
@@ -239,6 +267,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             state: state_rx.clone(),
             search: search.clone(),
             peer_token: peer_token.clone(),
+            rotate: rotate_tx,
         },
     )
     .await?;
@@ -304,6 +333,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut agent = Agent {
         appliers: Appliers {
             guard: Guard::default(),
+            wireguard: WireGuard::default(),
             overlays: Overlays::default(),
             ingress: Ingress::default(),
             publish: Publish::new(conntrack.clone()),
@@ -323,6 +353,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node: node.clone(),
         drift: DriftWatch::new(shoal_lb::Applier::global().clone()),
         drift_pending: HashMap::new(),
+        wg,
+        rotate_rx,
     };
 
     // The orchestrator runs beside the node reconciler, so that the leader's decisions never
@@ -391,6 +423,12 @@ impl Agent {
         let mut next_full = tokio::time::Instant::now() + resync;
         let mut canary = tokio::time::interval(DRIFT_CANARY);
         canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Periodic key rotation (`[wireguard] rotate_secs`; 0: off).
+        let rotate_every = match self.cfg.wireguard.rotate_secs {
+            0 => Duration::from_secs(365 * 24 * 3600),
+            s => Duration::from_secs(s),
+        };
+        let mut next_rotation = tokio::time::Instant::now() + rotate_every;
         loop {
             tokio::select! {
                 r = state_rx.changed() => { if r.is_err() { break; } }
@@ -400,6 +438,16 @@ impl Agent {
                     if !self.drift.moved().await {
                         continue;
                     }
+                }
+                _ = tokio::time::sleep_until(next_rotation) => {
+                    next_rotation = tokio::time::Instant::now() + rotate_every;
+                    if let Err(e) = self.rotate_key().await {
+                        warn!(error = %e, "WireGuard key rotation failed; will retry at the next period");
+                    }
+                }
+                Some(reply) = self.rotate_rx.recv() => {
+                    let r = self.rotate_key().await.map_err(|e| format!("{e:#}"));
+                    let _ = reply.send(r);
                 }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
@@ -424,6 +472,34 @@ impl Agent {
             shoal_node::metrics::global().pass_done(st.revision, started.elapsed(), failed);
         }
         Ok(())
+    }
+
+    /// A new WireGuard key pair: written to the state directory first (a crash after this
+    /// starts with the new key), then published in the node record; the next pass sets it
+    /// on the device, and each peer, seeing the new public key, replaces our peer entry and
+    /// greets us with a handshake. Open flows see a gap of about one pass, not a reset.
+    async fn rotate_key(&mut self) -> anyhow::Result<String> {
+        let Some(wg) = &mut self.wg else {
+            anyhow::bail!("WireGuard is off on this node ([wireguard] port = 0)");
+        };
+        let (key, old) = (shoal_wg::Key::generate(), wg.private_key);
+        let path = wg_key_path(&self.cfg.state_dir);
+        shoal_wg::keys::store(&path, &key)?;
+        let public = key.public().to_base64();
+        let mut node = self.node.clone();
+        node.wireguard = Some(shoal_api::model::NodeWireguard {
+            public_key: public.clone(),
+            port: wg.port,
+        });
+        if let Err(e) = self.cluster.put_node(&node).await {
+            // The peers would never learn the new key: keep the old one.
+            shoal_wg::keys::store(&path, &old)?;
+            return Err(e).context("publishing the new public key (the old key stays)");
+        }
+        wg.private_key = key;
+        self.node = node;
+        info!(public_key = %public, "WireGuard key rotated");
+        Ok(public)
     }
 
     /// A process exited: reported (retried until written; see reports.rs).
@@ -451,6 +527,7 @@ impl Agent {
         let rt = self.appliers.tasks.runtime().clone();
         let (node_id, prefix) = (self.node_id.as_str(), self.cfg.netns_prefix.as_str());
         let (underlay, search) = (self.underlay.as_ref(), self.search.as_slice());
+        let wg = self.wg.as_ref();
         // The plan from the node as it is now: which local task namespaces exist is looked
         // up once per plan (the plan asks for each task several times).
         let plan_of = || {
@@ -475,6 +552,7 @@ impl Agent {
                     search,
                     task_netns: &task_netns,
                     stopping: &stopping,
+                    wireguard: wg,
                 },
             )
         };

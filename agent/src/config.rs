@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub runtime: RuntimeSettings,
     /// The CNI plugin for other runtimes' containers.
     pub cni: CniSettings,
+    /// WireGuard of the encrypted networks.
+    pub wireguard: WireguardSettings,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP; loopback by default).
     /// An empty string turns it off.
     pub metrics_addr: String,
@@ -77,6 +79,28 @@ pub struct RuntimeSettings {
     pub ulimits: Option<Vec<String>>,
     /// Seconds a pull of an image the node does not have may take.
     pub pull_timeout_secs: u64,
+}
+
+/// `[wireguard]`: the node's WireGuard for `--opt encrypted` networks. Its private key is
+/// made on the node (`state_dir/wireguard/private.key`, mode 0600) and never leaves it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireguardSettings {
+    /// UDP port on advertise_addr. 0: off (this node then carries no encrypted network's
+    /// traffic; it is never sent in the clear instead).
+    pub port: u16,
+    /// Seconds between key rotations (a new key pair, peers told through the store, open
+    /// flows kept). 0: only on `shoal node rotate-key`.
+    pub rotate_secs: u64,
+}
+
+impl Default for WireguardSettings {
+    fn default() -> Self {
+        WireguardSettings {
+            port: 51820,
+            rotate_secs: 0,
+        }
+    }
 }
 
 /// `[cni]`: conflists for the attachable networks and the plugin binary, for podman's CNI
@@ -253,6 +277,7 @@ impl Default for AgentConfig {
             peer_port: 7950,
             runtime: RuntimeSettings::default(),
             cni: CniSettings::default(),
+            wireguard: WireguardSettings::default(),
             metrics_addr: DEFAULT_METRICS_ADDR.into(),
         }
     }

@@ -40,7 +40,12 @@ pub struct ApiState {
     pub search: Vec<String>,
     /// The cluster's peer API token (other nodes' task logs); None: not available.
     pub peer_token: Option<String>,
+    /// Asks the agent loop for a new WireGuard key pair; the answer is the new public key.
+    pub rotate: tokio::sync::mpsc::UnboundedSender<RotateRequest>,
 }
+
+/// `POST /v1/node/rotate-key`, handed to the agent loop (which owns the key).
+pub type RotateRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
 
 pub struct ApiError(pub StatusCode, pub String);
 
@@ -100,6 +105,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tasks/{what}", get(task_get))
         .route("/v1/nodes", get(nodes))
         .route("/v1/node", get(node_inspect))
+        .route("/v1/node/rotate-key", post(rotate_key))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -271,6 +277,22 @@ async fn task_get(
 
 async fn nodes(State(s): State<ApiState>) -> ApiResult<Vec<shoal_api::model::Node>> {
     Ok(Json(s.cluster.nodes().await?))
+}
+
+/// A new WireGuard key pair for this node: the answer carries the new public key.
+async fn rotate_key(State(s): State<ApiState>) -> ApiResult<serde_json::Value> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gone = || {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping".into(),
+        )
+    };
+    s.rotate.send(tx).map_err(|_| gone())?;
+    match rx.await.map_err(|_| gone())? {
+        Ok(public_key) => Ok(Json(json!({ "public_key": public_key }))),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, e)),
+    }
 }
 
 async fn node_inspect(State(s): State<ApiState>) -> Json<serde_json::Value> {

@@ -333,6 +333,12 @@ impl Client {
     pub async fn node(&self) -> anyhow::Result<serde_json::Value> {
         self.get("/v1/node").await
     }
+
+    /// `POST /v1/node/rotate-key`: a new WireGuard key pair for this agent's node.
+    pub async fn rotate_key(&self) -> anyhow::Result<serde_json::Value> {
+        self.post("/v1/node/rotate-key", &serde_json::json!({}))
+            .await
+    }
 }
 
 /// Percent-encodes a path segment (names are validated, but be safe for any input).

@@ -40,6 +40,17 @@ pub struct Node {
     /// TCP port of the agent's peer API on `addr` (other agents fetch task logs there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_port: Option<u16>,
+    /// The node's WireGuard public key and port (encrypted networks reach it there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<NodeWireguard>,
+}
+
+/// A node's WireGuard identity: the public key (base64) of the key pair made on the node
+/// (the private key never leaves it) and its UDP port on `addr`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeWireguard {
+    pub public_key: String,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,6 +64,47 @@ pub struct Network {
     pub attachable: bool,
     pub internal: bool,
     pub ingress: bool,
+    /// `--opt encrypted`: between nodes, the network's VXLAN travels inside WireGuard.
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// The driver options a network takes (`--opt KEY[=VALUE]`, Docker's `-o`).
+pub const NETWORK_OPTIONS: &[&str] = &["encrypted"];
+
+/// What `--opt` asked for, parsed; unknown options and values are refused, named.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkOptions {
+    pub encrypted: bool,
+}
+
+impl NetworkOptions {
+    pub fn parse(opts: &std::collections::BTreeMap<String, String>) -> Result<Self, Invalid> {
+        let mut out = NetworkOptions::default();
+        for (k, v) in opts {
+            match k.as_str() {
+                // Docker writes `--opt encrypted` (an empty value); true/false are accepted too.
+                "encrypted" => {
+                    out.encrypted = match v.as_str() {
+                        "" | "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(Invalid(format!(
+                                "network option encrypted={v:?}: the value is empty, true or false"
+                            )));
+                        }
+                    }
+                }
+                _ => {
+                    return Err(Invalid(format!(
+                        "unknown network option {k:?} (known: {})",
+                        NETWORK_OPTIONS.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -91,6 +91,9 @@ pub struct NetworkCreate {
     pub attachable: bool,
     #[serde(default)]
     pub internal: bool,
+    /// Driver options (`--opt KEY[=VALUE]`): see `model::NetworkOptions`.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// `--network NET[,alias=A]...`

@@ -262,6 +262,10 @@ pub enum NetworkCmd {
         /// No way out of the network, no forwarded DNS
         #[arg(long)]
         internal: bool,
+        /// Driver option KEY[=VALUE], repeatable: `encrypted` (VXLAN between nodes inside
+        /// WireGuard)
+        #[arg(long = "opt", short = 'o', value_name = "KEY[=VALUE]")]
+        opt: Vec<String>,
         /// Name
         name: String,
     },
@@ -454,6 +458,8 @@ pub enum NodeCmd {
     Ls(FormatArg),
     /// What this node's agent has programmed, and its last error
     Inspect,
+    /// A new WireGuard key pair for this node (encrypted networks); open flows are kept
+    RotateKey,
 }
 
 #[derive(Subcommand, Debug)]
@@ -593,8 +599,16 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                 gateway,
                 attachable,
                 internal,
+                opt,
                 name,
             } => {
+                let options = opt
+                    .iter()
+                    .map(|o| match o.split_once('=') {
+                        Some((k, v)) => (k.to_string(), v.to_string()),
+                        None => (o.clone(), String::new()),
+                    })
+                    .collect();
                 let net: Network = c
                     .network_create(&NetworkCreate {
                         name,
@@ -603,6 +617,7 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                         gateway,
                         attachable,
                         internal,
+                        options,
                     })
                     .await?;
                 println!("{}", net.id);
@@ -630,6 +645,9 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
                             }
                             if n.internal {
                                 flags.push("internal")
+                            }
+                            if n.encrypted {
+                                flags.push("encrypted")
                             }
                             if n.attachable {
                                 flags.push("attachable")
@@ -885,6 +903,10 @@ pub async fn run_client(host: Option<&str>, cmd: Cmd) -> anyhow::Result<()> {
             NodeCmd::Inspect => {
                 let v: serde_json::Value = c.node().await?;
                 print_json(&v)?;
+            }
+            NodeCmd::RotateKey => {
+                let v: serde_json::Value = c.rotate_key().await?;
+                println!("{}", v["public_key"].as_str().unwrap_or_default());
             }
         },
         Cmd::Run(a) => {

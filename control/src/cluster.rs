@@ -215,6 +215,7 @@ impl Cluster {
                 "network name {INGRESS_NETWORK:?} is reserved for the ingress network (created with the cluster)"
             )));
         }
+        let options = shoal_api::model::NetworkOptions::parse(&req.options)?;
         match req.driver.as_deref() {
             None | Some("overlay") => {}
             Some(d) => {
@@ -297,6 +298,7 @@ impl Cluster {
                 attachable: req.attachable,
                 internal: req.internal,
                 ingress: false,
+                encrypted: options.encrypted,
             };
             let mut subnets = used.clone();
             subnets.push(subnet);
@@ -368,6 +370,7 @@ impl Cluster {
                 attachable: false,
                 internal: false,
                 ingress: true,
+                encrypted: false,
             };
             let res = self
                 .store

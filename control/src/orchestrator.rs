@@ -261,6 +261,7 @@ mod tests {
             version: "test".into(),
             listening: vec![],
             peer_port: None,
+            wireguard: None,
         };
         store
             .put(&crate::keys::node(id), encode(&node))

@@ -14,6 +14,12 @@
 //!   interface they leave by; only replies go back in. Nothing passes from one egress link
 //!   to another (networks stay apart), and no flow started outside enters one.
 //!
+//! - Encrypted networks (`wireguard`): WireGuard is accepted only from peer nodes; their
+//!   VXLAN port is accepted only from the WireGuard interface (a plaintext datagram from the
+//!   underlay is dropped), their VNIs are dropped on the plain VXLAN port, and nothing to
+//!   their VXLAN port leaves by another interface than WireGuard's: never in the clear,
+//!   whatever the routing says (e.g. while the device is missing).
+//!
 //! Nothing else is filtered: the host's own services are the operator's business.
 //! Replaced as a whole in one transaction on every change.
 
@@ -38,6 +44,20 @@ pub struct GuardSpec {
     pub egress_links: Vec<String>,
     /// Ingress addresses of local tasks that may leave through the ingress link.
     pub egress_sources: Vec<Ipv4Addr>,
+    /// The encrypted networks' rules, when the cluster has any.
+    pub wireguard: Option<WgGuard>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgGuard {
+    /// WireGuard's UDP port.
+    pub port: u16,
+    /// The WireGuard interface.
+    pub ifname: String,
+    /// The encrypted networks' VXLAN port.
+    pub vxlan_port: u16,
+    /// Their VNIs (dropped on the plain VXLAN port).
+    pub vnis: Vec<u32>,
 }
 
 /// `{ "a", "b" }`: an anonymous set of interface names (checked).
@@ -76,11 +96,40 @@ pub fn render_guard(spec: &GuardSpec) -> Result<String, LbError> {
     s.push_str("  set egress_sources {\n    type ipv4_addr\n");
     s.push_str(&addr_elements(&spec.egress_sources));
     s.push_str("  }\n");
-    let _ = writeln!(
+    let _ = write!(
         s,
-        "  chain input {{\n    type filter hook input priority -10; policy accept;\n    udp dport {} ip saddr != @peers counter drop comment \"vxlan from a non-peer\"\n  }}",
+        "  chain input {{\n    type filter hook input priority -10; policy accept;\n    udp dport {} ip saddr != @peers counter drop comment \"vxlan from a non-peer\"\n",
         spec.vxlan_port
     );
+    if let Some(wg) = &spec.wireguard {
+        check_ifname(&wg.ifname)?;
+        let _ = writeln!(
+            s,
+            "    udp dport {} ip saddr != @peers counter drop comment \"wireguard from a non-peer\"\n    udp dport {} iifname != \"{}\" counter drop comment \"encrypted network in the clear\"",
+            wg.port, wg.vxlan_port, wg.ifname
+        );
+        let mut vnis = wg.vnis.clone();
+        vnis.sort();
+        vnis.dedup();
+        if !vnis.is_empty() {
+            let v: Vec<String> = vnis.iter().map(u32::to_string).collect();
+            // The VNI: 24 bits after the UDP header (8 bytes) and the VXLAN flags (4).
+            let _ = writeln!(
+                s,
+                "    udp dport {} @th,96,24 {{ {} }} counter drop comment \"encrypted VNI in the clear\"",
+                spec.vxlan_port,
+                v.join(", ")
+            );
+        }
+    }
+    s.push_str("  }\n");
+    if let Some(wg) = &spec.wireguard {
+        let _ = writeln!(
+            s,
+            "  chain output {{\n    type filter hook output priority -10; policy accept;\n    udp dport {} oifname != \"{}\" counter drop comment \"never in the clear\"\n  }}",
+            wg.vxlan_port, wg.ifname
+        );
+    }
     if spec.ingress_link.is_none() && spec.egress_links.is_empty() {
         s.push_str("}\n");
         return Ok(s);
@@ -149,6 +198,7 @@ mod tests {
             ingress_link: Some("shoal-ingress".into()),
             egress_links: vec![],
             egress_sources: vec![],
+            wireguard: None,
         })
         .unwrap();
         assert!(s.contains("elements = { 192.0.2.12, 192.0.2.13 }"), "{s}");
@@ -168,6 +218,7 @@ mod tests {
             ingress_link: None,
             egress_links: vec![],
             egress_sources: vec![],
+            wireguard: None,
         })
         .unwrap();
         assert!(!s.contains("elements"), "{s}");
@@ -178,9 +229,36 @@ mod tests {
             ingress_link: Some("bad name;".into()),
             egress_links: vec![],
             egress_sources: vec![],
+            wireguard: None,
         })
         .unwrap_err();
         assert!(e.to_string().contains("bad name"), "{e}");
+    }
+
+    #[test]
+    fn renders_wireguard() {
+        let s = render_guard(&GuardSpec {
+            vxlan_port: 4789,
+            peers: vec!["192.0.2.12".parse().unwrap()],
+            ingress_link: None,
+            egress_links: vec![],
+            egress_sources: vec![],
+            wireguard: Some(WgGuard {
+                port: 51820,
+                ifname: "shoalwg0".into(),
+                vxlan_port: 4790,
+                vnis: vec![4098, 4097, 4098],
+            }),
+        })
+        .unwrap();
+        for want in [
+            "udp dport 51820 ip saddr != @peers counter drop",
+            "udp dport 4790 iifname != \"shoalwg0\" counter drop",
+            "udp dport 4789 @th,96,24 { 4097, 4098 } counter drop",
+            "type filter hook output priority -10; policy accept;\n    udp dport 4790 oifname != \"shoalwg0\" counter drop",
+        ] {
+            assert!(s.contains(want), "{want:?} missing in\n{s}");
+        }
     }
 
     #[test]
@@ -191,6 +269,7 @@ mod tests {
             ingress_link: Some("shoal-ingress".into()),
             egress_links: vec!["se-b".into(), "se-a".into()],
             egress_sources: vec!["10.255.0.9".parse().unwrap()],
+            wireguard: None,
         })
         .unwrap();
         let links = "{ \"se-a\", \"se-b\" }";
@@ -218,6 +297,7 @@ mod tests {
             ingress_link: None,
             egress_links: vec!["se-a".into()],
             egress_sources: vec![],
+            wireguard: None,
         })
         .unwrap();
         assert!(s.contains("iifname { \"se-a\" } masquerade"), "{s}");
@@ -228,6 +308,7 @@ mod tests {
             ingress_link: None,
             egress_links: vec!["x;y".into()],
             egress_sources: vec![],
+            wireguard: None,
         })
         .unwrap_err();
         assert!(e.to_string().contains("x;y"), "{e}");

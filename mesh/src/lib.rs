@@ -74,8 +74,11 @@ pub struct NetworkSpec {
     pub egress: Option<egress::EgressSpec>,
 }
 
-/// The IANA VXLAN port, used by every network.
+/// The IANA VXLAN port, used by every network that is not encrypted.
 pub const VXLAN_PORT: u16 = 4789;
+/// The VXLAN port of encrypted networks: datagrams to it are routed into WireGuard (and the
+/// guard drops them from anywhere else), so they never cross the underlay in the clear.
+pub const ENCRYPTED_VXLAN_PORT: u16 = 4790;
 
 /// The VXLAN part of a network on this node: one device [`VXLAN_IFNAME`] in the network
 /// namespace whose UDP socket lives in the underlay namespace, plus static FDB, neighbour
@@ -101,6 +104,9 @@ pub struct VxlanSpec {
     /// Other nodes reachable as next hops on this device (the ingress network's return
     /// path): per peer an FDB entry and a permanent neighbour `vtep -> vtep_mac`, no route.
     pub peers: Vec<Peer>,
+    /// Bytes taken off the device MTU beyond VXLAN's own (an encrypted network's VXLAN
+    /// travels inside WireGuard: its overhead).
+    pub extra_overhead: u32,
 }
 
 /// Another node, addressed on the overlay by its underlay address (used only as a next hop).

@@ -379,6 +379,7 @@ mod tests {
                 },
             ],
             peers: vec![],
+            extra_overhead: 0,
         });
         s
     }

@@ -102,7 +102,10 @@ pub(crate) async fn sync(nl: &Nl, spec: &NetworkSpec, ap: &mut Applied) -> Resul
                 what_dev(vx)
             ),
         })?;
-    let mtu = udev.mtu.saturating_sub(VXLAN_OVERHEAD);
+    let mtu = udev
+        .mtu
+        .saturating_sub(VXLAN_OVERHEAD)
+        .saturating_sub(vx.extra_overhead);
     let alias = device_alias(ino, &vx.underlay_dev);
 
     let matches = |l: &Link| {

@@ -333,6 +333,7 @@ impl Net {
                 mac: vtep_mac(me.ip),
                 remotes,
                 peers: vec![],
+                extra_overhead: 0,
             }),
             egress: None,
         }
@@ -979,6 +980,7 @@ async fn underlay_of_the_calling_process() {
                     vtep_mac: vtep_mac(ip4(&v[4])),
                 }],
                 peers: vec![],
+                extra_overhead: 0,
             }),
             egress: None,
         };

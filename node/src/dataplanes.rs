@@ -1,5 +1,5 @@
 //! The node's appliers, one per dataplane, each owning what it applied. Their order in a
-//! pass (see [`crate::appliers::Appliers`]): guard, overlays, ingress, published ports, VIPs, lost
+//! pass (see [`crate::appliers::Appliers`]): guard, WireGuard, overlays, ingress, published ports, VIPs, lost
 //! flows, DNS, tasks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -98,6 +98,149 @@ impl Dataplane for Guard {
             self.applied = None;
         }
         mine
+    }
+}
+
+/// The node's WireGuard device (encrypted networks): made while the cluster has an
+/// encrypted network, its peers the other live nodes, re-applied when they change (and on
+/// full passes, which also put back its routes and rule); stopped, and its routing
+/// removed, when no encrypted network is left. A device that cannot be made (no TUN, its
+/// port in use) is reported (`node inspect`, `/metrics`) and tried again every pass; the
+/// guard keeps encrypted networks' traffic from leaving in the clear meanwhile, and plain
+/// networks are not affected.
+#[derive(Default)]
+pub struct WireGuard {
+    dev: Option<shoal_wg::Device>,
+    error: Option<String>,
+    peers: Vec<shoal_wg::PeerStatus>,
+    /// The spec last planned (for the report).
+    last: Option<shoal_wg::DeviceSpec>,
+    /// Routing of ours may be in the kernel.
+    routing: bool,
+    /// After a failed creation, the next try (or the next full pass).
+    retry_at: Option<std::time::Instant>,
+}
+
+/// How long a WireGuard device that could not be made waits before the next try.
+const WG_RETRY: Duration = Duration::from_secs(5);
+
+/// An error with its causes, one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[async_trait::async_trait]
+impl Dataplane for WireGuard {
+    async fn apply(&mut self, plan: &NodePlan, phase: Phase, cx: &mut PassCx<'_>) {
+        if phase != Phase::Main {
+            return;
+        }
+        let m = crate::metrics::global();
+        let Some(spec) = &plan.wireguard else {
+            if let Some(d) = self.dev.take() {
+                d.stop().await;
+                info!("WireGuard device stopped: no encrypted network left");
+            }
+            if self.routing {
+                match shoal_wg::device::remove_routing().await {
+                    Ok(()) => self.routing = false,
+                    Err(e) => cx.fail("wireguard", "removing the WireGuard routing", e),
+                }
+            }
+            self.error = None;
+            self.last = None;
+            self.peers.clear();
+            for g in [&m.wg_wanted, &m.wg_up, &m.wg_peers, &m.wg_peers_handshaken] {
+                g.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+            return;
+        };
+        self.last = Some(spec.clone());
+        if let Some(d) = &mut self.dev
+            && (d.applied() != spec || cx.full)
+        {
+            match d.apply(spec).await {
+                Ok(_) => self.error = None,
+                Err(e) => {
+                    self.error = Some(chain(&e));
+                    if matches!(e, shoal_wg::WgError::Gone(_))
+                        && let Some(d) = self.dev.take()
+                    {
+                        d.stop().await;
+                    }
+                    cx.fail("wireguard", "WireGuard device", e);
+                }
+            }
+        }
+        let due = cx.full || self.retry_at.is_none_or(|t| std::time::Instant::now() >= t);
+        if self.dev.is_none() && due {
+            self.routing = true;
+            match shoal_wg::Device::create(spec).await {
+                Ok(d) => {
+                    self.dev = Some(d);
+                    self.error = None;
+                    self.retry_at = None;
+                }
+                Err(e) => {
+                    self.error = Some(chain(&e));
+                    self.retry_at = Some(std::time::Instant::now() + WG_RETRY);
+                    cx.fail("wireguard", "WireGuard device", e);
+                }
+            }
+        }
+        self.peers = match &self.dev {
+            Some(d) => d.peers().await,
+            None => vec![],
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        m.wg_wanted.store(1, Relaxed);
+        m.wg_up.store(u64::from(self.dev.is_some()), Relaxed);
+        m.wg_peers.store(self.peers.len() as u64, Relaxed);
+        m.wg_peers_handshaken.store(
+            self.peers
+                .iter()
+                .filter(|p| {
+                    p.last_handshake
+                        .is_some_and(|h| h < Duration::from_secs(180))
+                })
+                .count() as u64,
+            Relaxed,
+        );
+    }
+
+    fn report(&self, r: &mut NodeReport) {
+        r.wireguard = self
+            .last
+            .as_ref()
+            .map(|spec| crate::report::WireguardReport {
+                backend: "userspace".into(),
+                interface: spec.ifname.clone(),
+                port: spec.port,
+                public_key: spec.private_key.public().to_base64(),
+                up: self.dev.is_some(),
+                error: self.error.clone(),
+                peers: self
+                    .peers
+                    .iter()
+                    .map(|p| crate::report::WireguardPeer {
+                        public_key: p.public_key.to_base64(),
+                        endpoint: p.endpoint.map(|e| e.to_string()),
+                        last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
+                        rx_bytes: p.rx_bytes,
+                        tx_bytes: p.tx_bytes,
+                    })
+                    .collect(),
+            });
     }
 }
 
@@ -1075,6 +1218,7 @@ mod tests {
                 search: &[],
                 task_netns: &|id| Some(format!("p-t-{id}")),
                 stopping,
+                wireguard: None,
             },
         )
     }
@@ -1179,6 +1323,7 @@ mod tests {
                 search: &[],
                 task_netns: &|id| (id != "t1").then(|| format!("p-t-{id}")),
                 stopping: &t.stopping(),
+                wireguard: None,
             },
         );
         t.apply(&gone, Phase::Main, &mut cx).await;

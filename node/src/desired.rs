@@ -13,6 +13,8 @@ use shoal_control::state::ClusterState;
 
 /// Container MTU on a 1500-byte underlay with VXLAN.
 pub const OVERLAY_MTU: u32 = 1450;
+/// Container MTU of an encrypted network: VXLAN inside WireGuard (60 bytes more).
+pub const ENCRYPTED_MTU: u32 = OVERLAY_MTU - shoal_wg::OVERHEAD;
 
 /// Serving tasks of a service with their address on a network.
 fn serving_ips<'a>(
@@ -324,7 +326,11 @@ fn network_spec(
         subnet: net.subnet,
         gateway: net.gateway,
         vips: vips_of(state, &net.id),
-        mtu: OVERLAY_MTU,
+        mtu: if net.encrypted {
+            ENCRYPTED_MTU
+        } else {
+            OVERLAY_MTU
+        },
         endpoints: vec![],
         // Containers leave through their node unless the network is internal; the ingress
         // network's way out is its existing link to the node (see `guard_spec`).
@@ -337,10 +343,16 @@ fn network_spec(
             local: u.addr,
             underlay_netns: None,
             underlay_dev: u.dev.clone(),
-            port: VXLAN_PORT,
+            // An encrypted network's VXLAN has its own port, routed into WireGuard.
+            port: if net.encrypted {
+                shoal_mesh::ENCRYPTED_VXLAN_PORT
+            } else {
+                VXLAN_PORT
+            },
             mac: shoal_api::model::vtep_mac(u.addr),
             remotes: remote_endpoints(state, node_id, &net.id),
             peers: vec![],
+            extra_overhead: if net.encrypted { shoal_wg::OVERHEAD } else { 0 },
         }),
     }
 }
@@ -439,6 +451,7 @@ pub fn guard_spec(
     state: &ClusterState,
     node_id: &str,
     overlays: &BTreeMap<String, shoal_mesh::NetworkSpec>,
+    wg_port: Option<u16>,
 ) -> shoal_lb::guard::GuardSpec {
     let mut peers: Vec<Ipv4Addr> = state
         .nodes
@@ -457,7 +470,71 @@ pub fn guard_spec(
             .filter_map(|n| n.egress.as_ref().map(|e| e.node_link.clone()))
             .collect(),
         egress_sources: egress_sources(state, node_id),
+        // With any encrypted network in the cluster (whether this node's WireGuard works or
+        // not: without it their traffic is dropped here, never sent in the clear).
+        wireguard: any_encrypted(state).then(|| shoal_lb::guard::WgGuard {
+            port: wg_port.unwrap_or(shoal_wg::DEFAULT_PORT),
+            ifname: shoal_wg::IFNAME.to_string(),
+            vxlan_port: shoal_mesh::ENCRYPTED_VXLAN_PORT,
+            vnis: state
+                .networks
+                .values()
+                .filter(|n| n.encrypted)
+                .map(|n| n.vni)
+                .collect(),
+        }),
     }
+}
+
+/// True when some network of the cluster is encrypted.
+pub fn any_encrypted(state: &ClusterState) -> bool {
+    state.networks.values().any(|n| n.encrypted)
+}
+
+/// This node's WireGuard: its key and port (the agent's, from its state directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgFacts {
+    pub private_key: shoal_wg::Key,
+    pub port: u16,
+}
+
+/// The node's WireGuard device while the cluster has an encrypted network: one peer per
+/// other live node that has published its key (its underlay address as the only allowed
+/// IP; peers follow liveness as the VXLAN FDB does).
+pub fn wireguard_spec(
+    state: &ClusterState,
+    node_id: &str,
+    underlay: Option<&Underlay>,
+    wg: Option<&WgFacts>,
+) -> Option<shoal_wg::DeviceSpec> {
+    let (u, wg) = (underlay?, wg?);
+    if !any_encrypted(state) {
+        return None;
+    }
+    let mut peers: Vec<shoal_wg::PeerSpec> = state
+        .nodes
+        .values()
+        .filter(|(n, _)| n.id != node_id && state.alive.contains(&n.id))
+        .filter_map(|(n, _)| {
+            let addr = n.addr?;
+            let w = n.wireguard.as_ref()?;
+            let public_key = w.public_key.parse().ok()?;
+            Some(shoal_wg::PeerSpec {
+                public_key,
+                endpoint: std::net::SocketAddrV4::new(addr, w.port),
+                allowed: addr,
+            })
+        })
+        .collect();
+    peers.sort_by_key(|p| p.allowed);
+    Some(shoal_wg::DeviceSpec {
+        ifname: shoal_wg::IFNAME.to_string(),
+        port: wg.port,
+        private_key: wg.private_key,
+        underlay_dev: u.dev.clone(),
+        route_udp_dport: shoal_mesh::ENCRYPTED_VXLAN_PORT,
+        peers,
+    })
 }
 
 /// Ingress addresses of the local tasks with a way out (a network that is not internal):
@@ -689,6 +766,7 @@ pub(crate) mod tests {
             attachable: false,
             internal,
             ingress: false,
+            encrypted: false,
         }
     }
 
@@ -1028,7 +1106,7 @@ pub(crate) mod tests {
             .unwrap();
         let t4_other = &specs["n2bbbbbbbbbbbb"].endpoints[0];
         assert!(t4_app.default_route && !t4_other.default_route);
-        let guard = guard_spec(&st, "me", &specs);
+        let guard = guard_spec(&st, "me", &specs, None);
         assert_eq!(guard.egress_links, ["se-n1aaaaaaaaaa"]);
         assert!(guard.egress_sources.is_empty(), "no ingress network yet");
 
@@ -1071,7 +1149,7 @@ pub(crate) mod tests {
             t1_ing.default_route,
             "publishers default to the ingress network"
         );
-        let guard = guard_spec(&st, "me", &specs);
+        let guard = guard_spec(&st, "me", &specs, None);
         assert_eq!(
             guard.egress_sources,
             ["10.255.0.3".parse::<Ipv4Addr>().unwrap()]

@@ -91,8 +91,9 @@ fn write_buckets(
 pub const SYNC_KINDS: [&str; 4] = ["full", "incremental", "ipvs", "publish"];
 
 /// The node's dataplanes, as `/metrics` labels them (drift repairs, apply errors).
-pub const DATAPLANES: [&str; 9] = [
+pub const DATAPLANES: [&str; 10] = [
     "guard",
+    "wireguard",
     "publish",
     "marks",
     "lb_nft",
@@ -125,6 +126,12 @@ pub struct AgentMetrics {
     /// Passes that ended with an error, and whether the last one did.
     pub pass_errors: AtomicU64,
     pub last_pass_failed: AtomicU64,
+    /// WireGuard: wanted (the cluster has an encrypted network), device up, peers, peers
+    /// with a handshake in the last 3 minutes.
+    pub wg_wanted: AtomicU64,
+    pub wg_up: AtomicU64,
+    pub wg_peers: AtomicU64,
+    pub wg_peers_handshaken: AtomicU64,
 }
 
 impl Default for AgentMetrics {
@@ -146,6 +153,10 @@ impl Default for AgentMetrics {
             watch_lag_seconds: Histogram::new(&SYNC_BOUNDS),
             pass_errors: AtomicU64::new(0),
             last_pass_failed: AtomicU64::new(0),
+            wg_wanted: AtomicU64::new(0),
+            wg_up: AtomicU64::new(0),
+            wg_peers: AtomicU64::new(0),
+            wg_peers_handshaken: AtomicU64::new(0),
         }
     }
 }
@@ -386,6 +397,31 @@ pub fn render(src: &MetricsSources) -> String {
         "shoal_sync_last_pass_failed {}",
         m.last_pass_failed.load(Relaxed)
     );
+    for (name, v, text) in [
+        (
+            "shoal_wireguard_wanted",
+            &m.wg_wanted,
+            "1 while the cluster has an encrypted network (this node needs WireGuard).",
+        ),
+        (
+            "shoal_wireguard_up",
+            &m.wg_up,
+            "1 while the node's WireGuard device runs; 0 with wanted=1 means encrypted networks are cut off here (never sent in the clear).",
+        ),
+        (
+            "shoal_wireguard_peers",
+            &m.wg_peers,
+            "Peer nodes configured on the WireGuard device.",
+        ),
+        (
+            "shoal_wireguard_peers_handshaken",
+            &m.wg_peers_handshaken,
+            "Peers with a handshake in the last 180 s.",
+        ),
+    ] {
+        help(&mut out, name, "gauge", text);
+        let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
     help(
         &mut out,
         "shoal_sync_pass_duration_seconds",

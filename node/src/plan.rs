@@ -21,6 +21,8 @@ pub struct NodeFacts<'a> {
     pub task_netns: &'a (dyn Fn(&str) -> Option<String> + Sync),
     /// Tasks being stopped or removed (out of DNS and backends already).
     pub stopping: &'a HashSet<String>,
+    /// The node's WireGuard key and port (None: WireGuard off).
+    pub wireguard: Option<&'a desired::WgFacts>,
 }
 
 /// A DNS view shared by every local container on the same networks, with its records built
@@ -88,6 +90,8 @@ pub struct NodePlan {
     pub known_tasks: HashSet<String>,
     /// Networks that get a CNI conflist: the attachable ones, by name.
     pub cni_networks: Vec<String>,
+    /// The node's WireGuard device, while the cluster has an encrypted network.
+    pub wireguard: Option<shoal_wg::DeviceSpec>,
 }
 
 impl NodePlan {
@@ -184,7 +188,8 @@ impl NodePlan {
             }
         }
         NodePlan {
-            guard: desired::guard_spec(st, f.node_id, &overlays),
+            guard: desired::guard_spec(st, f.node_id, &overlays, f.wireguard.map(|w| w.port)),
+            wireguard: desired::wireguard_spec(st, f.node_id, f.underlay, f.wireguard),
             overlays,
             overlay_ns_prefix: crate::names::network_netns_prefix(f.netns_prefix),
             ingress,
@@ -218,6 +223,7 @@ mod tests {
                 search: &["example.org".to_string()],
                 task_netns: &task_netns,
                 stopping: &stopping,
+                wireguard: None,
             },
         )
     }
@@ -348,6 +354,7 @@ mod tests {
                 version: String::new(),
                 listening: vec![],
                 peer_port: None,
+                wireguard: None,
             };
             st.nodes.insert(id.into(), (node, 1));
         }

@@ -281,6 +281,7 @@ mod tests {
                 search: &[],
                 task_netns: &|_| None,
                 stopping: &stopping,
+                wireguard: None,
             },
         )
     }

@@ -17,6 +17,33 @@ pub struct NodeReport {
     pub vips: Vec<ProgrammedVip>,
     /// The published ports programmed in the node namespace.
     pub published: Vec<ProgrammedPort>,
+    /// The node's WireGuard (encrypted networks), while the cluster has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardReport>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WireguardReport {
+    /// "userspace" (WireGuard on TUN in the agent).
+    pub backend: String,
+    pub interface: String,
+    pub port: u16,
+    pub public_key: String,
+    /// Whether the device runs; when not, `error` says why (encrypted networks are then
+    /// cut off on this node, never sent in the clear).
+    pub up: bool,
+    pub error: Option<String>,
+    pub peers: Vec<WireguardPeer>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WireguardPeer {
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    /// Seconds since the last handshake (None: never).
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
