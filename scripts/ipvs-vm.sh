@@ -8,6 +8,10 @@
 #   scripts/ipvs-vm.sh          build what is missing (cached), boot, judge
 #   scripts/ipvs-vm.sh fetch    only download the kernel package (scripts/deps.sh calls this)
 #
+# Other guest programs use the same VM (kernel WireGuard: wg/tests/wg_vm.rs):
+#   SHOAL_VM_PKG=shoal-wg SHOAL_VM_EXAMPLE=wg_guest SHOAL_VM_MARKER=WG-TEST \
+#   SHOAL_VM_MODULES="wireguard" scripts/ipvs-vm.sh
+#
 # Cache: $CARGO_TARGET_DIR (or target/)/ipvs-vm/. The kernel .deb is fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` there: nothing is installed on the host.
 # Host packages needed: qemu-system-x86 busybox-static ipvsadm kmod (scripts/deps.sh).
@@ -18,6 +22,10 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 cache=$target/ipvs-vm
 kpkg=${SHOAL_IPVS_KERNEL_PKG:-linux-image-cloud-amd64}
 timeout_s=${SHOAL_IPVS_VM_TIMEOUT:-180}
+vm_pkg=${SHOAL_VM_PKG:-shoal-lb}
+vm_example=${SHOAL_VM_EXAMPLE:-ipvs_guest}
+marker=${SHOAL_VM_MARKER:-IPVS-TEST}
+extra_modules=${SHOAL_VM_MODULES:-}
 mkdir -p "$cache"
 log() { echo "ipvs-vm: $*" >&2; }
 die() {
@@ -85,13 +93,13 @@ vmlinuz=$kroot/boot/vmlinuz-$kver
 t0=$(date +%s.%N)
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$cache/cargo \
   cargo build --quiet --release --target x86_64-unknown-linux-gnu \
-  --manifest-path "$repo/Cargo.toml" -p shoal-lb --example ipvs_guest
-guest=$cache/cargo/x86_64-unknown-linux-gnu/release/examples/ipvs_guest
+  --manifest-path "$repo/Cargo.toml" -p "$vm_pkg" --example "$vm_example"
+guest=$cache/cargo/x86_64-unknown-linux-gnu/release/examples/$vm_example
 is_static "$guest" || die "$guest is not static"
 t1=$(date +%s.%N)
 
 # --- initramfs -----------------------------------------------------------------------------
-root=$cache/initramfs
+root=$cache/initramfs-$vm_example
 rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run/netns,lib/modules}
 cp "$busybox_bin" "$root/bin/busybox"
@@ -119,7 +127,8 @@ add_mod() {
 }
 # nf_tables, nat and masquerade for the IPVS companion table; veth for the guest's
 # client/backend namespaces.
-for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_mh dummy nf_tables nft_chain_nat nft_masq veth; do
+# shellcheck disable=SC2086
+for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_mh dummy nf_tables nft_chain_nat nft_masq veth $extra_modules; do
   add_mod "$m"
 done
 : >"$root/modules.order"
@@ -141,7 +150,7 @@ for b in ipvsadm nft ip; do
     cp -L "$lib" "$root$lib"
   done
 done
-cp "$guest" "$root/ipvs_guest"
+cp "$guest" "$root/guest"
 cat >"$root/init" <<'EOF'
 #!/bin/sh
 export PATH=/sbin:/bin SHOAL_LB_NFT=process
@@ -158,24 +167,25 @@ ip addr add 10.0.0.1/24 dev dummy0
 ip addr add 10.0.0.120/32 dev dummy0
 ip -6 addr add fd00::1/64 dev dummy0
 echo "guest: kernel $(cat /proc/sys/kernel/osrelease), $(ls /proc/net/ip_vs 2>/dev/null || echo no) /proc/net/ip_vs"
-/ipvs_guest 2>&1 || echo "IPVS-TEST: FAIL guest exited with $?"
+/guest 2>&1 || echo "MARKER: FAIL guest exited with $?"
 poweroff -f
 EOF
 chmod +x "$root/init"
-(cd "$root" && find . | "$busybox_bin" cpio -o -H newc -R 0:0 2>/dev/null | gzip -1) >"$cache/initrd.cpio.gz"
+sed -i "s/MARKER:/$marker:/" "$root/init"
+(cd "$root" && find . | "$busybox_bin" cpio -o -H newc -R 0:0 2>/dev/null | gzip -1) >"$cache/initrd-$vm_example.cpio.gz"
 t2=$(date +%s.%N)
 
 # --- boot ------------------------------------------------------------------------------------
-out=$cache/console.log
+out=$cache/console-$vm_example.log
 timeout "$timeout_s" qemu-system-x86_64 -m 512 -net none -kernel "$vmlinuz" \
-  -initrd "$cache/initrd.cpio.gz" -append 'console=ttyS0 quiet panic=-1' \
+  -initrd "$cache/initrd-$vm_example.cpio.gz" -append 'console=ttyS0 quiet panic=-1' \
   -nographic -no-reboot -monitor none </dev/null >"$out" 2>&1 || log "qemu exited with $?"
 t3=$(date +%s.%N)
 tr -d '\r' <"$out"
 log "$(awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v k="$kver" \
   'BEGIN {printf "guest build %.1f s, initramfs %.1f s, VM run %.1f s (kernel %s)", b-a, c-b, d-c, k}')"
-if grep -q '^IPVS-TEST: PASS' <(tr -d '\r' <"$out"); then
+if grep -q "^$marker: PASS" <(tr -d '\r' <"$out"); then
   exit 0
 fi
-grep -q '^IPVS-TEST: FAIL' <(tr -d '\r' <"$out") || log "no IPVS-TEST marker (timeout ${timeout_s}s or crash)"
+grep -q "^$marker: FAIL" <(tr -d '\r' <"$out") || log "no $marker marker (timeout ${timeout_s}s or crash)"
 exit 1

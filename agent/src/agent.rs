@@ -211,7 +211,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if made {
                 info!(path = %path.display(), public_key = %private_key.public(), "made the node's WireGuard key pair");
             }
-            Some(desired::WgFacts { private_key, port })
+            Some(desired::WgFacts {
+                private_key,
+                port,
+                backend: cfg.wireguard.backend.to_wg(),
+            })
         }
     };
     let node = Node {

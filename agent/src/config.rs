@@ -92,6 +92,28 @@ pub struct WireguardSettings {
     /// Seconds between key rotations (a new key pair, peers told through the store, open
     /// flows kept). 0: only on `shoal node rotate-key`.
     pub rotate_secs: u64,
+    /// "auto" (the kernel's WireGuard where it has the module, else userspace on TUN),
+    /// "kernel" or "userspace".
+    pub backend: WgBackend,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WgBackend {
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl WgBackend {
+    pub fn to_wg(self) -> shoal_wg::Backend {
+        match self {
+            WgBackend::Auto => shoal_wg::Backend::Auto,
+            WgBackend::Kernel => shoal_wg::Backend::Kernel,
+            WgBackend::Userspace => shoal_wg::Backend::Userspace,
+        }
+    }
 }
 
 impl Default for WireguardSettings {
@@ -99,6 +121,7 @@ impl Default for WireguardSettings {
         WireguardSettings {
             port: 51820,
             rotate_secs: 0,
+            backend: WgBackend::Auto,
         }
     }
 }

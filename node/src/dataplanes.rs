@@ -223,7 +223,7 @@ impl Dataplane for WireGuard {
             .last
             .as_ref()
             .map(|spec| crate::report::WireguardReport {
-                backend: "userspace".into(),
+                backend: self.dev.as_ref().map_or("none", |d| d.backend()).into(),
                 interface: spec.ifname.clone(),
                 port: spec.port,
                 public_key: spec.private_key.public().to_base64(),

@@ -496,6 +496,7 @@ pub fn any_encrypted(state: &ClusterState) -> bool {
 pub struct WgFacts {
     pub private_key: shoal_wg::Key,
     pub port: u16,
+    pub backend: shoal_wg::Backend,
 }
 
 /// The node's WireGuard device while the cluster has an encrypted network: one peer per
@@ -529,6 +530,7 @@ pub fn wireguard_spec(
     peers.sort_by_key(|p| p.allowed);
     Some(shoal_wg::DeviceSpec {
         ifname: shoal_wg::IFNAME.to_string(),
+        backend: wg.backend,
         port: wg.port,
         private_key: wg.private_key,
         underlay_dev: u.dev.clone(),

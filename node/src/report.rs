@@ -24,7 +24,7 @@ pub struct NodeReport {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WireguardReport {
-    /// "userspace" (WireGuard on TUN in the agent).
+    /// "kernel", "userspace" (WireGuard on TUN in the agent), or "none" while it is down.
     pub backend: String,
     pub interface: String,
     pub port: u16,

@@ -1,7 +1,8 @@
-//! The node's WireGuard device: userspace WireGuard (gotatun) on a TUN interface in the
-//! calling process's network namespace, configured from a [`DeviceSpec`] and diffed
-//! against it on every [`Device::apply`]; plus the routing that takes the encrypted
-//! networks' VXLAN into it:
+//! The node's WireGuard device, in the calling thread's network namespace: kernel WireGuard
+//! (a `wireguard` link configured over generic netlink, [`crate::kernel`]) where the kernel
+//! has it, else userspace WireGuard (gotatun) on a TUN interface in this process
+//! ([`Backend`]); configured from a [`DeviceSpec`] and diffed against it on every
+//! [`Device::apply`]; plus the routing that takes the encrypted networks' VXLAN into it:
 //!
 //! - rule `pref 84 ipproto udp dport <route_udp_dport> lookup 84` (protocol 83);
 //! - table 84: `default dev shoalwg0` and, behind it, `unreachable default metric 4096`:
@@ -32,10 +33,21 @@ const FALLBACK_METRIC: u32 = 4096;
 /// Persistent keepalive: NAT and conntrack state on the way stay warm.
 const KEEPALIVE_SECS: u16 = 25;
 
+/// Which WireGuard to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The kernel's where it has the module, else userspace.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
 /// What the device must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub ifname: String,
+    pub backend: Backend,
     /// UDP port WireGuard listens on.
     pub port: u16,
     pub private_key: Key,
@@ -66,9 +78,15 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
-/// The running device. Dropping it inside a tokio runtime stops it; prefer [`Device::stop`].
+enum Inner {
+    User(gotatun::device::Device<DefaultDeviceTransports>),
+    Kernel,
+}
+
+/// The running device. A userspace one dropped inside a tokio runtime stops; prefer
+/// [`Device::stop`] (which also deletes a kernel link).
 pub struct Device {
-    dev: gotatun::device::Device<DefaultDeviceTransports>,
+    inner: Inner,
     applied: DeviceSpec,
     suspended: bool,
 }
@@ -100,6 +118,50 @@ impl Device {
         let ifname = spec.ifname.as_str();
         // First the refusal: should anything below fail, nothing leaves in the clear.
         ensure_fallback(spec.route_udp_dport).await?;
+        if spec.backend != Backend::Userspace {
+            let (h, task) = netlink()?;
+            let kernel = crate::kernel::create_link(&h, ifname).await;
+            task.abort();
+            match kernel? {
+                true => {
+                    let peers: Vec<&PeerSpec> = spec.peers.iter().collect();
+                    let set = crate::kernel::set_device(
+                        ifname,
+                        Some(&spec.private_key),
+                        spec.port,
+                        &peers,
+                        &[],
+                    )
+                    .and(Ok(()));
+                    let d = Device {
+                        inner: Inner::Kernel,
+                        applied: spec.clone(),
+                        suspended: false,
+                    };
+                    if let Err(e) = set.map(|_| ()) {
+                        d.stop().await;
+                        return Err(e);
+                    }
+                    if let Err(e) = ensure_routing(spec).await {
+                        d.stop().await;
+                        return Err(e);
+                    }
+                    tracing::info!(
+                        ifname,
+                        port = spec.port,
+                        peers = spec.peers.len(),
+                        "kernel WireGuard device up"
+                    );
+                    return Ok(d);
+                }
+                false if spec.backend == Backend::Kernel => {
+                    return Err(WgError::Missing(
+                        "the kernel has no WireGuard ([wireguard] backend = \"kernel\")".into(),
+                    ));
+                }
+                false => {}
+            }
+        }
         let builder = DeviceBuilder::new()
             .with_default_udp()
             .create_tun(ifname)
@@ -115,12 +177,12 @@ impl Device {
             &format!("listening on UDP port {}", spec.port),
         ))?;
         let d = Device {
-            dev,
+            inner: Inner::User(dev),
             applied: spec.clone(),
             suspended: spec.peers.is_empty(),
         };
         if let Err(e) = ensure_routing(spec).await {
-            d.dev.stop().await;
+            d.stop().await;
             return Err(e);
         }
         d.greet(spec.peers.iter().map(|p| p.public_key)).await;
@@ -140,10 +202,15 @@ impl Device {
         if self.failed() {
             return Err(WgError::Gone(ifname));
         }
+        if matches!(self.inner, Inner::Kernel) {
+            return self.apply_kernel(spec).await;
+        }
+        let Inner::User(dev) = &self.inner else {
+            unreachable!("kernel handled above")
+        };
         let mut changes = vec![];
         if spec.private_key != self.applied.private_key {
-            self.dev
-                .set_private_key(spec.private_key.secret())
+            dev.set_private_key(spec.private_key.secret())
                 .await
                 .map_err(dev_err(&ifname, "setting the private key"))?;
             changes.push(format!(
@@ -152,7 +219,7 @@ impl Device {
             ));
         }
         if spec.port != self.applied.port {
-            self.dev.set_listen_port(spec.port).await.map_err(dev_err(
+            dev.set_listen_port(spec.port).await.map_err(dev_err(
                 &ifname,
                 &format!("listening on UDP port {}", spec.port),
             ))?;
@@ -166,8 +233,7 @@ impl Device {
             .collect();
         let want: BTreeMap<Key, &PeerSpec> = spec.peers.iter().map(|p| (p.public_key, p)).collect();
         for k in have.keys().filter(|k| !want.contains_key(k)) {
-            self.dev
-                .remove_peer(&k.public_key())
+            dev.remove_peer(&k.public_key())
                 .await
                 .map_err(dev_err(&ifname, "removing a peer"))?;
             changes.push(format!("- peer {k}"));
@@ -176,8 +242,7 @@ impl Device {
         for (k, p) in &want {
             let new = !have.contains_key(k);
             if new || have.get(k) != Some(p) {
-                self.dev
-                    .add_or_update_peer(peer_of(p))
+                dev.add_or_update_peer(peer_of(p))
                     .await
                     .map_err(dev_err(&ifname, "adding a peer"))?;
                 changes.push(format!(
@@ -188,8 +253,7 @@ impl Device {
             }
         }
         if self.suspended && !spec.peers.is_empty() {
-            self.dev
-                .resume()
+            dev.resume()
                 .await
                 .map_err(dev_err(&ifname, "opening its UDP socket"))?;
             self.suspended = false;
@@ -215,20 +279,89 @@ impl Device {
     /// theirs), instead of waiting for the next packet and WireGuard's 5 s retry. Waits a
     /// little for the answers; a peer that is down answers its own handshake later.
     async fn greet(&self, keys: impl IntoIterator<Item = Key>) {
+        // The kernel starts a handshake with the first packet; nothing to do there.
+        let Inner::User(dev) = &self.inner else {
+            return;
+        };
         let keys: Vec<_> = keys.into_iter().map(|k| k.public_key()).collect();
-        let all = futures::future::join_all(keys.iter().map(|k| self.dev.force_handshake(k)));
+        let all = futures::future::join_all(keys.iter().map(|k| dev.force_handshake(k)));
         let _ = tokio::time::timeout(Duration::from_millis(200), all).await;
+    }
+
+    /// The kernel device: one SET_DEVICE with the new key (if any), the port, the peers that
+    /// are new or changed, and the removed ones.
+    async fn apply_kernel(&mut self, spec: &DeviceSpec) -> Result<Vec<String>, WgError> {
+        let mut changes = vec![];
+        let have: BTreeMap<Key, &PeerSpec> = self
+            .applied
+            .peers
+            .iter()
+            .map(|p| (p.public_key, p))
+            .collect();
+        let upsert: Vec<&PeerSpec> = spec
+            .peers
+            .iter()
+            .filter(|p| have.get(&p.public_key) != Some(p))
+            .collect();
+        let remove: Vec<Key> = have
+            .keys()
+            .filter(|k| !spec.peers.iter().any(|p| p.public_key == **k))
+            .copied()
+            .collect();
+        let key = (spec.private_key != self.applied.private_key).then_some(&spec.private_key);
+        if key.is_some()
+            || spec.port != self.applied.port
+            || !upsert.is_empty()
+            || !remove.is_empty()
+        {
+            crate::kernel::set_device(&spec.ifname, key, spec.port, &upsert, &remove)?;
+            if key.is_some() {
+                changes.push(format!(
+                    "private key (public {})",
+                    spec.private_key.public()
+                ));
+            }
+            changes.extend(
+                upsert
+                    .iter()
+                    .map(|p| format!("peer {} at {}", p.public_key, p.endpoint)),
+            );
+            changes.extend(remove.iter().map(|k| format!("- peer {k}")));
+        }
+        changes.extend(ensure_routing(spec).await?);
+        self.applied = spec.clone();
+        if !changes.is_empty() {
+            tracing::info!(ifname = %spec.ifname, ?changes, "kernel WireGuard device applied");
+        }
+        Ok(changes)
+    }
+
+    /// "kernel" or "userspace".
+    pub fn backend(&self) -> &'static str {
+        match self.inner {
+            Inner::Kernel => "kernel",
+            Inner::User(_) => "userspace",
+        }
     }
 
     /// True once the device hit an unrecoverable error (its TUN interface deleted, ...).
     pub fn failed(&mut self) -> bool {
-        self.dev.wait().now_or_never().is_some()
+        match &mut self.inner {
+            Inner::User(dev) => dev.wait().now_or_never().is_some(),
+            // A deleted kernel link is found by the routing check (`Gone`).
+            Inner::Kernel => false,
+        }
     }
 
     /// The peers with their handshake and byte counters.
     pub async fn peers(&self) -> Vec<PeerStatus> {
-        self.dev
-            .peers()
+        let dev = match &self.inner {
+            Inner::User(dev) => dev,
+            Inner::Kernel => {
+                return crate::kernel::peers(&self.applied.ifname).unwrap_or_default();
+            }
+        };
+        dev.peers()
             .await
             .into_iter()
             .map(|p| PeerStatus {
@@ -249,7 +382,25 @@ impl Device {
     /// Stops the device: its socket closes and its interface goes (the routes with it; the
     /// rule and the `unreachable` fallback stay, so nothing leaves in the clear).
     pub async fn stop(self) {
-        self.dev.stop().await;
+        match self.inner {
+            Inner::User(dev) => dev.stop().await,
+            Inner::Kernel => {
+                if let Ok((h, task)) = netlink() {
+                    use futures::TryStreamExt as _;
+                    if let Ok(Some(l)) = h
+                        .link()
+                        .get()
+                        .match_name(self.applied.ifname.clone())
+                        .execute()
+                        .try_next()
+                        .await
+                    {
+                        let _ = h.link().del(l.header.index).execute().await;
+                    }
+                    task.abort();
+                }
+            }
+        }
     }
 }
 

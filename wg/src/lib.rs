@@ -4,14 +4,17 @@
 //! the routing that sends the encrypted networks' VXLAN datagrams (their own UDP port)
 //! into it, so that they leave only inside WireGuard.
 //!
-//! The device is userspace WireGuard on TUN (gotatun) in the agent process: this machine's
-//! kernel has no WireGuard module. It goes when the agent goes; a new agent makes it again
-//! with the same key, and the peers' next handshake joins it.
+//! The device is the kernel's WireGuard where the kernel has the module (a link configured
+//! over generic netlink; it outlives the agent), else userspace WireGuard on TUN (gotatun)
+//! in the agent process (this machine's kernel has none): that one goes when the agent
+//! goes; a new agent makes it again with the same key, and the peers' next handshake joins
+//! it.
 
 pub mod device;
+pub mod kernel;
 pub mod keys;
 
-pub use device::{Device, DeviceSpec, PeerSpec, PeerStatus};
+pub use device::{Backend, Device, DeviceSpec, PeerSpec, PeerStatus};
 pub use keys::Key;
 
 /// The WireGuard interface in the node namespace.

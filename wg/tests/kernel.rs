@@ -82,6 +82,9 @@ fn spec(key: Key, peer: Key, peer_addr: &str) -> DeviceSpec {
     let addr: Ipv4Addr = peer_addr.parse().unwrap();
     DeviceSpec {
         ifname: shoal_wg::IFNAME.into(),
+        // This kernel has no WireGuard: auto falls back to userspace (the kernel path is
+        // tested under qemu).
+        backend: shoal_wg::Backend::Auto,
         port: shoal_wg::DEFAULT_PORT,
         private_key: key,
         underlay_dev: "veth0".into(),
