@@ -11,6 +11,10 @@
 # Other guest programs use the same VM (kernel WireGuard: wg/tests/wg_vm.rs):
 #   SHOAL_VM_PKG=shoal-wg SHOAL_VM_EXAMPLE=wg_guest SHOAL_VM_MARKER=WG-TEST \
 #   SHOAL_VM_MODULES="wireguard" scripts/ipvs-vm.sh
+# and the agent itself (tests/tests/agent_vm.rs): SHOAL_VM_BUILD=shoal builds the whole
+# `shoal` binary (static, stripped) into /bin/shoal and runs SHOAL_VM_GUEST_SCRIPT as the
+# guest program; SHOAL_VM_BINS names more host programs to copy with their libraries;
+# SHOAL_VM_MEM (MiB) and SHOAL_VM_SMP size the VM.
 #
 # Cache: $CARGO_TARGET_DIR (or target/)/ipvs-vm/. The kernel .deb is fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` there: nothing is installed on the host.
@@ -26,6 +30,11 @@ vm_pkg=${SHOAL_VM_PKG:-shoal-lb}
 vm_example=${SHOAL_VM_EXAMPLE:-ipvs_guest}
 marker=${SHOAL_VM_MARKER:-IPVS-TEST}
 extra_modules=${SHOAL_VM_MODULES:-}
+vm_build=${SHOAL_VM_BUILD:-example}
+vm_bins=${SHOAL_VM_BINS:-}
+vm_mem=${SHOAL_VM_MEM:-512}
+vm_smp=${SHOAL_VM_SMP:-1}
+[ "$vm_build" = shoal ] && vm_example=${SHOAL_VM_NAME:-agent}
 mkdir -p "$cache"
 log() { echo "ipvs-vm: $*" >&2; }
 die() {
@@ -91,10 +100,21 @@ vmlinuz=$kroot/boot/vmlinuz-$kver
 # --- the guest program, statically linked (its own cargo target dir: the test that runs this
 # script holds the lock of the outer one) ------------------------------------------------------
 t0=$(date +%s.%N)
-RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$cache/cargo \
-  cargo build --quiet --release --target x86_64-unknown-linux-gnu \
-  --manifest-path "$repo/Cargo.toml" -p "$vm_pkg" --example "$vm_example"
-guest=$cache/cargo/x86_64-unknown-linux-gnu/release/examples/$vm_example
+if [ "$vm_build" = shoal ]; then
+  # No debug info and stripped: the initramfs stays small enough to boot quickly.
+  RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$cache/cargo \
+    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true \
+    cargo build --quiet --release --target x86_64-unknown-linux-gnu \
+    --manifest-path "$repo/Cargo.toml" -p shoal-cli --bin shoal
+  guest=$cache/cargo/x86_64-unknown-linux-gnu/release/shoal
+else
+  # The same profile settings as the shoal build above, so that they share dependencies.
+  RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$cache/cargo \
+    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true \
+    cargo build --quiet --release --target x86_64-unknown-linux-gnu \
+    --manifest-path "$repo/Cargo.toml" -p "$vm_pkg" --example "$vm_example"
+  guest=$cache/cargo/x86_64-unknown-linux-gnu/release/examples/$vm_example
+fi
 is_static "$guest" || die "$guest is not static"
 t1=$(date +%s.%N)
 
@@ -142,7 +162,8 @@ done
 # namespaces, which busybox's ip cannot do), each with its shared libraries (same paths as on
 # the host, found with ldd).
 mkdir -p "$root/sbin"
-for b in ipvsadm nft ip; do
+# shellcheck disable=SC2086
+for b in ipvsadm nft ip $vm_bins; do
   src=$(command -v "$b") || die "$b not found: run the project's install step (scripts/deps.sh)"
   cp "$src" "$root/sbin/$b"
   for lib in $(ldd "$src" | grep -o '/[^ ]*'); do
@@ -150,7 +171,23 @@ for b in ipvsadm nft ip; do
     cp -L "$lib" "$root$lib"
   done
 done
-cp "$guest" "$root/guest"
+if [ "$vm_build" = shoal ]; then
+  cp "$guest" "$root/bin/shoal"
+  cp "${SHOAL_VM_GUEST_SCRIPT:?SHOAL_VM_GUEST_SCRIPT names the guest script}" "$root/guest"
+  chmod +x "$root/guest"
+  mkdir -p "$root"/{etc,root,var/lib,run/shoal}
+  echo "127.0.0.1 localhost" >"$root/etc/hosts"
+  echo "nameserver 127.0.0.1" >"$root/etc/resolv.conf"
+  echo "hosts: files dns" >"$root/etc/nsswitch.conf"
+  # tcpdump drops its privileges to a user it looks up.
+  printf 'root:x:0:0:root:/root:/bin/sh\ntcpdump:x:0:0:tcpdump:/:/bin/sh\n' >"$root/etc/passwd"
+  printf 'root:x:0:\ntcpdump:x:0:\n' >"$root/etc/group"
+  for a in grep sed awk head tail wc sort uniq tr cut seq date kill ps rm cp touch test true false; do
+    ln -sf busybox "$root/bin/$a"
+  done
+else
+  cp "$guest" "$root/guest"
+fi
 cat >"$root/init" <<'EOF'
 #!/bin/sh
 export PATH=/sbin:/bin SHOAL_LB_NFT=process
@@ -177,8 +214,11 @@ t2=$(date +%s.%N)
 
 # --- boot ------------------------------------------------------------------------------------
 out=$cache/console-$vm_example.log
-timeout "$timeout_s" qemu-system-x86_64 -m 512 -net none -kernel "$vmlinuz" \
-  -initrd "$cache/initrd-$vm_example.cpio.gz" -append 'console=ttyS0 quiet panic=-1' \
+# -cpu max: the emulated CPU has RDRAND, so the guest's random pool is ready at once
+# (getrandom would otherwise block a freshly booted guest).
+timeout "$timeout_s" qemu-system-x86_64 -m "$vm_mem" -smp "$vm_smp" -cpu max -net none \
+  -kernel "$vmlinuz" -initrd "$cache/initrd-$vm_example.cpio.gz" \
+  -append 'console=ttyS0 quiet panic=-1 random.trust_cpu=on' \
   -nographic -no-reboot -monitor none </dev/null >"$out" 2>&1 || log "qemu exited with $?"
 t3=$(date +%s.%N)
 tr -d '\r' <"$out"

@@ -479,6 +479,9 @@ pub enum LabCmd {
         /// client namespace; repeatable. None by default: the lab never asks outside.
         #[arg(long = "dns-upstream", value_name = "IP:PORT")]
         dns_upstream: Vec<std::net::SocketAddr>,
+        /// The agents' VIP dataplane (`[lb] dataplane`); ipvs needs a kernel with IPVS
+        #[arg(long = "lb-dataplane", value_enum, default_value_t = LabDataplane::Nftables)]
+        lb_dataplane: LabDataplane,
     },
     /// Remove everything the lab made
     Down {
@@ -564,6 +567,12 @@ pub enum LabCmd {
 pub enum StoreArg {
     Embedded,
     Etcd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LabDataplane {
+    Nftables,
+    Ipvs,
 }
 
 /// `NET[,alias=A]...`
@@ -1036,12 +1045,25 @@ pub async fn run_lab(cmd: LabCmd) -> anyhow::Result<()> {
             store,
             name,
             dns_upstream,
+            lb_dataplane,
         } => {
             let store = match store {
                 StoreArg::Embedded => StoreKind::Embedded,
                 StoreArg::Etcd => StoreKind::Etcd,
             };
-            let lab = shoal_lab::lab::up(&name, nodes, store, &dns_upstream).await?;
+            let lab = shoal_lab::lab::up(
+                &name,
+                nodes,
+                store,
+                &shoal_lab::lab::UpOptions {
+                    dns_upstreams: dns_upstream,
+                    lb_dataplane: match lb_dataplane {
+                        LabDataplane::Nftables => shoal::config::Dataplane::Nftables,
+                        LabDataplane::Ipvs => shoal::config::Dataplane::Ipvs,
+                    },
+                },
+            )
+            .await?;
             eprintln!(
                 "lab {:?} is up: {} node(s), store {:?}, client at 192.0.2.100",
                 lab.name,

@@ -128,15 +128,19 @@ fn plug(ul: &str, ns: &str, port: &str, addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `shoal lab up`. On any failure everything made so far is removed again. `upstreams`:
-/// the DNS servers the agents forward names outside the cluster to (none by default: the
-/// lab never talks to the outside unless told to, e.g. to a server in its client namespace).
-pub async fn up(
-    name: &str,
-    nodes: u32,
-    store: StoreKind,
-    upstreams: &[std::net::SocketAddr],
-) -> anyhow::Result<Lab> {
+/// What `lab up` may change in the agents' configuration.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    /// The DNS servers the agents forward names outside the cluster to (none by default:
+    /// the lab never talks to the outside unless told to, e.g. to a server in its client
+    /// namespace).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// `[lb] dataplane` of every agent.
+    pub lb_dataplane: shoal::config::Dataplane,
+}
+
+/// `shoal lab up`. On any failure everything made so far is removed again.
+pub async fn up(name: &str, nodes: u32, store: StoreKind, opts: &UpOptions) -> anyhow::Result<Lab> {
     validate_lab_name(name)?;
     if nodes == 0 || nodes > 9 {
         bail!("--nodes must be between 1 and 9");
@@ -155,7 +159,7 @@ pub async fn up(
         );
     }
     std::fs::create_dir_all(&dir)?;
-    match build(name, nodes, store, upstreams, &dir).await {
+    match build(name, nodes, store, opts, &dir).await {
         Ok(lab) => Ok(lab),
         Err(e) => {
             let _ = down(name).await;
@@ -168,7 +172,7 @@ async fn build(
     name: &str,
     nodes: u32,
     store: StoreKind,
-    upstreams: &[std::net::SocketAddr],
+    opts: &UpOptions,
     dir: &Path,
 ) -> anyhow::Result<Lab> {
     let p = prefix(name);
@@ -250,7 +254,7 @@ async fn build(
             // The lab never talks to the outside: no search list, and no upstream servers
             // but those given (`lab up --dns-upstream`).
             dns: DnsSettings {
-                upstreams: Some(upstreams.to_vec()),
+                upstreams: Some(opts.dns_upstreams.clone()),
                 search: Some(vec![]),
                 ..Default::default()
             },
@@ -260,6 +264,10 @@ async fn build(
             cni: CniSettings {
                 config_dir: ndir.join("cni/net.d"),
                 plugin_dir: dir.join("cni-bin"),
+                ..Default::default()
+            },
+            lb: shoal::config::LbSettings {
+                dataplane: opts.lb_dataplane,
                 ..Default::default()
             },
             ..Default::default()
