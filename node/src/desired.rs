@@ -1158,6 +1158,103 @@ pub(crate) mod tests {
         );
     }
 
+    /// WireGuard is planned only with an encrypted network, a key and an underlay; its peers
+    /// are the other live nodes that published a key (their underlay address as the only
+    /// allowed IP); the guard gets the encrypted VNIs.
+    #[test]
+    fn wireguard_follows_encrypted_networks_and_liveness() {
+        let mut st = fixture();
+        let u = Underlay {
+            addr: "192.0.2.1".parse().unwrap(),
+            dev: "eth0".into(),
+        };
+        let wg = WgFacts {
+            private_key: shoal_wg::Key([7; 32]),
+            port: 51820,
+            backend: shoal_wg::Backend::Auto,
+        };
+        let peer_key = shoal_wg::Key([9; 32]).public();
+        for (id, addr, key) in [
+            ("me", "192.0.2.1", Some(wg.private_key.public())),
+            ("other-node", "192.0.2.2", Some(peer_key)),
+            ("keyless", "192.0.2.3", None),
+            ("dead", "192.0.2.4", Some(shoal_wg::Key([5; 32]).public())),
+        ] {
+            let node = Node {
+                id: id.into(),
+                name: id.into(),
+                addr: Some(addr.parse().unwrap()),
+                status: NodeStatus::Ready,
+                version: String::new(),
+                listening: vec![],
+                peer_port: None,
+                wireguard: key.map(|k| NodeWireguard {
+                    public_key: k.to_base64(),
+                    port: 51820,
+                }),
+            };
+            st.nodes.insert(id.into(), (node, 1));
+        }
+        st.alive.insert("keyless".into());
+        assert_eq!(
+            wireguard_spec(&st, "me", Some(&u), Some(&wg)),
+            None,
+            "nothing encrypted"
+        );
+        let overlays = BTreeMap::new();
+        assert_eq!(
+            guard_spec(&st, "me", &overlays, Some(51820)).wireguard,
+            None
+        );
+
+        st.networks.get_mut("appnet").unwrap().encrypted = true;
+        let spec = wireguard_spec(&st, "me", Some(&u), Some(&wg)).unwrap();
+        assert_eq!(spec.private_key, wg.private_key);
+        assert_eq!(spec.route_udp_dport, shoal_mesh::ENCRYPTED_VXLAN_PORT);
+        assert_eq!(spec.underlay_dev, "eth0");
+        let peers: Vec<(shoal_wg::Key, String, Ipv4Addr)> = spec
+            .peers
+            .iter()
+            .map(|p| (p.public_key, p.endpoint.to_string(), p.allowed))
+            .collect();
+        assert_eq!(
+            peers,
+            [(
+                peer_key,
+                "192.0.2.2:51820".to_string(),
+                "192.0.2.2".parse().unwrap()
+            )],
+            "only live nodes with a key, never this node"
+        );
+        assert_eq!(
+            wireguard_spec(&st, "me", None, Some(&wg)),
+            None,
+            "no underlay"
+        );
+        assert_eq!(
+            wireguard_spec(&st, "me", Some(&u), None),
+            None,
+            "WireGuard off"
+        );
+        let g = guard_spec(&st, "me", &overlays, Some(51820))
+            .wireguard
+            .unwrap();
+        assert_eq!(g.vnis, [4096]);
+        assert_eq!(g.vxlan_port, shoal_mesh::ENCRYPTED_VXLAN_PORT);
+        // An encrypted network's containers get the lower MTU, its VXLAN the other port.
+        let specs = mesh_specs(&st, "me", "p-", Some(&u), &|id| Some(format!("p-t-{id}")));
+        let app = &specs["n1aaaaaaaaaaaa"];
+        assert_eq!(app.mtu, ENCRYPTED_MTU);
+        assert_eq!(ENCRYPTED_MTU, 1390);
+        let vx = app.vxlan.as_ref().unwrap();
+        assert_eq!(vx.port, shoal_mesh::ENCRYPTED_VXLAN_PORT);
+        assert_eq!(vx.extra_overhead, shoal_wg::OVERHEAD);
+        assert_eq!(
+            specs["n2bbbbbbbbbbbb"].mtu, OVERLAY_MTU,
+            "plain networks unchanged"
+        );
+    }
+
     #[test]
     fn resolv_conf_lines() {
         assert_eq!(
