@@ -8,7 +8,7 @@
 #   scripts/ipvs-vm.sh          build what is missing (cached), boot, judge
 #   scripts/ipvs-vm.sh fetch    only download the kernel package (scripts/deps.sh calls this)
 #
-# Other guest programs use the same VM (kernel WireGuard: wg/tests/wg_vm.rs):
+# Other guest programs use the same VM (kernel WireGuard: tests/tests/wg_vm.rs):
 #   SHOAL_VM_PKG=shoal-wg SHOAL_VM_EXAMPLE=wg_guest SHOAL_VM_MARKER=WG-TEST \
 #   SHOAL_VM_MODULES="wireguard" scripts/ipvs-vm.sh
 # and the agent itself (tests/tests/agent_vm.rs): SHOAL_VM_BUILD=shoal builds the whole

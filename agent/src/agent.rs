@@ -428,11 +428,9 @@ impl Agent {
         let mut canary = tokio::time::interval(DRIFT_CANARY);
         canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Periodic key rotation (`[wireguard] rotate_secs`; 0: off).
-        let rotate_every = match self.cfg.wireguard.rotate_secs {
-            0 => Duration::from_secs(365 * 24 * 3600),
-            s => Duration::from_secs(s),
-        };
-        let mut next_rotation = tokio::time::Instant::now() + rotate_every;
+        let rotate_every =
+            Some(Duration::from_secs(self.cfg.wireguard.rotate_secs)).filter(|d| !d.is_zero());
+        let mut next_rotation = rotate_every.map(|d| tokio::time::Instant::now() + d);
         loop {
             tokio::select! {
                 r = state_rx.changed() => { if r.is_err() { break; } }
@@ -443,8 +441,8 @@ impl Agent {
                         continue;
                     }
                 }
-                _ = tokio::time::sleep_until(next_rotation) => {
-                    next_rotation = tokio::time::Instant::now() + rotate_every;
+                _ = tokio::time::sleep_until(next_rotation.unwrap_or_else(tokio::time::Instant::now)), if next_rotation.is_some() => {
+                    next_rotation = rotate_every.map(|d| tokio::time::Instant::now() + d);
                     if let Err(e) = self.rotate_key().await {
                         warn!(error = %e, "WireGuard key rotation failed; will retry at the next period");
                     }

@@ -121,23 +121,17 @@ pub struct WireGuard {
     retry_at: Option<std::time::Instant>,
 }
 
+impl WireGuard {
+    /// The device failed: the report keeps the error (with its causes) until it works.
+    fn failed(&mut self, cx: &mut PassCx<'_>, e: shoal_wg::WgError) {
+        let err = crate::reconcile::ApplyError::new("wireguard", "WireGuard device", e);
+        self.error = Some(err.chain());
+        cx.errors.push(err);
+    }
+}
+
 /// How long a WireGuard device that could not be made waits before the next try.
 const WG_RETRY: Duration = Duration::from_secs(5);
-
-/// An error with its causes, one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
 
 #[async_trait::async_trait]
 impl Dataplane for WireGuard {
@@ -172,13 +166,12 @@ impl Dataplane for WireGuard {
             match d.apply(spec).await {
                 Ok(_) => self.error = None,
                 Err(e) => {
-                    self.error = Some(chain(&e));
                     if matches!(e, shoal_wg::WgError::Gone(_))
                         && let Some(d) = self.dev.take()
                     {
                         d.stop().await;
                     }
-                    cx.fail("wireguard", "WireGuard device", e);
+                    self.failed(cx, e);
                 }
             }
         }
@@ -192,9 +185,8 @@ impl Dataplane for WireGuard {
                     self.retry_at = None;
                 }
                 Err(e) => {
-                    self.error = Some(chain(&e));
                     self.retry_at = Some(std::time::Instant::now() + WG_RETRY);
-                    cx.fail("wireguard", "WireGuard device", e);
+                    self.failed(cx, e);
                 }
             }
         }

@@ -394,3 +394,105 @@ pub fn http_on(s: &mut std::net::TcpStream) -> std::io::Result<String> {
     r.read_exact(&mut body)?;
     Ok(format!("{}{}", status, String::from_utf8_lossy(&body)))
 }
+
+/// `ip netns exec NS CMD...`
+pub fn ip_netns(ns: &str, cmd: &[&str]) -> Run {
+    Run::from_command(Command::new("ip").args(["netns", "exec", ns]).args(cmd))
+}
+
+/// rx_packets of the VXLAN device of the network with `vni` in `node`'s network namespaces.
+pub fn vxlan_rx(lab: &Lab, node: &str, vni: u32) -> u64 {
+    let prefix = format!("shoal-{}-{node}-n-", lab.name);
+    for ns in shoal_netns::list().unwrap() {
+        if !ns.starts_with(&prefix) {
+            continue;
+        }
+        let d = ip_netns(&ns, &["ip", "-d", "link", "show", "vxlan0"]);
+        if d.code == 0 && d.stdout.contains(&format!("id {vni} ")) {
+            let s = ip_netns(&ns, &["cat", "/sys/class/net/vxlan0/statistics/rx_packets"]).ok();
+            return s.stdout.trim().parse().unwrap();
+        }
+    }
+    panic!("no vxlan device with vni {vni} on {node}");
+}
+
+/// A VXLAN datagram carrying an Ethernet/IPv4/UDP frame, as an attacker on the underlay
+/// would send it.
+pub fn vxlan_frame(vni: u32, inner_dst: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0x08, 0, 0, 0];
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    f.extend_from_slice(&[0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 254]);
+    f.extend_from_slice(&inner_dst.octets());
+    f.extend_from_slice(&[0x30, 0x39, 0, 80, 0, 12, 0, 0]);
+    f.extend_from_slice(b"evil");
+    f
+}
+
+/// Runs a qemu test script (scripts/ipvs-vm.sh or a wrapper of it) with `env` and asserts
+/// the guest's `MARKER: PASS`. Without `tools` (or the kernel package: the script's exit 2)
+/// it skips with the reason, and fails under `SHOAL_REQUIRE_KERNEL_TESTS=1`. Prints the
+/// guest's lines that start with `guest:` or the marker, and the time taken.
+pub fn vm_test(test: &str, script: &str, env: &[(&str, &str)], tools: &[&str], marker: &str) {
+    let required = std::env::var_os("SHOAL_REQUIRE_KERNEL_TESTS").is_some();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("PATH=$PATH:/usr/sbin:/sbin command -v {t}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        let why = format!(
+            "{} not installed: run the project's install step (scripts/deps.sh)",
+            missing.join(", ")
+        );
+        assert!(!required, "{test} cannot run: {why}");
+        eprintln!("SKIP {test}: {why}");
+        return;
+    }
+    let start = Instant::now();
+    let out = Command::new("bash")
+        .arg(repo.join(script))
+        .envs(env.iter().copied())
+        .current_dir(repo)
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tag = format!("{marker}:");
+    for l in stdout
+        .lines()
+        .filter(|l| l.starts_with("guest:") || l.starts_with(&tag))
+    {
+        println!("{l}");
+    }
+    eprintln!("{stderr}");
+    if out.status.code() == Some(2) {
+        // The script's "cannot set up" exit (kernel package not downloadable, ...).
+        assert!(!required, "{test} cannot run: {stderr}");
+        eprintln!("SKIP {test}: {stderr}");
+        return;
+    }
+    let verdict = stdout
+        .lines()
+        .find(|l| l.starts_with(&tag))
+        .unwrap_or("no marker (the VM timed out or crashed)");
+    assert_eq!(
+        verdict,
+        format!("{marker}: PASS"),
+        "{test} failed in the VM (script exit {:?}, {:.1} s):\n{stdout}",
+        out.status.code(),
+        start.elapsed().as_secs_f64()
+    );
+    assert!(out.status.success());
+    eprintln!("{test}: {:.1} s", start.elapsed().as_secs_f64());
+}

@@ -16,11 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_tests::{Lab, Run, http_on, require_kernel};
-
-fn ip_netns(ns: &str, cmd: &[&str]) -> Run {
-    Run::from_command(Command::new("ip").args(["netns", "exec", ns]).args(cmd))
-}
+use shoal_tests::{Lab, Run, http_on, ip_netns, require_kernel, vxlan_frame, vxlan_rx};
 
 /// tcpdump on the lab's underlay bridge, writing a pcap; stopped (and read) by `finish`.
 struct Capture {
@@ -116,34 +112,6 @@ fn curl(lab: &Lab, from: &str, ip: Ipv4Addr, marker: &str) -> Run {
             &format!("http://{ip}/"),
         ],
     )
-}
-
-fn vxlan_rx(lab: &Lab, node: &str, vni: u32) -> u64 {
-    let prefix = format!("shoal-{}-{node}-n-", lab.name);
-    for ns in shoal_netns::list().unwrap() {
-        if !ns.starts_with(&prefix) {
-            continue;
-        }
-        let d = ip_netns(&ns, &["ip", "-d", "link", "show", "vxlan0"]);
-        if d.code == 0 && d.stdout.contains(&format!("id {vni} ")) {
-            let s = ip_netns(&ns, &["cat", "/sys/class/net/vxlan0/statistics/rx_packets"]).ok();
-            return s.stdout.trim().parse().unwrap();
-        }
-    }
-    panic!("no vxlan device with vni {vni} on {node}");
-}
-
-/// A VXLAN datagram (flags, VNI) carrying a small Ethernet/IPv4/UDP frame to `inner_dst`.
-fn vxlan_frame(vni: u32, inner_dst: Ipv4Addr) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0];
-    f.extend_from_slice(&(vni << 8).to_be_bytes());
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
-    f.extend_from_slice(&[0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 254]);
-    f.extend_from_slice(&inner_dst.octets());
-    f.extend_from_slice(&[0x30, 0x39, 0, 80, 0, 12, 0, 0]);
-    f.extend_from_slice(b"evil");
-    f
 }
 
 /// Packets counted by the guard rule whose comment is `comment` on `node`.

@@ -8,13 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shoal_tests::{Lab, Run, require_kernel};
-
-fn ip_netns(ns: &str, cmd: &[&str]) -> Run {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).args(cmd);
-    Run::from_command(&mut c)
-}
+use shoal_tests::{Lab, Run, ip_netns, require_kernel, vxlan_frame, vxlan_rx};
 
 fn node_ns(lab: &Lab, node: &str) -> String {
     format!("shoal-{}-{node}", lab.name)
@@ -225,36 +219,6 @@ fn metrics_inspect_and_api_refusals() {
         ],
     );
     assert_ne!(r.code, 0, "metrics reachable from the underlay: {r:?}");
-}
-
-/// rx_packets of the VXLAN device of the network with `vni` in `node`'s network namespaces.
-fn vxlan_rx(lab: &Lab, node: &str, vni: u32) -> u64 {
-    let prefix = format!("shoal-{}-{node}-n-", lab.name);
-    for ns in shoal_netns::list().unwrap() {
-        if !ns.starts_with(&prefix) {
-            continue;
-        }
-        let d = ip_netns(&ns, &["ip", "-d", "link", "show", "vxlan0"]);
-        if d.code == 0 && d.stdout.contains(&format!("id {vni} ")) {
-            let s = ip_netns(&ns, &["cat", "/sys/class/net/vxlan0/statistics/rx_packets"]).ok();
-            return s.stdout.trim().parse().unwrap();
-        }
-    }
-    panic!("no vxlan device with vni {vni} on {node}");
-}
-
-/// A VXLAN datagram carrying an Ethernet/IPv4/UDP frame, as an attacker on the underlay
-/// would send it.
-fn vxlan_frame(vni: u32, inner_dst: Ipv4Addr) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0];
-    f.extend_from_slice(&(vni << 8).to_be_bytes());
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
-    f.extend_from_slice(&[0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 254]);
-    f.extend_from_slice(&inner_dst.octets());
-    f.extend_from_slice(&[0x30, 0x39, 0, 80, 0, 12, 0, 0]);
-    f.extend_from_slice(b"evil");
-    f
 }
 
 /// From the underlay (the lab's client), a node answers published ports and nothing else

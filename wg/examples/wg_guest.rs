@@ -1,4 +1,4 @@
-//! Guest program of the kernel WireGuard test (wg/tests/wg_vm.rs): run as init's test
+//! Guest program of the kernel WireGuard test (tests/tests/wg_vm.rs): run as init's test
 //! program on Debian's cloud kernel under qemu (scripts/ipvs-vm.sh with
 //! SHOAL_VM_EXAMPLE=wg_guest), where the wireguard module exists. Two namespaces joined by a
 //! veth, one device in each made by `shoal_wg::Device` with the kernel backend (no fallback

@@ -80,7 +80,7 @@ pub struct PeerStatus {
 
 enum Inner {
     User(gotatun::device::Device<DefaultDeviceTransports>),
-    Kernel,
+    Kernel(crate::kernel::KernelWg),
 }
 
 /// The running device. A userspace one dropped inside a tokio runtime stops; prefer
@@ -125,23 +125,22 @@ impl Device {
             match kernel? {
                 true => {
                     let peers: Vec<&PeerSpec> = spec.peers.iter().collect();
-                    let set = crate::kernel::set_device(
-                        ifname,
-                        Some(&spec.private_key),
-                        spec.port,
-                        &peers,
-                        &[],
-                    )
-                    .and(Ok(()));
+                    let set = crate::kernel::KernelWg::open().and_then(|k| {
+                        k.set_device(ifname, Some(&spec.private_key), spec.port, &peers, &[])
+                            .map(|()| k)
+                    });
+                    let k = match set {
+                        Ok(k) => k,
+                        Err(e) => {
+                            delete_link(ifname).await;
+                            return Err(e);
+                        }
+                    };
                     let d = Device {
-                        inner: Inner::Kernel,
+                        inner: Inner::Kernel(k),
                         applied: spec.clone(),
                         suspended: false,
                     };
-                    if let Err(e) = set.map(|_| ()) {
-                        d.stop().await;
-                        return Err(e);
-                    }
                     if let Err(e) = ensure_routing(spec).await {
                         d.stop().await;
                         return Err(e);
@@ -202,7 +201,7 @@ impl Device {
         if self.failed() {
             return Err(WgError::Gone(ifname));
         }
-        if matches!(self.inner, Inner::Kernel) {
+        if matches!(self.inner, Inner::Kernel(_)) {
             return self.apply_kernel(spec).await;
         }
         let Inner::User(dev) = &self.inner else {
@@ -314,7 +313,10 @@ impl Device {
             || !upsert.is_empty()
             || !remove.is_empty()
         {
-            crate::kernel::set_device(&spec.ifname, key, spec.port, &upsert, &remove)?;
+            let Inner::Kernel(k) = &self.inner else {
+                unreachable!("only called for kernel devices")
+            };
+            k.set_device(&spec.ifname, key, spec.port, &upsert, &remove)?;
             if key.is_some() {
                 changes.push(format!(
                     "private key (public {})",
@@ -339,7 +341,7 @@ impl Device {
     /// "kernel" or "userspace".
     pub fn backend(&self) -> &'static str {
         match self.inner {
-            Inner::Kernel => "kernel",
+            Inner::Kernel(_) => "kernel",
             Inner::User(_) => "userspace",
         }
     }
@@ -349,7 +351,7 @@ impl Device {
         match &mut self.inner {
             Inner::User(dev) => dev.wait().now_or_never().is_some(),
             // A deleted kernel link is found by the routing check (`Gone`).
-            Inner::Kernel => false,
+            Inner::Kernel(_) => false,
         }
     }
 
@@ -357,9 +359,7 @@ impl Device {
     pub async fn peers(&self) -> Vec<PeerStatus> {
         let dev = match &self.inner {
             Inner::User(dev) => dev,
-            Inner::Kernel => {
-                return crate::kernel::peers(&self.applied.ifname).unwrap_or_default();
-            }
+            Inner::Kernel(k) => return k.peers(&self.applied.ifname).unwrap_or_default(),
         };
         dev.peers()
             .await
@@ -384,24 +384,48 @@ impl Device {
     pub async fn stop(self) {
         match self.inner {
             Inner::User(dev) => dev.stop().await,
-            Inner::Kernel => {
-                if let Ok((h, task)) = netlink() {
-                    use futures::TryStreamExt as _;
-                    if let Ok(Some(l)) = h
-                        .link()
-                        .get()
-                        .match_name(self.applied.ifname.clone())
-                        .execute()
-                        .try_next()
-                        .await
-                    {
-                        let _ = h.link().del(l.header.index).execute().await;
-                    }
-                    task.abort();
-                }
-            }
+            Inner::Kernel(_) => delete_link(&self.applied.ifname).await,
         }
     }
+}
+
+/// Deletes the link `ifname` if there is one (a kernel device's end).
+async fn delete_link(ifname: &str) {
+    let Ok((h, task)) = netlink() else {
+        return;
+    };
+    if let Ok(Some(l)) = h
+        .link()
+        .get()
+        .match_name(ifname.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        let _ = h.link().del(l.header.index).execute().await;
+    }
+    task.abort();
+}
+
+/// The IPv4 rules at our priority (84).
+async fn our_rules(
+    h: &rtnetlink::Handle,
+) -> Result<Vec<netlink_packet_route::rule::RuleMessage>, WgError> {
+    let rules: Vec<netlink_packet_route::rule::RuleMessage> = h
+        .rule()
+        .get(IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_err("listing rules"))?;
+    Ok(rules
+        .into_iter()
+        .filter(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == ROUTE_TABLE))
+        })
+        .collect())
 }
 
 /// A netlink connection in this thread's namespace.
@@ -567,22 +591,8 @@ async fn ensure_fallback_with(h: &rtnetlink::Handle, dport: u16) -> Result<Vec<S
 /// Exactly one rule of ours at priority 84: `ipproto udp dport P lookup 84`.
 async fn ensure_rule(h: &rtnetlink::Handle, dport: u16) -> Result<Vec<String>, WgError> {
     let mut changes = vec![];
-    let rules: Vec<_> = h
-        .rule()
-        .get(IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl_err("listing rules"))?;
     let mut present = false;
-    for m in &rules {
-        let prio = m.attributes.iter().find_map(|a| match a {
-            RuleAttribute::Priority(p) => Some(*p),
-            _ => None,
-        });
-        if prio != Some(ROUTE_TABLE) {
-            continue;
-        }
+    for m in &our_rules(h).await? {
         let ours = m.attributes.iter().any(|a| {
             matches!(a, RuleAttribute::DestinationPortRange(r) if r.start == dport && r.end == dport)
         }) && m
@@ -633,36 +643,14 @@ async fn ensure_rule(h: &rtnetlink::Handle, dport: u16) -> Result<Vec<String>, W
 pub async fn remove_routing() -> Result<(), WgError> {
     let (h, task) = netlink()?;
     let r = async {
-        let rules: Vec<_> = h
-            .rule()
-            .get(IpVersion::V4)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("listing rules"))?;
-        for m in rules.iter().filter(|m| {
-            m.attributes
-                .iter()
-                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == ROUTE_TABLE))
-        }) {
+        for m in our_rules(&h).await? {
             h.rule()
-                .del(m.clone())
+                .del(m)
                 .execute()
                 .await
                 .map_err(nl_err("deleting the rule at priority 84"))?;
         }
-        let routes: Vec<RouteMessage> = h
-            .route()
-            .get(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .table_id(ROUTE_TABLE)
-                    .build(),
-            )
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("listing routes"))?;
-        for m in routes.iter().filter(|m| {
+        for m in table_routes(&h).await?.iter().filter(|m| {
             m.attributes
                 .iter()
                 .any(|a| matches!(a, RouteAttribute::Table(t) if *t == ROUTE_TABLE))

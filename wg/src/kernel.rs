@@ -169,91 +169,109 @@ fn peer_attrs(p: &PeerSpec) -> WireguardPeer {
     ])
 }
 
-/// Sets the key, the port, the peers in `upsert` (added or updated in place, their session
-/// kept) and removes the peers in `remove`, in one request.
-pub fn set_device(
-    ifname: &str,
-    key: Option<&Key>,
-    port: u16,
-    upsert: &[&PeerSpec],
-    remove: &[Key],
-) -> Result<(), WgError> {
-    let mut g = Genl::open()?;
-    let mut attrs = vec![
-        WireguardAttribute::IfName(ifname.to_string()),
-        WireguardAttribute::ListenPort(port),
-    ];
-    if let Some(k) = key {
-        attrs.push(WireguardAttribute::PrivateKey(k.0));
-    }
-    let mut peers: Vec<WireguardPeer> = upsert.iter().map(|p| peer_attrs(p)).collect();
-    peers.extend(remove.iter().map(|k| {
-        WireguardPeer(vec![
-            WireguardPeerAttribute::PublicKey(k.0),
-            WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
-        ])
-    }));
-    if !peers.is_empty() {
-        attrs.push(WireguardAttribute::Peers(peers));
-    }
-    g.request(
-        GenlMessage::from_payload(WireguardMessage {
-            cmd: WireguardCmd::SetDevice,
-            attributes: attrs,
-        }),
-        false,
-    )
-    .map_err(|e| match e {
-        WgError::Io { source, .. } => WgError::Io {
-            what: format!("configuring WireGuard device {ifname}"),
-            source,
-        },
-        e => e,
-    })?;
-    Ok(())
+/// A kernel WireGuard device's configuration channel: one generic netlink socket with the
+/// family resolved, kept for the device's life (every pass reads its peers).
+pub struct KernelWg {
+    genl: std::sync::Mutex<Genl>,
 }
 
-/// The device's peers with their handshake and counters.
-pub fn peers(ifname: &str) -> Result<Vec<PeerStatus>, WgError> {
-    let mut g = Genl::open()?;
-    let replies = g.request(
-        GenlMessage::from_payload(WireguardMessage {
-            cmd: WireguardCmd::GetDevice,
-            attributes: vec![WireguardAttribute::IfName(ifname.to_string())],
-        }),
-        true,
-    )?;
-    let mut out = vec![];
-    for r in &replies {
-        for a in &r.payload.attributes {
-            let WireguardAttribute::Peers(ps) = a else {
-                continue;
-            };
-            for WireguardPeer(pa) in ps {
-                let mut st = PeerStatus {
-                    public_key: Key([0; 32]),
-                    endpoint: None,
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
+impl KernelWg {
+    pub fn open() -> Result<KernelWg, WgError> {
+        Ok(KernelWg {
+            genl: std::sync::Mutex::new(Genl::open()?),
+        })
+    }
+
+    fn genl(&self) -> std::sync::MutexGuard<'_, Genl> {
+        self.genl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the key, the port, the peers in `upsert` (added or updated in place, their session
+    /// kept) and removes the peers in `remove`, in one request.
+    pub fn set_device(
+        &self,
+        ifname: &str,
+        key: Option<&Key>,
+        port: u16,
+        upsert: &[&PeerSpec],
+        remove: &[Key],
+    ) -> Result<(), WgError> {
+        let mut attrs = vec![
+            WireguardAttribute::IfName(ifname.to_string()),
+            WireguardAttribute::ListenPort(port),
+        ];
+        if let Some(k) = key {
+            attrs.push(WireguardAttribute::PrivateKey(k.0));
+        }
+        let mut peers: Vec<WireguardPeer> = upsert.iter().map(|p| peer_attrs(p)).collect();
+        peers.extend(remove.iter().map(|k| {
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(k.0),
+                WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+            ])
+        }));
+        if !peers.is_empty() {
+            attrs.push(WireguardAttribute::Peers(peers));
+        }
+        self.genl()
+            .request(
+                GenlMessage::from_payload(WireguardMessage {
+                    cmd: WireguardCmd::SetDevice,
+                    attributes: attrs,
+                }),
+                false,
+            )
+            .map_err(|e| match e {
+                WgError::Io { source, .. } => WgError::Io {
+                    what: format!("configuring WireGuard device {ifname}"),
+                    source,
+                },
+                e => e,
+            })?;
+        Ok(())
+    }
+
+    /// The device's peers with their handshake and counters.
+    pub fn peers(&self, ifname: &str) -> Result<Vec<PeerStatus>, WgError> {
+        let replies = self.genl().request(
+            GenlMessage::from_payload(WireguardMessage {
+                cmd: WireguardCmd::GetDevice,
+                attributes: vec![WireguardAttribute::IfName(ifname.to_string())],
+            }),
+            true,
+        )?;
+        let mut out = vec![];
+        for r in &replies {
+            for a in &r.payload.attributes {
+                let WireguardAttribute::Peers(ps) = a else {
+                    continue;
                 };
-                for x in pa {
-                    match x {
-                        WireguardPeerAttribute::PublicKey(k) => st.public_key = Key(*k),
-                        WireguardPeerAttribute::Endpoint(e) => st.endpoint = Some(*e),
-                        WireguardPeerAttribute::RxBytes(b) => st.rx_bytes = *b,
-                        WireguardPeerAttribute::TxBytes(b) => st.tx_bytes = *b,
-                        WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
-                            let at = SystemTime::UNIX_EPOCH
-                                + Duration::new(t.seconds as u64, t.nano_seconds as u32);
-                            st.last_handshake = SystemTime::now().duration_since(at).ok();
+                for WireguardPeer(pa) in ps {
+                    let mut st = PeerStatus {
+                        public_key: Key([0; 32]),
+                        endpoint: None,
+                        last_handshake: None,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                    };
+                    for x in pa {
+                        match x {
+                            WireguardPeerAttribute::PublicKey(k) => st.public_key = Key(*k),
+                            WireguardPeerAttribute::Endpoint(e) => st.endpoint = Some(*e),
+                            WireguardPeerAttribute::RxBytes(b) => st.rx_bytes = *b,
+                            WireguardPeerAttribute::TxBytes(b) => st.tx_bytes = *b,
+                            WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
+                                let at = SystemTime::UNIX_EPOCH
+                                    + Duration::new(t.seconds as u64, t.nano_seconds as u32);
+                                st.last_handshake = SystemTime::now().duration_since(at).ok();
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
+                    out.push(st);
                 }
-                out.push(st);
             }
         }
+        Ok(out)
     }
-    Ok(out)
 }
